@@ -1,0 +1,1874 @@
+/*
+ * wal.c - ARQ's write-ahead log on LMDB: environment, group commit writer,
+ * reads, cursors, dedup, retention.
+ *
+ * On-disk layout (see wal_record.c for value layouts, docs/wal-format.md):
+ *
+ *   one LMDB environment (data.mdb, lock.mdb) in the data directory, with
+ *   named databases:
+ *     meta     "format_version" -> u32 LE; "next_seq" -> u64 LE;
+ *              "created_us" -> u64 LE
+ *     log      seq (u64 BE) -> message record
+ *     index    stream id (u32 BE), offset (u64 BE) -> seq (u64 BE)
+ *     streams  stream name -> stream metadata (id, epoch, first/next offset)
+ *     ids      stream id (u32 BE) -> stream name
+ *     cursors  u8 len, session, stream id (u32 BE) -> cursor value
+ *     dedup    u8 len, producer, msgid -> dedup value
+ *
+ * Durability. Every write happens in one LMDB write transaction on the
+ * writer thread; with WAL_SYNC_FULL, mdb_txn_commit() returns only after
+ * the data pages and then the meta page were fsynced (LMDB's two flushes).
+ * A request's callback runs only after the commit holding it returned 0,
+ * so nothing is acknowledged before it is durable. A commit that fails with
+ * anything but "no space" makes the WAL fail-stop: after an fsync error the
+ * kernel may have dropped the dirty pages, so a retry could report success
+ * for data that is not on disk (the PostgreSQL "fsyncgate" lesson). No
+ * space (ENOSPC/EDQUOT, or the map at its configured maximum) fails only
+ * the batch: LMDB had not yet written the meta page, so the last committed
+ * state is intact and the next commit may succeed once space returns.
+ *
+ * Group commit. Submitters append requests to a queue under `mu`; the
+ * writer takes every queued request (up to batch_max_msgs/bytes), writes
+ * them in one transaction, commits once, then completes them all. Requests
+ * that arrive during the commit wait for the next batch.
+ *
+ * Map size. The map starts at map_size and doubles (up to map_size_max)
+ * when a transaction hits MDB_MAP_FULL; the batch is then retried from the
+ * start. mdb_env_set_mapsize() needs every transaction of this process
+ * closed, so readers hold `map_lock` (shared) for their short transactions
+ * and the writer takes it exclusively to resize. Another process that grew
+ * the map makes our read txns fail with MDB_MAP_RESIZED; we adopt the new
+ * size (mdb_env_set_mapsize(env, 0)) under the same lock and retry.
+ */
+#include "wal.h"
+
+#include <errno.h>
+#include <event2/event.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <xxhash.h>
+
+#include "wal_record.h"
+#include "wal_testing.h"
+
+#define DEF_MAP_SIZE     (64ull << 20)
+#define DEF_MAP_MAX      (16ull << 30)
+#define DEF_BATCH_MSGS   8192u
+#define DEF_BATCH_BYTES  (32ull << 20)
+#define DEF_RETAIN_CHUNK 20000u
+#define DEF_MAX_READERS  512u
+#define DEF_MAX_RECORD   (64ull << 20)
+
+/* ---- requests ---------------------------------------------------------- */
+
+struct pmsg {
+    size_t stream, producer, msgid, headers, payload; /* offsets into buf */
+    uint32_t stream_len, producer_len, msgid_len, headers_len;
+    uint64_t payload_len;
+    uint8_t direction;
+    int64_t timestamp_us;
+};
+
+struct pcursor {
+    size_t session, stream; /* offsets into buf */
+    uint32_t session_len, stream_len;
+    uint64_t offset;
+};
+
+struct wal_append {
+    wal_append_cb cb;
+    void *arg;
+    int status;
+    bool direct; /* complete on the writer thread even when a base is set */
+    struct pmsg *msgs;
+    size_t n_msgs, cap_msgs;
+    wal_result_t *results;
+    struct pcursor *cursors;
+    size_t n_cursors, cap_cursors;
+    uint8_t *buf;
+    size_t buf_len, buf_cap;
+    uint64_t max_payload;
+    struct wal_append *next;
+};
+
+/* ---- writer-private stream heads ---------------------------------------- */
+
+struct head {
+    char *name;
+    uint32_t name_len;
+    uint64_t hash;
+    bool committed;            /* false: created by a batch that has not committed */
+    uint32_t gen;              /* batch generation that last touched it */
+    wal_stream_meta_t meta;    /* committed state */
+    wal_stream_meta_t pending; /* state inside the current batch */
+};
+
+struct retain_job {
+    uint64_t upto;
+    uint64_t dropped;
+    uint32_t chunk;
+    int status;
+    bool done;
+};
+
+struct wal {
+    MDB_env *env;
+    MDB_dbi dbi_meta, dbi_log, dbi_index, dbi_streams, dbi_ids, dbi_cursors, dbi_dedup;
+    wal_options_t opts;
+    char *dir;
+    bool read_only;
+    pthread_rwlock_t map_lock;
+
+    /* queue, shared with submitters */
+    pthread_mutex_t mu;
+    pthread_cond_t cond;      /* writer waits for work */
+    pthread_cond_t done_cond; /* retention waiters */
+    wal_append_t *q_head, *q_tail;
+    struct retain_job *retain;
+    bool closing;
+    int failed; /* atomic: fail-stop */
+    int fault_err;
+    unsigned fault_count;
+    pthread_t writer;
+    bool writer_started;
+
+    /* completions for the event loop */
+    struct event_base *base;
+    struct event *done_ev;
+    pthread_mutex_t done_mu;
+    wal_append_t *done_head, *done_tail;
+
+    /* writer-private state */
+    struct head **slots; /* open addressing by name hash */
+    size_t slots_cap, n_heads;
+    struct head **by_id; /* index: stream id -> head */
+    size_t by_id_cap;
+    uint32_t next_stream_id;
+    uint64_t next_seq;
+    uint32_t gen;
+    struct head **touched;
+    size_t n_touched, cap_touched;
+    uint64_t map_size;
+
+    /* statistics (atomics) */
+    uint64_t st_commits, st_msgs, st_failed, st_grows;
+};
+
+const char *wal_strerror(int err)
+{
+    switch (err) {
+    case WAL_OK:
+        return "success";
+    case WAL_EINVAL:
+        return "invalid argument";
+    case WAL_ENOMEM:
+        return "out of memory";
+    case WAL_ENOTFOUND:
+        return "not found";
+    case WAL_ECORRUPT:
+        return "corrupt record (checksum or layout mismatch)";
+    case WAL_EVERSION:
+        return "data written by a newer format version";
+    case WAL_EFULL:
+        return "storage full";
+    case WAL_EFATAL:
+        return "wal stopped after a write/fsync error";
+    case WAL_EIO:
+        return "i/o error";
+    case WAL_ECLOSED:
+        return "wal closed or read-only";
+    case WAL_ETRUNCATED:
+        return "offset dropped by retention";
+    case WAL_ELMDB:
+        return "lmdb error";
+    case WAL_EBUSY:
+        return "environment busy (locked or out of reader slots)";
+    default:
+        return "unknown error";
+    }
+}
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Translate an LMDB / errno code at the module edge. */
+static int map_mdb(int rc)
+{
+    switch (rc) {
+    case 0:
+        return 0;
+    case MDB_NOTFOUND:
+        return WAL_ENOTFOUND;
+    case MDB_MAP_FULL:
+    case ENOSPC:
+    case EDQUOT:
+        return WAL_EFULL;
+    case MDB_READERS_FULL:
+    case EAGAIN:
+    case EBUSY:
+        return WAL_EBUSY;
+    case MDB_CORRUPTED:
+    case MDB_PAGE_NOTFOUND:
+        return WAL_ECORRUPT;
+    case ENOMEM:
+        return WAL_ENOMEM;
+    case MDB_VERSION_MISMATCH:
+    case MDB_INVALID:
+        return WAL_ELMDB;
+    case EIO:
+        return WAL_EIO;
+    default:
+        return rc > 0 ? WAL_EIO : WAL_ELMDB;
+    }
+}
+
+static void errf(char *buf, size_t len, const char *fmt, ...)
+{
+    if (!buf || !len)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, len, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- read transactions --------------------------------------------------- */
+
+static int rtxn_begin(wal_t *wal, MDB_txn **txn)
+{
+    for (;;) {
+        pthread_rwlock_rdlock(&wal->map_lock);
+        int rc = mdb_txn_begin(wal->env, NULL, MDB_RDONLY, txn);
+        if (rc == 0)
+            return 0;
+        pthread_rwlock_unlock(&wal->map_lock);
+        if (rc != MDB_MAP_RESIZED)
+            return map_mdb(rc);
+        /* Another process grew the map: adopt its size, then retry. */
+        pthread_rwlock_wrlock(&wal->map_lock);
+        rc = mdb_env_set_mapsize(wal->env, 0);
+        pthread_rwlock_unlock(&wal->map_lock);
+        if (rc)
+            return map_mdb(rc);
+    }
+}
+
+static void rtxn_end(wal_t *wal, MDB_txn *txn)
+{
+    mdb_txn_abort(txn);
+    pthread_rwlock_unlock(&wal->map_lock);
+}
+
+/* ---- heads ------------------------------------------------------------- */
+
+static uint64_t name_hash(const char *name, size_t len)
+{
+    return (uint64_t)XXH3_64bits(name, len);
+}
+
+static struct head *head_find(wal_t *wal, const char *name, size_t len, uint64_t h)
+{
+    if (!wal->slots_cap)
+        return NULL;
+    size_t mask = wal->slots_cap - 1;
+    for (size_t i = h & mask;; i = (i + 1) & mask) {
+        struct head *e = wal->slots[i];
+        if (!e)
+            return NULL;
+        if (e->hash == h && e->name_len == len && memcmp(e->name, name, len) == 0)
+            return e;
+    }
+}
+
+static int heads_grow(wal_t *wal)
+{
+    size_t ncap = wal->slots_cap ? wal->slots_cap * 2 : 64;
+    struct head **ns = calloc(ncap, sizeof(*ns));
+    if (!ns)
+        return WAL_ENOMEM;
+    for (size_t i = 0; i < wal->slots_cap; i++) {
+        struct head *e = wal->slots[i];
+        if (!e)
+            continue;
+        size_t j = e->hash & (ncap - 1);
+        while (ns[j])
+            j = (j + 1) & (ncap - 1);
+        ns[j] = e;
+    }
+    free(wal->slots);
+    wal->slots = ns;
+    wal->slots_cap = ncap;
+    return 0;
+}
+
+static int head_set_id(wal_t *wal, struct head *e)
+{
+    uint32_t id = e->pending.id;
+    if (id >= wal->by_id_cap) {
+        size_t ncap = wal->by_id_cap ? wal->by_id_cap : 64;
+        while (ncap <= id)
+            ncap *= 2;
+        struct head **nb = realloc(wal->by_id, ncap * sizeof(*nb));
+        if (!nb)
+            return WAL_ENOMEM;
+        memset(nb + wal->by_id_cap, 0, (ncap - wal->by_id_cap) * sizeof(*nb));
+        wal->by_id = nb;
+        wal->by_id_cap = ncap;
+    }
+    wal->by_id[id] = e;
+    return 0;
+}
+
+/* Insert a new head (not yet committed). */
+static int head_insert(wal_t *wal, const char *name, size_t len, uint64_t h, struct head **ret)
+{
+    if ((wal->n_heads + 1) * 4 > wal->slots_cap * 3) {
+        int rc = heads_grow(wal);
+        if (rc)
+            return rc;
+    }
+    struct head *e = calloc(1, sizeof(*e));
+    if (!e)
+        return WAL_ENOMEM;
+    e->name = malloc(len);
+    if (!e->name) {
+        free(e);
+        return WAL_ENOMEM;
+    }
+    memcpy(e->name, name, len);
+    e->name_len = (uint32_t)len;
+    e->hash = h;
+    size_t mask = wal->slots_cap - 1;
+    size_t i = h & mask;
+    while (wal->slots[i])
+        i = (i + 1) & mask;
+    wal->slots[i] = e;
+    wal->n_heads++;
+    *ret = e;
+    return 0;
+}
+
+static void heads_free(wal_t *wal)
+{
+    for (size_t i = 0; i < wal->slots_cap; i++) {
+        if (wal->slots[i]) {
+            free(wal->slots[i]->name);
+            free(wal->slots[i]);
+        }
+    }
+    free(wal->slots);
+    free(wal->by_id);
+    free(wal->touched);
+}
+
+static uint64_t random_epoch(void)
+{
+    uint64_t v = 0;
+    while (v == 0) {
+        if (getrandom(&v, sizeof(v), 0) != (ssize_t)sizeof(v))
+            v = (uint64_t)now_us() ^ ((uint64_t)rand() << 32);
+    }
+    return v;
+}
+
+/* Mark a head as part of the current batch (snapshot its committed state). */
+static int head_touch(wal_t *wal, struct head *e)
+{
+    if (e->gen == wal->gen)
+        return 0;
+    if (wal->n_touched == wal->cap_touched) {
+        size_t ncap = wal->cap_touched ? wal->cap_touched * 2 : 64;
+        struct head **nt = realloc(wal->touched, ncap * sizeof(*nt));
+        if (!nt)
+            return WAL_ENOMEM;
+        wal->touched = nt;
+        wal->cap_touched = ncap;
+    }
+    wal->touched[wal->n_touched++] = e;
+    e->gen = wal->gen;
+    e->pending = e->meta;
+    return 0;
+}
+
+/* The head for a stream inside the current batch, created if needed. */
+static int head_for_write(wal_t *wal, const char *name, size_t len, int64_t now, struct head **ret)
+{
+    uint64_t h = name_hash(name, len);
+    struct head *e = head_find(wal, name, len, h);
+    int rc;
+    if (!e) {
+        rc = head_insert(wal, name, len, h, &e);
+        if (rc)
+            return rc;
+    }
+    if (e->gen != wal->gen) {
+        rc = head_touch(wal, e);
+        if (rc)
+            return rc;
+        if (!e->committed) {
+            /* New stream (or one whose creating batch failed: start over). */
+            e->pending.id = wal->next_stream_id++;
+            e->pending.epoch = random_epoch();
+            e->pending.first_offset = 1;
+            e->pending.next_offset = 1;
+            e->pending.created_us = now;
+            rc = head_set_id(wal, e);
+            if (rc)
+                return rc;
+        }
+    }
+    *ret = e;
+    return 0;
+}
+
+/* ---- append requests --------------------------------------------------- */
+
+int wal_append_new(wal_append_cb cb, void *arg, wal_append_t **ret_req)
+{
+    wal_append_t *r = calloc(1, sizeof(*r));
+    if (!r)
+        return WAL_ENOMEM;
+    r->cb = cb;
+    r->arg = arg;
+    *ret_req = r;
+    return 0;
+}
+
+void wal_append_free(wal_append_t *req)
+{
+    if (!req)
+        return;
+    free(req->msgs);
+    free(req->results);
+    free(req->cursors);
+    free(req->buf);
+    free(req);
+}
+
+static int req_copy(wal_append_t *r, const void *p, size_t len, size_t *ret_off)
+{
+    if (r->buf_cap - r->buf_len < len) {
+        size_t ncap = r->buf_cap ? r->buf_cap : 256;
+        while (ncap - r->buf_len < len) {
+            if (ncap > SIZE_MAX / 2)
+                return WAL_ENOMEM;
+            ncap *= 2;
+        }
+        uint8_t *nb = realloc(r->buf, ncap);
+        if (!nb)
+            return WAL_ENOMEM;
+        r->buf = nb;
+        r->buf_cap = ncap;
+    }
+    *ret_off = r->buf_len;
+    if (len)
+        memcpy(r->buf + r->buf_len, p, len);
+    r->buf_len += len;
+    return 0;
+}
+
+int wal_append_add_msg(wal_append_t *r, const wal_msg_t *m)
+{
+    if (!m->stream || m->stream_len == 0 || m->stream_len > WAL_STREAM_NAME_MAX ||
+        m->producer_len > WAL_PRODUCER_MAX || m->msgid_len > WAL_MSGID_MAX ||
+        m->headers_len > WAL_HEADERS_MAX || m->payload_len > UINT32_MAX ||
+        (m->payload_len && !m->payload) || (m->producer_len && !m->producer) ||
+        (m->msgid_len && !m->msgid) || (m->headers_len && !m->headers) ||
+        (m->direction != WAL_DIR_IN && m->direction != WAL_DIR_OUT))
+        return WAL_EINVAL;
+    if (r->n_msgs == r->cap_msgs) {
+        size_t ncap = r->cap_msgs ? r->cap_msgs * 2 : 4;
+        struct pmsg *nm = realloc(r->msgs, ncap * sizeof(*nm));
+        if (!nm)
+            return WAL_ENOMEM;
+        r->msgs = nm;
+        wal_result_t *nr = realloc(r->results, ncap * sizeof(*nr));
+        if (!nr)
+            return WAL_ENOMEM;
+        r->results = nr;
+        r->cap_msgs = ncap;
+    }
+    struct pmsg pm = {0};
+    size_t mark = r->buf_len;
+    int rc = req_copy(r, m->stream, m->stream_len, &pm.stream);
+    if (!rc)
+        rc = req_copy(r, m->producer, m->producer_len, &pm.producer);
+    if (!rc)
+        rc = req_copy(r, m->msgid, m->msgid_len, &pm.msgid);
+    if (!rc)
+        rc = req_copy(r, m->headers, m->headers_len, &pm.headers);
+    if (!rc)
+        rc = req_copy(r, m->payload, m->payload_len, &pm.payload);
+    if (rc) {
+        r->buf_len = mark;
+        return rc;
+    }
+    pm.stream_len = (uint32_t)m->stream_len;
+    pm.producer_len = (uint32_t)m->producer_len;
+    pm.msgid_len = (uint32_t)m->msgid_len;
+    pm.headers_len = (uint32_t)m->headers_len;
+    pm.payload_len = m->payload_len;
+    pm.direction = (uint8_t)m->direction;
+    pm.timestamp_us = m->timestamp_us;
+    if (m->payload_len > r->max_payload)
+        r->max_payload = m->payload_len;
+    memset(&r->results[r->n_msgs], 0, sizeof(r->results[0]));
+    r->msgs[r->n_msgs++] = pm;
+    return 0;
+}
+
+int wal_append_add_cursor(wal_append_t *r, const void *session, size_t session_len,
+                          const char *stream, size_t stream_len, uint64_t offset)
+{
+    if (!session || session_len == 0 || session_len > WAL_SESSION_MAX || !stream ||
+        stream_len == 0 || stream_len > WAL_STREAM_NAME_MAX)
+        return WAL_EINVAL;
+    if (r->n_cursors == r->cap_cursors) {
+        size_t ncap = r->cap_cursors ? r->cap_cursors * 2 : 4;
+        struct pcursor *nc = realloc(r->cursors, ncap * sizeof(*nc));
+        if (!nc)
+            return WAL_ENOMEM;
+        r->cursors = nc;
+        r->cap_cursors = ncap;
+    }
+    struct pcursor pc = {0};
+    size_t mark = r->buf_len;
+    int rc = req_copy(r, session, session_len, &pc.session);
+    if (!rc)
+        rc = req_copy(r, stream, stream_len, &pc.stream);
+    if (rc) {
+        r->buf_len = mark;
+        return rc;
+    }
+    pc.session_len = (uint32_t)session_len;
+    pc.stream_len = (uint32_t)stream_len;
+    pc.offset = offset;
+    r->cursors[r->n_cursors++] = pc;
+    return 0;
+}
+
+int wal_append_status(const wal_append_t *req)
+{
+    return req->status;
+}
+
+size_t wal_append_count(const wal_append_t *req)
+{
+    return req->n_msgs;
+}
+
+const wal_result_t *wal_append_result(const wal_append_t *req, size_t i)
+{
+    return i < req->n_msgs ? &req->results[i] : NULL;
+}
+
+int wal_append_submit(wal_t *wal, wal_append_t *req)
+{
+    if (req->n_msgs == 0 && req->n_cursors == 0)
+        return WAL_EINVAL;
+    if (req->max_payload > wal->opts.max_record_bytes)
+        return WAL_EINVAL;
+    if (wal->read_only)
+        return WAL_ECLOSED;
+    pthread_mutex_lock(&wal->mu);
+    int rc = 0;
+    if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
+        rc = WAL_EFATAL;
+    else if (wal->closing)
+        rc = WAL_ECLOSED;
+    if (!rc) {
+        req->status = 0;
+        req->next = NULL;
+        if (wal->q_tail)
+            wal->q_tail->next = req;
+        else
+            wal->q_head = req;
+        wal->q_tail = req;
+        pthread_cond_signal(&wal->cond);
+    }
+    pthread_mutex_unlock(&wal->mu);
+    return rc;
+}
+
+/* ---- completion -------------------------------------------------------- */
+
+static void done_run(wal_t *wal)
+{
+    pthread_mutex_lock(&wal->done_mu);
+    wal_append_t *list = wal->done_head;
+    wal->done_head = wal->done_tail = NULL;
+    pthread_mutex_unlock(&wal->done_mu);
+    while (list) {
+        wal_append_t *next = list->next;
+        list->next = NULL;
+        list->cb(list, list->arg);
+        list = next;
+    }
+}
+
+static void done_ev_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    done_run(arg);
+}
+
+static void complete(wal_t *wal, wal_append_t *r, int status)
+{
+    r->status = status;
+    r->next = NULL;
+    if (r->direct || !wal->base) {
+        r->cb(r, r->arg);
+        return;
+    }
+    pthread_mutex_lock(&wal->done_mu);
+    if (wal->done_tail)
+        wal->done_tail->next = r;
+    else
+        wal->done_head = r;
+    wal->done_tail = r;
+    pthread_mutex_unlock(&wal->done_mu);
+    event_active(wal->done_ev, EV_READ, 0);
+}
+
+/* ---- the writer -------------------------------------------------------- */
+
+static void put_meta_u64(uint8_t *buf, uint64_t v)
+{
+    wal_put_le64(buf, v);
+}
+
+/* Grow the map after MDB_MAP_FULL. Returns 0 if it grew. */
+static int map_grow(wal_t *wal)
+{
+    if (wal->map_size >= wal->opts.map_size_max)
+        return WAL_EFULL;
+    uint64_t nsize = wal->map_size * 2;
+    if (nsize > wal->opts.map_size_max)
+        nsize = wal->opts.map_size_max;
+    pthread_rwlock_wrlock(&wal->map_lock);
+    int rc = mdb_env_set_mapsize(wal->env, (size_t)nsize);
+    if (rc == 0) {
+        MDB_envinfo info;
+        mdb_env_info(wal->env, &info);
+        wal->map_size = info.me_mapsize;
+    }
+    pthread_rwlock_unlock(&wal->map_lock);
+    if (rc)
+        return map_mdb(rc);
+    __atomic_add_fetch(&wal->st_grows, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* Commit (or the injected fault). Returns an LMDB/errno code. */
+static int txn_commit(wal_t *wal, MDB_txn *txn)
+{
+    pthread_mutex_lock(&wal->mu);
+    int fault = 0;
+    if (wal->fault_count) {
+        wal->fault_count--;
+        fault = wal->fault_err;
+    }
+    pthread_mutex_unlock(&wal->mu);
+    if (fault) {
+        mdb_txn_abort(txn);
+        return fault;
+    }
+    return mdb_txn_commit(txn);
+}
+
+static void batch_rollback(wal_t *wal, uint64_t saved_seq, uint32_t saved_id)
+{
+    wal->next_seq = saved_seq;
+    wal->next_stream_id = saved_id;
+    for (size_t i = 0; i < wal->n_touched; i++) {
+        struct head *e = wal->touched[i];
+        if (!e->committed && e->pending.id < wal->by_id_cap && wal->by_id[e->pending.id] == e)
+            wal->by_id[e->pending.id] = NULL;
+        e->gen = 0;
+    }
+    wal->n_touched = 0;
+}
+
+static void batch_apply(wal_t *wal)
+{
+    for (size_t i = 0; i < wal->n_touched; i++) {
+        struct head *e = wal->touched[i];
+        e->meta = e->pending;
+        e->committed = true;
+    }
+    wal->n_touched = 0;
+}
+
+static int write_heads(wal_t *wal, MDB_txn *txn)
+{
+    for (size_t i = 0; i < wal->n_touched; i++) {
+        struct head *e = wal->touched[i];
+        uint8_t val[WAL_STREAM_META_SIZE];
+        wal_stream_meta_encode(&e->pending, val);
+        MDB_val k = {e->name_len, e->name}, v = {sizeof(val), val};
+        int rc = mdb_put(txn, wal->dbi_streams, &k, &v, 0);
+        if (rc)
+            return rc;
+        if (!e->committed) {
+            uint8_t idk[4];
+            wal_put_be32(idk, e->pending.id);
+            MDB_val ik = {4, idk}, iv = {e->name_len, e->name};
+            rc = mdb_put(txn, wal->dbi_ids, &ik, &iv, 0);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+static int write_next_seq(wal_t *wal, MDB_txn *txn)
+{
+    uint8_t buf[8];
+    put_meta_u64(buf, wal->next_seq);
+    MDB_val k = {8, "next_seq"}, v = {8, buf};
+    return mdb_put(txn, wal->dbi_meta, &k, &v, 0);
+}
+
+/* Check that every cursor of the request names a stream that exists,
+ * exists in this batch, or is created by a message of the request. */
+static bool req_cursors_valid(wal_t *wal, const wal_append_t *r)
+{
+    for (size_t c = 0; c < r->n_cursors; c++) {
+        const struct pcursor *pc = &r->cursors[c];
+        const char *name = (const char *)r->buf + pc->stream;
+        struct head *e = head_find(wal, name, pc->stream_len, name_hash(name, pc->stream_len));
+        if (e && (e->committed || e->gen == wal->gen))
+            continue;
+        bool found = false;
+        for (size_t i = 0; i < r->n_msgs && !found; i++)
+            found = r->msgs[i].stream_len == pc->stream_len &&
+                    memcmp(r->buf + r->msgs[i].stream, name, pc->stream_len) == 0;
+        if (!found)
+            return false;
+    }
+    return true;
+}
+
+static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_t now)
+{
+    const struct pmsg *pm = &r->msgs[i];
+    wal_result_t *res = &r->results[i];
+    const char *name = (const char *)r->buf + pm->stream;
+    uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+    size_t dkey_len = 0;
+    int rc;
+
+    if (pm->msgid_len) {
+        dkey[0] = (uint8_t)pm->producer_len;
+        memcpy(dkey + 1, r->buf + pm->producer, pm->producer_len);
+        memcpy(dkey + 1 + pm->producer_len, r->buf + pm->msgid, pm->msgid_len);
+        dkey_len = 1 + pm->producer_len + pm->msgid_len;
+        MDB_val k = {dkey_len, dkey}, v;
+        rc = mdb_get(txn, wal->dbi_dedup, &k, &v);
+        if (rc == 0) {
+            wal_dedup_val_t dv;
+            if (wal_dedup_val_decode(v.mv_data, v.mv_size, &dv) == 0) {
+                struct head *e = dv.stream_id < wal->by_id_cap ? wal->by_id[dv.stream_id] : NULL;
+                res->offset = dv.offset;
+                res->seq = 0;
+                res->epoch = e ? (e->gen == wal->gen ? e->pending.epoch : e->meta.epoch) : 0;
+                res->duplicate = 1;
+                return 0;
+            }
+            /* A corrupt dedup entry must not block publishing: overwrite. */
+        } else if (rc != MDB_NOTFOUND) {
+            return rc;
+        }
+    }
+
+    struct head *e;
+    rc = head_for_write(wal, name, pm->stream_len, now, &e);
+    if (rc)
+        return rc == WAL_ENOMEM ? ENOMEM : EINVAL;
+    wal_rec_t rec = {
+        .flags = pm->direction == WAL_DIR_OUT ? WAL_REC_FLAG_OUT : 0,
+        .stream_id = e->pending.id,
+        .seq = wal->next_seq,
+        .offset = e->pending.next_offset,
+        .timestamp_us = pm->timestamp_us ? pm->timestamp_us : now,
+        .producer = r->buf + pm->producer,
+        .producer_len = (uint16_t)pm->producer_len,
+        .msgid = r->buf + pm->msgid,
+        .msgid_len = (uint16_t)pm->msgid_len,
+        .headers = r->buf + pm->headers,
+        .headers_len = (uint16_t)pm->headers_len,
+        .payload = r->buf + pm->payload,
+        .payload_len = (uint32_t)pm->payload_len,
+    };
+    uint8_t seqk[8];
+    wal_put_be64(seqk, rec.seq);
+    /* Encode straight into the page LMDB reserves: no staging copy. */
+    MDB_val k = {8, seqk}, v = {wal_rec_size(&rec), NULL};
+    rc = mdb_put(txn, wal->dbi_log, &k, &v, MDB_RESERVE | MDB_APPEND);
+    if (rc)
+        return rc;
+    wal_rec_encode(&rec, v.mv_data, v.mv_size);
+
+    uint8_t ik[12];
+    wal_put_be32(ik, rec.stream_id);
+    wal_put_be64(ik + 4, rec.offset);
+    MDB_val ikv = {12, ik}, iv = {8, seqk};
+    rc = mdb_put(txn, wal->dbi_index, &ikv, &iv, 0);
+    if (rc)
+        return rc;
+
+    if (dkey_len) {
+        uint8_t dval[WAL_DEDUP_VAL_SIZE];
+        wal_dedup_val_t dv = {.stream_id = rec.stream_id, .offset = rec.offset, .time_us = now};
+        wal_dedup_val_encode(&dv, dval);
+        MDB_val dk = {dkey_len, dkey}, dvv = {sizeof(dval), dval};
+        rc = mdb_put(txn, wal->dbi_dedup, &dk, &dvv, 0);
+        if (rc)
+            return rc;
+    }
+    res->offset = rec.offset;
+    res->seq = rec.seq;
+    res->epoch = e->pending.epoch;
+    res->duplicate = 0;
+    e->pending.next_offset++;
+    wal->next_seq++;
+    return 0;
+}
+
+static int write_cursor(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t c, int64_t now)
+{
+    const struct pcursor *pc = &r->cursors[c];
+    const char *name = (const char *)r->buf + pc->stream;
+    struct head *e = head_find(wal, name, pc->stream_len, name_hash(name, pc->stream_len));
+    if (!e)
+        return EINVAL; /* validated before: cannot happen */
+    uint32_t id = e->gen == wal->gen ? e->pending.id : e->meta.id;
+    uint8_t key[1 + WAL_SESSION_MAX + 4];
+    key[0] = (uint8_t)pc->session_len;
+    memcpy(key + 1, r->buf + pc->session, pc->session_len);
+    wal_put_be32(key + 1 + pc->session_len, id);
+    uint8_t val[WAL_CURSOR_VAL_SIZE];
+    wal_cursor_val_t cv = {.offset = pc->offset, .updated_us = now};
+    wal_cursor_val_encode(&cv, val);
+    MDB_val k = {1 + pc->session_len + 4, key}, v = {sizeof(val), val};
+    return mdb_put(txn, wal->dbi_cursors, &k, &v, 0);
+}
+
+/*
+ * Write reqs[0..n) in one transaction and commit. Returns an LMDB/errno
+ * code; on success every request that passed validation has results.
+ * Requests failing validation get their own status and are skipped.
+ */
+static int batch_write(wal_t *wal, wal_append_t **reqs, size_t n)
+{
+    MDB_txn *txn;
+    int64_t now = now_us();
+    int rc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+    if (rc)
+        return rc;
+    wal->gen++;
+    if (wal->gen == 0)
+        wal->gen = 1;
+    wal->n_touched = 0;
+    for (size_t q = 0; q < n && !rc; q++) {
+        wal_append_t *r = reqs[q];
+        r->status = 0;
+        if (!req_cursors_valid(wal, r)) {
+            r->status = WAL_ENOTFOUND;
+            continue;
+        }
+        for (size_t i = 0; i < r->n_msgs && !rc; i++)
+            rc = write_msg(wal, txn, r, i, now);
+        for (size_t c = 0; c < r->n_cursors && !rc; c++)
+            rc = write_cursor(wal, txn, r, c, now);
+    }
+    if (!rc)
+        rc = write_heads(wal, txn);
+    if (!rc)
+        rc = write_next_seq(wal, txn);
+    if (rc) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    return txn_commit(wal, txn);
+}
+
+static void fail_stop(wal_t *wal)
+{
+    __atomic_store_n(&wal->failed, 1, __ATOMIC_RELEASE);
+}
+
+/* Write, commit and complete a batch, handling map growth and splitting. */
+static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
+{
+    for (;;) {
+        uint64_t saved_seq = wal->next_seq;
+        uint32_t saved_id = wal->next_stream_id;
+        int rc = batch_write(wal, reqs, n);
+        if (rc == 0) {
+            batch_apply(wal);
+            uint64_t msgs = 0;
+            for (size_t q = 0; q < n; q++)
+                msgs += reqs[q]->status == 0 ? reqs[q]->n_msgs : 0;
+            __atomic_add_fetch(&wal->st_commits, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&wal->st_msgs, msgs, __ATOMIC_RELAXED);
+            for (size_t q = 0; q < n; q++)
+                complete(wal, reqs[q], reqs[q]->status);
+            return;
+        }
+        batch_rollback(wal, saved_seq, saved_id);
+        __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+        if (rc == MDB_MAP_FULL && map_grow(wal) == 0)
+            continue;
+        if (rc == MDB_TXN_FULL && n > 1) {
+            /* Too many dirty pages for one txn: split the batch. */
+            batch_run(wal, reqs, n / 2);
+            batch_run(wal, reqs + n / 2, n - n / 2);
+            return;
+        }
+        int status;
+        if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
+            status = WAL_EFULL;
+        else if (rc == MDB_TXN_FULL || rc == MDB_BAD_VALSIZE || rc == EINVAL)
+            status = WAL_EINVAL; /* one request too large for a txn */
+        else if (rc == ENOMEM)
+            status = WAL_ENOMEM;
+        else {
+            fail_stop(wal);
+            status = WAL_EFATAL;
+        }
+        for (size_t q = 0; q < n; q++)
+            complete(wal, reqs[q], status);
+        return;
+    }
+}
+
+/* One chunk of retention. Returns 0 and sets *more if work remains. */
+static int retain_chunk(wal_t *wal, struct retain_job *job, bool *more)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    *more = false;
+    int rc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+    if (rc)
+        return rc;
+    rc = mdb_cursor_open(txn, wal->dbi_log, &cur);
+    if (rc) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    wal->gen++;
+    if (wal->gen == 0)
+        wal->gen = 1;
+    wal->n_touched = 0;
+    uint64_t dropped = 0;
+    MDB_val k, v;
+    int grc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+    while (grc == 0) {
+        uint64_t seq = wal_get_be64(k.mv_data);
+        if (seq > job->upto)
+            break;
+        if (dropped == job->chunk) {
+            *more = true;
+            break;
+        }
+        wal_rec_t rec;
+        if (wal_rec_decode(v.mv_data, v.mv_size, &rec) != 0 || rec.seq != seq) {
+            rc = MDB_CORRUPTED;
+            break;
+        }
+        uint8_t ik[12];
+        wal_put_be32(ik, rec.stream_id);
+        wal_put_be64(ik + 4, rec.offset);
+        MDB_val ikv = {12, ik};
+        rc = mdb_del(txn, wal->dbi_index, &ikv, NULL);
+        if (rc && rc != MDB_NOTFOUND)
+            break;
+        if (rec.msgid_len) {
+            uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+            dkey[0] = (uint8_t)rec.producer_len;
+            memcpy(dkey + 1, rec.producer, rec.producer_len);
+            memcpy(dkey + 1 + rec.producer_len, rec.msgid, rec.msgid_len);
+            MDB_val dk = {1u + rec.producer_len + rec.msgid_len, dkey}, dv;
+            wal_dedup_val_t d;
+            if (mdb_get(txn, wal->dbi_dedup, &dk, &dv) == 0 &&
+                wal_dedup_val_decode(dv.mv_data, dv.mv_size, &d) == 0 &&
+                d.stream_id == rec.stream_id && d.offset == rec.offset) {
+                rc = mdb_del(txn, wal->dbi_dedup, &dk, NULL);
+                if (rc)
+                    break;
+            }
+        }
+        struct head *e = rec.stream_id < wal->by_id_cap ? wal->by_id[rec.stream_id] : NULL;
+        if (e) {
+            rc = head_touch(wal, e);
+            if (rc) {
+                rc = ENOMEM;
+                break;
+            }
+            if (rec.offset + 1 > e->pending.first_offset)
+                e->pending.first_offset = rec.offset + 1;
+        }
+        rc = mdb_cursor_del(cur, 0);
+        if (rc)
+            break;
+        dropped++;
+        rc = 0;
+        grc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); /* we always drop the head */
+    }
+    mdb_cursor_close(cur);
+    if (!rc && grc != 0 && grc != MDB_NOTFOUND)
+        rc = grc;
+    if (!rc)
+        rc = write_heads(wal, txn);
+    if (rc) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    rc = txn_commit(wal, txn);
+    if (rc == 0) {
+        batch_apply(wal);
+        job->dropped += dropped;
+    }
+    return rc;
+}
+
+static void retain_step(wal_t *wal, struct retain_job *job)
+{
+    bool more = false;
+    int rc = retain_chunk(wal, job, &more);
+    if (rc) {
+        batch_rollback(wal, wal->next_seq, wal->next_stream_id);
+        if (rc == MDB_MAP_FULL && map_grow(wal) == 0)
+            return; /* retried on the next step */
+        if ((rc == MDB_MAP_FULL || rc == MDB_TXN_FULL) && job->chunk > 1) {
+            job->chunk /= 2; /* deletes need pages too: take smaller bites */
+            return;
+        }
+    }
+    int status = 0;
+    if (rc == MDB_CORRUPTED)
+        status = WAL_ECORRUPT;
+    else if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
+        status = WAL_EFULL;
+    else if (rc) {
+        fail_stop(wal);
+        status = WAL_EFATAL;
+    }
+    if (rc || !more) {
+        pthread_mutex_lock(&wal->mu);
+        job->status = status;
+        job->done = true;
+        wal->retain = NULL;
+        pthread_cond_broadcast(&wal->done_cond);
+        pthread_mutex_unlock(&wal->mu);
+    }
+}
+
+static void fail_queue_locked(wal_t *wal, wal_append_t **list)
+{
+    *list = wal->q_head;
+    wal->q_head = wal->q_tail = NULL;
+}
+
+static void *writer_main(void *arg)
+{
+    wal_t *wal = arg;
+    wal_append_t **batch = NULL;
+    size_t batch_cap = 0;
+
+    pthread_mutex_lock(&wal->mu);
+    for (;;) {
+        while (!wal->q_head && !wal->retain && !wal->closing)
+            pthread_cond_wait(&wal->cond, &wal->mu);
+        if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE)) {
+            wal_append_t *list;
+            fail_queue_locked(wal, &list);
+            if (wal->retain) {
+                wal->retain->status = WAL_EFATAL;
+                wal->retain->done = true;
+                wal->retain = NULL;
+                pthread_cond_broadcast(&wal->done_cond);
+            }
+            pthread_mutex_unlock(&wal->mu);
+            while (list) {
+                wal_append_t *next = list->next;
+                complete(wal, list, WAL_EFATAL);
+                list = next;
+            }
+            pthread_mutex_lock(&wal->mu);
+            if (wal->closing && !wal->q_head)
+                break;
+            continue;
+        }
+        if (!wal->q_head && wal->retain) {
+            struct retain_job *job = wal->retain;
+            pthread_mutex_unlock(&wal->mu);
+            retain_step(wal, job);
+            pthread_mutex_lock(&wal->mu);
+            continue;
+        }
+        if (!wal->q_head) {
+            if (wal->closing)
+                break;
+            continue;
+        }
+        if (wal->opts.batch_wait_us && !wal->closing) {
+            /* Optionally linger for more appends to share this commit. */
+            struct timespec dl;
+            clock_gettime(CLOCK_REALTIME, &dl);
+            dl.tv_nsec += (long)wal->opts.batch_wait_us * 1000;
+            dl.tv_sec += dl.tv_nsec / 1000000000;
+            dl.tv_nsec %= 1000000000;
+            for (;;) {
+                size_t msgs = 0;
+                for (wal_append_t *r = wal->q_head; r; r = r->next)
+                    msgs += r->n_msgs + r->n_cursors;
+                if (msgs >= wal->opts.batch_max_msgs || wal->closing)
+                    break;
+                if (pthread_cond_timedwait(&wal->cond, &wal->mu, &dl) == ETIMEDOUT)
+                    break;
+            }
+        }
+        /* Take whole requests up to the batch limits (at least one). */
+        size_t n = 0;
+        uint64_t msgs = 0, bytes = 0;
+        while (wal->q_head) {
+            wal_append_t *r = wal->q_head;
+            if (n > 0 && (msgs + r->n_msgs + r->n_cursors > wal->opts.batch_max_msgs ||
+                          bytes + r->buf_len > wal->opts.batch_max_bytes))
+                break;
+            if (n == batch_cap) {
+                size_t ncap = batch_cap ? batch_cap * 2 : 64;
+                wal_append_t **nb = realloc(batch, ncap * sizeof(*nb));
+                if (!nb)
+                    break;
+                batch = nb;
+                batch_cap = ncap;
+            }
+            wal->q_head = r->next;
+            if (!wal->q_head)
+                wal->q_tail = NULL;
+            r->next = NULL;
+            batch[n++] = r;
+            msgs += r->n_msgs + r->n_cursors;
+            bytes += r->buf_len;
+        }
+        pthread_mutex_unlock(&wal->mu);
+        if (n == 0) {
+            /* Could not even allocate the batch array: back off briefly. */
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        } else {
+            batch_run(wal, batch, n);
+        }
+        pthread_mutex_lock(&wal->mu);
+    }
+    pthread_mutex_unlock(&wal->mu);
+    free(batch);
+    return NULL;
+}
+
+void wal_testing_fail_commits(wal_t *wal, int err, unsigned count)
+{
+    pthread_mutex_lock(&wal->mu);
+    wal->fault_err = err;
+    wal->fault_count = count;
+    pthread_mutex_unlock(&wal->mu);
+}
+
+/* ---- synchronous helpers ----------------------------------------------- */
+
+struct sync_wait {
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    bool done;
+};
+
+static void sync_cb(wal_append_t *req, void *arg)
+{
+    (void)req;
+    struct sync_wait *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->done = true;
+    pthread_cond_signal(&w->cond);
+    pthread_mutex_unlock(&w->mu);
+}
+
+int wal_append_sync(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *results)
+{
+    struct sync_wait w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false};
+    wal_append_t *req;
+    int rc = wal_append_new(sync_cb, &w, &req);
+    if (rc)
+        return rc;
+    req->direct = true;
+    for (size_t i = 0; i < n && !rc; i++)
+        rc = wal_append_add_msg(req, &msgs[i]);
+    if (!rc)
+        rc = wal_append_submit(wal, req);
+    if (rc) {
+        wal_append_free(req);
+        return rc;
+    }
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cond, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    rc = req->status;
+    if (!rc && results)
+        memcpy(results, req->results, n * sizeof(*results));
+    wal_append_free(req);
+    pthread_cond_destroy(&w.cond);
+    pthread_mutex_destroy(&w.mu);
+    return rc;
+}
+
+int wal_retain(wal_t *wal, uint64_t upto_seq, uint64_t *ret_dropped)
+{
+    if (wal->read_only)
+        return WAL_ECLOSED;
+    struct retain_job job = {.upto = upto_seq, .chunk = wal->opts.retain_chunk};
+    pthread_mutex_lock(&wal->mu);
+    /* One retention job at a time; later callers wait their turn. */
+    while (wal->retain && !wal->closing)
+        pthread_cond_wait(&wal->done_cond, &wal->mu);
+    int rc = 0;
+    if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
+        rc = WAL_EFATAL;
+    else if (wal->closing)
+        rc = WAL_ECLOSED;
+    if (!rc) {
+        wal->retain = &job;
+        pthread_cond_signal(&wal->cond);
+        while (!job.done)
+            pthread_cond_wait(&wal->done_cond, &wal->mu);
+        rc = job.status;
+    }
+    pthread_mutex_unlock(&wal->mu);
+    if (!rc && ret_dropped)
+        *ret_dropped = job.dropped;
+    return rc;
+}
+
+/* ---- open / close ------------------------------------------------------ */
+
+static int open_dbis(wal_t *wal, MDB_txn *txn, unsigned flags)
+{
+    struct {
+        const char *name;
+        MDB_dbi *dbi;
+    } dbs[] = {
+        {"meta", &wal->dbi_meta},       {"log", &wal->dbi_log}, {"index", &wal->dbi_index},
+        {"streams", &wal->dbi_streams}, {"ids", &wal->dbi_ids}, {"cursors", &wal->dbi_cursors},
+        {"dedup", &wal->dbi_dedup},
+    };
+    for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++) {
+        int rc = mdb_dbi_open(txn, dbs[i].name, flags, dbs[i].dbi);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+static int check_version(wal_t *wal, MDB_txn *txn, bool create, char *errbuf, size_t errlen)
+{
+    MDB_val k = {14, "format_version"}, v;
+    int rc = mdb_get(txn, wal->dbi_meta, &k, &v);
+    if (rc == MDB_NOTFOUND) {
+        if (!create) {
+            errf(errbuf, errlen, "'%s' holds no ARQ format version", wal->dir);
+            return WAL_ECORRUPT;
+        }
+        uint8_t buf[8];
+        wal_put_le32(buf, WAL_FORMAT_VERSION);
+        v.mv_size = 4;
+        v.mv_data = buf;
+        rc = mdb_put(txn, wal->dbi_meta, &k, &v, 0);
+        if (rc)
+            return map_mdb(rc);
+        wal_put_le64(buf, (uint64_t)now_us());
+        MDB_val ck = {10, "created_us"}, cv = {8, buf};
+        return map_mdb(mdb_put(txn, wal->dbi_meta, &ck, &cv, 0));
+    }
+    if (rc)
+        return map_mdb(rc);
+    if (v.mv_size != 4) {
+        errf(errbuf, errlen, "'%s': format version entry has %zu bytes, expected 4", wal->dir,
+             v.mv_size);
+        return WAL_ECORRUPT;
+    }
+    uint32_t ver = wal_get_le32(v.mv_data);
+    if (ver > WAL_FORMAT_VERSION) {
+        errf(errbuf, errlen,
+             "'%s' was written with WAL format version %u; this build reads up to version %u: "
+             "upgrade ARQ",
+             wal->dir, ver, WAL_FORMAT_VERSION);
+        return WAL_EVERSION;
+    }
+    if (ver == 0) {
+        errf(errbuf, errlen, "'%s': format version 0 is invalid", wal->dir);
+        return WAL_ECORRUPT;
+    }
+    return 0;
+}
+
+/* Rebuild the writer's in-memory heads and counters from the streams DB. */
+static int load_heads(wal_t *wal, MDB_txn *txn, char *errbuf, size_t errlen)
+{
+    MDB_cursor *cur;
+    int rc = mdb_cursor_open(txn, wal->dbi_streams, &cur);
+    if (rc)
+        return map_mdb(rc);
+    MDB_val k, v;
+    wal->next_stream_id = 1;
+    for (int g = mdb_cursor_get(cur, &k, &v, MDB_FIRST); g == 0;
+         g = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        wal_stream_meta_t m;
+        rc = wal_stream_meta_decode(v.mv_data, v.mv_size, &m);
+        if (rc) {
+            errf(errbuf, errlen, "stream '%.*s': metadata %s", (int)k.mv_size,
+                 (const char *)k.mv_data, wal_strerror(rc));
+            break;
+        }
+        struct head *e;
+        rc = head_insert(wal, k.mv_data, k.mv_size, name_hash(k.mv_data, k.mv_size), &e);
+        if (rc)
+            break;
+        e->meta = e->pending = m;
+        e->committed = true;
+        rc = head_set_id(wal, e);
+        if (rc)
+            break;
+        if (m.id >= wal->next_stream_id)
+            wal->next_stream_id = m.id + 1;
+    }
+    mdb_cursor_close(cur);
+    if (rc)
+        return rc;
+
+    wal->next_seq = 1;
+    MDB_val mk = {8, "next_seq"}, mv;
+    rc = mdb_get(txn, wal->dbi_meta, &mk, &mv);
+    if (rc == 0 && mv.mv_size == 8)
+        wal->next_seq = wal_get_le64(mv.mv_data);
+    else if (rc && rc != MDB_NOTFOUND)
+        return map_mdb(rc);
+    /* The log's last key is the ground truth if it is ahead. */
+    rc = mdb_cursor_open(txn, wal->dbi_log, &cur);
+    if (rc)
+        return map_mdb(rc);
+    if (mdb_cursor_get(cur, &k, &v, MDB_LAST) == 0 && k.mv_size == 8) {
+        uint64_t last = wal_get_be64(k.mv_data);
+        if (last >= wal->next_seq)
+            wal->next_seq = last + 1;
+    }
+    mdb_cursor_close(cur);
+    return 0;
+}
+
+static void opts_defaults(wal_options_t *o)
+{
+    if (!o->map_size)
+        o->map_size = DEF_MAP_SIZE;
+    if (!o->map_size_max)
+        o->map_size_max = DEF_MAP_MAX;
+    if (o->map_size_max < o->map_size)
+        o->map_size_max = o->map_size;
+    if (!o->batch_max_msgs)
+        o->batch_max_msgs = DEF_BATCH_MSGS;
+    if (!o->batch_max_bytes)
+        o->batch_max_bytes = DEF_BATCH_BYTES;
+    if (!o->retain_chunk)
+        o->retain_chunk = DEF_RETAIN_CHUNK;
+    if (!o->max_readers)
+        o->max_readers = DEF_MAX_READERS;
+    if (!o->max_record_bytes)
+        o->max_record_bytes = DEF_MAX_RECORD;
+}
+
+static void wal_free(wal_t *wal)
+{
+    if (wal->env)
+        mdb_env_close(wal->env);
+    if (wal->done_ev)
+        event_free(wal->done_ev);
+    heads_free(wal);
+    pthread_rwlock_destroy(&wal->map_lock);
+    pthread_mutex_destroy(&wal->mu);
+    pthread_cond_destroy(&wal->cond);
+    pthread_cond_destroy(&wal->done_cond);
+    pthread_mutex_destroy(&wal->done_mu);
+    free(wal->dir);
+    free(wal);
+}
+
+int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal, char *errbuf,
+             size_t errlen)
+{
+    if (!opts || !opts->dir || !*opts->dir || !ret_wal) {
+        errf(errbuf, errlen, "no data directory given");
+        return WAL_EINVAL;
+    }
+    if (opts->sync != WAL_SYNC_FULL && opts->sync != WAL_SYNC_NONE) {
+        errf(errbuf, errlen, "unknown sync mode %d", (int)opts->sync);
+        return WAL_EINVAL;
+    }
+    wal_t *wal = calloc(1, sizeof(*wal));
+    if (!wal)
+        return WAL_ENOMEM;
+    wal->opts = *opts;
+    opts_defaults(&wal->opts);
+    wal->dir = strdup(opts->dir);
+    wal->read_only = opts->read_only != 0;
+    wal->base = wal->read_only ? NULL : base;
+    /* Prefer the writer: a stream of short reads must not starve a resize. */
+    pthread_rwlockattr_t rwa;
+    pthread_rwlockattr_init(&rwa);
+    pthread_rwlockattr_setkind_np(&rwa, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&wal->map_lock, &rwa);
+    pthread_rwlockattr_destroy(&rwa);
+    pthread_mutex_init(&wal->mu, NULL);
+    pthread_cond_init(&wal->cond, NULL);
+    pthread_cond_init(&wal->done_cond, NULL);
+    pthread_mutex_init(&wal->done_mu, NULL);
+    int rc = 0;
+    MDB_txn *txn = NULL;
+    if (!wal->dir) {
+        rc = WAL_ENOMEM;
+        goto fail;
+    }
+    if (!wal->read_only && mkdir(wal->dir, 0700) != 0 && errno != EEXIST) {
+        errf(errbuf, errlen, "cannot create data directory '%s': %s", wal->dir, strerror(errno));
+        rc = WAL_EIO;
+        goto fail;
+    }
+    int mrc = mdb_env_create(&wal->env);
+    if (!mrc)
+        mrc = mdb_env_set_maxdbs(wal->env, 8);
+    if (!mrc)
+        mrc = mdb_env_set_maxreaders(wal->env, wal->opts.max_readers);
+    if (!mrc)
+        mrc = mdb_env_set_mapsize(wal->env, (size_t)wal->opts.map_size);
+    if (mrc) {
+        errf(errbuf, errlen, "lmdb setup: %s", mdb_strerror(mrc));
+        rc = map_mdb(mrc);
+        goto fail;
+    }
+    unsigned flags = MDB_NOTLS;
+    if (wal->read_only)
+        flags |= MDB_RDONLY;
+    if (wal->opts.sync == WAL_SYNC_NONE)
+        flags |= MDB_NOSYNC;
+    mrc = mdb_env_open(wal->env, wal->dir, flags, 0600);
+    if (mrc) {
+        errf(errbuf, errlen, "cannot open WAL in '%s': %s", wal->dir, mdb_strerror(mrc));
+        rc = mrc == ENOENT ? WAL_ENOTFOUND : map_mdb(mrc);
+        goto fail;
+    }
+    int dead = 0;
+    (void)mdb_reader_check(wal->env, &dead); /* clears slots of dead processes */
+    MDB_envinfo info;
+    mdb_env_info(wal->env, &info);
+    wal->map_size = info.me_mapsize;
+
+    mrc = mdb_txn_begin(wal->env, NULL, wal->read_only ? MDB_RDONLY : 0, &txn);
+    if (mrc) {
+        errf(errbuf, errlen, "cannot begin a transaction in '%s': %s", wal->dir, mdb_strerror(mrc));
+        rc = map_mdb(mrc);
+        goto fail;
+    }
+    mrc = open_dbis(wal, txn, wal->read_only ? 0 : MDB_CREATE);
+    if (mrc) {
+        errf(errbuf, errlen, "'%s' is not an ARQ WAL (%s)", wal->dir, mdb_strerror(mrc));
+        rc = mrc == MDB_NOTFOUND ? WAL_ENOTFOUND : map_mdb(mrc);
+        goto fail;
+    }
+    rc = check_version(wal, txn, !wal->read_only, errbuf, errlen);
+    if (rc)
+        goto fail;
+    if (!wal->read_only) {
+        rc = load_heads(wal, txn, errbuf, errlen);
+        if (rc)
+            goto fail;
+        mrc = mdb_txn_commit(txn);
+        txn = NULL;
+        if (mrc) {
+            errf(errbuf, errlen, "initial commit in '%s': %s", wal->dir, mdb_strerror(mrc));
+            rc = map_mdb(mrc);
+            goto fail;
+        }
+        if (wal->base) {
+            wal->done_ev = event_new(wal->base, -1, 0, done_ev_cb, wal);
+            if (!wal->done_ev) {
+                rc = WAL_ENOMEM;
+                goto fail;
+            }
+        }
+        if (pthread_create(&wal->writer, NULL, writer_main, wal) != 0) {
+            errf(errbuf, errlen, "cannot start the WAL writer thread");
+            rc = WAL_ENOMEM;
+            goto fail;
+        }
+        wal->writer_started = true;
+    } else {
+        /* Commit (not abort) so the DBI handles stay open for later txns. */
+        mrc = mdb_txn_commit(txn);
+        txn = NULL;
+        if (mrc) {
+            rc = map_mdb(mrc);
+            goto fail;
+        }
+    }
+    *ret_wal = wal;
+    return 0;
+fail:
+    if (txn)
+        mdb_txn_abort(txn);
+    wal_free(wal);
+    return rc;
+}
+
+void wal_close(wal_t *wal)
+{
+    if (!wal)
+        return;
+    pthread_mutex_lock(&wal->mu);
+    wal->closing = true;
+    pthread_cond_broadcast(&wal->cond);
+    pthread_cond_broadcast(&wal->done_cond);
+    pthread_mutex_unlock(&wal->mu);
+    if (wal->writer_started)
+        pthread_join(wal->writer, NULL);
+    if (wal->base)
+        done_run(wal); /* completions the loop has not run yet */
+    wal_free(wal);
+}
+
+int wal_is_failed(const wal_t *wal)
+{
+    return __atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE);
+}
+
+/* ---- reads ------------------------------------------------------------- */
+
+static int stream_meta_get(wal_t *wal, MDB_txn *txn, const char *name, size_t len,
+                           wal_stream_meta_t *m)
+{
+    MDB_val k = {len, (void *)name}, v;
+    int rc = mdb_get(txn, wal->dbi_streams, &k, &v);
+    if (rc)
+        return map_mdb(rc);
+    return wal_stream_meta_decode(v.mv_data, v.mv_size, m);
+}
+
+static void rec_view(const wal_rec_t *r, wal_record_t *out)
+{
+    out->seq = r->seq;
+    out->offset = r->offset;
+    out->timestamp_us = r->timestamp_us;
+    out->stream_id = r->stream_id;
+    out->direction = (r->flags & WAL_REC_FLAG_OUT) ? WAL_DIR_OUT : WAL_DIR_IN;
+    out->producer = r->producer;
+    out->producer_len = r->producer_len;
+    out->msgid = r->msgid;
+    out->msgid_len = r->msgid_len;
+    out->headers = r->headers;
+    out->headers_len = r->headers_len;
+    out->payload = r->payload;
+    out->payload_len = r->payload_len;
+    out->checksum = r->checksum;
+}
+
+int wal_stream_read(wal_t *wal, const char *stream, size_t stream_len, uint64_t from,
+                    uint32_t max_msgs, uint64_t max_bytes, wal_record_cb cb, void *arg,
+                    wal_read_result_t *res)
+{
+    if (!stream || !stream_len || stream_len > WAL_STREAM_NAME_MAX || from == 0 || !cb || !res)
+        return WAL_EINVAL;
+    memset(res, 0, sizeof(*res));
+    res->next = from;
+    MDB_txn *txn;
+    int rc = rtxn_begin(wal, &txn);
+    if (rc)
+        return rc;
+    wal_stream_meta_t m;
+    rc = stream_meta_get(wal, txn, stream, stream_len, &m);
+    if (rc)
+        goto out;
+    if (from < m.first_offset) {
+        res->next = m.first_offset;
+        rc = WAL_ETRUNCATED;
+        goto out;
+    }
+    uint64_t bytes = 0;
+    for (uint64_t off = from; off < m.next_offset && res->count < max_msgs; off++) {
+        if (res->count > 0 && bytes >= max_bytes)
+            break;
+        uint8_t ik[12];
+        wal_put_be32(ik, m.id);
+        wal_put_be64(ik + 4, off);
+        MDB_val k = {12, ik}, v;
+        int g = mdb_get(txn, wal->dbi_index, &k, &v);
+        wal_rec_t r;
+        if (g == 0 && v.mv_size == 8) {
+            uint64_t seq = wal_get_be64(v.mv_data);
+            MDB_val lk = {8, v.mv_data}, lv;
+            g = mdb_get(txn, wal->dbi_log, &lk, &lv);
+            if (g == 0 && wal_rec_decode(lv.mv_data, lv.mv_size, &r) == 0 && r.seq == seq &&
+                r.stream_id == m.id && r.offset == off)
+                goto good;
+            res->bad_seq = seq;
+        }
+        if (g && g != MDB_NOTFOUND) {
+            rc = map_mdb(g);
+            goto out;
+        }
+        /* Missing index entry or record, or one that fails verification. */
+        res->bad_offset = off;
+        rc = WAL_ECORRUPT;
+        goto out;
+    good:;
+        wal_record_t view;
+        rec_view(&r, &view);
+        view.stream = stream;
+        view.stream_len = stream_len;
+        bytes += r.payload_len;
+        res->count++;
+        res->next = off + 1;
+        if (cb(&view, arg))
+            break;
+    }
+out:
+    rtxn_end(wal, txn);
+    return rc;
+}
+
+int wal_log_read(wal_t *wal, uint64_t from, uint32_t max_msgs, uint64_t max_bytes, wal_record_cb cb,
+                 void *arg, wal_read_result_t *res)
+{
+    if (!cb || !res)
+        return WAL_EINVAL;
+    memset(res, 0, sizeof(*res));
+    if (from == 0)
+        from = 1;
+    res->next = from;
+    MDB_txn *txn;
+    int rc = rtxn_begin(wal, &txn);
+    if (rc)
+        return rc;
+    MDB_cursor *cur;
+    rc = mdb_cursor_open(txn, wal->dbi_log, &cur);
+    if (rc) {
+        rtxn_end(wal, txn);
+        return map_mdb(rc);
+    }
+    uint8_t sk[8];
+    wal_put_be64(sk, from);
+    MDB_val k = {8, sk}, v;
+    uint64_t bytes = 0;
+    uint32_t name_id = 0;
+    MDB_val name = {0, NULL};
+    int g = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    while (g == 0 && res->count < max_msgs && (res->count == 0 || bytes < max_bytes)) {
+        uint64_t seq = k.mv_size == 8 ? wal_get_be64(k.mv_data) : 0;
+        wal_rec_t r;
+        if (k.mv_size != 8 || wal_rec_decode(v.mv_data, v.mv_size, &r) != 0 || r.seq != seq) {
+            res->bad_seq = seq;
+            rc = WAL_ECORRUPT;
+            break;
+        }
+        if (r.stream_id != name_id || !name.mv_data) {
+            uint8_t idk[4];
+            wal_put_be32(idk, r.stream_id);
+            MDB_val ik = {4, idk};
+            if (mdb_get(txn, wal->dbi_ids, &ik, &name) != 0) {
+                res->bad_seq = seq;
+                res->bad_offset = r.offset;
+                rc = WAL_ECORRUPT;
+                break;
+            }
+            name_id = r.stream_id;
+        }
+        wal_record_t view;
+        rec_view(&r, &view);
+        view.stream = name.mv_data;
+        view.stream_len = name.mv_size;
+        bytes += r.payload_len;
+        res->count++;
+        res->next = seq + 1;
+        if (cb(&view, arg))
+            break;
+        g = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    if (!rc && g != 0 && g != MDB_NOTFOUND)
+        rc = map_mdb(g);
+    mdb_cursor_close(cur);
+    rtxn_end(wal, txn);
+    return rc;
+}
+
+int wal_stream_get(wal_t *wal, const char *stream, size_t stream_len, wal_stream_info_t *ret)
+{
+    if (!stream || !stream_len || stream_len > WAL_STREAM_NAME_MAX || !ret)
+        return WAL_EINVAL;
+    MDB_txn *txn;
+    int rc = rtxn_begin(wal, &txn);
+    if (rc)
+        return rc;
+    wal_stream_meta_t m;
+    rc = stream_meta_get(wal, txn, stream, stream_len, &m);
+    rtxn_end(wal, txn);
+    if (rc)
+        return rc;
+    ret->id = m.id;
+    ret->epoch = m.epoch;
+    ret->first_offset = m.first_offset;
+    ret->next_offset = m.next_offset;
+    ret->created_us = m.created_us;
+    ret->name = NULL;
+    ret->name_len = 0;
+    return 0;
+}
+
+int wal_stream_list(wal_t *wal, wal_stream_cb cb, void *arg)
+{
+    MDB_txn *txn;
+    int rc = rtxn_begin(wal, &txn);
+    if (rc)
+        return rc;
+    MDB_cursor *cur;
+    rc = mdb_cursor_open(txn, wal->dbi_streams, &cur);
+    if (rc) {
+        rtxn_end(wal, txn);
+        return map_mdb(rc);
+    }
+    MDB_val k, v;
+    for (int g = mdb_cursor_get(cur, &k, &v, MDB_FIRST); g == 0;
+         g = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        wal_stream_meta_t m;
+        rc = wal_stream_meta_decode(v.mv_data, v.mv_size, &m);
+        if (rc)
+            break;
+        wal_stream_info_t info = {
+            .id = m.id,
+            .epoch = m.epoch,
+            .first_offset = m.first_offset,
+            .next_offset = m.next_offset,
+            .created_us = m.created_us,
+            .name = k.mv_data,
+            .name_len = k.mv_size,
+        };
+        if (cb(&info, arg))
+            break;
+    }
+    mdb_cursor_close(cur);
+    rtxn_end(wal, txn);
+    return rc;
+}
+
+int wal_cursor_get(wal_t *wal, const void *session, size_t session_len, const char *stream,
+                   size_t stream_len, uint64_t *ret_offset)
+{
+    if (!session || !session_len || session_len > WAL_SESSION_MAX || !stream || !stream_len ||
+        stream_len > WAL_STREAM_NAME_MAX || !ret_offset)
+        return WAL_EINVAL;
+    MDB_txn *txn;
+    int rc = rtxn_begin(wal, &txn);
+    if (rc)
+        return rc;
+    wal_stream_meta_t m;
+    rc = stream_meta_get(wal, txn, stream, stream_len, &m);
+    if (!rc) {
+        uint8_t key[1 + WAL_SESSION_MAX + 4];
+        key[0] = (uint8_t)session_len;
+        memcpy(key + 1, session, session_len);
+        wal_put_be32(key + 1 + session_len, m.id);
+        MDB_val k = {1 + session_len + 4, key}, v;
+        rc = map_mdb(mdb_get(txn, wal->dbi_cursors, &k, &v));
+        wal_cursor_val_t cv;
+        if (!rc)
+            rc = wal_cursor_val_decode(v.mv_data, v.mv_size, &cv);
+        if (!rc)
+            *ret_offset = cv.offset;
+    }
+    rtxn_end(wal, txn);
+    return rc;
+}
+
+int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const void *msgid,
+                  size_t msgid_len, uint32_t *ret_stream_id, uint64_t *ret_offset)
+{
+    if (producer_len > WAL_PRODUCER_MAX || (producer_len && !producer) || !msgid || !msgid_len ||
+        msgid_len > WAL_MSGID_MAX)
+        return WAL_EINVAL;
+    uint8_t key[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+    key[0] = (uint8_t)producer_len;
+    if (producer_len)
+        memcpy(key + 1, producer, producer_len);
+    memcpy(key + 1 + producer_len, msgid, msgid_len);
+    MDB_txn *txn;
+    int rc = rtxn_begin(wal, &txn);
+    if (rc)
+        return rc;
+    MDB_val k = {1 + producer_len + msgid_len, key}, v;
+    rc = map_mdb(mdb_get(txn, wal->dbi_dedup, &k, &v));
+    wal_dedup_val_t dv;
+    if (!rc)
+        rc = wal_dedup_val_decode(v.mv_data, v.mv_size, &dv);
+    rtxn_end(wal, txn);
+    if (rc)
+        return rc;
+    if (ret_stream_id)
+        *ret_stream_id = dv.stream_id;
+    if (ret_offset)
+        *ret_offset = dv.offset;
+    return 0;
+}
+
+int wal_stats_get(wal_t *wal, wal_stats_t *ret)
+{
+    MDB_txn *txn;
+    int rc = rtxn_begin(wal, &txn);
+    if (rc)
+        return rc;
+    wal_stats_t s = {0};
+    MDB_envinfo info;
+    MDB_stat st;
+    mdb_env_info(wal->env, &info);
+    mdb_env_stat(wal->env, &st);
+    s.map_size = info.me_mapsize;
+    s.used_bytes = (uint64_t)(info.me_last_pgno + 1) * st.ms_psize;
+    MDB_val k = {8, "next_seq"}, v;
+    s.next_seq = 1;
+    if (mdb_get(txn, wal->dbi_meta, &k, &v) == 0 && v.mv_size == 8)
+        s.next_seq = wal_get_le64(v.mv_data);
+    MDB_cursor *cur;
+    s.first_seq = s.next_seq;
+    if (mdb_cursor_open(txn, wal->dbi_log, &cur) == 0) {
+        MDB_val lk, lv;
+        if (mdb_cursor_get(cur, &lk, &lv, MDB_FIRST) == 0 && lk.mv_size == 8)
+            s.first_seq = wal_get_be64(lk.mv_data);
+        mdb_cursor_close(cur);
+    }
+    rtxn_end(wal, txn);
+    s.commits = __atomic_load_n(&wal->st_commits, __ATOMIC_RELAXED);
+    s.committed_msgs = __atomic_load_n(&wal->st_msgs, __ATOMIC_RELAXED);
+    s.failed_commits = __atomic_load_n(&wal->st_failed, __ATOMIC_RELAXED);
+    s.map_grows = __atomic_load_n(&wal->st_grows, __ATOMIC_RELAXED);
+    *ret = s;
+    return 0;
+}

@@ -1,0 +1,270 @@
+/*
+ * wal.h - ARQ's write-ahead log: one LMDB environment in a data directory.
+ *
+ * The WAL stores every message before it is acknowledged or delivered. It
+ * owns the record format (wal_record.h), the LMDB environment, the group
+ * commit writer thread, reads, durable cursors, dedup entries and retention.
+ * It never logs: every fallible function returns 0 or a negative WAL_E* code
+ * and wal_strerror() names it; the caller logs once.
+ *
+ * Threads. wal_open() starts one writer thread that owns every LMDB write
+ * transaction. Appends are submitted from any thread (normally the event
+ * loop) and completed on the thread named in the options (see wal_open).
+ * Read functions may be called from any thread, concurrently with the writer
+ * and with other processes that opened the same directory read-only; each
+ * read runs in one short read transaction.
+ */
+#ifndef ARQ_WAL_H
+#define ARQ_WAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct event_base;
+
+/* Error codes: all negative. 0 is success. */
+enum {
+    WAL_OK = 0,
+    WAL_EINVAL = -1,      /* bad argument (length limit, empty name, ...) */
+    WAL_ENOMEM = -2,      /* allocation failed */
+    WAL_ENOTFOUND = -3,   /* no such stream / cursor / dedup entry */
+    WAL_ECORRUPT = -4,    /* a stored record failed its checksum or layout */
+    WAL_EVERSION = -5,    /* data written by a newer format version */
+    WAL_EFULL = -6,       /* storage full: map at its maximum or disk full */
+    WAL_EFATAL = -7,      /* an earlier fsync/write error stopped the WAL */
+    WAL_EIO = -8,         /* I/O error (this call) */
+    WAL_ECLOSED = -9,     /* the WAL is closing or was opened read-only */
+    WAL_ETRUNCATED = -10, /* the requested offset was dropped by retention */
+    WAL_ELMDB = -11,      /* another LMDB error (environment version, invalid file) */
+    WAL_EBUSY = -12,      /* the environment is locked or out of readers */
+};
+
+const char *wal_strerror(int err);
+
+/* Limits enforced on every message (WAL_EINVAL when exceeded). */
+#define WAL_STREAM_NAME_MAX 255u
+#define WAL_PRODUCER_MAX    255u
+#define WAL_MSGID_MAX       255u
+#define WAL_SESSION_MAX     255u
+#define WAL_HEADERS_MAX     65535u
+
+enum wal_sync_mode {
+    WAL_SYNC_FULL = 0, /* default: every commit is fsynced before completion */
+    WAL_SYNC_NONE = 1, /* UNSAFE, development only: no fsync at all */
+};
+
+enum wal_direction {
+    WAL_DIR_IN = 0,  /* published by a client */
+    WAL_DIR_OUT = 1, /* published by a backend through the server API */
+};
+
+typedef struct wal_options {
+    const char *dir;           /* data directory; created if missing (0700) */
+    int read_only;             /* open read-only: no writer thread, no appends */
+    enum wal_sync_mode sync;   /* WAL_SYNC_FULL unless you accept data loss */
+    uint64_t map_size;         /* initial LMDB map size in bytes (0: 64 MiB) */
+    uint64_t map_size_max;     /* map grows up to this, then WAL_EFULL (0: 16 GiB) */
+    uint32_t batch_max_msgs;   /* group commit: max messages per txn (0: 8192) */
+    uint64_t batch_max_bytes;  /* group commit: max payload bytes per txn (0: 32 MiB) */
+    uint32_t batch_wait_us;    /* extra wait for more appends before a commit (0: none) */
+    uint32_t retain_chunk;     /* retention: records dropped per txn (0: 20000) */
+    uint32_t max_readers;      /* LMDB reader slots (0: 512) */
+    uint64_t max_record_bytes; /* largest payload accepted (0: 64 MiB) */
+} wal_options_t;
+
+typedef struct wal wal_t;
+
+/*
+ * Open (creating if needed) the WAL in opts->dir. Clears stale reader slots
+ * of dead processes (mdb_reader_check), checks the format version (a newer
+ * one is refused with WAL_EVERSION), and rebuilds the in-memory stream heads.
+ *
+ * base: if non-NULL, append completions run as callbacks on the thread that
+ * runs this event_base (the WAL activates an event on it; libevent must have
+ * pthreads support enabled with evthread_use_pthreads() before the base was
+ * created). If NULL, completions run on the WAL writer thread and must be
+ * quick and must not call into the WAL except wal_append_* accessors and
+ * wal_append_free.
+ *
+ * On failure *ret_wal is untouched; if errbuf is non-NULL, a one-line
+ * human-readable explanation is written to it.
+ */
+int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal, char *errbuf,
+             size_t errlen);
+
+/*
+ * Stop accepting appends, let the writer finish every submitted request
+ * (their callbacks run; on the event-loop path they are delivered before
+ * wal_close returns only if the loop still runs: pending loop-side
+ * completions are run inline by wal_close), join the writer, close LMDB.
+ */
+void wal_close(wal_t *wal);
+
+/* A fatal error stopped the WAL (fail-stop after an fsync/write error). */
+int wal_is_failed(const wal_t *wal);
+
+/* ---- appends ----------------------------------------------------------- */
+
+typedef struct wal_msg {
+    const char *stream; /* 1..WAL_STREAM_NAME_MAX bytes, not NUL-terminated */
+    size_t stream_len;
+    const void *payload;
+    size_t payload_len;
+    const void *producer; /* optional; with msgid forms the dedup key */
+    size_t producer_len;
+    const void *msgid; /* optional; if both set, duplicates are not appended */
+    size_t msgid_len;
+    const void *headers; /* optional opaque bytes (the broker uses msgpack) */
+    size_t headers_len;
+    enum wal_direction direction;
+    int64_t timestamp_us; /* 0: the writer stamps the append time */
+} wal_msg_t;
+
+typedef struct wal_result {
+    uint64_t offset; /* offset in the stream (the original one if duplicate) */
+    uint64_t seq;    /* global sequence (0 if duplicate) */
+    uint64_t epoch;  /* the stream's epoch */
+    int duplicate;   /* 1: (producer, msgid) was already in the WAL */
+} wal_result_t;
+
+typedef struct wal_append wal_append_t;
+typedef void (*wal_append_cb)(wal_append_t *req, void *arg);
+
+/*
+ * A request: messages for any streams plus cursor updates, appended
+ * atomically in one transaction (possibly together with other requests:
+ * group commit). Build it, submit it, and the callback is called once after
+ * the commit that holds it returned - or after it failed. wal_append_add_*
+ * copy everything they are given.
+ */
+int wal_append_new(wal_append_cb cb, void *arg, wal_append_t **ret_req);
+int wal_append_add_msg(wal_append_t *req, const wal_msg_t *msg);
+/* Durable cursor: (session, stream) -> acked offset. The stream must exist
+ * (or be created by a message earlier in the same request). */
+int wal_append_add_cursor(wal_append_t *req, const void *session, size_t session_len,
+                          const char *stream, size_t stream_len, uint64_t offset);
+
+/*
+ * Hand the request to the writer. On success the WAL owns it until the
+ * callback, after which the caller owns it again and frees it with
+ * wal_append_free. On failure (WAL_ECLOSED, WAL_EFATAL, WAL_EINVAL) the
+ * callback is never called and the caller still owns the request.
+ */
+int wal_append_submit(wal_t *wal, wal_append_t *req);
+
+/* In the callback: 0, or the error that failed the whole request
+ * (WAL_EFULL, WAL_EFATAL, WAL_EIO, WAL_ENOTFOUND for a cursor on an
+ * unknown stream, WAL_ECLOSED). Nothing of a failed request was written. */
+int wal_append_status(const wal_append_t *req);
+size_t wal_append_count(const wal_append_t *req);
+/* Result of the i-th message (i < wal_append_count); valid after success. */
+const wal_result_t *wal_append_result(const wal_append_t *req, size_t i);
+void wal_append_free(wal_append_t *req);
+
+/*
+ * Convenience for threads that are not an event loop (tools, tests,
+ * benchmarks): submit n messages as one request and block until it is
+ * committed. results (n entries) may be NULL. Works whatever base was given
+ * to wal_open; concurrent callers are group-committed together.
+ */
+int wal_append_sync(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *results);
+
+/* ---- reads ------------------------------------------------------------- */
+
+/* A record as read. Pointers point into the LMDB map and are valid only
+ * during the callback that receives it. */
+typedef struct wal_record {
+    uint64_t seq;
+    uint64_t offset;
+    int64_t timestamp_us;
+    uint32_t stream_id;
+    enum wal_direction direction;
+    const char *stream; /* stream name (not NUL-terminated) */
+    size_t stream_len;
+    const uint8_t *producer;
+    size_t producer_len;
+    const uint8_t *msgid;
+    size_t msgid_len;
+    const uint8_t *headers;
+    size_t headers_len;
+    const uint8_t *payload;
+    size_t payload_len;
+    uint64_t checksum; /* the stored (verified) XXH3-64 */
+} wal_record_t;
+
+/* Return 0 to continue, non-zero to stop the read early (not an error).
+ * The callback runs inside a read transaction: it must not append (a map
+ * resize waits for read transactions to end) and should be quick. */
+typedef int (*wal_record_cb)(const wal_record_t *rec, void *arg);
+
+/* Where a read stopped. On WAL_ECORRUPT, bad_* locate the bad record. */
+typedef struct wal_read_result {
+    uint64_t next;       /* next offset (stream reads) or seq (log reads) to read */
+    uint32_t count;      /* records passed to the callback */
+    uint64_t bad_seq;    /* on WAL_ECORRUPT: the sequence (0 if unknown) */
+    uint64_t bad_offset; /* on WAL_ECORRUPT in a stream read: the offset */
+} wal_read_result_t;
+
+/*
+ * Read a stream from offset `from` (>= 1) in one read transaction: at most
+ * max_msgs records and about max_bytes of payload (always at least one
+ * record). Returns 0 (also when nothing is there yet: count 0),
+ * WAL_ENOTFOUND (no such stream), WAL_ETRUNCATED (from < the stream's first
+ * offset; res->next is that first offset), WAL_ECORRUPT (checksum or layout;
+ * nothing of the bad record reaches the callback).
+ */
+int wal_stream_read(wal_t *wal, const char *stream, size_t stream_len, uint64_t from,
+                    uint32_t max_msgs, uint64_t max_bytes, wal_record_cb cb, void *arg,
+                    wal_read_result_t *res);
+
+/* Read the whole log by global sequence from `from` (>= 1), for sync and
+ * tools. Same contract as wal_stream_read; a sequence below the first one
+ * still held starts at the first one. */
+int wal_log_read(wal_t *wal, uint64_t from, uint32_t max_msgs, uint64_t max_bytes, wal_record_cb cb,
+                 void *arg, wal_read_result_t *res);
+
+typedef struct wal_stream_info {
+    uint32_t id;
+    uint64_t epoch;
+    uint64_t first_offset; /* first offset still held (== next when empty) */
+    uint64_t next_offset;  /* offset the next message will get */
+    int64_t created_us;
+    const char *name; /* valid during the callback only (stream_list) */
+    size_t name_len;
+} wal_stream_info_t;
+
+/* Stream metadata as committed (name is set to NULL). */
+int wal_stream_get(wal_t *wal, const char *stream, size_t stream_len, wal_stream_info_t *ret);
+typedef int (*wal_stream_cb)(const wal_stream_info_t *info, void *arg);
+int wal_stream_list(wal_t *wal, wal_stream_cb cb, void *arg);
+
+/* Durable cursor and dedup lookups (WAL_ENOTFOUND when absent). */
+int wal_cursor_get(wal_t *wal, const void *session, size_t session_len, const char *stream,
+                   size_t stream_len, uint64_t *ret_offset);
+int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const void *msgid,
+                  size_t msgid_len, uint32_t *ret_stream_id, uint64_t *ret_offset);
+
+typedef struct wal_stats {
+    uint64_t first_seq; /* first sequence held (== next_seq when empty) */
+    uint64_t next_seq;
+    uint64_t map_size;   /* current LMDB map size */
+    uint64_t used_bytes; /* pages in use * page size */
+    uint64_t commits;    /* successful commits by this process's writer */
+    uint64_t committed_msgs;
+    uint64_t failed_commits;
+    uint64_t map_grows;
+} wal_stats_t;
+int wal_stats_get(wal_t *wal, wal_stats_t *ret);
+
+/* ---- retention --------------------------------------------------------- */
+
+/*
+ * Drop every record with sequence <= upto_seq, with its stream index and
+ * dedup entries, and advance the streams' first offsets. The caller proves
+ * this is safe (e.g. synced to MySQL). Runs on the writer thread in chunks
+ * of retain_chunk records per transaction, appends taking priority between
+ * chunks. Blocks until done; returns the number dropped via ret_dropped.
+ */
+int wal_retain(wal_t *wal, uint64_t upto_seq, uint64_t *ret_dropped);
+
+#endif
