@@ -1,0 +1,304 @@
+/*
+ * pl_shim.c - LD_PRELOAD power-loss simulator for LMDB's data file (tests
+ * only). Writes to a file named data.mdb that was opened without O_DSYNC are
+ * held in memory and reach the file only when the process fsyncs it, as in a
+ * page cache that a power cut empties. O_DSYNC writes (LMDB's meta page fd)
+ * go straight to the file. At the N-th write/sync event (ARQ_PL_CRASH_AT=N)
+ * the shim "loses power": it applies a random subset of the pending writes,
+ * some torn at a 512-byte boundary, in random order, then _exit(86).
+ *
+ * Reads through pread see pending writes; reads through the map do not, which
+ * is faithful for LMDB without MDB_WRITEMAP: it reads back only committed
+ * (synced) pages, as long as a transaction never spills dirty pages (our
+ * tests' transactions are far below that size).
+ */
+/* Interpose the plain symbols LMDB links (open, pwrite...), not the *64 aliases. */
+#undef _FILE_OFFSET_BITS
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define MAX_FD 4096
+
+struct pending {
+    off_t off;
+    size_t len;
+    unsigned char *data;
+};
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static unsigned char tracked[MAX_FD]; /* 1: buffered fd, 2: O_DSYNC fd */
+static struct pending *pend;
+static size_t n_pend, cap_pend;
+static unsigned long events, crash_at;
+static uint64_t rng;
+static int inited;
+
+static int (*r_open)(const char *, int, ...);
+static int (*r_open64)(const char *, int, ...);
+static int (*r_close)(int);
+static ssize_t (*r_pwrite)(int, const void *, size_t, off_t);
+static ssize_t (*r_pread)(int, void *, size_t, off_t);
+static ssize_t (*r_write)(int, const void *, size_t);
+static ssize_t (*r_writev)(int, const struct iovec *, int);
+static int (*r_fsync)(int);
+static int (*r_fdatasync)(int);
+
+/* Function pointers from dlsym: copy the bytes, as POSIX describes. */
+static void load(void *fnptr_addr, const char *name)
+{
+    void *p = dlsym(RTLD_NEXT, name);
+    memcpy(fnptr_addr, &p, sizeof(p));
+}
+
+static void init(void)
+{
+    if (inited)
+        return;
+    load((void *)&r_open, "open");
+    load((void *)&r_open64, "open64");
+    load((void *)&r_close, "close");
+    load((void *)&r_pwrite, "pwrite");
+    load((void *)&r_pread, "pread");
+    load((void *)&r_write, "write");
+    load((void *)&r_writev, "writev");
+    load((void *)&r_fsync, "fsync");
+    load((void *)&r_fdatasync, "fdatasync");
+    const char *c = getenv("ARQ_PL_CRASH_AT");
+    crash_at = c ? strtoul(c, NULL, 10) : 0;
+    const char *s = getenv("ARQ_PL_SEED");
+    rng = s ? strtoull(s, NULL, 10) * 2654435761u + 1 : 88172645463325252ull;
+    inited = 1;
+}
+
+static uint64_t next_rand(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+static int is_data_file(const char *path)
+{
+    size_t n = strlen(path);
+    return n >= 8 && strcmp(path + n - 8, "data.mdb") == 0;
+}
+
+static void track(int fd, const char *path, int flags)
+{
+    if (fd >= 0 && fd < MAX_FD && is_data_file(path))
+        tracked[fd] = (flags & (O_DSYNC | O_SYNC)) ? 2 : 1;
+}
+
+static void apply(int fd, const struct pending *p, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t w = r_pwrite(fd, p->data + done, len - done, p->off + (off_t)done);
+        if (w <= 0)
+            _exit(87);
+        done += (size_t)w;
+    }
+}
+
+/* Power cut: some pending writes reach the disk, in any order, some torn. */
+static void crash(int fd)
+{
+    for (size_t i = n_pend; i > 1; i--) {
+        size_t j = next_rand() % i;
+        struct pending t = pend[i - 1];
+        pend[i - 1] = pend[j];
+        pend[j] = t;
+    }
+    for (size_t i = 0; i < n_pend; i++) {
+        uint64_t r = next_rand() % 4;
+        if (r == 0 || r == 1)
+            continue; /* lost */
+        size_t len = pend[i].len;
+        if (r == 2 && len > 512)
+            len = 512 * (1 + next_rand() % (len / 512)); /* torn */
+        apply(fd, &pend[i], len);
+    }
+    _exit(86);
+}
+
+/* One write or sync event on the data file; called with mu held. */
+static void tick(int fd)
+{
+    events++;
+    if (crash_at && events >= crash_at)
+        crash(fd);
+}
+
+static void buffer(const void *buf, size_t n, off_t off)
+{
+    if (n_pend == cap_pend) {
+        cap_pend = cap_pend ? cap_pend * 2 : 64;
+        pend = realloc(pend, cap_pend * sizeof(*pend));
+        if (!pend)
+            _exit(88);
+    }
+    unsigned char *d = malloc(n ? n : 1);
+    if (!d)
+        _exit(88);
+    memcpy(d, buf, n);
+    pend[n_pend++] = (struct pending){off, n, d};
+}
+
+static void flush_pending(int fd)
+{
+    for (size_t i = 0; i < n_pend; i++) {
+        apply(fd, &pend[i], pend[i].len);
+        free(pend[i].data);
+    }
+    n_pend = 0;
+}
+
+int open(const char *path, int flags, ...)
+{
+    init();
+    mode_t mode = 0;
+    if (flags & (O_CREAT | O_TMPFILE)) {
+        va_list ap;
+        va_start(ap, flags);
+        mode = va_arg(ap, mode_t);
+        va_end(ap);
+    }
+    int fd = r_open(path, flags, mode);
+    pthread_mutex_lock(&mu);
+    track(fd, path, flags);
+    pthread_mutex_unlock(&mu);
+    return fd;
+}
+
+int open64(const char *path, int flags, ...)
+{
+    init();
+    mode_t mode = 0;
+    if (flags & (O_CREAT | O_TMPFILE)) {
+        va_list ap;
+        va_start(ap, flags);
+        mode = va_arg(ap, mode_t);
+        va_end(ap);
+    }
+    int fd = r_open64(path, flags, mode);
+    pthread_mutex_lock(&mu);
+    track(fd, path, flags);
+    pthread_mutex_unlock(&mu);
+    return fd;
+}
+
+int close(int fd)
+{
+    init();
+    if (fd >= 0 && fd < MAX_FD) {
+        pthread_mutex_lock(&mu);
+        tracked[fd] = 0;
+        pthread_mutex_unlock(&mu);
+    }
+    return r_close(fd);
+}
+
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t off)
+{
+    init();
+    if (fd < 0 || fd >= MAX_FD || !tracked[fd])
+        return r_pwrite(fd, buf, n, off);
+    pthread_mutex_lock(&mu);
+    tick(fd);
+    ssize_t rc = (ssize_t)n;
+    if (tracked[fd] == 2)
+        rc = r_pwrite(fd, buf, n, off); /* O_DSYNC: durable on return */
+    else
+        buffer(buf, n, off);
+    pthread_mutex_unlock(&mu);
+    return rc;
+}
+
+ssize_t write(int fd, const void *buf, size_t n)
+{
+    init();
+    if (fd < 0 || fd >= MAX_FD || !tracked[fd])
+        return r_write(fd, buf, n);
+    off_t pos = lseek(fd, 0, SEEK_CUR);
+    ssize_t rc = pwrite(fd, buf, n, pos);
+    if (rc > 0)
+        lseek(fd, pos + rc, SEEK_SET);
+    return rc;
+}
+
+ssize_t writev(int fd, const struct iovec *iov, int cnt)
+{
+    init();
+    if (fd < 0 || fd >= MAX_FD || !tracked[fd])
+        return r_writev(fd, iov, cnt);
+    size_t total = 0;
+    for (int i = 0; i < cnt; i++)
+        total += iov[i].iov_len;
+    unsigned char *b = malloc(total ? total : 1);
+    if (!b) {
+        errno = ENOMEM;
+        return -1;
+    }
+    size_t o = 0;
+    for (int i = 0; i < cnt; i++) {
+        memcpy(b + o, iov[i].iov_base, iov[i].iov_len);
+        o += iov[i].iov_len;
+    }
+    ssize_t rc = write(fd, b, total);
+    free(b);
+    return rc;
+}
+
+ssize_t pread(int fd, void *buf, size_t n, off_t off)
+{
+    init();
+    ssize_t rc = r_pread(fd, buf, n, off);
+    if (fd < 0 || fd >= MAX_FD || !tracked[fd] || rc < 0)
+        return rc;
+    pthread_mutex_lock(&mu);
+    for (size_t i = 0; i < n_pend; i++) { /* overlay, oldest first */
+        off_t a = pend[i].off > off ? pend[i].off : off;
+        off_t e1 = pend[i].off + (off_t)pend[i].len, e2 = off + (off_t)n;
+        off_t b = e1 < e2 ? e1 : e2;
+        if (a < b) {
+            memcpy((unsigned char *)buf + (a - off), pend[i].data + (a - pend[i].off),
+                   (size_t)(b - a));
+            if (b - off > rc)
+                rc = b - off;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+    return rc;
+}
+
+static int do_sync(int fd, int data_only)
+{
+    init();
+    if (fd >= 0 && fd < MAX_FD && tracked[fd]) {
+        pthread_mutex_lock(&mu);
+        tick(fd);
+        flush_pending(fd);
+        pthread_mutex_unlock(&mu);
+    }
+    return data_only ? r_fdatasync(fd) : r_fsync(fd);
+}
+
+int fsync(int fd)
+{
+    return do_sync(fd, 0);
+}
+
+int fdatasync(int fd)
+{
+    return do_sync(fd, 1);
+}
