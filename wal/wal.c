@@ -650,24 +650,45 @@ static void put_meta_u64(uint8_t *buf, uint64_t v)
     wal_put_le64(buf, v);
 }
 
-/* Grow the map after MDB_MAP_FULL. Returns 0 if it grew. */
-static int map_grow(wal_t *wal)
+/*
+ * Headroom above map_size_max that only retention may use: on a map that
+ * is completely full LMDB cannot even delete (copy-on-write needs free
+ * pages), so without it "storage full" could never be cleared by trimming.
+ */
+static uint64_t map_reserve(const wal_t *wal)
 {
-    if (wal->map_size >= wal->opts.map_size_max)
+    uint64_t r = wal->opts.map_size_max / 32;
+    if (r < (2ull << 20))
+        r = 2ull << 20;
+    if (r > (256ull << 20))
+        r = 256ull << 20;
+    return r;
+}
+
+static int map_set(wal_t *wal, uint64_t size)
+{
+    pthread_rwlock_wrlock(&wal->map_lock);
+    int rc = mdb_env_set_mapsize(wal->env, (size_t)size);
+    MDB_envinfo info;
+    mdb_env_info(wal->env, &info);
+    wal->map_size = info.me_mapsize; /* LMDB never goes below the data in use */
+    pthread_rwlock_unlock(&wal->map_lock);
+    return rc ? map_mdb(rc) : 0;
+}
+
+/* Grow the map after MDB_MAP_FULL, up to map_size_max for appends or into
+ * the reserve for retention. Returns 0 if it grew. */
+static int map_grow(wal_t *wal, bool for_retention)
+{
+    uint64_t limit = wal->opts.map_size_max + (for_retention ? map_reserve(wal) : 0);
+    if (wal->map_size >= limit)
         return WAL_EFULL;
     uint64_t nsize = wal->map_size * 2;
-    if (nsize > wal->opts.map_size_max)
-        nsize = wal->opts.map_size_max;
-    pthread_rwlock_wrlock(&wal->map_lock);
-    int rc = mdb_env_set_mapsize(wal->env, (size_t)nsize);
-    if (rc == 0) {
-        MDB_envinfo info;
-        mdb_env_info(wal->env, &info);
-        wal->map_size = info.me_mapsize;
-    }
-    pthread_rwlock_unlock(&wal->map_lock);
+    if (nsize > limit)
+        nsize = limit;
+    int rc = map_set(wal, nsize);
     if (rc)
-        return map_mdb(rc);
+        return rc;
     __atomic_add_fetch(&wal->st_grows, 1, __ATOMIC_RELAXED);
     return 0;
 }
@@ -931,7 +952,7 @@ static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
         }
         batch_rollback(wal, saved_seq, saved_id);
         __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
-        if (rc == MDB_MAP_FULL && map_grow(wal) == 0)
+        if (rc == MDB_MAP_FULL && map_grow(wal, false) == 0)
             continue;
         if (rc == MDB_TXN_FULL && n > 1) {
             /* Too many dirty pages for one txn: split the batch. */
@@ -1052,7 +1073,7 @@ static void retain_step(wal_t *wal, struct retain_job *job)
     int rc = retain_chunk(wal, job, &more);
     if (rc) {
         batch_rollback(wal, wal->next_seq, wal->next_stream_id);
-        if (rc == MDB_MAP_FULL && map_grow(wal) == 0)
+        if (rc == MDB_MAP_FULL && map_grow(wal, true) == 0)
             return; /* retried on the next step */
         if ((rc == MDB_MAP_FULL || rc == MDB_TXN_FULL) && job->chunk > 1) {
             job->chunk /= 2; /* deletes need pages too: take smaller bites */
@@ -1069,6 +1090,9 @@ static void retain_step(wal_t *wal, struct retain_job *job)
         status = WAL_EFATAL;
     }
     if (rc || !more) {
+        /* Give the reserve back: appends stop at map_size_max again. */
+        if (wal->map_size > wal->opts.map_size_max)
+            (void)map_set(wal, wal->opts.map_size_max);
         pthread_mutex_lock(&wal->mu);
         job->status = status;
         job->done = true;
