@@ -157,6 +157,7 @@ struct wal {
     struct head **touched;
     size_t n_touched, cap_touched;
     uint64_t map_size;
+    uint64_t page_size;
 
     /* statistics (atomics) */
     uint64_t st_commits, st_msgs, st_failed, st_grows;
@@ -693,6 +694,33 @@ static int map_grow(wal_t *wal, bool for_retention)
     return 0;
 }
 
+/*
+ * Pages in use in txn's snapshot: every B-tree (ours, LMDB's main and free
+ * DBs) plus the two meta pages; pages on the freelist do not count. Needed
+ * once retention has pushed the map above map_size_max: the map cannot
+ * shrink below its high-water mark, so LMDB alone would let appends fill
+ * the reserve.
+ */
+static uint64_t pages_in_use(wal_t *wal, MDB_txn *txn)
+{
+    MDB_dbi dbis[] = {0,
+                      1,
+                      wal->dbi_meta,
+                      wal->dbi_log,
+                      wal->dbi_index,
+                      wal->dbi_streams,
+                      wal->dbi_ids,
+                      wal->dbi_cursors,
+                      wal->dbi_dedup};
+    uint64_t pages = 2;
+    for (size_t i = 0; i < sizeof(dbis) / sizeof(dbis[0]); i++) {
+        MDB_stat st;
+        if (mdb_stat(txn, dbis[i], &st) == 0)
+            pages += st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages;
+    }
+    return pages;
+}
+
 /* Commit (or the injected fault). Returns an LMDB/errno code. */
 static int txn_commit(wal_t *wal, MDB_txn *txn)
 {
@@ -920,6 +948,9 @@ static int batch_write(wal_t *wal, wal_append_t **reqs, size_t n)
         rc = write_heads(wal, txn);
     if (!rc)
         rc = write_next_seq(wal, txn);
+    if (!rc && wal->map_size > wal->opts.map_size_max &&
+        pages_in_use(wal, txn) * wal->page_size > wal->opts.map_size_max)
+        rc = MDB_MAP_FULL; /* the reserve above the limit is retention's */
     if (rc) {
         mdb_txn_abort(txn);
         return rc;
@@ -951,15 +982,15 @@ static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
             return;
         }
         batch_rollback(wal, saved_seq, saved_id);
-        __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
         if (rc == MDB_MAP_FULL && map_grow(wal, false) == 0)
-            continue;
+            continue; /* retried: not a failed commit */
         if (rc == MDB_TXN_FULL && n > 1) {
             /* Too many dirty pages for one txn: split the batch. */
             batch_run(wal, reqs, n / 2);
             batch_run(wal, reqs + n / 2, n - n / 2);
             return;
         }
+        __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
         int status;
         if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
             status = WAL_EFULL;
@@ -1508,6 +1539,9 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
     MDB_envinfo info;
     mdb_env_info(wal->env, &info);
     wal->map_size = info.me_mapsize;
+    MDB_stat est;
+    mdb_env_stat(wal->env, &est);
+    wal->page_size = est.ms_psize;
 
     mrc = mdb_txn_begin(wal->env, NULL, wal->read_only ? MDB_RDONLY : 0, &txn);
     if (mrc) {

@@ -139,8 +139,10 @@ typedef void (*wal_append_cb)(wal_append_t *req, void *arg);
  */
 int wal_append_new(wal_append_cb cb, void *arg, wal_append_t **ret_req);
 int wal_append_add_msg(wal_append_t *req, const wal_msg_t *msg);
-/* Durable cursor: (session, stream) -> acked offset. The stream must exist
- * (or be created by a message earlier in the same request). */
+/* Durable cursor: (session, stream) -> acked offset, latest write wins. The
+ * stream must exist when the request is written: already committed, or
+ * created by a message of the same request (or of a request committed in
+ * the same batch). Otherwise the whole request fails with WAL_ENOTFOUND. */
 int wal_append_add_cursor(wal_append_t *req, const void *session, size_t session_len,
                           const char *stream, size_t stream_len, uint64_t offset);
 
@@ -149,6 +151,8 @@ int wal_append_add_cursor(wal_append_t *req, const void *session, size_t session
  * callback, after which the caller owns it again and frees it with
  * wal_append_free. On failure (WAL_ECLOSED, WAL_EFATAL, WAL_EINVAL) the
  * callback is never called and the caller still owns the request.
+ * WAL_EINVAL: an empty request (no message, no cursor) or a payload above
+ * max_record_bytes.
  */
 int wal_append_submit(wal_t *wal, wal_append_t *req);
 
@@ -247,11 +251,11 @@ int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const v
 typedef struct wal_stats {
     uint64_t first_seq; /* first sequence held (== next_seq when empty) */
     uint64_t next_seq;
-    uint64_t map_size;   /* current LMDB map size */
-    uint64_t used_bytes; /* pages in use * page size */
-    uint64_t commits;    /* successful commits by this process's writer */
-    uint64_t committed_msgs;
-    uint64_t failed_commits;
+    uint64_t map_size;       /* current LMDB map size */
+    uint64_t used_bytes;     /* pages in use * page size */
+    uint64_t commits;        /* successful commits by this process's writer */
+    uint64_t committed_msgs; /* messages of committed requests, duplicates included */
+    uint64_t failed_commits; /* batches that failed (map-growth retries excluded) */
     uint64_t map_grows;
 } wal_stats_t;
 int wal_stats_get(wal_t *wal, wal_stats_t *ret);
