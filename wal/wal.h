@@ -139,6 +139,10 @@ typedef void (*wal_append_cb)(wal_append_t *req, void *arg);
  */
 int wal_append_new(wal_append_cb cb, void *arg, wal_append_t **ret_req);
 int wal_append_add_msg(wal_append_t *req, const wal_msg_t *msg);
+/* Optional: make room for n_msgs more messages and `bytes` more copied
+ * bytes (stream names, producers, ids, headers, payloads) at once, so the
+ * adds that follow do not reallocate. WAL_ENOMEM on failure. */
+int wal_append_reserve(wal_append_t *req, size_t n_msgs, size_t bytes);
 /* Durable cursor: (session, stream) -> acked offset, latest write wins. The
  * stream must exist when the request is written: already committed, or
  * created by a message of the same request (or of a request committed in
