@@ -161,7 +161,28 @@ struct wal {
 
     /* statistics (atomics) */
     uint64_t st_commits, st_msgs, st_failed, st_grows;
+    uint64_t st_commit_us[WAL_HIST_BUCKETS], st_commit_us_sum, st_batch[WAL_HIST_BUCKETS];
 };
+
+const uint64_t wal_commit_us_bounds[WAL_HIST_BUCKETS - 1] = {
+    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 1000000};
+const uint64_t wal_batch_bounds[WAL_HIST_BUCKETS - 1] = {1,   2,    4,    8,    16,   64,
+                                                         256, 1024, 4096, 8192, 65536};
+
+static void hist_add(uint64_t *buckets, const uint64_t *bounds, uint64_t v)
+{
+    size_t i = 0;
+    while (i < WAL_HIST_BUCKETS - 1 && v > bounds[i])
+        i++;
+    __atomic_add_fetch(&buckets[i], 1, __ATOMIC_RELAXED);
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
 
 const char *wal_strerror(int err)
 {
@@ -604,6 +625,20 @@ const wal_result_t *wal_append_result(const wal_append_t *req, size_t i)
     return i < req->n_msgs ? &req->results[i] : NULL;
 }
 
+int wal_append_msg_data(const wal_append_t *req, size_t i, const uint8_t **ret_headers,
+                        size_t *ret_headers_len, const uint8_t **ret_payload,
+                        size_t *ret_payload_len)
+{
+    if (i >= req->n_msgs)
+        return WAL_EINVAL;
+    const struct pmsg *pm = &req->msgs[i];
+    *ret_headers = req->buf + pm->headers;
+    *ret_headers_len = pm->headers_len;
+    *ret_payload = req->buf + pm->payload;
+    *ret_payload_len = pm->payload_len;
+    return 0;
+}
+
 int wal_append_submit(wal_t *wal, wal_append_t *req)
 {
     if (req->n_msgs == 0 && req->n_cursors == 0)
@@ -998,12 +1033,17 @@ static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
     for (;;) {
         uint64_t saved_seq = wal->next_seq;
         uint32_t saved_id = wal->next_stream_id;
+        int64_t t0 = mono_us();
         int rc = batch_write(wal, reqs, n);
         if (rc == 0) {
             batch_apply(wal);
             uint64_t msgs = 0;
             for (size_t q = 0; q < n; q++)
                 msgs += reqs[q]->status == 0 ? reqs[q]->n_msgs : 0;
+            uint64_t took = (uint64_t)(mono_us() - t0);
+            hist_add(wal->st_commit_us, wal_commit_us_bounds, took);
+            __atomic_add_fetch(&wal->st_commit_us_sum, took, __ATOMIC_RELAXED);
+            hist_add(wal->st_batch, wal_batch_bounds, msgs);
             __atomic_add_fetch(&wal->st_commits, 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&wal->st_msgs, msgs, __ATOMIC_RELAXED);
             for (size_t q = 0; q < n; q++)
@@ -1963,6 +2003,11 @@ int wal_stats_get(wal_t *wal, wal_stats_t *ret)
     s.committed_msgs = __atomic_load_n(&wal->st_msgs, __ATOMIC_RELAXED);
     s.failed_commits = __atomic_load_n(&wal->st_failed, __ATOMIC_RELAXED);
     s.map_grows = __atomic_load_n(&wal->st_grows, __ATOMIC_RELAXED);
+    for (size_t i = 0; i < WAL_HIST_BUCKETS; i++) {
+        s.commit_us_buckets[i] = __atomic_load_n(&wal->st_commit_us[i], __ATOMIC_RELAXED);
+        s.batch_buckets[i] = __atomic_load_n(&wal->st_batch[i], __ATOMIC_RELAXED);
+    }
+    s.commit_us_sum = __atomic_load_n(&wal->st_commit_us_sum, __ATOMIC_RELAXED);
     *ret = s;
     return 0;
 }

@@ -167,6 +167,11 @@ int wal_append_status(const wal_append_t *req);
 size_t wal_append_count(const wal_append_t *req);
 /* Result of the i-th message (i < wal_append_count); valid after success. */
 const wal_result_t *wal_append_result(const wal_append_t *req, size_t i);
+/* The headers and payload the request copied for message i (borrowed:
+ * valid until wal_append_free). WAL_EINVAL if i is out of range. */
+int wal_append_msg_data(const wal_append_t *req, size_t i, const uint8_t **ret_headers,
+                        size_t *ret_headers_len, const uint8_t **ret_payload,
+                        size_t *ret_payload_len);
 void wal_append_free(wal_append_t *req);
 
 /*
@@ -252,6 +257,7 @@ int wal_cursor_get(wal_t *wal, const void *session, size_t session_len, const ch
 int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const void *msgid,
                   size_t msgid_len, uint32_t *ret_stream_id, uint64_t *ret_offset);
 
+#define WAL_HIST_BUCKETS 12
 typedef struct wal_stats {
     uint64_t first_seq; /* first sequence held (== next_seq when empty) */
     uint64_t next_seq;
@@ -261,7 +267,15 @@ typedef struct wal_stats {
     uint64_t committed_msgs; /* messages of committed requests, duplicates included */
     uint64_t failed_commits; /* batches that failed (map-growth retries excluded) */
     uint64_t map_grows;
+    /* Histograms of this process's successful commits (cumulative counts
+     * per bucket; the last bucket is +Inf). */
+    uint64_t commit_us_buckets[WAL_HIST_BUCKETS]; /* upper bounds: wal_commit_us_bounds */
+    uint64_t commit_us_sum;
+    uint64_t batch_buckets[WAL_HIST_BUCKETS]; /* messages per commit: wal_batch_bounds */
 } wal_stats_t;
+/* Bucket upper bounds (WAL_HIST_BUCKETS - 1 finite ones; then +Inf). */
+extern const uint64_t wal_commit_us_bounds[WAL_HIST_BUCKETS - 1];
+extern const uint64_t wal_batch_bounds[WAL_HIST_BUCKETS - 1];
 int wal_stats_get(wal_t *wal, wal_stats_t *ret);
 
 /* ---- retention --------------------------------------------------------- */
