@@ -1,0 +1,123 @@
+/*
+ * proto.h - the arq.v1 wire codec: one msgpack map per WebSocket binary
+ * message (docs/protocol.md). Pure functions: no I/O, no logging.
+ *
+ * Decoding validates the whole input before msgpack-c allocates anything:
+ * every declared array/map/str/bin length must fit in the bytes that remain
+ * and nesting is bounded, so hostile input (a 4 GiB declared length, deep
+ * nesting) is rejected with an error, never a large allocation.
+ */
+#ifndef ARQ_API_PROTO_H
+#define ARQ_API_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    PROTO_OK = 0,
+    PROTO_EMALFORMED = -1, /* not msgpack, trailing bytes, bad nesting */
+    PROTO_ETYPE = -2,      /* valid msgpack, but a field has the wrong type */
+    PROTO_EMISSING = -3,   /* a required field is missing */
+    PROTO_EUNKNOWN = -4,   /* unknown message type "t" */
+    PROTO_ELIMIT = -5,     /* a size or count limit was exceeded */
+    PROTO_ENOMEM = -6,
+};
+const char *proto_strerror(int err);
+
+/* Limits applied while decoding (0 = default in brackets). */
+typedef struct proto_limits {
+    uint32_t max_payload;   /* [1 MiB] payload bytes */
+    uint32_t max_headers;   /* [32] header entries */
+    uint32_t max_header_bytes; /* [8 KiB] sum of header key+value bytes */
+    uint32_t max_depth;     /* [8] nesting */
+} proto_limits_t;
+
+/* Client-to-server message types. */
+enum proto_type {
+    PROTO_HELLO = 1,
+    PROTO_SUB,
+    PROTO_UNSUB,
+    PROTO_PUB,
+    PROTO_ACK,
+};
+
+/* Where a subscription starts. */
+enum proto_from { PROTO_FROM_EARLIEST = 1, PROTO_FROM_LATEST, PROTO_FROM_OFFSET };
+
+typedef struct proto_bytes {
+    const uint8_t *ptr; /* borrowed from the decoded input buffer */
+    size_t len;
+} proto_bytes_t;
+
+typedef struct proto_header {
+    proto_bytes_t key, value;
+} proto_header_t;
+
+/*
+ * A decoded client message. Every proto_bytes_t borrows the input buffer
+ * given to proto_decode, which must outlive the message; headers point into
+ * memory owned by the message (free with proto_msg_free).
+ */
+typedef struct proto_msg {
+    enum proto_type type;
+    uint64_t id; /* request id (sub, unsub, pub); 0 when absent */
+    proto_bytes_t stream;
+    /* hello */
+    proto_bytes_t token, session, resume_token, client;
+    /* sub */
+    enum proto_from from;
+    uint64_t offset; /* sub from offset; ack offset */
+    uint64_t epoch;  /* sub: 0 when absent */
+    /* pub */
+    proto_bytes_t payload, msgid;
+    proto_header_t *headers;
+    size_t n_headers;
+    proto_bytes_t headers_raw; /* the header map's msgpack bytes, as sent */
+} proto_msg_t;
+
+/* Decode one client message. On error *out is untouched and nothing needs
+ * freeing. */
+int proto_decode(const uint8_t *buf, size_t len, const proto_limits_t *limits, proto_msg_t *out);
+void proto_msg_free(proto_msg_t *msg);
+
+/* ---- server-to-client encoders ----------------------------------------- */
+
+/* A growable output buffer (owned by the caller; free with proto_buf_free). */
+typedef struct proto_buf {
+    uint8_t *data;
+    size_t len, cap;
+} proto_buf_t;
+void proto_buf_free(proto_buf_t *b);
+void proto_buf_reset(proto_buf_t *b);
+
+int proto_enc_welcome(proto_buf_t *b, const char *session, const char *resume_token,
+                      const char *server, uint32_t max_payload, uint32_t max_inflight);
+int proto_enc_subok(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t stream_len,
+                    uint64_t epoch, uint64_t first, uint64_t next);
+int proto_enc_unsubok(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t stream_len);
+int proto_enc_puback(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t stream_len,
+                     uint64_t offset, int duplicate);
+int proto_enc_nack(proto_buf_t *b, uint64_t id, int code, const char *reason);
+/* headers_raw: a msgpack map as stored (may be empty: omitted). */
+int proto_enc_msg(proto_buf_t *b, const uint8_t *stream, size_t stream_len, uint64_t offset,
+                  int64_t timestamp_us, const uint8_t *headers_raw, size_t headers_len,
+                  const uint8_t *payload, size_t payload_len);
+int proto_enc_gap(proto_buf_t *b, const uint8_t *stream, size_t stream_len, uint64_t from,
+                  uint64_t to);
+/* id 0: not tied to a request. */
+int proto_enc_error(proto_buf_t *b, uint64_t id, int code, const char *reason);
+
+/* Error codes carried by nack and error (docs/protocol.md has the table). */
+enum proto_code {
+    PROTO_CODE_BAD_REQUEST = 400,
+    PROTO_CODE_UNAUTHORIZED = 401,
+    PROTO_CODE_FORBIDDEN = 403,
+    PROTO_CODE_NOT_FOUND = 404,
+    PROTO_CODE_CONFLICT = 409, /* epoch mismatch, ack beyond delivered */
+    PROTO_CODE_TOO_LARGE = 413,
+    PROTO_CODE_LIMIT = 429,    /* too many subscriptions / in flight */
+    PROTO_CODE_INTERNAL = 500,
+    PROTO_CODE_UNAVAILABLE = 503, /* storage full, WAL stopped, shutting down */
+};
+
+#endif
