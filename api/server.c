@@ -1,0 +1,1046 @@
+/*
+ * server.c - connections: HTTP request heads (api/http.h), the WebSocket
+ * upgrade, framing (wslay parses what clients send; delivery frames are
+ * written here from the broker's shared, reference-counted buffers without
+ * a copy), the arq.v1 protocol dispatch (api/proto.h -> broker), auth, ping
+ * and timeouts, /health, /metrics and the server publish API.
+ */
+#include "server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <jansson.h>
+#include <msgpack.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <wslay/wslay.h>
+
+#include "auth.h"
+#include "http.h"
+#include "log.h"
+#include "proto.h"
+
+enum conn_state { C_HTTP, C_BODY, C_WS, C_DONE };
+
+typedef struct conn conn_t;
+
+struct api_pub_ctx {
+    conn_t *conn; /* NULL once the connection is gone */
+};
+
+struct conn {
+    api_server_t *srv;
+    struct bufferevent *bev;
+    enum conn_state state;
+    http_request_t req; /* C_BODY: the request whose body we wait for */
+    bool have_req;
+    struct event *timer;      /* handshake/request deadline */
+    struct event *ping_timer; /* periodic ping */
+    struct event *pong_timer; /* deadline for the answer */
+    wslay_event_context_ptr ws;
+    brk_client_t *client;
+    bool hello_done;
+    bool close_after_write;
+    struct api_pub_ctx *pub; /* pending server API publish */
+    char peer[64];
+    char session[33];
+    conn_t *prev, *next;
+};
+
+struct api_server {
+    struct event_base *base;
+    brk_t *brk;
+    wal_t *wal;
+    api_options_t o;
+    struct evconnlistener *lis;
+    uint16_t port;
+    conn_t *conns;
+    size_t n_conns;
+    bool shutting_down;
+    proto_limits_t limits;
+    brk_client_ops_t ops;
+    /* counters for /metrics */
+    uint64_t conns_total, ws_total, http_requests, errors_protocol, errors_auth, errors_handshake,
+        errors_timeout, errors_limit, errors_origin, rejected_full;
+};
+
+static void conn_free(conn_t *c);
+static void ws_flush(conn_t *c);
+
+/* ---- helpers ----------------------------------------------------------- */
+
+static void random_hex(char *out, size_t bytes)
+{
+    uint8_t buf[32];
+    if (bytes > sizeof(buf))
+        bytes = sizeof(buf);
+    if (getrandom(buf, bytes, 0) != (ssize_t)bytes)
+        for (size_t i = 0; i < bytes; i++)
+            buf[i] = (uint8_t)rand();
+    for (size_t i = 0; i < bytes; i++)
+        snprintf(out + 2 * i, 3, "%02x", buf[i]);
+}
+
+static struct timeval ms_tv(uint32_t ms)
+{
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+    return tv;
+}
+
+static void http_reply(conn_t *c, int code, const char *reason, const char *ctype, const char *body,
+                       size_t len)
+{
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    evbuffer_add_printf(out,
+                        "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                        "Connection: close\r\nCache-Control: no-store\r\n\r\n",
+                        code, reason, ctype, len);
+    if (len)
+        evbuffer_add(out, body, len);
+    c->state = C_DONE;
+    c->close_after_write = true;
+}
+
+static void http_error(conn_t *c, int code, const char *reason, const char *msg)
+{
+    char body[256];
+    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\"}", msg);
+    http_reply(c, code, reason, "application/json", body, (size_t)n);
+}
+
+/* ---- frames to clients ------------------------------------------------- */
+
+static void frame_cleanup(const void *data, size_t len, void *arg)
+{
+    (void)data;
+    (void)len;
+    brk_frame_unref(arg);
+}
+
+/* One binary message, written without a copy of the shared frame. wslay
+ * never holds a partial frame (our send callback takes everything), so
+ * writing beside it keeps the stream of frames intact. */
+static void conn_send(void *connp, brk_frame_t *f)
+{
+    conn_t *c = connp;
+    if (c->state != C_WS || wslay_event_get_close_sent(c->ws))
+        return;
+    uint8_t hdr[10];
+    size_t hl;
+    hdr[0] = 0x82; /* FIN, binary */
+    if (f->len < 126) {
+        hdr[1] = (uint8_t)f->len;
+        hl = 2;
+    } else if (f->len <= 0xffff) {
+        hdr[1] = 126;
+        hdr[2] = (uint8_t)(f->len >> 8);
+        hdr[3] = (uint8_t)f->len;
+        hl = 4;
+    } else {
+        hdr[1] = 127;
+        for (int i = 0; i < 8; i++)
+            hdr[2 + i] = (uint8_t)((uint64_t)f->len >> (8 * (7 - i)));
+        hl = 10;
+    }
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    evbuffer_add(out, hdr, hl);
+    brk_frame_ref(f);
+    if (evbuffer_add_reference(out, f->data, f->len, frame_cleanup, f) != 0)
+        brk_frame_unref(f);
+}
+
+static size_t conn_out_pending(void *connp)
+{
+    conn_t *c = connp;
+    return evbuffer_get_length(bufferevent_get_output(c->bev));
+}
+
+static void send_pb(conn_t *c, proto_buf_t *pb)
+{
+    if (!pb->len)
+        return;
+    brk_frame_t *f = malloc(sizeof(*f) + pb->len);
+    if (!f)
+        return;
+    f->refs = 1;
+    f->len = pb->len;
+    memcpy(f->data, pb->data, pb->len);
+    conn_send(c, f);
+    brk_frame_unref(f);
+}
+
+/* Queue a close frame. Never frees the connection (it may run inside a
+ * wslay callback); the caller's ws_flush sends it. */
+static void ws_close(conn_t *c, uint16_t code, const char *reason)
+{
+    if (c->state != C_WS)
+        return;
+    wslay_event_queue_close(c->ws, code, (const uint8_t *)reason, strlen(reason));
+}
+
+static void send_error_close(conn_t *c, int code, const char *reason, uint16_t close_code)
+{
+    proto_buf_t pb = {0};
+    if (proto_enc_error(&pb, 0, code, reason) == 0)
+        send_pb(c, &pb);
+    proto_buf_free(&pb);
+    ws_close(c, close_code, reason);
+}
+
+/* ---- wslay callbacks --------------------------------------------------- */
+
+static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, int flags,
+                          void *user)
+{
+    (void)flags;
+    conn_t *c = user;
+    int n = evbuffer_remove(bufferevent_get_input(c->bev), buf, len);
+    if (n <= 0) {
+        wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
+        return -1;
+    }
+    return n;
+}
+
+static ssize_t ws_send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size_t len, int flags,
+                          void *user)
+{
+    (void)flags;
+    conn_t *c = user;
+    if (evbuffer_add(bufferevent_get_output(c->bev), data, len) != 0) {
+        wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
+        return -1;
+    }
+    return (ssize_t)len;
+}
+
+static int utf8_valid(const uint8_t *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint8_t b = s[i];
+        size_t k;
+        uint32_t cp;
+        if (b < 0x80) {
+            i++;
+            continue;
+        } else if ((b & 0xe0) == 0xc0) {
+            k = 1;
+            cp = b & 0x1f;
+        } else if ((b & 0xf0) == 0xe0) {
+            k = 2;
+            cp = b & 0x0f;
+        } else if ((b & 0xf8) == 0xf0) {
+            k = 3;
+            cp = b & 0x07;
+        } else {
+            return 0;
+        }
+        for (size_t j = 1; j <= k; j++) {
+            if (i + j >= n || (s[i + j] & 0xc0) != 0x80)
+                return 0;
+            cp = (cp << 6) | (s[i + j] & 0x3f);
+        }
+        if ((k == 1 && cp < 0x80) || (k == 2 && cp < 0x800) || (k == 3 && cp < 0x10000) ||
+            cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+            return 0;
+        i += k + 1;
+    }
+    return 1;
+}
+
+static void handle_hello(conn_t *c, const proto_msg_t *m)
+{
+    api_server_t *s = c->srv;
+    const char *producer = c->session;
+    char *const *pub = NULL, *const *subs = NULL;
+    size_t n_pub = (size_t)-1, n_subs = (size_t)-1;
+    auth_token_t tok = {0};
+    bool have_tok = false;
+    if (s->o.secret_key) {
+        if (!m->token.len) {
+            s->errors_auth++;
+            send_error_close(c, PROTO_CODE_UNAUTHORIZED, "token required", 1008);
+            return;
+        }
+        int rc =
+            auth_verify((const char *)m->token.ptr, m->token.len, (const uint8_t *)s->o.secret_key,
+                        strlen(s->o.secret_key), (int64_t)time(NULL), &tok);
+        if (rc != AUTH_OK) {
+            s->errors_auth++;
+            arq_log(ARQ_LOG_INFO, "auth_failed", "peer", c->peer, "reason", auth_strerror(rc),
+                    NULL);
+            send_error_close(c, PROTO_CODE_UNAUTHORIZED, "invalid token", 1008);
+            return;
+        }
+        have_tok = true;
+        producer = tok.subject;
+        pub = tok.pub;
+        n_pub = tok.n_pub;
+        subs = tok.subs;
+        n_subs = tok.n_subs;
+    }
+    int rc = brk_client_new(s->brk, &s->ops, c, producer, pub, n_pub, subs, n_subs, &c->client);
+    if (have_tok)
+        auth_token_free(&tok);
+    if (rc) {
+        send_error_close(c, PROTO_CODE_INTERNAL, "out of memory", 1011);
+        return;
+    }
+    c->hello_done = true;
+    char resume[33];
+    random_hex(resume, 16);
+    proto_buf_t pb = {0};
+    if (proto_enc_welcome(&pb, c->session, resume, s->o.version, s->o.max_message_bytes,
+                          s->o.max_inflight) == 0)
+        send_pb(c, &pb);
+    proto_buf_free(&pb);
+}
+
+static void handle_binary(conn_t *c, const uint8_t *data, size_t len)
+{
+    api_server_t *s = c->srv;
+    proto_msg_t m;
+    int rc = proto_decode(data, len, &s->limits, &m);
+    if (rc != PROTO_OK) {
+        s->errors_protocol++;
+        int code = rc == PROTO_ELIMIT ? PROTO_CODE_TOO_LARGE : PROTO_CODE_BAD_REQUEST;
+        proto_buf_t pb = {0};
+        if (proto_enc_error(&pb, 0, code, proto_strerror(rc)) == 0)
+            send_pb(c, &pb);
+        proto_buf_free(&pb);
+        if (!c->hello_done)
+            ws_close(c, 1008, "hello expected");
+        return;
+    }
+    if (!c->hello_done) {
+        if (m.type != PROTO_HELLO) {
+            s->errors_protocol++;
+            send_error_close(c, PROTO_CODE_BAD_REQUEST, "hello expected", 1008);
+        } else {
+            handle_hello(c, &m);
+        }
+        proto_msg_free(&m);
+        return;
+    }
+    switch (m.type) {
+    case PROTO_HELLO: {
+        proto_buf_t pb = {0};
+        if (proto_enc_error(&pb, 0, PROTO_CODE_BAD_REQUEST, "hello already done") == 0)
+            send_pb(c, &pb);
+        proto_buf_free(&pb);
+        break;
+    }
+    case PROTO_PUB:
+        brk_publish(c->client, m.id, m.stream.ptr, m.stream.len, m.payload.ptr, m.payload.len,
+                    m.msgid.ptr, m.msgid.len, m.headers_raw.ptr, m.headers_raw.len);
+        break;
+    case PROTO_SUB:
+        brk_subscribe(c->client, m.id, m.stream.ptr, m.stream.len, (int)m.from, m.offset, m.epoch);
+        break;
+    case PROTO_UNSUB:
+        brk_unsubscribe(c->client, m.id, m.stream.ptr, m.stream.len);
+        break;
+    case PROTO_ACK:
+        brk_ack(c->client, m.stream.ptr, m.stream.len, m.offset);
+        break;
+    }
+    proto_msg_free(&m);
+}
+
+static void pong_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    conn_t *c = arg;
+    c->srv->errors_timeout++;
+    arq_log(ARQ_LOG_INFO, "ping_timeout", "peer", c->peer, NULL);
+    conn_free(c); /* unresponsive: no close handshake */
+}
+
+static void ws_msg_cb(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,
+                      void *user)
+{
+    (void)ctx;
+    conn_t *c = user;
+    switch (arg->opcode) {
+    case WSLAY_BINARY_FRAME:
+        handle_binary(c, arg->msg, arg->msg_length);
+        break;
+    case WSLAY_TEXT_FRAME:
+        c->srv->errors_protocol++;
+        if (!utf8_valid(arg->msg, arg->msg_length))
+            ws_close(c, 1007, "invalid utf-8");
+        else
+            ws_close(c, 1003, "binary frames only");
+        break;
+    case WSLAY_PONG:
+        event_del(c->pong_timer);
+        break;
+    case WSLAY_CONNECTION_CLOSE: {
+        /* RFC 6455 7.4: a close payload is empty or a valid code plus a
+         * UTF-8 reason. Our close goes first; wslay then sends no echo. */
+        uint16_t code = arg->status_code;
+        bool valid_code = (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011) ||
+                          (code >= 3000 && code <= 4999);
+        if (arg->msg_length == 1 || (arg->msg_length >= 2 && !valid_code)) {
+            c->srv->errors_protocol++;
+            ws_close(c, 1002, "invalid close frame");
+        } else if (arg->msg_length > 2 && !utf8_valid(arg->msg + 2, arg->msg_length - 2)) {
+            c->srv->errors_protocol++;
+            ws_close(c, 1007, "invalid utf-8 in close reason");
+        }
+        break;
+    }
+    default:
+        break; /* ping answered by wslay; close handled by wslay */
+    }
+}
+
+static void ws_flush(conn_t *c)
+{
+    if (wslay_event_want_write(c->ws))
+        wslay_event_send(c->ws);
+    if (!wslay_event_want_read(c->ws) && !wslay_event_want_write(c->ws)) {
+        /* Close handshake done (or failed): drop once the output is out. */
+        c->close_after_write = true;
+        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+            conn_free(c);
+    }
+}
+
+/* Feed what arrived to wslay, then send what it queued. */
+static void ws_recv(conn_t *c)
+{
+    int rc = wslay_event_recv(c->ws);
+    if (rc == WSLAY_ERR_NOMEM) {
+        conn_free(c);
+        return;
+    }
+    if (rc != 0) {
+        /* wslay 1.1 reports bad framing (a control frame over 125 bytes, a
+         * fragmented ping, a 1-byte close...) as a callback failure and
+         * stops writing; our callbacks do not fail, so it is the peer's
+         * protocol error: send 1002 ourselves, then close. */
+        c->srv->errors_protocol++;
+        if (!wslay_event_get_close_sent(c->ws)) {
+            static const uint8_t close1002[] = {0x88, 0x02, 0x03, 0xea};
+            evbuffer_add(bufferevent_get_output(c->bev), close1002, sizeof(close1002));
+        }
+        c->close_after_write = true;
+        c->state = C_DONE;
+        bufferevent_disable(c->bev, EV_READ);
+        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+            conn_free(c);
+        return;
+    }
+    ws_flush(c);
+}
+
+static void ping_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    conn_t *c = arg;
+    if (c->state != C_WS || event_pending(c->pong_timer, EV_TIMEOUT, NULL))
+        return;
+    struct wslay_event_msg msg = {WSLAY_PING, NULL, 0};
+    wslay_event_queue_msg(c->ws, &msg);
+    struct timeval tv = ms_tv(c->srv->o.pong_timeout_ms);
+    event_add(c->pong_timer, &tv);
+    ws_flush(c);
+}
+
+/* ---- connections ------------------------------------------------------- */
+
+static void conn_free(conn_t *c)
+{
+    api_server_t *s = c->srv;
+    if (c->client)
+        brk_client_close(c->client);
+    if (c->pub)
+        c->pub->conn = NULL;
+    if (c->ws)
+        wslay_event_context_free(c->ws);
+    if (c->have_req)
+        http_request_free(&c->req);
+    if (c->timer)
+        event_free(c->timer);
+    if (c->ping_timer)
+        event_free(c->ping_timer);
+    if (c->pong_timer)
+        event_free(c->pong_timer);
+    bufferevent_free(c->bev);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->n_conns--;
+    arq_log(ARQ_LOG_DEBUG, "conn_close", "peer", c->peer, NULL);
+    free(c);
+}
+
+static void upgrade(conn_t *c, const http_request_t *req)
+{
+    api_server_t *s = c->srv;
+    char accept[29];
+    const char *why = NULL;
+    int hrc = http_ws_check(req, accept, &why);
+    if (hrc == HTTP_ENOMEM) {
+        http_error(c, 500, "Internal Server Error", "handshake failed");
+        return;
+    }
+    if (hrc != HTTP_OK) {
+        s->errors_handshake++;
+        http_error(c, 400, "Bad Request", why ? why : "bad websocket handshake");
+        return;
+    }
+    if (!http_ws_offers_protocol(req, "arq.v1")) {
+        s->errors_handshake++;
+        http_error(c, 400, "Bad Request", "subprotocol arq.v1 required");
+        return;
+    }
+    const char *origin = http_header_get(req, "Origin");
+    if (origin && s->o.n_origins) {
+        bool ok = false;
+        for (size_t i = 0; i < s->o.n_origins && !ok; i++)
+            ok = strcmp(origin, s->o.origins[i]) == 0;
+        if (!ok) {
+            s->errors_origin++;
+            http_error(c, 403, "Forbidden", "origin not allowed");
+            return;
+        }
+    }
+    struct wslay_event_callbacks cbs = {ws_recv_cb, ws_send_cb, NULL, NULL, NULL, NULL, ws_msg_cb};
+    if (wslay_event_context_server_init(&c->ws, &cbs, c) != 0) {
+        http_error(c, 500, "Internal Server Error", "out of memory");
+        return;
+    }
+    wslay_event_config_set_max_recv_msg_length(c->ws, s->o.max_frame_bytes);
+    evbuffer_add_printf(bufferevent_get_output(c->bev),
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                        "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"
+                        "Sec-WebSocket-Protocol: arq.v1\r\n\r\n",
+                        accept);
+    c->state = C_WS;
+    event_del(c->timer);
+    random_hex(c->session, 16);
+    s->ws_total++;
+    c->ping_timer = event_new(s->base, -1, EV_PERSIST, ping_cb, c);
+    c->pong_timer = evtimer_new(s->base, pong_timeout_cb, c);
+    if (c->ping_timer) {
+        struct timeval tv = ms_tv(s->o.ping_interval_ms);
+        event_add(c->ping_timer, &tv);
+    }
+    arq_log(ARQ_LOG_DEBUG, "ws_open", "peer", c->peer, "session", c->session, NULL);
+}
+
+static void write_metrics(api_server_t *s, struct evbuffer *b);
+static void write_health(api_server_t *s, struct evbuffer *b, int *code);
+
+static void api_pub_done(int status, uint64_t offset, int dup, void *arg)
+{
+    struct api_pub_ctx *p = arg;
+    conn_t *c = p->conn;
+    free(p);
+    if (!c)
+        return;
+    c->pub = NULL;
+    char body[160];
+    int n;
+    if (status == 0) {
+        n = snprintf(body, sizeof(body), "{\"offset\":%llu,\"duplicate\":%s}",
+                     (unsigned long long)offset, dup ? "true" : "false");
+        http_reply(c, 200, "OK", "application/json", body, (size_t)n);
+    } else {
+        http_error(c, status == WAL_EINVAL ? 400 : 503,
+                   status == WAL_EINVAL ? "Bad Request" : "Service Unavailable",
+                   status == WAL_EFULL ? "storage full" : wal_strerror(status));
+    }
+    bufferevent_enable(c->bev, EV_WRITE);
+}
+
+static int b64_decode(const char *in, size_t len, uint8_t **out, size_t *out_len)
+{
+    if (len % 4)
+        return -1;
+    uint8_t *buf = malloc(len / 4 * 3 + 1);
+    if (!buf)
+        return -1;
+    int n = len ? EVP_DecodeBlock(buf, (const unsigned char *)in, (int)len) : 0;
+    if (n < 0) {
+        free(buf);
+        return -1;
+    }
+    if (len >= 1 && in[len - 1] == '=')
+        n--;
+    if (len >= 2 && in[len - 2] == '=')
+        n--;
+    *out = buf;
+    *out_len = (size_t)n;
+    return 0;
+}
+
+static void api_publish(conn_t *c, const char *body, size_t len)
+{
+    api_server_t *s = c->srv;
+    const char *auth = http_header_get(&c->req, "Authorization");
+    if (s->o.api_key) {
+        size_t kl = strlen(s->o.api_key);
+        if (!auth || strncmp(auth, "Bearer ", 7) != 0 || strlen(auth + 7) != kl ||
+            CRYPTO_memcmp(auth + 7, s->o.api_key, kl) != 0) {
+            s->errors_auth++;
+            http_error(c, 401, "Unauthorized", "api key required");
+            return;
+        }
+    } else if (s->o.secret_key) {
+        http_error(c, 403, "Forbidden", "server API disabled: no api key configured");
+        return;
+    }
+    json_error_t jerr;
+    json_t *j = json_loadb(body, len, 0, &jerr);
+    const char *stream = j ? json_string_value(json_object_get(j, "stream")) : NULL;
+    json_t *jp = j ? json_object_get(j, "payload") : NULL;
+    json_t *jb = j ? json_object_get(j, "payload_base64") : NULL;
+    json_t *jm = j ? json_object_get(j, "msgid") : NULL;
+    json_t *jh = j ? json_object_get(j, "headers") : NULL;
+    uint8_t *payload = NULL;
+    size_t payload_len = 0;
+    bool ok = j && json_is_object(j) && stream && (json_is_string(jp) ^ json_is_string(jb)) &&
+              (!jm || json_is_string(jm)) && (!jh || json_is_object(jh));
+    if (ok && json_is_string(jb))
+        ok = b64_decode(json_string_value(jb), json_string_length(jb), &payload, &payload_len) == 0;
+    msgpack_sbuffer hb;
+    msgpack_sbuffer_init(&hb);
+    if (ok && jh && json_object_size(jh) > 0) {
+        msgpack_packer pk;
+        msgpack_packer_init(&pk, &hb, msgpack_sbuffer_write);
+        msgpack_pack_map(&pk, json_object_size(jh));
+        const char *k;
+        json_t *v;
+        json_object_foreach(jh, k, v)
+        {
+            if (!json_is_string(v)) {
+                ok = false;
+                break;
+            }
+            size_t kl = strlen(k);
+            msgpack_pack_str(&pk, kl);
+            msgpack_pack_str_body(&pk, k, kl);
+            msgpack_pack_str(&pk, json_string_length(v));
+            msgpack_pack_str_body(&pk, json_string_value(v), json_string_length(v));
+        }
+    }
+    if (!ok) {
+        http_error(c, 400, "Bad Request",
+                   "expected JSON {stream, payload | payload_base64, msgid?, headers?}");
+    } else {
+        const uint8_t *pay = payload ? payload : (const uint8_t *)json_string_value(jp);
+        size_t pl = payload ? payload_len : json_string_length(jp);
+        struct api_pub_ctx *p = calloc(1, sizeof(*p));
+        int rc = p ? brk_publish_api(s->brk, stream, strlen(stream), pay, pl,
+                                     jm ? (const uint8_t *)json_string_value(jm) : NULL,
+                                     jm ? json_string_length(jm) : 0, (const uint8_t *)hb.data,
+                                     hb.size, api_pub_done, p)
+                   : WAL_ENOMEM;
+        if (rc) {
+            free(p);
+            if (rc == WAL_EINVAL)
+                http_error(c, pl > s->o.max_message_bytes ? 413 : 400,
+                           pl > s->o.max_message_bytes ? "Payload Too Large" : "Bad Request",
+                           "invalid stream name, payload or msgid");
+            else
+                http_error(c, 503, "Service Unavailable", wal_strerror(rc));
+        } else {
+            p->conn = c;
+            c->pub = p;
+            c->state = C_DONE; /* answered by api_pub_done */
+        }
+    }
+    msgpack_sbuffer_destroy(&hb);
+    free(payload);
+    json_decref(j);
+}
+
+static void route(conn_t *c)
+{
+    api_server_t *s = c->srv;
+    http_request_t *r = &c->req;
+    s->http_requests++;
+    const char *path = r->target;
+    size_t plen = strcspn(path, "?");
+    bool get = strcmp(r->method, "GET") == 0 || strcmp(r->method, "HEAD") == 0;
+    if (plen == 3 && memcmp(path, "/ws", 3) == 0 && strcmp(r->method, "GET") == 0) {
+        upgrade(c, r);
+    } else if (plen == 7 && memcmp(path, "/health", 7) == 0 && get) {
+        struct evbuffer *b = evbuffer_new();
+        int code = 200;
+        write_health(s, b, &code);
+        size_t n = evbuffer_get_length(b);
+        char *body = malloc(n + 1);
+        evbuffer_remove(b, body, n);
+        http_reply(c, code, code == 200 ? "OK" : "Service Unavailable", "application/json", body,
+                   strcmp(r->method, "HEAD") == 0 ? 0 : n);
+        free(body);
+        evbuffer_free(b);
+    } else if (plen == 8 && memcmp(path, "/metrics", 8) == 0 && get) {
+        struct evbuffer *b = evbuffer_new();
+        write_metrics(s, b);
+        size_t n = evbuffer_get_length(b);
+        char *body = malloc(n + 1);
+        evbuffer_remove(b, body, n);
+        http_reply(c, 200, "OK", "text/plain; version=0.0.4", body, n);
+        free(body);
+        evbuffer_free(b);
+    } else if (plen == 12 && memcmp(path, "/api/publish", 12) == 0) {
+        if (strcmp(r->method, "POST") != 0) {
+            http_error(c, 405, "Method Not Allowed", "use POST");
+            return;
+        }
+        if (r->content_length > (uint64_t)s->o.max_message_bytes * 2 + 65536) {
+            s->errors_limit++;
+            http_error(c, 413, "Payload Too Large", "body too large");
+            return;
+        }
+        c->state = C_BODY;
+        return;
+    } else {
+        http_error(c, 404, "Not Found", "not found");
+    }
+}
+
+static void read_http(conn_t *c)
+{
+    api_server_t *s = c->srv;
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    if (c->state == C_HTTP) {
+        size_t len = evbuffer_get_length(in);
+        size_t take = len < s->o.max_header_bytes ? len : s->o.max_header_bytes;
+        const char *data = (const char *)evbuffer_pullup(in, (ev_ssize_t)take);
+        int rc = http_parse_request(data, take, s->o.max_header_bytes, &c->req);
+        if (rc == HTTP_EAGAIN)
+            return;
+        if (rc != HTTP_OK) {
+            s->errors_handshake++;
+            switch (rc) {
+            case HTTP_ETOOBIG:
+                http_error(c, 431, "Request Header Fields Too Large", "request head too large");
+                break;
+            case HTTP_EMETHOD:
+                http_error(c, 405, "Method Not Allowed", "method not allowed");
+                break;
+            case HTTP_EVERSION:
+                http_error(c, 505, "HTTP Version Not Supported", "HTTP/1.1 required");
+                break;
+            default:
+                http_error(c, 400, "Bad Request", "malformed request");
+            }
+            return;
+        }
+        c->have_req = true;
+        evbuffer_drain(in, c->req.head_len);
+        route(c);
+    }
+    if (c->state == C_BODY) {
+        size_t need = (size_t)c->req.content_length;
+        if (evbuffer_get_length(in) < need)
+            return;
+        const char *body = (const char *)evbuffer_pullup(in, (ev_ssize_t)need);
+        event_del(c->timer);
+        api_publish(c, body ? body : "", need);
+        evbuffer_drain(in, need);
+    }
+    if (c->state == C_WS && evbuffer_get_length(in) > 0)
+        ws_recv(c);
+}
+
+static void read_cb(struct bufferevent *bev, void *arg)
+{
+    (void)bev;
+    conn_t *c = arg;
+    if (c->state == C_WS) {
+        ws_recv(c);
+        return;
+    }
+    if (c->state == C_DONE) {
+        evbuffer_drain(bufferevent_get_input(c->bev),
+                       evbuffer_get_length(bufferevent_get_input(c->bev)));
+        return;
+    }
+    read_http(c);
+}
+
+static void write_cb(struct bufferevent *bev, void *arg)
+{
+    conn_t *c = arg;
+    if (evbuffer_get_length(bufferevent_get_output(bev)) == 0 && c->close_after_write) {
+        conn_free(c);
+        return;
+    }
+    if (c->state == C_WS && c->client)
+        brk_client_writable(c->client);
+}
+
+static void event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    (void)bev;
+    conn_t *c = arg;
+    if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
+        conn_free(c);
+}
+
+static void deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    conn_t *c = arg;
+    c->srv->errors_timeout++;
+    arq_log(ARQ_LOG_DEBUG, "handshake_timeout", "peer", c->peer, NULL);
+    conn_free(c);
+}
+
+static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct sockaddr *sa,
+                      int salen, void *arg)
+{
+    (void)lis;
+    (void)salen;
+    api_server_t *s = arg;
+    if (s->n_conns >= s->o.max_connections || s->shutting_down) {
+        s->rejected_full++;
+        evutil_closesocket(fd);
+        return;
+    }
+    conn_t *c = calloc(1, sizeof(*c));
+    if (!c) {
+        evutil_closesocket(fd);
+        return;
+    }
+    c->srv = s;
+    c->bev = bufferevent_socket_new(s->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    c->timer = evtimer_new(s->base, deadline_cb, c);
+    if (!c->bev || !c->timer) {
+        if (c->bev)
+            bufferevent_free(c->bev);
+        else
+            evutil_closesocket(fd);
+        if (c->timer)
+            event_free(c->timer);
+        free(c);
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (sa->sa_family == AF_INET) {
+        struct sockaddr_in *in4 = (struct sockaddr_in *)sa;
+        char ip[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &in4->sin_addr, ip, sizeof(ip));
+        snprintf(c->peer, sizeof(c->peer), "%s:%u", ip, ntohs(in4->sin_port));
+    }
+    c->next = s->conns;
+    if (s->conns)
+        s->conns->prev = c;
+    s->conns = c;
+    s->n_conns++;
+    s->conns_total++;
+    bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
+    bufferevent_setwatermark(c->bev, EV_WRITE, s->o.max_output_bytes / 2, 0);
+    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    struct timeval tv = ms_tv(s->o.handshake_timeout_ms);
+    event_add(c->timer, &tv);
+}
+
+/* ---- health and metrics ------------------------------------------------ */
+
+static void write_health(api_server_t *s, struct evbuffer *b, int *code)
+{
+    wal_stats_t ws;
+    int rc = wal_stats_get(s->wal, &ws);
+    bool failed = wal_is_failed(s->wal);
+    *code = failed || rc ? 503 : 200;
+    evbuffer_add_printf(b, "{\"status\":\"%s\",", *code == 200 ? "healthy" : "unhealthy");
+    if (failed)
+        evbuffer_add_printf(b, "\"reason\":\"wal stopped after a write error\",");
+    else if (rc)
+        evbuffer_add_printf(b, "\"reason\":\"wal unreadable\",");
+    evbuffer_add_printf(b,
+                        "\"version\":\"%s\",\"connections\":%zu,"
+                        "\"wal\":{\"ok\":%s,\"first_seq\":%llu,\"next_seq\":%llu,"
+                        "\"map_bytes\":%llu,\"used_bytes\":%llu,\"commits\":%llu},"
+                        "\"sync\":{\"state\":\"%s\"}}",
+                        s->o.version, s->n_conns, failed ? "false" : "true",
+                        (unsigned long long)ws.first_seq, (unsigned long long)ws.next_seq,
+                        (unsigned long long)ws.map_size, (unsigned long long)ws.used_bytes,
+                        (unsigned long long)ws.commits, s->o.sync_state);
+}
+
+static void metric(struct evbuffer *b, const char *name, const char *type, const char *help,
+                   unsigned long long v)
+{
+    evbuffer_add_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", name, help, name, type, name,
+                        v);
+}
+
+static void histogram(struct evbuffer *b, const char *name, const char *help,
+                      const uint64_t *buckets, const uint64_t *bounds, double scale,
+                      unsigned long long sum_raw, int has_sum)
+{
+    evbuffer_add_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (int i = 0; i < WAL_HIST_BUCKETS; i++) {
+        cum += buckets[i];
+        if (i < WAL_HIST_BUCKETS - 1)
+            evbuffer_add_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, (double)bounds[i] * scale,
+                                (unsigned long long)cum);
+        else
+            evbuffer_add_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+    }
+    if (has_sum)
+        evbuffer_add_printf(b, "%s_sum %g\n", name, (double)sum_raw * scale);
+    evbuffer_add_printf(b, "%s_count %llu\n", name, (unsigned long long)cum);
+}
+
+static void write_metrics(api_server_t *s, struct evbuffer *b)
+{
+    brk_stats_t bs;
+    brk_stats_get(s->brk, &bs);
+    wal_stats_t ws = {0};
+    (void)wal_stats_get(s->wal, &ws);
+    metric(b, "arq_connections", "gauge", "Open connections.", s->n_conns);
+    metric(b, "arq_connections_total", "counter", "Accepted connections.", s->conns_total);
+    metric(b, "arq_websocket_sessions_total", "counter", "Completed WebSocket upgrades.",
+           s->ws_total);
+    metric(b, "arq_http_requests_total", "counter", "HTTP requests parsed.", s->http_requests);
+    metric(b, "arq_publishes_total", "counter", "Messages appended.", bs.publishes);
+    metric(b, "arq_publish_duplicates_total", "counter", "Publishes answered from dedup.",
+           bs.publish_dups);
+    metric(b, "arq_deliveries_total", "counter", "Messages delivered.", bs.deliveries);
+    metric(b, "arq_delivered_bytes_total", "counter", "Encoded bytes delivered.",
+           bs.delivered_bytes);
+    metric(b, "arq_acks_total", "counter", "Acks received.", bs.acks);
+    metric(b, "arq_catchup_reads_total", "counter", "WAL reads for subscribers behind the tail.",
+           bs.catchup_reads);
+    metric(b, "arq_gaps_total", "counter", "Gap reports sent.", bs.gaps);
+    metric(b, "arq_subscriptions", "gauge", "Active subscriptions.", bs.subscriptions);
+    metric(b, "arq_streams", "gauge", "Streams known to the broker.", bs.streams);
+    evbuffer_add_printf(b, "# HELP arq_errors_total Errors by kind.\n"
+                           "# TYPE arq_errors_total counter\n");
+    struct {
+        const char *kind;
+        uint64_t v;
+    } errs[] = {{"publish", bs.publish_errors}, {"protocol", s->errors_protocol},
+                {"auth", s->errors_auth},       {"handshake", s->errors_handshake},
+                {"timeout", s->errors_timeout}, {"limit", s->errors_limit},
+                {"origin", s->errors_origin},   {"connection_limit", s->rejected_full}};
+    for (size_t i = 0; i < sizeof(errs) / sizeof(errs[0]); i++)
+        evbuffer_add_printf(b, "arq_errors_total{kind=\"%s\"} %llu\n", errs[i].kind,
+                            (unsigned long long)errs[i].v);
+    metric(b, "arq_wal_commits_total", "counter", "WAL commits.", ws.commits);
+    metric(b, "arq_wal_committed_messages_total", "counter", "Messages in WAL commits.",
+           ws.committed_msgs);
+    metric(b, "arq_wal_failed_commits_total", "counter", "WAL batches that failed.",
+           ws.failed_commits);
+    metric(b, "arq_wal_map_bytes", "gauge", "LMDB map size.", ws.map_size);
+    metric(b, "arq_wal_used_bytes", "gauge", "LMDB pages in use (high-water mark).", ws.used_bytes);
+    metric(b, "arq_wal_next_seq", "gauge", "Next WAL sequence.", ws.next_seq);
+    histogram(b, "arq_wal_commit_seconds", "WAL commit latency (write + fsync).",
+              ws.commit_us_buckets, wal_commit_us_bounds, 1e-6, ws.commit_us_sum, 1);
+    histogram(b, "arq_wal_batch_messages", "Messages per WAL commit.", ws.batch_buckets,
+              wal_batch_bounds, 1.0, 0, 0);
+}
+
+/* ---- lifecycle --------------------------------------------------------- */
+
+int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_options_t *opts,
+                     api_server_t **ret, char *errbuf, size_t errlen)
+{
+    api_server_t *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -1;
+    s->base = base;
+    s->brk = brk;
+    s->wal = wal;
+    s->o = *opts;
+    /* The frame limit bounds memory; the payload limit is the broker's, so
+     * that an oversized pub gets a nack carrying its request id. */
+    s->limits.max_payload = opts->max_frame_bytes;
+    s->ops.send = conn_send;
+    s->ops.out_pending = conn_out_pending;
+    struct sockaddr_in sin = {0};
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons(opts->port);
+    if (inet_pton(AF_INET, opts->host, &sin.sin_addr) != 1) {
+        snprintf(errbuf, errlen, "listen address '%s' is not an IPv4 address", opts->host);
+        free(s);
+        return -1;
+    }
+    s->lis = evconnlistener_new_bind(base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE,
+                                     1024, (struct sockaddr *)&sin, sizeof(sin));
+    if (!s->lis) {
+        snprintf(errbuf, errlen, "cannot listen on %s:%u: %s", opts->host, opts->port,
+                 strerror(errno));
+        free(s);
+        return -1;
+    }
+    struct sockaddr_in bound;
+    socklen_t bl = sizeof(bound);
+    getsockname(evconnlistener_get_fd(s->lis), (struct sockaddr *)&bound, &bl);
+    s->port = ntohs(bound.sin_port);
+    *ret = s;
+    return 0;
+}
+
+uint16_t api_server_port(const api_server_t *srv)
+{
+    return srv->port;
+}
+
+size_t api_server_connections(const api_server_t *srv)
+{
+    return srv->n_conns;
+}
+
+void api_server_shutdown(api_server_t *s)
+{
+    s->shutting_down = true;
+    if (s->lis) {
+        evconnlistener_free(s->lis);
+        s->lis = NULL;
+    }
+    conn_t *c = s->conns;
+    while (c) {
+        conn_t *next = c->next;
+        if (c->state == C_WS && !wslay_event_get_close_sent(c->ws)) {
+            ws_close(c, 1001, "server shutting down");
+            ws_flush(c); /* may free c */
+        } else if (c->state != C_WS && !c->pub) {
+            conn_free(c);
+        }
+        c = next;
+    }
+}
+
+void api_server_free(api_server_t *s)
+{
+    if (!s)
+        return;
+    if (s->lis)
+        evconnlistener_free(s->lis);
+    while (s->conns)
+        conn_free(s->conns);
+    free(s);
+}

@@ -1,0 +1,47 @@
+/*
+ * server.h - the listener: HTTP (/health, /metrics, POST /api/publish) and
+ * WebSocket (/ws, subprotocol arq.v1) on one port, on a libevent loop.
+ */
+#ifndef ARQ_API_SERVER_H
+#define ARQ_API_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "broker.h"
+#include "wal.h"
+
+struct event_base;
+
+typedef struct api_options {
+    const char *host;
+    uint16_t port; /* 0: any free port (see api_server_port) */
+    uint32_t max_connections;
+    uint32_t handshake_timeout_ms;
+    uint32_t max_header_bytes;
+    uint32_t ping_interval_ms;
+    uint32_t pong_timeout_ms;
+    uint32_t max_frame_bytes;
+    uint32_t max_message_bytes;
+    uint32_t max_inflight; /* announced in welcome */
+    size_t max_output_bytes;
+    const char *secret_key; /* NULL: anonymous clients (loopback only) */
+    const char *api_key;    /* NULL: server API only in anonymous mode */
+    char *const *origins;   /* allow-list; n_origins 0 = any */
+    size_t n_origins;
+    const char *sync_state; /* "disabled" until the sync issue */
+    const char *version;
+} api_options_t;
+
+typedef struct api_server api_server_t;
+
+int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_options_t *opts,
+                     api_server_t **ret, char *errbuf, size_t errlen);
+uint16_t api_server_port(const api_server_t *srv);
+/* Stop accepting; close every WebSocket with 1001 and every HTTP connection. */
+void api_server_shutdown(api_server_t *srv);
+/* Connections still open (waiting for their close to flush). */
+size_t api_server_connections(const api_server_t *srv);
+void api_server_free(api_server_t *srv);
+
+#endif

@@ -1,0 +1,859 @@
+/*
+ * broker.c - streams, subscriptions, publish path, delivery and flow
+ * control (see broker.h for the model).
+ */
+#include "broker.h"
+
+#include <event2/event.h>
+#include <msgpack.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "auth.h"
+#include "proto.h"
+
+#define CATCHUP_BATCH  256u
+#define CATCHUP_BYTES  (1u << 20)
+#define DELIVER_BUDGET 4096u /* messages per client per loop turn */
+
+typedef struct brk_stream brk_stream_t;
+typedef struct brk_sub brk_sub_t;
+
+struct brk_sub {
+    brk_client_t *client;
+    brk_stream_t *stream;
+    uint64_t next;  /* next offset to deliver */
+    uint64_t acked; /* cumulative ack */
+    brk_sub_t *next_in_stream, *prev_in_stream;
+    brk_sub_t *next_in_client;
+};
+
+struct brk_stream {
+    char *name;
+    size_t name_len;
+    uint64_t hash;
+    uint64_t epoch, first, next; /* committed state as the broker knows it */
+    brk_sub_t *subs;
+    /* tail cache: cache[off % cap] holds the frame of off, for off in [cache_first, next) */
+    brk_frame_t **cache;
+    uint64_t cache_first;
+    brk_stream_t *hnext;
+};
+
+struct brk_client {
+    brk_t *b;
+    const brk_client_ops_t *ops;
+    void *conn;
+    char *producer;
+    char **pub, **subs;
+    size_t n_pub, n_subs;
+    bool pub_all, subs_all;
+    bool closed;
+    int refs;
+    brk_sub_t *sub_list;
+    size_t n_sub;
+    struct event *work; /* deferred delivery when the budget ran out */
+};
+
+struct brk {
+    struct event_base *base;
+    wal_t *wal;
+    brk_options_t o;
+    brk_stream_t **buckets;
+    size_t n_buckets, n_streams;
+    brk_stats_t st;
+};
+
+/* ---- frames ------------------------------------------------------------ */
+
+static brk_frame_t *frame_new(const void *data, size_t len)
+{
+    brk_frame_t *f = malloc(sizeof(*f) + len);
+    if (!f)
+        return NULL;
+    f->refs = 1;
+    f->len = len;
+    memcpy(f->data, data, len);
+    return f;
+}
+
+void brk_frame_ref(brk_frame_t *f)
+{
+    f->refs++;
+}
+
+void brk_frame_unref(brk_frame_t *f)
+{
+    if (f && --f->refs == 0)
+        free(f);
+}
+
+static void pack_cstr(msgpack_packer *pk, const char *s)
+{
+    size_t n = strlen(s);
+    msgpack_pack_str(pk, n);
+    msgpack_pack_str_body(pk, s, n);
+}
+
+/* The `msg` frame for one record. Encoded once per message; shared. */
+static brk_frame_t *frame_msg(const char *stream, size_t stream_len, uint64_t offset, int64_t ts,
+                              const uint8_t *headers, size_t headers_len, const uint8_t *payload,
+                              size_t payload_len)
+{
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, headers_len ? 6 : 5);
+    pack_cstr(&pk, "t");
+    pack_cstr(&pk, "msg");
+    pack_cstr(&pk, "stream");
+    msgpack_pack_str(&pk, stream_len);
+    msgpack_pack_str_body(&pk, stream, stream_len);
+    pack_cstr(&pk, "offset");
+    msgpack_pack_uint64(&pk, offset);
+    pack_cstr(&pk, "ts");
+    msgpack_pack_uint64(&pk, ts > 0 ? (uint64_t)ts : 0);
+    pack_cstr(&pk, "payload");
+    msgpack_pack_bin(&pk, payload_len);
+    msgpack_pack_bin_body(&pk, payload, payload_len);
+    if (headers_len) {
+        /* Headers are stored as the msgpack map the publisher sent. */
+        pack_cstr(&pk, "headers");
+        msgpack_sbuffer_write(&sb, (const char *)headers, headers_len);
+    }
+    brk_frame_t *f = sb.data ? frame_new(sb.data, sb.size) : NULL;
+    msgpack_sbuffer_destroy(&sb);
+    return f;
+}
+
+static void send_buf(brk_client_t *c, proto_buf_t *pb)
+{
+    if (c->closed || !pb->len)
+        return;
+    brk_frame_t *f = frame_new(pb->data, pb->len);
+    if (!f)
+        return;
+    c->ops->send(c->conn, f);
+    brk_frame_unref(f);
+}
+
+static void send_nack(brk_client_t *c, uint64_t id, int code, const char *reason)
+{
+    proto_buf_t pb = {0};
+    if (proto_enc_nack(&pb, id, code, reason) == 0)
+        send_buf(c, &pb);
+    proto_buf_free(&pb);
+}
+
+static void send_error(brk_client_t *c, uint64_t id, int code, const char *reason)
+{
+    proto_buf_t pb = {0};
+    if (proto_enc_error(&pb, id, code, reason) == 0)
+        send_buf(c, &pb);
+    proto_buf_free(&pb);
+}
+
+/* ---- streams ----------------------------------------------------------- */
+
+int brk_stream_name_valid(const char *name, size_t len)
+{
+    if (len == 0 || len > 200 || name[0] == '.' || name[len - 1] == '.')
+        return 0;
+    for (size_t i = 0; i < len; i++) {
+        char ch = name[i];
+        bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                  (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '-';
+        if (!ok || (ch == '.' && i + 1 < len && name[i + 1] == '.'))
+            return 0;
+    }
+    return 1;
+}
+
+static uint64_t hash_name(const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h;
+}
+
+static brk_stream_t *stream_find(brk_t *b, const char *name, size_t len)
+{
+    uint64_t h = hash_name(name, len);
+    for (brk_stream_t *s = b->buckets[h % b->n_buckets]; s; s = s->hnext)
+        if (s->hash == h && s->name_len == len && memcmp(s->name, name, len) == 0)
+            return s;
+    return NULL;
+}
+
+/* The stream's state, loaded from the WAL's committed metadata. */
+static brk_stream_t *stream_get(brk_t *b, const char *name, size_t len)
+{
+    brk_stream_t *s = stream_find(b, name, len);
+    if (s)
+        return s;
+    s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->name = malloc(len);
+    s->cache = calloc(b->o.tail_cache_msgs, sizeof(*s->cache));
+    if (!s->name || !s->cache) {
+        free(s->name);
+        free(s->cache);
+        free(s);
+        return NULL;
+    }
+    memcpy(s->name, name, len);
+    s->name_len = len;
+    s->hash = hash_name(name, len);
+    wal_stream_info_t info;
+    if (wal_stream_get(b->wal, name, len, &info) == 0) {
+        s->epoch = info.epoch;
+        s->first = info.first_offset;
+        s->next = info.next_offset;
+    } else {
+        s->epoch = 0;
+        s->first = s->next = 1;
+    }
+    s->cache_first = s->next;
+    size_t i = s->hash % b->n_buckets;
+    s->hnext = b->buckets[i];
+    b->buckets[i] = s;
+    b->n_streams++;
+    b->st.streams = b->n_streams;
+    return s;
+}
+
+static void cache_clear(brk_t *b, brk_stream_t *s)
+{
+    for (uint32_t i = 0; i < b->o.tail_cache_msgs; i++) {
+        brk_frame_unref(s->cache[i]);
+        s->cache[i] = NULL;
+    }
+    s->cache_first = s->next;
+}
+
+static brk_frame_t *cache_get(brk_t *b, brk_stream_t *s, uint64_t off)
+{
+    if (off < s->cache_first || off >= s->next)
+        return NULL;
+    return s->cache[off % b->o.tail_cache_msgs];
+}
+
+/* A message committed at `off`: append its frame to the tail cache. */
+static void cache_put(brk_t *b, brk_stream_t *s, uint64_t off, brk_frame_t *f)
+{
+    uint32_t cap = b->o.tail_cache_msgs;
+    if (off != s->next) {
+        /* Not contiguous with what we hold (another writer, or our view was
+         * stale): start the cache afresh at this offset. */
+        cache_clear(b, s);
+        s->cache_first = off;
+    }
+    brk_frame_t **slot = &s->cache[off % cap];
+    brk_frame_unref(*slot);
+    brk_frame_ref(f);
+    *slot = f;
+    s->next = off + 1;
+    if (s->next - s->cache_first > cap)
+        s->cache_first = s->next - cap;
+}
+
+/* ---- delivery ---------------------------------------------------------- */
+
+static void deliver_client(brk_client_t *c);
+
+struct catchup_ctx {
+    brk_sub_t *sub;
+    uint32_t sent;
+};
+
+static int catchup_cb(const wal_record_t *rec, void *arg)
+{
+    struct catchup_ctx *cc = arg;
+    brk_sub_t *sub = cc->sub;
+    brk_t *b = sub->client->b;
+    brk_frame_t *f =
+        frame_msg(sub->stream->name, sub->stream->name_len, rec->offset, rec->timestamp_us,
+                  rec->headers, rec->headers_len, rec->payload, rec->payload_len);
+    if (!f)
+        return 1;
+    sub->client->ops->send(sub->client->conn, f);
+    b->st.deliveries++;
+    b->st.delivered_bytes += f->len;
+    brk_frame_unref(f);
+    sub->next = rec->offset + 1;
+    cc->sent++;
+    return 0;
+}
+
+/* Deliver what the subscription may receive now. Returns messages sent. */
+static uint32_t deliver_sub(brk_sub_t *sub, uint32_t budget)
+{
+    brk_client_t *c = sub->client;
+    brk_t *b = c->b;
+    brk_stream_t *s = sub->stream;
+    uint32_t sent = 0;
+    while (sent < budget && sub->next < s->next && !c->closed) {
+        uint64_t inflight = sub->next - 1 - sub->acked;
+        if (inflight >= b->o.max_inflight)
+            break;
+        if (c->ops->out_pending(c->conn) >= b->o.out_high_watermark)
+            break;
+        brk_frame_t *f = cache_get(b, s, sub->next);
+        if (f) {
+            c->ops->send(c->conn, f);
+            b->st.deliveries++;
+            b->st.delivered_bytes += f->len;
+            sub->next++;
+            sent++;
+            continue;
+        }
+        /* Behind the tail cache: read the WAL in a bounded batch. */
+        uint64_t room = b->o.max_inflight - inflight;
+        uint32_t max = (uint32_t)(room < CATCHUP_BATCH ? room : CATCHUP_BATCH);
+        if (max > budget - sent)
+            max = budget - sent;
+        struct catchup_ctx cc = {sub, 0};
+        wal_read_result_t res;
+        b->st.catchup_reads++;
+        int rc = wal_stream_read(b->wal, s->name, s->name_len, sub->next, max, CATCHUP_BYTES,
+                                 catchup_cb, &cc, &res);
+        sent += cc.sent;
+        if (rc == WAL_ETRUNCATED) {
+            proto_buf_t pb = {0};
+            if (proto_enc_gap(&pb, (const uint8_t *)s->name, s->name_len, sub->next,
+                              res.next - 1) == 0)
+                send_buf(c, &pb);
+            proto_buf_free(&pb);
+            b->st.gaps++;
+            /* The skipped range counts as delivered-and-acked. */
+            if (sub->acked < res.next - 1)
+                sub->acked = res.next - 1;
+            sub->next = res.next;
+            continue;
+        }
+        if (rc != 0 || cc.sent == 0) {
+            if (rc != 0 && rc != WAL_ENOTFOUND)
+                send_error(c, 0, PROTO_CODE_INTERNAL, "stream read failed");
+            break;
+        }
+    }
+    return sent;
+}
+
+static void work_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    deliver_client(arg);
+}
+
+static void deliver_client(brk_client_t *c)
+{
+    uint32_t budget = DELIVER_BUDGET;
+    bool more = false;
+    for (brk_sub_t *sub = c->sub_list; sub && !c->closed; sub = sub->next_in_client) {
+        budget -= deliver_sub(sub, budget);
+        if (budget == 0) {
+            more = true;
+            break;
+        }
+    }
+    if (more && c->work)
+        event_active(c->work, EV_TIMEOUT, 0); /* continue on the next loop turn */
+}
+
+static void wake_stream(brk_stream_t *s)
+{
+    for (brk_sub_t *sub = s->subs; sub; sub = sub->next_in_stream)
+        deliver_sub(sub, DELIVER_BUDGET);
+}
+
+/* ---- clients ----------------------------------------------------------- */
+
+static char **dup_patterns(char *const *p, size_t n)
+{
+    char **out = calloc(n ? n : 1, sizeof(*out));
+    if (!out)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        out[i] = strdup(p[i]);
+        if (!out[i]) {
+            for (size_t j = 0; j < i; j++)
+                free(out[j]);
+            free(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static void free_patterns(char **p, size_t n)
+{
+    for (size_t i = 0; p && i < n; i++)
+        free(p[i]);
+    free(p);
+}
+
+int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *producer,
+                   char *const *pub, size_t n_pub, char *const *subs, size_t n_subs,
+                   brk_client_t **ret)
+{
+    brk_client_t *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -1;
+    c->b = b;
+    c->ops = ops;
+    c->conn = conn;
+    c->refs = 1;
+    c->producer = strdup(producer ? producer : "");
+    c->pub_all = n_pub == (size_t)-1;
+    c->subs_all = n_subs == (size_t)-1;
+    if (!c->pub_all) {
+        c->pub = dup_patterns(pub, n_pub);
+        c->n_pub = n_pub;
+    }
+    if (!c->subs_all) {
+        c->subs = dup_patterns(subs, n_subs);
+        c->n_subs = n_subs;
+    }
+    c->work = event_new(b->base, -1, 0, work_cb, c);
+    if (!c->producer || (!c->pub_all && !c->pub) || (!c->subs_all && !c->subs) || !c->work) {
+        free(c->producer);
+        free_patterns(c->pub, c->n_pub);
+        free_patterns(c->subs, c->n_subs);
+        if (c->work)
+            event_free(c->work);
+        free(c);
+        return -1;
+    }
+    *ret = c;
+    return 0;
+}
+
+static void client_unref(brk_client_t *c)
+{
+    if (--c->refs > 0)
+        return;
+    free(c->producer);
+    free_patterns(c->pub, c->n_pub);
+    free_patterns(c->subs, c->n_subs);
+    free(c);
+}
+
+static void sub_unlink(brk_sub_t *sub)
+{
+    brk_stream_t *s = sub->stream;
+    if (sub->prev_in_stream)
+        sub->prev_in_stream->next_in_stream = sub->next_in_stream;
+    else
+        s->subs = sub->next_in_stream;
+    if (sub->next_in_stream)
+        sub->next_in_stream->prev_in_stream = sub->prev_in_stream;
+}
+
+void brk_client_close(brk_client_t *c)
+{
+    if (!c)
+        return;
+    c->closed = true;
+    brk_sub_t *sub = c->sub_list;
+    while (sub) {
+        brk_sub_t *next = sub->next_in_client;
+        sub_unlink(sub);
+        free(sub);
+        c->b->st.subscriptions--;
+        sub = next;
+    }
+    c->sub_list = NULL;
+    c->n_sub = 0;
+    event_free(c->work);
+    c->work = NULL;
+    client_unref(c);
+}
+
+void brk_client_writable(brk_client_t *c)
+{
+    if (!c->closed)
+        deliver_client(c);
+}
+
+static brk_sub_t *sub_find(brk_client_t *c, brk_stream_t *s)
+{
+    for (brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client)
+        if (sub->stream == s)
+            return sub;
+    return NULL;
+}
+
+/* ---- publish ----------------------------------------------------------- */
+
+struct pub_ctx {
+    brk_t *b;
+    brk_client_t *c; /* NULL for the server API */
+    uint64_t id;
+    char *stream;
+    size_t stream_len;
+    int64_t ts;
+    brk_api_cb api_cb;
+    void *api_arg;
+};
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int wal_code(int status)
+{
+    switch (status) {
+    case WAL_EFULL:
+    case WAL_EFATAL:
+    case WAL_ECLOSED:
+    case WAL_EBUSY:
+        return PROTO_CODE_UNAVAILABLE;
+    case WAL_EINVAL:
+        return PROTO_CODE_BAD_REQUEST;
+    default:
+        return PROTO_CODE_INTERNAL;
+    }
+}
+
+static const char *wal_reason(int status)
+{
+    switch (status) {
+    case WAL_EFULL:
+        return "storage full";
+    case WAL_EFATAL:
+        return "storage stopped";
+    case WAL_ECLOSED:
+        return "shutting down";
+    default:
+        return wal_strerror(status);
+    }
+}
+
+/* Runs on the loop after the commit that holds the publish returned. */
+static void pub_done(wal_append_t *req, void *arg)
+{
+    struct pub_ctx *p = arg;
+    brk_t *b = p->b;
+    int status = wal_append_status(req);
+    const wal_result_t *r = status == 0 ? wal_append_result(req, 0) : NULL;
+    if (status == 0 && r) {
+        if (r->duplicate) {
+            b->st.publish_dups++;
+        } else {
+            b->st.publishes++;
+            brk_stream_t *s = stream_get(b, p->stream, p->stream_len);
+            if (s) {
+                s->epoch = r->epoch;
+                /* Encode once: every subscriber at the tail shares it. */
+                const uint8_t *hdr = NULL, *pay = NULL;
+                size_t hdr_len = 0, pay_len = 0;
+                wal_append_msg_data(req, 0, &hdr, &hdr_len, &pay, &pay_len);
+                brk_frame_t *f = frame_msg(p->stream, p->stream_len, r->offset, p->ts, hdr, hdr_len,
+                                           pay, pay_len);
+                if (f) {
+                    cache_put(b, s, r->offset, f);
+                    brk_frame_unref(f);
+                } else if (r->offset >= s->next) {
+                    s->next = r->offset + 1;
+                    cache_clear(b, s);
+                }
+            }
+        }
+    } else {
+        b->st.publish_errors++;
+    }
+    if (p->c && !p->c->closed) {
+        proto_buf_t pb = {0};
+        if (r)
+            proto_enc_puback(&pb, p->id, (const uint8_t *)p->stream, p->stream_len, r->offset,
+                             r->duplicate);
+        else
+            proto_enc_nack(&pb, p->id, wal_code(status), wal_reason(status));
+        send_buf(p->c, &pb);
+        proto_buf_free(&pb);
+    }
+    if (p->api_cb)
+        p->api_cb(status, r ? r->offset : 0, r ? r->duplicate : 0, p->api_arg);
+    if (r && !r->duplicate) {
+        brk_stream_t *s = stream_find(b, p->stream, p->stream_len);
+        if (s)
+            wake_stream(s);
+    }
+    if (p->c)
+        client_unref(p->c);
+    free(p->stream);
+    free(p);
+    wal_append_free(req);
+}
+
+static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *stream,
+                          size_t stream_len, const uint8_t *payload, size_t payload_len,
+                          const char *producer, const uint8_t *msgid, size_t msgid_len,
+                          const uint8_t *headers, size_t headers_len, enum wal_direction dir,
+                          brk_api_cb cb, void *arg)
+{
+    struct pub_ctx *p = calloc(1, sizeof(*p));
+    if (!p)
+        return WAL_ENOMEM;
+    p->b = b;
+    p->c = c;
+    p->id = id;
+    p->ts = now_us();
+    p->api_cb = cb;
+    p->api_arg = arg;
+    p->stream = malloc(stream_len);
+    if (!p->stream) {
+        free(p);
+        return WAL_ENOMEM;
+    }
+    memcpy(p->stream, stream, stream_len);
+    p->stream_len = stream_len;
+    wal_append_t *req;
+    int rc = wal_append_new(pub_done, p, &req);
+    if (rc) {
+        free(p->stream);
+        free(p);
+        return rc;
+    }
+    wal_msg_t m = {
+        .stream = stream,
+        .stream_len = stream_len,
+        .payload = payload,
+        .payload_len = payload_len,
+        .producer = producer,
+        .producer_len = producer ? strlen(producer) : 0,
+        .msgid = msgid,
+        .msgid_len = msgid_len,
+        .headers = headers,
+        .headers_len = headers_len,
+        .direction = dir,
+        .timestamp_us = p->ts,
+    };
+    if (m.producer_len > WAL_PRODUCER_MAX)
+        m.producer_len = WAL_PRODUCER_MAX;
+    rc = wal_append_reserve(req, 1,
+                            stream_len + m.producer_len + msgid_len + headers_len + payload_len);
+    if (!rc)
+        rc = wal_append_add_msg(req, &m);
+    if (!rc)
+        rc = wal_append_submit(b->wal, req);
+    if (rc) {
+        wal_append_free(req);
+        free(p->stream);
+        free(p);
+        return rc;
+    }
+    if (c)
+        c->refs++;
+    return 0;
+}
+
+void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len,
+                 const uint8_t *payload, size_t payload_len, const uint8_t *msgid, size_t msgid_len,
+                 const uint8_t *headers_raw, size_t headers_len)
+{
+    brk_t *b = c->b;
+    const char *name = (const char *)stream;
+    if (!brk_stream_name_valid(name, stream_len)) {
+        send_nack(c, id, PROTO_CODE_BAD_REQUEST, "invalid stream name");
+        return;
+    }
+    if (payload_len > b->o.max_payload) {
+        send_nack(c, id, PROTO_CODE_TOO_LARGE, "payload too large");
+        return;
+    }
+    if (msgid_len > WAL_MSGID_MAX || headers_len > WAL_HEADERS_MAX) {
+        send_nack(c, id, PROTO_CODE_BAD_REQUEST, "msgid or headers too long");
+        return;
+    }
+    if (!c->pub_all && !auth_match(c->pub, c->n_pub, name, stream_len)) {
+        send_nack(c, id, PROTO_CODE_FORBIDDEN, "publish not allowed");
+        return;
+    }
+    int rc = publish_common(b, c, id, name, stream_len, payload, payload_len, c->producer, msgid,
+                            msgid_len, headers_raw, headers_len, WAL_DIR_IN, NULL, NULL);
+    if (rc) {
+        b->st.publish_errors++;
+        send_nack(c, id, wal_code(rc), wal_reason(rc));
+    }
+}
+
+int brk_publish_api(brk_t *b, const char *stream, size_t stream_len, const uint8_t *payload,
+                    size_t payload_len, const uint8_t *msgid, size_t msgid_len,
+                    const uint8_t *headers_raw, size_t headers_len, brk_api_cb cb, void *arg)
+{
+    if (!brk_stream_name_valid(stream, stream_len) || payload_len > b->o.max_payload ||
+        msgid_len > WAL_MSGID_MAX || headers_len > WAL_HEADERS_MAX)
+        return WAL_EINVAL;
+    return publish_common(b, NULL, 0, stream, stream_len, payload, payload_len, "api", msgid,
+                          msgid_len, headers_raw, headers_len, WAL_DIR_OUT, cb, arg);
+}
+
+/* ---- subscribe / ack --------------------------------------------------- */
+
+void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len, int from,
+                   uint64_t offset, uint64_t epoch)
+{
+    brk_t *b = c->b;
+    const char *name = (const char *)stream;
+    if (!brk_stream_name_valid(name, stream_len)) {
+        send_nack(c, id, PROTO_CODE_BAD_REQUEST, "invalid stream name");
+        return;
+    }
+    if (!c->subs_all && !auth_match(c->subs, c->n_subs, name, stream_len)) {
+        send_nack(c, id, PROTO_CODE_FORBIDDEN, "subscribe not allowed");
+        return;
+    }
+    brk_stream_t *s = stream_get(b, name, stream_len);
+    if (!s) {
+        send_nack(c, id, PROTO_CODE_INTERNAL, "out of memory");
+        return;
+    }
+    if (sub_find(c, s)) {
+        send_nack(c, id, PROTO_CODE_CONFLICT, "already subscribed");
+        return;
+    }
+    if (c->n_sub >= b->o.max_subscriptions) {
+        send_nack(c, id, PROTO_CODE_LIMIT, "too many subscriptions");
+        return;
+    }
+    if (epoch && s->epoch && epoch != s->epoch) {
+        send_nack(c, id, PROTO_CODE_CONFLICT, "epoch mismatch");
+        return;
+    }
+    brk_sub_t *sub = calloc(1, sizeof(*sub));
+    if (!sub) {
+        send_nack(c, id, PROTO_CODE_INTERNAL, "out of memory");
+        return;
+    }
+    uint64_t start = from == PROTO_FROM_EARLIEST ? s->first
+                     : from == PROTO_FROM_LATEST ? s->next
+                                                 : (offset ? offset : 1);
+    if (start > s->next)
+        start = s->next; /* not yet published: start at the tail */
+    sub->client = c;
+    sub->stream = s;
+    sub->next = start;
+    sub->acked = start - 1;
+    sub->next_in_stream = s->subs;
+    if (s->subs)
+        s->subs->prev_in_stream = sub;
+    s->subs = sub;
+    /* Keep the client's list in subscription order (fair delivery). */
+    brk_sub_t **tail = &c->sub_list;
+    while (*tail)
+        tail = &(*tail)->next_in_client;
+    *tail = sub;
+    c->n_sub++;
+    b->st.subscriptions++;
+    proto_buf_t pb = {0};
+    if (proto_enc_subok(&pb, id, stream, stream_len, s->epoch, s->first, s->next) == 0)
+        send_buf(c, &pb);
+    proto_buf_free(&pb);
+    deliver_sub(sub, DELIVER_BUDGET);
+}
+
+void brk_unsubscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len)
+{
+    brk_stream_t *s = stream_find(c->b, (const char *)stream, stream_len);
+    brk_sub_t **pp = &c->sub_list;
+    while (s && *pp && (*pp)->stream != s)
+        pp = &(*pp)->next_in_client;
+    if (!s || !*pp) {
+        send_nack(c, id, PROTO_CODE_NOT_FOUND, "not subscribed");
+        return;
+    }
+    brk_sub_t *sub = *pp;
+    *pp = sub->next_in_client;
+    sub_unlink(sub);
+    free(sub);
+    c->n_sub--;
+    c->b->st.subscriptions--;
+    proto_buf_t pb = {0};
+    if (proto_enc_unsubok(&pb, id, stream, stream_len) == 0)
+        send_buf(c, &pb);
+    proto_buf_free(&pb);
+}
+
+void brk_ack(brk_client_t *c, const uint8_t *stream, size_t stream_len, uint64_t offset)
+{
+    brk_stream_t *s = stream_find(c->b, (const char *)stream, stream_len);
+    brk_sub_t *sub = s ? sub_find(c, s) : NULL;
+    if (!sub) {
+        send_error(c, 0, PROTO_CODE_NOT_FOUND, "ack for a stream not subscribed");
+        return;
+    }
+    if (offset >= sub->next) {
+        send_error(c, 0, PROTO_CODE_CONFLICT, "ack beyond delivered");
+        return;
+    }
+    c->b->st.acks++;
+    if (offset > sub->acked) {
+        sub->acked = offset;
+        deliver_sub(sub, DELIVER_BUDGET);
+    }
+}
+
+/* ---- lifecycle --------------------------------------------------------- */
+
+int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret)
+{
+    brk_t *b = calloc(1, sizeof(*b));
+    if (!b)
+        return -1;
+    b->base = base;
+    b->wal = wal;
+    b->o = *opts;
+    if (!b->o.max_payload)
+        b->o.max_payload = 1u << 20;
+    if (!b->o.max_subscriptions)
+        b->o.max_subscriptions = 256;
+    if (!b->o.max_inflight)
+        b->o.max_inflight = 1024;
+    if (!b->o.out_high_watermark)
+        b->o.out_high_watermark = 4u << 20;
+    if (!b->o.tail_cache_msgs)
+        b->o.tail_cache_msgs = 1024;
+    b->n_buckets = 4096;
+    b->buckets = calloc(b->n_buckets, sizeof(*b->buckets));
+    if (!b->buckets) {
+        free(b);
+        return -1;
+    }
+    *ret = b;
+    return 0;
+}
+
+void brk_free(brk_t *b)
+{
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->n_buckets; i++) {
+        brk_stream_t *s = b->buckets[i];
+        while (s) {
+            brk_stream_t *next = s->hnext;
+            cache_clear(b, s);
+            free(s->cache);
+            free(s->name);
+            free(s);
+            s = next;
+        }
+    }
+    free(b->buckets);
+    free(b);
+}
+
+void brk_stats_get(const brk_t *b, brk_stats_t *ret)
+{
+    *ret = b->st;
+}

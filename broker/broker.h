@@ -1,0 +1,99 @@
+/*
+ * broker.h - streams, subscriptions, the publish path and flow control.
+ *
+ * Runs on one event-loop thread. The broker never touches sockets: each
+ * client is represented by an ops table (send a frame, how much output is
+ * pending) implemented by the api layer. Every protocol message it sends is
+ * already encoded (arq.v1 msgpack, api/proto.h); a delivered message is
+ * encoded once and the same frame is shared by every subscriber at the tail.
+ *
+ * Delivery is a read of the log: a subscription is a position in a stream.
+ * Subscribers at the tail take frames from the stream's in-memory tail cache
+ * (filled by publishes as they commit); subscribers behind it read the WAL
+ * in bounded batches. A subscription sends at most max_inflight unacked
+ * messages and stops while its connection's output is above the high
+ * watermark; memory is bounded by these limits, not by the backlog.
+ */
+#ifndef ARQ_BROKER_H
+#define ARQ_BROKER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "wal.h"
+
+struct event_base;
+
+/* A reference-counted encoded protocol message. */
+typedef struct brk_frame {
+    int refs;
+    size_t len;
+    uint8_t data[];
+} brk_frame_t;
+void brk_frame_ref(brk_frame_t *f);
+void brk_frame_unref(brk_frame_t *f);
+
+typedef struct brk_client_ops {
+    /* Queue frame f (one binary WebSocket message) on the connection. The
+     * callee takes its own reference if it keeps f. */
+    void (*send)(void *conn, brk_frame_t *f);
+    /* Bytes queued for output and not yet written to the socket. */
+    size_t (*out_pending)(void *conn);
+} brk_client_ops_t;
+
+typedef struct brk_options {
+    uint32_t max_payload;       /* 1 MiB */
+    uint32_t max_subscriptions; /* per client, 256 */
+    uint32_t max_inflight;      /* per subscription, 1024 */
+    size_t out_high_watermark;  /* per connection, 4 MiB */
+    uint32_t tail_cache_msgs;   /* frames kept per stream, 1024 */
+} brk_options_t;
+
+typedef struct brk brk_t;
+typedef struct brk_client brk_client_t;
+
+typedef struct brk_stats {
+    uint64_t publishes, publish_dups, publish_errors, deliveries, delivered_bytes, acks;
+    uint64_t catchup_reads, gaps, subscriptions, streams;
+} brk_stats_t;
+
+int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret);
+void brk_free(brk_t *b);
+void brk_stats_get(const brk_t *b, brk_stats_t *ret);
+
+/* Stream names: 1..200 bytes of [A-Za-z0-9._-], no leading/trailing '.',
+ * no "..". */
+int brk_stream_name_valid(const char *name, size_t len);
+
+/*
+ * A client (one WebSocket connection after hello). producer: the dedup
+ * namespace for its publishes (token subject, or session id). pub/sub
+ * patterns as in api/auth.h (NULL with n = (size_t)-1: everything allowed).
+ * The broker copies what it keeps.
+ */
+int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *producer,
+                   char *const *pub, size_t n_pub, char *const *subs, size_t n_subs,
+                   brk_client_t **ret);
+/* The connection is gone: drop subscriptions; pending publishes complete
+ * without sending anything. */
+void brk_client_close(brk_client_t *c);
+/* Output drained below the low watermark: resume deliveries. */
+void brk_client_writable(brk_client_t *c);
+
+/* Requests from a client. Replies (puback/nack/subok/...) go through ops->send. */
+void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len,
+                 const uint8_t *payload, size_t payload_len, const uint8_t *msgid, size_t msgid_len,
+                 const uint8_t *headers_raw, size_t headers_len);
+void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len, int from,
+                   uint64_t offset, uint64_t epoch);
+void brk_unsubscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len);
+void brk_ack(brk_client_t *c, const uint8_t *stream, size_t stream_len, uint64_t offset);
+
+/* Server API publish (direction out). cb runs after the commit with status
+ * 0 or a WAL_E* code. */
+typedef void (*brk_api_cb)(int status, uint64_t offset, int duplicate, void *arg);
+int brk_publish_api(brk_t *b, const char *stream, size_t stream_len, const uint8_t *payload,
+                    size_t payload_len, const uint8_t *msgid, size_t msgid_len,
+                    const uint8_t *headers_raw, size_t headers_len, brk_api_cb cb, void *arg);
+
+#endif

@@ -1,0 +1,339 @@
+/*
+ * arqd - the ARQ broker. Wires config, WAL, broker and server together; the
+ * only place that knows all of them.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <event2/event.h>
+#include <event2/thread.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "broker.h"
+#include "config.h"
+#include "log.h"
+#include "server.h"
+#include "wal.h"
+
+#define ARQ_VERSION "0.1.0"
+
+extern char **environ;
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: arqd [options]\n"
+               "\n"
+               "The ARQ broker: WebSocket (arq.v1) and HTTP on one port, every message\n"
+               "durable in the WAL before it is acknowledged or delivered.\n"
+               "\n"
+               "Configuration: defaults, then the INI file (--config or ARQ_CONFIG), then\n"
+               "the environment (API_HOST, API_PORT, LOG_LEVEL, SECRET_KEY, DATABASE_URL,\n"
+               "ARQ_DATA_DIR, ARQ_API_KEY, ARQ_ORIGINS, ARQ_LOG_FORMAT, ARQ_SYNC), then flags.\n"
+               "\n"
+               "  -c, --config FILE       INI configuration file\n"
+               "  -d, --data-dir DIR      WAL directory (default ./data)\n"
+               "  -H, --host ADDR         listen address (default 127.0.0.1)\n"
+               "  -p, --port PORT         listen port (default 8000; 0 = any free port)\n"
+               "  -l, --log-level LEVEL   debug|info|warn|error\n"
+               "  -s, --set SECTION.KEY=VALUE   any configuration key (see docs/operations.md)\n"
+               "      --print-config      print the effective configuration (secrets masked)\n"
+               "      --version           print the version\n"
+               "  -h, --help              this text\n");
+}
+
+static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "cannot open config file '%s': %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        if (n == cap) {
+            if (cap >= (1u << 20)) {
+                snprintf(err, errlen, "config file '%s' is larger than 1 MiB", path);
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            char *nb = realloc(buf, cap * 2);
+            if (!nb) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+        size_t r = fread(buf + n, 1, cap - n, f);
+        n += r;
+        if (r == 0)
+            break;
+    }
+    fclose(f);
+    *len = n;
+    return buf;
+}
+
+static int is_loopback(const char *host)
+{
+    struct in_addr a;
+    if (inet_pton(AF_INET, host, &a) != 1)
+        return 0;
+    return (ntohl(a.s_addr) >> 24) == 127;
+}
+
+struct app {
+    struct event_base *base;
+    api_server_t *srv;
+    struct event *grace;
+    int signals;
+};
+
+static void grace_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct app *app = arg;
+    if (api_server_connections(app->srv) == 0 || ++app->signals > 40)
+        event_base_loopexit(app->base, NULL);
+}
+
+static void signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+    (void)what;
+    struct app *app = arg;
+    if (app->grace) {
+        arq_log(ARQ_LOG_WARN, "shutdown_forced", "signal", sig == SIGINT ? "INT" : "TERM", NULL);
+        _exit(1); /* second signal: at once (the WAL is safe anyway) */
+    }
+    arq_log(ARQ_LOG_INFO, "shutdown", "signal", sig == SIGINT ? "INT" : "TERM", NULL);
+    api_server_shutdown(app->srv);
+    /* Wait (up to 2 s) for the close handshakes to flush. */
+    app->grace = event_new(app->base, -1, EV_PERSIST, grace_cb, app);
+    struct timeval tv = {0, 50000};
+    event_add(app->grace, &tv);
+}
+
+int main(int argc, char **argv)
+{
+    arq_config_t cfg;
+    char err[512];
+    if (arq_config_defaults(&cfg) != 0) {
+        fprintf(stderr, "arqd: out of memory\n");
+        return 1;
+    }
+    static const struct option longopts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"data-dir", required_argument, NULL, 'd'},
+        {"host", required_argument, NULL, 'H'},
+        {"port", required_argument, NULL, 'p'},
+        {"log-level", required_argument, NULL, 'l'},
+        {"set", required_argument, NULL, 's'},
+        {"print-config", no_argument, NULL, 'P'},
+        {"version", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    /* First pass: the config file, so that env and flags override it. */
+    const char *config_path = getenv("ARQ_CONFIG");
+    int opt;
+    while ((opt = getopt_long(argc, argv, "c:d:H:p:l:s:h", longopts, NULL)) != -1) {
+        if (opt == 'c')
+            config_path = optarg;
+        else if (opt == 'h') {
+            usage(stdout);
+            return 0;
+        } else if (opt == 'V') {
+            printf("arqd %s\n", ARQ_VERSION);
+            return 0;
+        } else if (opt == '?') {
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (config_path) {
+        size_t len;
+        char *text = read_file(config_path, &len, err, sizeof(err));
+        if (!text || arq_config_apply_ini(&cfg, text, len, err, sizeof(err)) != 0) {
+            fprintf(stderr, "arqd: %s\n", err);
+            free(text);
+            arq_config_free(&cfg);
+            return 2;
+        }
+        free(text);
+    }
+    if (arq_config_apply_env(&cfg, environ, err, sizeof(err)) != 0) {
+        fprintf(stderr, "arqd: %s\n", err);
+        arq_config_free(&cfg);
+        return 2;
+    }
+    int print_config = 0;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "c:d:H:p:l:s:h", longopts, NULL)) != -1) {
+        int rc = 0;
+        switch (opt) {
+        case 'd':
+            rc = arq_config_set(&cfg, "server", "data_dir", optarg, err, sizeof(err));
+            break;
+        case 'H':
+            rc = arq_config_set(&cfg, "server", "host", optarg, err, sizeof(err));
+            break;
+        case 'p':
+            rc = arq_config_set(&cfg, "server", "port", optarg, err, sizeof(err));
+            break;
+        case 'l':
+            rc = arq_config_set(&cfg, "server", "log_level", optarg, err, sizeof(err));
+            break;
+        case 's': {
+            char *eq = strchr(optarg, '='), *dot = strchr(optarg, '.');
+            if (!eq || !dot || dot > eq) {
+                snprintf(err, sizeof(err), "--set wants SECTION.KEY=VALUE");
+                rc = -1;
+                break;
+            }
+            char section[64], key[64];
+            snprintf(section, sizeof(section), "%.*s", (int)(dot - optarg), optarg);
+            snprintf(key, sizeof(key), "%.*s", (int)(eq - dot - 1), dot + 1);
+            rc = arq_config_set(&cfg, section, key, eq + 1, err, sizeof(err));
+            break;
+        }
+        case 'P':
+            print_config = 1;
+            break;
+        default:
+            break;
+        }
+        if (rc) {
+            fprintf(stderr, "arqd: %s\n", err);
+            arq_config_free(&cfg);
+            return 2;
+        }
+    }
+    if (print_config) {
+        char *text = NULL;
+        if (arq_config_print(&cfg, &text) == 0)
+            fputs(text, stdout);
+        free(text);
+        arq_config_free(&cfg);
+        return 0;
+    }
+    arq_log_setup(cfg.log_level, strcmp(cfg.log_format, "json") == 0);
+
+    if (!cfg.secret_key && !is_loopback(cfg.host)) {
+        arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason",
+                "no SECRET_KEY: anonymous access is allowed only on a loopback listener", "host",
+                cfg.host, NULL);
+        arq_config_free(&cfg);
+        return 2;
+    }
+    if (!cfg.secret_key)
+        arq_log(ARQ_LOG_WARN, "anonymous_access", "reason",
+                "no SECRET_KEY set: any local client may publish and subscribe", NULL);
+    int unsafe = strcmp(cfg.sync, "none") == 0;
+    if (unsafe)
+        arq_log(ARQ_LOG_WARN, "wal_sync_none_unsafe", "reason",
+                "sync=none: no fsync, a machine crash can lose acknowledged messages", NULL);
+    if (!cfg.database_url)
+        arq_log(ARQ_LOG_WARN, "wal_only", "reason", "DATABASE_URL not set: MySQL sync disabled",
+                NULL);
+    else
+        arq_log(ARQ_LOG_WARN, "wal_only", "reason",
+                "DATABASE_URL is set but MySQL sync is not built yet: running WAL-only", NULL);
+
+    evthread_use_pthreads();
+    struct event_base *base = event_base_new();
+    if (!base) {
+        arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "event_base_new", NULL);
+        return 1;
+    }
+    wal_options_t wo = {
+        .dir = cfg.data_dir,
+        .sync = unsafe ? WAL_SYNC_NONE : WAL_SYNC_FULL,
+        .map_size_max = cfg.map_size_max,
+        .batch_max_msgs = cfg.batch_max_msgs,
+        .batch_wait_us = cfg.batch_wait_us,
+    };
+    wal_t *wal;
+    int rc = wal_open(&wo, base, &wal, err, sizeof(err));
+    if (rc) {
+        arq_log(ARQ_LOG_ERROR, "wal_open_failed", "dir", cfg.data_dir, "reason", err, NULL);
+        event_base_free(base);
+        arq_config_free(&cfg);
+        return 1;
+    }
+    brk_options_t bo = {
+        .max_payload = cfg.max_message_bytes,
+        .max_subscriptions = cfg.max_subscriptions,
+        .max_inflight = cfg.max_inflight,
+        .out_high_watermark = cfg.max_output_bytes,
+    };
+    brk_t *brk;
+    if (brk_new(base, wal, &bo, &brk) != 0) {
+        arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "broker", NULL);
+        return 1;
+    }
+    api_options_t ao = {
+        .host = cfg.host,
+        .port = cfg.port,
+        .max_connections = cfg.max_connections,
+        .handshake_timeout_ms = cfg.handshake_timeout_ms,
+        .max_header_bytes = cfg.max_header_bytes,
+        .ping_interval_ms = cfg.ping_interval_ms,
+        .pong_timeout_ms = cfg.pong_timeout_ms,
+        .max_frame_bytes = cfg.max_frame_bytes,
+        .max_message_bytes = cfg.max_message_bytes,
+        .max_inflight = cfg.max_inflight,
+        .max_output_bytes = cfg.max_output_bytes,
+        .secret_key = cfg.secret_key,
+        .api_key = cfg.api_key,
+        .origins = cfg.origins,
+        .n_origins = cfg.n_origins,
+        .sync_state = "disabled",
+        .version = "arq/" ARQ_VERSION,
+    };
+    api_server_t *srv;
+    if (api_server_start(base, brk, wal, &ao, &srv, err, sizeof(err)) != 0) {
+        arq_log(ARQ_LOG_ERROR, "listen_failed", "reason", err, NULL);
+        wal_close(wal);
+        brk_free(brk);
+        event_base_free(base);
+        arq_config_free(&cfg);
+        return 1;
+    }
+    char port[16];
+    snprintf(port, sizeof(port), "%u", api_server_port(srv));
+    arq_log(ARQ_LOG_INFO, "listening", "host", cfg.host, "port", port, "data_dir", cfg.data_dir,
+            "version", ARQ_VERSION, NULL);
+    /* A plain line for scripts and people: where to connect. */
+    printf("arqd listening on ws://%s:%s/ws (health: http://%s:%s/health)\n", cfg.host, port,
+           cfg.host, port);
+    fflush(stdout);
+
+    signal(SIGPIPE, SIG_IGN);
+    struct app app = {.base = base, .srv = srv};
+    struct event *sigterm = evsignal_new(base, SIGTERM, signal_cb, &app);
+    struct event *sigint = evsignal_new(base, SIGINT, signal_cb, &app);
+    event_add(sigterm, NULL);
+    event_add(sigint, NULL);
+    event_base_dispatch(base);
+
+    /* Commits in flight finish (their callbacks run) before the WAL closes. */
+    wal_close(wal);
+    api_server_free(srv);
+    brk_free(brk);
+    event_free(sigterm);
+    event_free(sigint);
+    if (app.grace)
+        event_free(app.grace);
+    event_base_free(base);
+    arq_log(ARQ_LOG_INFO, "stopped", NULL);
+    arq_config_free(&cfg);
+    return 0;
+}

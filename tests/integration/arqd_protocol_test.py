@@ -1,0 +1,447 @@
+#!/usr/bin/python3
+"""arqd driven by a client we did not write: Debian's python3-websockets and
+python3-msgpack, speaking arq.v1 exactly as docs/protocol.md specifies it.
+
+Usage: arqd_protocol_test.py PATH_TO_ARQD
+
+Starts arqd on a free loopback port with a temporary data directory, runs the
+scenarios below, stops it with SIGTERM (expects exit 0 and close code 1001),
+restarts it on the same directory and checks that everything is still there.
+"""
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+import msgpack
+import websockets
+
+ARQD = sys.argv[1]
+SEED = int(os.environ.get("ARQ_TEST_SEED", random.randrange(1 << 30)))
+random.seed(SEED)
+print(f"seed {SEED} (set ARQ_TEST_SEED to reproduce)", flush=True)
+
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print(f"FAIL: {what}", flush=True)
+    return cond
+
+
+class Arqd:
+    def __init__(self, data_dir, *extra):
+        self.proc = subprocess.Popen(
+            [ARQD, "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={k: v for k, v in os.environ.items()
+                 if k not in ("SECRET_KEY", "DATABASE_URL", "API_PORT", "API_HOST")})
+        line = self.proc.stdout.readline()
+        m = re.search(r"ws://127\.0\.0\.1:(\d+)/ws", line)
+        if not m:
+            self.proc.kill()
+            raise SystemExit(f"arqd did not start: {line!r} {self.proc.stderr.read()}")
+        self.port = int(m.group(1))
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+
+    def http(self, method, path, body=None, headers=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
+                                     data=body, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = "timeout"
+        self.stderr = self.proc.stderr.read()
+        return rc
+
+
+def pack(obj):
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+class Client:
+    """A minimal arq.v1 client written from docs/protocol.md."""
+
+    @classmethod
+    async def connect(cls, url, hello=True):
+        c = cls()
+        c.ws = await websockets.connect(url, subprotocols=["arq.v1"], max_size=None)
+        c.next_id = 1
+        if hello:
+            await c.send({"t": "hello", "client": "python-test"})
+            c.welcome = await c.recv()
+        return c
+
+    async def send(self, obj):
+        await self.ws.send(pack(obj))
+
+    async def recv(self, timeout=10):
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        assert isinstance(data, bytes), "server sent a text frame"
+        return msgpack.unpackb(data, raw=False)
+
+    async def request(self, obj):
+        obj["id"] = self.next_id
+        self.next_id += 1
+        await self.send(obj)
+        return obj["id"]
+
+    async def publish(self, stream, payload, msgid=None, headers=None):
+        m = {"t": "pub", "stream": stream, "payload": payload}
+        if msgid is not None:
+            m["msgid"] = msgid
+        if headers is not None:
+            m["headers"] = headers
+        rid = await self.request(m)
+        while True:
+            r = await self.recv()
+            if r.get("id") == rid and r["t"] in ("puback", "nack"):
+                return r
+
+    async def recv_msgs(self, n, ack=True):
+        """Receive n msg frames, acking each (the window is max_inflight)."""
+        out = []
+        while len(out) < n:
+            m = await self.recv()
+            if m["t"] != "msg":
+                continue
+            out.append(m)
+            if ack:
+                await self.send({"t": "ack", "stream": m["stream"], "offset": m["offset"]})
+        return out
+
+    async def close(self):
+        await self.ws.close()
+
+
+async def scenario_basic(d):
+    c = await Client.connect(d.url)
+    w = c.welcome
+    check(w["t"] == "welcome" and w["session"] and w["resume_token"], f"welcome: {w}")
+    check(w["max_payload"] == 4096 and w["max_inflight"] == 8, f"welcome limits: {w}")
+    acks = []
+    for i in range(10):
+        r = await c.publish("chat.room1", f"hello {i}".encode(), msgid=f"m{i}",
+                            headers={"k": str(i)})
+        acks.append(r)
+    check([a["t"] for a in acks] == ["puback"] * 10, f"pubacks: {acks}")
+    check([a["offset"] for a in acks] == list(range(1, 11)), f"offsets: {acks}")
+    check(all(a["dup"] is False and a["stream"] == "chat.room1" for a in acks), "dup flags")
+    again = await c.publish("chat.room1", b"hello 3 again", msgid="m3")
+    check(again["t"] == "puback" and again["offset"] == 4 and again["dup"] is True,
+          f"duplicate publish: {again}")
+
+    s = await Client.connect(d.url)
+    rid = await s.request({"t": "sub", "stream": "chat.room1", "from": "earliest"})
+    ok = await s.recv()
+    check(ok["t"] == "subok" and ok["id"] == rid and ok["first"] == 1 and ok["next"] == 11
+          and ok["epoch"] != 0, f"subok: {ok}")
+    got = await s.recv_msgs(10)
+    check(len(got) == 10, f"msgs: {got[:2]}")
+    check([m["offset"] for m in got] == list(range(1, 11)), "delivery order")
+    check([bytes(m["payload"]) for m in got] == [f"hello {i}".encode() for i in range(10)],
+          "payloads")
+    check(all(m["headers"] == {"k": str(m["offset"] - 1)} for m in got), "headers")
+    check(all(m["ts"] > 1_600_000_000_000_000 for m in got), "timestamps in microseconds")
+
+    # live delivery to a subscriber from "latest"
+    live = await Client.connect(d.url)
+    await live.request({"t": "sub", "stream": "chat.room1", "from": "latest"})
+    ok2 = await live.recv()
+    check(ok2["t"] == "subok" and ok2["next"] == 11, f"subok latest: {ok2}")
+    r = await c.publish("chat.room1", b"live one")
+    m1 = (await live.recv_msgs(1))[0]
+    m2 = (await s.recv_msgs(1))[0]
+    check(m1["t"] == "msg" and m1["offset"] == r["offset"] == 11
+          and bytes(m1["payload"]) == b"live one", f"live msg: {m1}")
+    check(m2["offset"] == 11, "existing subscriber got the live message")
+
+    # epoch mismatch
+    rid = await live.request({"t": "sub", "stream": "chat.room1", "from": 1,
+                              "epoch": ok["epoch"] ^ 1})
+    n = await live.recv()
+    check(n["t"] == "nack" and n["id"] == rid and n["code"] == 409, f"epoch mismatch: {n}")
+    # from an offset
+    late = await Client.connect(d.url)
+    await late.request({"t": "sub", "stream": "chat.room1", "from": 9, "epoch": ok["epoch"]})
+    ok3 = await late.recv()
+    got3 = await late.recv_msgs(3)
+    check(ok3["t"] == "subok" and [m["offset"] for m in got3] == [9, 10, 11],
+          f"sub from offset 9: {ok3} {got3}")
+    # unsubscribe
+    rid = await late.request({"t": "unsub", "stream": "chat.room1"})
+    u = await late.recv()
+    check(u["t"] == "unsubok" and u["id"] == rid, f"unsubok: {u}")
+    for x in (c, s, live, late):
+        await x.close()
+    return ok["epoch"]
+
+
+async def scenario_errors(d):
+    c = await Client.connect(d.url)
+    n = await c.publish("bad..name", b"x")
+    check(n["t"] == "nack" and n["code"] == 400, f"invalid stream name: {n}")
+    n = await c.publish("big", b"x" * 5000)
+    check(n["t"] == "nack" and n["code"] == 413, f"payload too large: {n}")
+    await c.send({"t": "ack", "stream": "nosuch", "offset": 5})
+    e = await c.recv()
+    check(e["t"] == "error" and e["code"] == 404, f"ack unknown subscription: {e}")
+    await c.request({"t": "sub", "stream": "err.s", "from": "earliest"})
+    await c.recv()
+    await c.send({"t": "ack", "stream": "err.s", "offset": 3})
+    e = await c.recv()
+    check(e["t"] == "error" and e["code"] == 409, f"ack beyond delivered: {e}")
+    await c.send({"t": "nosuchtype"})
+    e = await c.recv()
+    check(e["t"] == "error" and e["code"] == 400, f"unknown type: {e}")
+    await c.ws.send(b"\xc1")  # never used in msgpack
+    e = await c.recv()
+    check(e["t"] == "error" and e["code"] == 400, f"malformed msgpack: {e}")
+    await c.close()
+
+    # first message must be hello
+    c = await Client.connect(d.url, hello=False)
+    await c.send({"t": "pub", "id": 1, "stream": "x", "payload": b"y"})
+    e = await c.recv()
+    check(e["t"] == "error" and e["code"] == 400, f"no hello: {e}")
+    try:
+        await asyncio.wait_for(c.ws.recv(), 5)
+        check(False, "connection stayed open without hello")
+    except websockets.ConnectionClosed as cc:
+        check(cc.rcvd is not None and cc.rcvd.code == 1008, f"close code without hello: {cc}")
+
+    # a text frame is not part of the protocol
+    c = await Client.connect(d.url)
+    await c.ws.send("hello as text")
+    try:
+        await asyncio.wait_for(c.ws.recv(), 5)
+        check(False, "text frame accepted")
+    except websockets.ConnectionClosed as cc:
+        check(cc.rcvd is not None and cc.rcvd.code == 1003, f"close code for text: {cc}")
+
+    # a message above the frame limit
+    c = await Client.connect(d.url)
+    await c.ws.send(b"\x00" * 70000)
+    try:
+        await asyncio.wait_for(c.ws.recv(), 5)
+        check(False, "oversized frame accepted")
+    except websockets.ConnectionClosed as cc:
+        check(cc.rcvd is not None and cc.rcvd.code == 1009, f"close code too big: {cc}")
+
+    # no subprotocol: refused at the handshake
+    try:
+        ws = await websockets.connect(d.url)
+        await ws.close()
+        check(False, "handshake without arq.v1 accepted")
+    except websockets.InvalidStatusCode as e:
+        check(e.status_code == 400, f"handshake without subprotocol: {e}")
+
+
+async def scenario_flow_control(d):
+    """max_inflight is 8 in this run: 8 messages, then nothing until an ack."""
+    p = await Client.connect(d.url)
+    for i in range(20):
+        await p.publish("flow.s", f"f{i}".encode())
+    s = await Client.connect(d.url)
+    await s.request({"t": "sub", "stream": "flow.s", "from": "earliest"})
+    await s.recv()
+    first = [await s.recv() for _ in range(8)]
+    check([m["offset"] for m in first] == list(range(1, 9)), "first window")
+    try:
+        extra = await s.recv(timeout=0.5)
+        check(False, f"delivered beyond max_inflight: {extra}")
+    except asyncio.TimeoutError:
+        pass
+    await s.send({"t": "ack", "stream": "flow.s", "offset": 4})
+    more = [await s.recv() for _ in range(4)]
+    check([m["offset"] for m in more] == [9, 10, 11, 12], f"after ack 4: {more}")
+    await p.close()
+    await s.close()
+
+
+async def scenario_fanout(d, streams=6, publishers=4, subscribers=8, per_pub=60):
+    """Random publishers and subscribers on many streams against a model:
+    every subscriber receives exactly its streams' messages, in order, once."""
+    names = [f"fan.{i}" for i in range(streams)]
+    subs = []
+    for i in range(subscribers):
+        c = await Client.connect(d.url)
+        mine = random.sample(names, random.randint(1, streams))
+        for n in mine:
+            await c.request({"t": "sub", "stream": n, "from": "earliest"})
+            ok = await c.recv()
+            assert ok["t"] == "subok", ok
+        subs.append((c, mine))
+    model = {n: [] for n in names}
+
+    async def publisher(k):
+        c = await Client.connect(d.url)
+        for j in range(per_pub):
+            n = random.choice(names)
+            payload = f"p{k}-{j}".encode()
+            r = await c.publish(n, payload, msgid=f"{k}-{j}")
+            assert r["t"] == "puback", r
+            model[n].append((r["offset"], payload))
+        await c.close()
+
+    async def subscriber(c, mine, expected):
+        got = {n: [] for n in mine}
+        need = sum(expected[n] for n in mine)
+        while sum(len(v) for v in got.values()) < need:
+            m = await c.recv(timeout=20)
+            if m["t"] != "msg":
+                continue
+            got[m["stream"]].append((m["offset"], bytes(m["payload"])))
+            await c.send({"t": "ack", "stream": m["stream"], "offset": m["offset"]})
+        return got
+
+    await asyncio.gather(*(publisher(k) for k in range(publishers)))
+    expected = {n: len(v) for n, v in model.items()}
+    results = await asyncio.gather(*(subscriber(c, mine, expected) for c, mine in subs))
+    for (c, mine), got in zip(subs, results):
+        for n in mine:
+            want = sorted(model[n])
+            check(got[n] == want, f"fan-out: {n} got {len(got[n])} want {len(want)}")
+            check([o for o, _ in got[n]] == list(range(1, len(want) + 1)),
+                  f"fan-out offsets contiguous for {n}")
+        # nothing more arrives
+        try:
+            extra = await c.recv(timeout=0.2)
+            check(extra["t"] != "msg", f"extra delivery {extra}")
+        except asyncio.TimeoutError:
+            pass
+        await c.close()
+    print(f"fan-out: {publishers * per_pub} publishes, {subscribers} subscribers on "
+          f"{streams} streams", flush=True)
+
+
+def scenario_http(d):
+    st, body = d.http("GET", "/health")
+    h = json.loads(body)
+    check(st == 200 and h["status"] == "healthy" and "wal" in h
+          and h["sync"]["state"] == "disabled", f"/health: {st} {h}")
+    st, body = d.http("POST", "/api/publish",
+                      json.dumps({"stream": "user.17.inbox", "payload": "from backend",
+                                  "msgid": "b1", "headers": {"kind": "reply"}}).encode(),
+                      {"Content-Type": "application/json"})
+    r = json.loads(body)
+    check(st == 200 and r == {"offset": 1, "duplicate": False}, f"/api/publish: {st} {r}")
+    st, body = d.http("POST", "/api/publish",
+                      json.dumps({"stream": "user.17.inbox", "payload": "x",
+                                  "msgid": "b1"}).encode())
+    check(st == 200 and json.loads(body) == {"offset": 1, "duplicate": True},
+          f"/api/publish duplicate: {body}")
+    st, body = d.http("POST", "/api/publish",
+                      json.dumps({"stream": "user.17.inbox",
+                                  "payload_base64": "AAEC/w=="}).encode())
+    check(st == 200 and json.loads(body)["offset"] == 2, f"/api/publish base64: {body}")
+    st, _ = d.http("POST", "/api/publish", b"{not json")
+    check(st == 400, f"/api/publish bad json: {st}")
+    st, _ = d.http("GET", "/nope")
+    check(st == 404, f"404: {st}")
+    st, body = d.http("GET", "/metrics")
+    text = body.decode()
+    check(st == 200 and "arq_publishes_total" in text and "arq_wal_commit_seconds_bucket" in text
+          and "arq_connections" in text, "/metrics content")
+    m = re.search(r"^arq_publishes_total (\d+)$", text, re.M)
+    check(m and int(m.group(1)) >= 10, "publish counter")
+
+
+async def read_inbox(d):
+    s = await Client.connect(d.url)
+    await s.request({"t": "sub", "stream": "user.17.inbox", "from": "earliest"})
+    await s.recv()
+    a = await s.recv()
+    b = await s.recv()
+    check(bytes(a["payload"]) == b"from backend" and a["headers"] == {"kind": "reply"},
+          f"server API message delivered: {a}")
+    check(bytes(b["payload"]) == b"\x00\x01\x02\xff", f"base64 payload: {b}")
+    return s
+
+
+async def scenario_shutdown(d):
+    s = await Client.connect(d.url)
+    rc_holder = {}
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(None, d.stop)
+    try:
+        await asyncio.wait_for(s.ws.recv(), 20)
+        check(False, "no close on shutdown")
+    except websockets.ConnectionClosed as cc:
+        check(cc.rcvd is not None and cc.rcvd.code == 1001, f"shutdown close code: {cc}")
+    rc_holder["rc"] = await fut
+    check(rc_holder["rc"] == 0, f"arqd exit status on SIGTERM: {rc_holder['rc']}")
+
+
+async def scenario_after_restart(d, epoch):
+    s = await Client.connect(d.url)
+    await s.request({"t": "sub", "stream": "chat.room1", "from": "earliest"})
+    ok = await s.recv()
+    check(ok["epoch"] == epoch and ok["next"] == 12, f"after restart: {ok}")
+    got = await s.recv_msgs(11)
+    check([m["offset"] for m in got] == list(range(1, 12)), "all messages after restart")
+    c = await Client.connect(d.url)
+    r = await c.publish("chat.room1", b"after restart")
+    check(r["offset"] == 12, f"offsets continue after restart: {r}")
+    # Anonymous WebSocket producers are per session until session resume
+    # (issue #4); the server API's producer is stable, so check dedup there.
+    st, body = d.http("POST", "/api/publish",
+                      json.dumps({"stream": "user.17.inbox", "payload": "again",
+                                  "msgid": "b1"}).encode())
+    check(st == 200 and json.loads(body) == {"offset": 1, "duplicate": True},
+          f"dedup survives restart: {st} {body}")
+    await s.close()
+    await c.close()
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="arq-it-", dir="/var/tmp")
+    data = os.path.join(tmp, "data")
+    opts = ["--set", "limits.max_message_bytes=4096", "--set", "limits.max_frame_bytes=65536",
+            "--set", "limits.max_inflight=8"]
+    d = Arqd(data, *opts)
+    try:
+        epoch = asyncio.run(scenario_basic(d))
+        asyncio.run(scenario_errors(d))
+        asyncio.run(scenario_flow_control(d))
+        asyncio.run(scenario_fanout(d))
+        scenario_http(d)
+        asyncio.run(read_inbox(d))
+        asyncio.run(scenario_shutdown(d))
+        check("level=error" not in d.stderr, f"errors logged: {d.stderr[-2000:]}")
+        check("from backend" not in d.stderr and "hello 3" not in d.stderr,
+              "payloads must never be logged")
+        d = Arqd(data, *opts)
+        asyncio.run(scenario_after_restart(d, epoch))
+        rc = d.stop()
+        check(rc == 0, f"second stop: {rc}")
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failures:
+        print(f"{len(failures)} check(s) failed", flush=True)
+        sys.exit(1)
+    print("all protocol checks passed", flush=True)
+
+
+main()
