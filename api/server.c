@@ -35,6 +35,9 @@
 
 enum conn_state { C_HTTP, C_BODY, C_WS, C_DONE };
 
+/* Publishes one connection may have waiting for their commit. */
+#define MAX_PENDING_PUBS 1024u
+
 typedef struct conn conn_t;
 
 struct api_pub_ctx {
@@ -78,7 +81,7 @@ struct api_server {
 };
 
 static void conn_free(conn_t *c);
-static void ws_flush(conn_t *c);
+static int ws_flush(conn_t *c);
 
 /* ---- helpers ----------------------------------------------------------- */
 
@@ -166,6 +169,30 @@ static size_t conn_out_pending(void *connp)
 {
     conn_t *c = connp;
     return evbuffer_get_length(bufferevent_get_output(c->bev));
+}
+
+/* Backpressure: stop reading a connection whose output is above the high
+ * watermark or that has too many publishes waiting for their commit; a
+ * client that never reads cannot make the server buffer without bound. */
+static void conn_update_reading(conn_t *c)
+{
+    if (c->state != C_WS)
+        return;
+    bool full = evbuffer_get_length(bufferevent_get_output(c->bev)) > c->srv->o.max_output_bytes ||
+                (c->client && brk_client_pending(c->client) >= MAX_PENDING_PUBS);
+    if (full)
+        bufferevent_disable(c->bev, EV_READ);
+    else if (!(bufferevent_get_enabled(c->bev) & EV_READ)) {
+        bufferevent_enable(c->bev, EV_READ);
+        /* Bytes that arrived meanwhile are already in the input buffer. */
+        if (evbuffer_get_length(bufferevent_get_input(c->bev)))
+            bufferevent_trigger(c->bev, EV_READ, BEV_TRIG_DEFER_CALLBACKS);
+    }
+}
+
+static void conn_on_drain(void *connp)
+{
+    conn_update_reading(connp);
 }
 
 static void send_pb(conn_t *c, proto_buf_t *pb)
@@ -366,6 +393,16 @@ static void pong_timeout_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     conn_t *c = arg;
+    bool our_backlog =
+        c->client && brk_client_pending(c->client) >= MAX_PENDING_PUBS &&
+        evbuffer_get_length(bufferevent_get_output(c->bev)) <= c->srv->o.max_output_bytes;
+    if (our_backlog) {
+        /* We stopped reading while its publishes wait for commits: the pong
+         * may be in our own input. Wait again rather than blame the peer. */
+        struct timeval tv = ms_tv(c->srv->o.pong_timeout_ms);
+        event_add(c->pong_timer, &tv);
+        return;
+    }
     c->srv->errors_timeout++;
     arq_log(ARQ_LOG_INFO, "ping_timeout", "peer", c->peer, NULL);
     conn_free(c); /* unresponsive: no close handshake */
@@ -410,19 +447,24 @@ static void ws_msg_cb(wslay_event_context_ptr ctx, const struct wslay_event_on_m
     }
 }
 
-static void ws_flush(conn_t *c)
+/* Send what wslay queued. Returns 1 if the connection was freed. */
+static int ws_flush(conn_t *c)
 {
     if (wslay_event_want_write(c->ws))
         wslay_event_send(c->ws);
     if (!wslay_event_want_read(c->ws) && !wslay_event_want_write(c->ws)) {
         /* Close handshake done (or failed): drop once the output is out. */
         c->close_after_write = true;
-        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
             conn_free(c);
+            return 1;
+        }
     }
+    return 0;
 }
 
-/* Feed what arrived to wslay, then send what it queued. */
+/* Feed what arrived to wslay, then send what it queued, then apply
+ * backpressure. */
 static void ws_recv(conn_t *c)
 {
     int rc = wslay_event_recv(c->ws);
@@ -447,7 +489,8 @@ static void ws_recv(conn_t *c)
             conn_free(c);
         return;
     }
-    ws_flush(c);
+    if (!ws_flush(c))
+        conn_update_reading(c);
 }
 
 static void ping_cb(evutil_socket_t fd, short what, void *arg)
@@ -794,6 +837,7 @@ static void write_cb(struct bufferevent *bev, void *arg)
     }
     if (c->state == C_WS && c->client)
         brk_client_writable(c->client);
+    conn_update_reading(c);
 }
 
 static void event_cb(struct bufferevent *bev, short what, void *arg)
@@ -980,6 +1024,7 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     s->limits.max_payload = opts->max_frame_bytes;
     s->ops.send = conn_send;
     s->ops.out_pending = conn_out_pending;
+    s->ops.on_drain = conn_on_drain;
     struct sockaddr_in sin = {0};
     sin.sin_family = AF_INET;
     sin.sin_port = htons(opts->port);

@@ -52,6 +52,7 @@ struct brk_client {
     bool pub_all, subs_all;
     bool closed;
     int refs;
+    size_t pending_pubs;
     brk_sub_t *sub_list;
     size_t n_sub;
     struct event *work; /* deferred delivery when the budget ran out */
@@ -476,6 +477,11 @@ void brk_client_close(brk_client_t *c)
     client_unref(c);
 }
 
+size_t brk_client_pending(const brk_client_t *c)
+{
+    return c->pending_pubs;
+}
+
 void brk_client_writable(brk_client_t *c)
 {
     if (!c->closed)
@@ -589,8 +595,12 @@ static void pub_done(wal_append_t *req, void *arg)
         if (s)
             wake_stream(s);
     }
-    if (p->c)
+    if (p->c) {
+        p->c->pending_pubs--;
+        if (!p->c->closed && p->c->ops->on_drain)
+            p->c->ops->on_drain(p->c->conn);
         client_unref(p->c);
+    }
     free(p->stream);
     free(p);
     wal_append_free(req);
@@ -653,8 +663,10 @@ static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *st
         free(p);
         return rc;
     }
-    if (c)
+    if (c) {
         c->refs++;
+        c->pending_pubs++;
+    }
     return 0;
 }
 

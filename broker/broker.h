@@ -39,6 +39,8 @@ typedef struct brk_client_ops {
     void (*send)(void *conn, brk_frame_t *f);
     /* Bytes queued for output and not yet written to the socket. */
     size_t (*out_pending)(void *conn);
+    /* Optional: a pending publish was answered (reading may resume). */
+    void (*on_drain)(void *conn);
 } brk_client_ops_t;
 
 typedef struct brk_options {
@@ -79,6 +81,9 @@ int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char
 void brk_client_close(brk_client_t *c);
 /* Output drained below the low watermark: resume deliveries. */
 void brk_client_writable(brk_client_t *c);
+/* Publishes submitted and not yet answered (the api layer stops reading a
+ * connection with too many, so memory stays bounded). */
+size_t brk_client_pending(const brk_client_t *c);
 
 /* Requests from a client. Replies (puback/nack/subok/...) go through ops->send. */
 void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len,

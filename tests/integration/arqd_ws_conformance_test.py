@@ -151,6 +151,8 @@ class Raw:
             op, _, data = self.recv_frame(timeout)
             if op == 0x2:
                 return msgpack.unpackb(data, raw=False)
+            if op == 0x9:
+                self.send_frame(0xA, data)  # a live peer answers pings
             if op == 0x8:
                 raise ConnectionError(self.close_code(data))
 
@@ -317,6 +319,30 @@ def auth(port):
     c.close()
 
 
+def backpressure(port, n=5000):
+    """A client that pipelines publishes without reading is paused, not
+    buffered without bound; once it reads, every puback arrives, in order."""
+    c = Raw(port)
+    c.hello()
+    # This peer answers no pings while it floods: arqd must not mistake its
+    # own paused reading (commit backlog) for a dead peer.
+    frames = []
+    for i in range(n):
+        payload = msgpack.packb({"t": "pub", "id": i + 1, "stream": "bp.s",
+                                 "payload": b"p" * 200}, use_bin_type=True)
+        frames.append(payload)
+    c.s.setblocking(True)
+    for f in frames:
+        c.send_frame(0x2, f)
+    ids = []
+    while len(ids) < n:
+        m = c.recv_msg(timeout=30)
+        if m["t"] == "puback":
+            ids.append(m["id"])
+    check(ids == list(range(1, n + 1)), f"backpressure: {n} pipelined pubacks, in order")
+    c.close()
+
+
 def ping_timeout(port):
     """A peer that never answers pings is dropped (interval + timeout = 0.4 s here)."""
     c = Raw(port)
@@ -384,6 +410,11 @@ def main():
         ping_timeout(d.port)
         slow_handshake_flood(d.port)
         check(d.stop() == 0, "arqd exits 0 on SIGTERM")
+        # default ping settings: the flooding client reads nothing for a while
+        bp = Arqd(os.path.join(tmp, "c"))
+        procs.append(bp)
+        backpressure(bp.port)
+        check(bp.stop() == 0, "backpressure arqd exits 0")
         a = Arqd(os.path.join(tmp, "b"), env={"SECRET_KEY": SECRET,
                                               "ARQ_ORIGINS": "https://app.example"})
         procs.append(a)
