@@ -278,7 +278,7 @@ async def scenario_flow_control(d):
     await s.close()
 
 
-async def scenario_fanout(d, streams=6, publishers=4, subscribers=8, per_pub=60):
+async def scenario_fanout(d, streams=12, publishers=8, subscribers=16, per_pub=50):
     """Random publishers and subscribers on many streams against a model:
     every subscriber receives exactly its streams' messages, in order, once."""
     names = [f"fan.{i}" for i in range(streams)]
