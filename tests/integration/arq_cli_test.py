@@ -10,8 +10,6 @@ python3-websockets + python3-msgpack, an implementation we did not write.
 """
 import asyncio
 import base64
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -27,41 +25,21 @@ import websockets
 
 ARQD, ARQ = sys.argv[1], sys.argv[2]
 SECRET = "cli-test-secret-key"
-failures = []
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import failures  # noqa: E402
 
 
 def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print(f"FAIL: {what}", flush=True)
-    else:
-        print(f"ok: {what}", flush=True)
-    return cond
+    return harness.check(cond, what, verbose=False)
 
 
-class Arqd:
-    def __init__(self, data_dir, env=None):
-        e = {k: v for k, v in os.environ.items()
-             if k not in ("SECRET_KEY", "DATABASE_URL", "API_PORT", "API_HOST")}
-        e.update(env or {})
-        self.proc = subprocess.Popen(
-            [ARQD, "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
-        line = self.proc.stdout.readline()
-        m = re.search(r"ws://127\.0\.0\.1:(\d+)/ws", line)
-        if not m:
-            self.proc.kill()
-            raise SystemExit(f"arqd did not start: {line!r} {self.proc.stderr.read()}")
-        self.port = int(m.group(1))
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
+def Arqd(data_dir, *extra, env=None):
+    return harness.Arqd(ARQD, data_dir, *extra, env=env)
 
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return "timeout"
+
+def make_jwt(claims, key=SECRET, alg="HS256"):
+    return harness.make_jwt(claims, key, alg)
 
 
 def arq(*args, input=None, env_url=None, timeout=60):
@@ -70,17 +48,6 @@ def arq(*args, input=None, env_url=None, timeout=60):
         env["ARQ_URL"] = env_url
     r = subprocess.run([ARQ, *args], input=input, capture_output=True, timeout=timeout, env=env)
     return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
-
-
-def b64url(b):
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def make_jwt(claims, key=SECRET):
-    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    payload = b64url(json.dumps(claims).encode())
-    sig = hmac.new(key.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{b64url(sig)}"
 
 
 async def py_publish(url, stream, payload):

@@ -14,12 +14,8 @@ import os
 import random
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 
 import msgpack
 import websockets
@@ -28,50 +24,17 @@ ARQD = sys.argv[1]
 SEED = int(os.environ.get("ARQ_TEST_SEED", random.randrange(1 << 30)))
 random.seed(SEED)
 print(f"seed {SEED} (set ARQ_TEST_SEED to reproduce)", flush=True)
-
-failures = []
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import failures  # noqa: E402
 
 
 def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print(f"FAIL: {what}", flush=True)
-    return cond
+    return harness.check(cond, what, verbose=False)
 
 
-class Arqd:
-    def __init__(self, data_dir, *extra):
-        self.proc = subprocess.Popen(
-            [ARQD, "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={k: v for k, v in os.environ.items()
-                 if k not in ("SECRET_KEY", "DATABASE_URL", "API_PORT", "API_HOST")})
-        line = self.proc.stdout.readline()
-        m = re.search(r"ws://127\.0\.0\.1:(\d+)/ws", line)
-        if not m:
-            self.proc.kill()
-            raise SystemExit(f"arqd did not start: {line!r} {self.proc.stderr.read()}")
-        self.port = int(m.group(1))
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
-
-    def http(self, method, path, body=None, headers=None):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
-                                     data=body, headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = "timeout"
-        self.stderr = self.proc.stderr.read()
-        return rc
+def Arqd(data_dir, *extra, env=None):
+    return harness.Arqd(ARQD, data_dir, *extra, env=env)
 
 
 def pack(obj):

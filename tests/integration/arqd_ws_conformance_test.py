@@ -12,16 +12,12 @@ Usage: arqd_ws_conformance_test.py PATH_TO_ARQD
 """
 import base64
 import hashlib
-import hmac
 import json
 import os
-import re
 import select
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,52 +25,22 @@ import time
 import msgpack
 
 ARQD = sys.argv[1]
-failures = []
 SECRET = "conformance-secret-key"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import failures  # noqa: E402
 
 
 def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print(f"FAIL: {what}", flush=True)
-    else:
-        print(f"ok: {what}", flush=True)
-    return cond
+    return harness.check(cond, what, verbose=True)
 
 
-class Arqd:
-    def __init__(self, data_dir, *extra, env=None):
-        e = {k: v for k, v in os.environ.items()
-             if k not in ("SECRET_KEY", "DATABASE_URL", "API_PORT", "API_HOST")}
-        e.update(env or {})
-        self.proc = subprocess.Popen(
-            [ARQD, "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
-        line = self.proc.stdout.readline()
-        m = re.search(r"127\.0\.0\.1:(\d+)/ws", line)
-        if not m:
-            self.proc.kill()
-            raise SystemExit(f"arqd did not start: {line!r} {self.proc.stderr.read()}")
-        self.port = int(m.group(1))
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return "timeout"
-
-
-def b64url(b):
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+def Arqd(data_dir, *extra, env=None):
+    return harness.Arqd(ARQD, data_dir, *extra, env=env)
 
 
 def make_jwt(claims, key=SECRET, alg="HS256"):
-    header = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())
-    payload = b64url(json.dumps(claims).encode())
-    sig = hmac.new(key.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{b64url(sig)}"
+    return harness.make_jwt(claims, key, alg)
 
 
 class Raw:
@@ -83,7 +49,7 @@ class Raw:
     def __init__(self, port, origin=None, protocol="arq.v1"):
         self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
         key = base64.b64encode(os.urandom(16)).decode()
-        lines = [f"GET /ws HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",
+        lines = ["GET /ws HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",
                  "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
                  "Sec-WebSocket-Version: 13"]
         if protocol:
@@ -427,9 +393,8 @@ def main():
                                               "ARQ_ORIGINS": "https://app.example"})
         procs.append(a)
         auth(a.port)
-        err = a.proc.stderr
         check(a.stop() == 0, "auth arqd exits 0")
-        log = err.read()
+        log = a.stderr
         check(SECRET not in log, "the secret never appears in the log")
     finally:
         for p in procs:

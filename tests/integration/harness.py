@@ -1,0 +1,83 @@
+"""Shared by the integration tests: start and stop arqd, record checks, sign
+JWTs. Standard library only (JWTs are signed with hmac here, independently
+of arqd's libjwt)."""
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+
+failures = []
+
+
+def check(cond, what, verbose=False):
+    """Record one assertion; the test exits non-zero if any failed."""
+    if not cond:
+        failures.append(what)
+        print(f"FAIL: {what}", flush=True)
+    elif verbose:
+        print(f"ok: {what}", flush=True)
+    return cond
+
+
+class Arqd:
+    """arqd on a free loopback port with its own data directory. The
+    deployment's variables are removed from its environment unless given."""
+
+    def __init__(self, arqd, data_dir, *extra, env=None):
+        e = {k: v for k, v in os.environ.items()
+             if k not in ("SECRET_KEY", "DATABASE_URL", "API_PORT", "API_HOST", "ARQ_ORIGINS",
+                          "ARQ_API_KEY")}
+        e.update(env or {})
+        self.proc = subprocess.Popen(
+            [arqd, "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+        line = self.proc.stdout.readline()
+        m = re.search(r"ws://127\.0\.0\.1:(\d+)/ws", line)
+        if not m:
+            self.proc.kill()
+            raise SystemExit(f"arqd did not start: {line!r} {self.proc.stderr.read()}")
+        self.port = int(m.group(1))
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.stderr = ""
+
+    def http(self, method, path, body=None, headers=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
+                                     data=body, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def stop(self):
+        """SIGTERM; returns the exit status and keeps what arqd logged."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = "timeout"
+        self.stderr = self.proc.stderr.read()
+        return rc
+
+    def kill_if_running(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def b64url(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def make_jwt(claims, key, alg="HS256"):
+    header = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    payload = b64url(json.dumps(claims).encode())
+    sig = hmac.new(key.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64url(sig)}"
