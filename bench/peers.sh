@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# bench/peers.sh - durable publishes: ARQ (arqd + arq-bench) against Redis 7
+# Streams (XADD, appendonly yes, appendfsync always) at the same connection
+# counts and pipeline depths, then ARQ's publish -> delivery latency at half
+# of its measured 50x16 peak. See docs/benchmarks.md ("Peers").
+#
+# Starts its own arqd and redis-server on loopback with data directories
+# under /var/tmp (not tmpfs, so fsync is real), stops exactly those two
+# processes (by PID) and removes the directories on exit and on Ctrl-C.
+#
+# Usage: bench/peers.sh [BUILD_DIR]     (default: build; ~1.5 minutes)
+# Environment: SECONDS_PER_RUN (5), CONNS (50), SUBS (2, latency row),
+#              KEEP=1 keeps the temporary directory (arqd/redis logs, JSON).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+BUILD=${1:-build}
+ARQD=$BUILD/programs/arqd
+BENCH=$BUILD/bench/arq-bench
+RUN_S=${SECONDS_PER_RUN:-5}
+CONNS=${CONNS:-50}
+SUBS=${SUBS:-2}
+PAYLOAD=$(printf '%*s' 128 '' | tr ' ' x) # 128-byte field value, like arq-bench's payload
+
+for tool in "$ARQD" "$BENCH"; do
+    [ -x "$tool" ] || {
+        echo "peers.sh: $tool not built (ninja -C $BUILD)" >&2
+        exit 2
+    }
+done
+for tool in redis-server redis-benchmark redis-cli jq; do
+    command -v "$tool" >/dev/null || {
+        echo "peers.sh: $tool not found" >&2
+        exit 2
+    }
+done
+
+TMP=$(mktemp -d /var/tmp/arq-peers.XXXXXX)
+ARQD_PID=
+REDIS_PID=
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    for pid in $ARQD_PID $REDIS_PID; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in $ARQD_PID $REDIS_PID; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP:-0}" = 1 ]; then
+        echo "peers.sh: kept $TMP" >&2
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# How fast this disk syncs right now: plain LMDB, one put per synced commit (arq-wal-bench's
+# batch-1 baseline, 0.5 s). Both brokers are bound by this, so it is printed before and after.
+disk_check() {
+    local wb=$BUILD/bench/arq-wal-bench
+    [ -x "$wb" ] || return 0
+    printf 'peers.sh: disk %s: plain LMDB synced single-put commits/s: %s (load %s)\n' "$1" \
+        "$("$wb" --quick --batches 1 --threads none --only lmdb --dir "$TMP" --json 2>/dev/null |
+            jq -r '.batch[0].lmdb_rps | floor')" "$(load)"
+}
+
+echo "peers.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) CPUs, $(uname -sr)"
+echo "peers.sh: data under $TMP ($(df --output=fstype "$TMP" | tail -1)), load $(load)"
+echo "peers.sh: $(redis-server --version | cut -d' ' -f1-3)"
+disk_check before
+
+# ---- arqd --------------------------------------------------------------------
+mkdir "$TMP/arq" "$TMP/redis"
+"$ARQD" --port 0 --data-dir "$TMP/arq" >"$TMP/arqd.out" 2>"$TMP/arqd.err" &
+ARQD_PID=$!
+ARQ_URL=
+for _ in $(seq 100); do
+    ARQ_URL=$(sed -n '1s|^arqd listening on \(ws://[^ ]*\).*|\1|p' "$TMP/arqd.out")
+    [ -n "$ARQ_URL" ] && break
+    kill -0 "$ARQD_PID" 2>/dev/null || break
+    sleep 0.1
+done
+if [ -z "$ARQ_URL" ]; then
+    echo "peers.sh: arqd did not start:" >&2
+    cat "$TMP/arqd.err" >&2
+    exit 1
+fi
+echo "peers.sh: arqd pid $ARQD_PID at $ARQ_URL"
+
+# ---- redis -------------------------------------------------------------------
+REDIS_PORT=$(free_port)
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --appendonly yes --appendfsync always \
+    --save '' --dir "$TMP/redis" --daemonize no --protected-mode yes \
+    >"$TMP/redis.log" 2>&1 &
+REDIS_PID=$!
+for _ in $(seq 100); do
+    [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && break
+    kill -0 "$REDIS_PID" 2>/dev/null || break
+    sleep 0.1
+done
+if [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" != PONG ]; then
+    echo "peers.sh: redis-server did not start:" >&2
+    cat "$TMP/redis.log" >&2
+    exit 1
+fi
+echo "peers.sh: redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT" \
+    "(appendonly yes, appendfsync $(redis-cli -p "$REDIS_PORT" config get appendfsync | tail -1))"
+
+# arq_run NAME ARGS...: one arq-bench run; its text goes to the terminal, its JSON to $TMP/NAME.json
+arq_run() {
+    local name=$1
+    shift
+    echo
+    echo "== arq-bench $* (load $(load))"
+    "$BENCH" --url "$ARQ_URL" --seconds "$RUN_S" --server-pid "$ARQD_PID" --json "$@" \
+        >"$TMP/$name.json"
+}
+
+# redis_run NAME PIPELINE: redis-benchmark XADD, sized to last about $RUN_S seconds
+# (a 1-second calibration first); CSV in $TMP/NAME.csv
+redis_run() {
+    local name=$1 pipe=$2 n rps
+    echo
+    echo "== redis-benchmark -c $CONNS -P $pipe XADD (load $(load))"
+    rps=$(redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$CONNS" -P "$pipe" -n $((2000 * pipe)) \
+        --csv XADD bench '*' f "$PAYLOAD" | tail -1 | cut -d, -f2 | tr -d '"')
+    n=$(awk -v r="$rps" -v s="$RUN_S" -v p="$pipe" \
+        'BEGIN { n = int(r * s); m = 2000 * p; if (n < m) n = m; if (n > 5000000) n = 5000000; print n }')
+    redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$CONNS" -P "$pipe" -n "$n" \
+        --csv XADD bench '*' f "$PAYLOAD" | tail -1 >"$TMP/$name.csv"
+    redis-cli -p "$REDIS_PORT" del bench >/dev/null
+    # "test","rps","avg","min","p50","p95","p99","max" (latencies in ms, per request)
+    awk -F'","' -v n="$n" '{ printf "   %s requests: %s XADD/s, p50 %s ms, p99 %s ms\n", n, $2, $5, $7 }' \
+        "$TMP/$name.csv"
+}
+
+jqf() { jq -r "$1" "$TMP/$2.json"; }
+redis_col() { awk -F'","' -v c="$2" '{ gsub(/"/, "", $c); print $c }' "$TMP/$1.csv"; }
+
+arq_run arq_w1 -c "$CONNS" -w 1 >&2
+redis_run redis_p1 1
+arq_run arq_w16 -c "$CONNS" -w 16 >&2
+redis_run redis_p16 16
+
+PEAK=$(jqf .publishes_per_s arq_w16)
+HALF=$(awk -v p="$PEAK" 'BEGIN { printf "%d", p / 2 }')
+arq_run arq_half -c "$CONNS" -s "$SUBS" --rate "$HALF" >&2
+
+# ---- summary -------------------------------------------------------------------
+echo
+echo "Durable publishes/s, 128-byte messages, $CONNS connections (load now $(load)):"
+echo
+printf '| %-7s | %14s | %11s | %13s | %11s | %9s | %12s |\n' \
+    "c x w" "ARQ publ./s" "ARQ p99 ms" "Redis XADD/s" "Redis p99" "ARQ/Redis" "goal >= 1.0"
+printf '|%s|%s:|%s:|%s:|%s:|%s:|%s|\n' "---------" "---------------" "------------" \
+    "--------------" "------------" "----------" "--------------"
+while read -r depth arq redis; do
+    a=$(jqf .publishes_per_s "$arq")
+    ap=$(jqf '.puback_latency.p99_us / 1000' "$arq")
+    r=$(redis_col "$redis" 2)
+    rp=$(redis_col "$redis" 7)
+    printf '| %-7s | %14.0f | %11.2f | %13.0f | %11s | %9.2f | %12s |\n' "$CONNS x $depth" "$a" \
+        "$ap" "$r" "$rp" "$(awk -v a="$a" -v r="$r" 'BEGIN { print a / r }')" \
+        "$(awk -v a="$a" -v r="$r" 'BEGIN { print (a >= r ? "met" : "MISSED") }')"
+done <<'ROWS'
+1 arq_w1 redis_p1
+16 arq_w16 redis_p16
+ROWS
+echo
+echo "(ARQ: pubacks/s over a ${RUN_S} s window after 1 s warm-up, -w = publishes in flight per"
+echo " connection; Redis: redis-benchmark -P = pipeline depth per connection, p99 in ms.)"
+echo
+D99=$(jqf '.delivery_latency.p99_us / 1000' arq_half)
+printf 'Latency at half of the %s x 16 peak: %s publishes/s open loop, %s subscribers:\n' \
+    "$CONNS" "$HALF" "$SUBS"
+printf '  achieved %.0f publishes/s; delivery p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms;' \
+    "$(jqf .publishes_per_s arq_half)" "$(jqf '.delivery_latency.p50_us / 1000' arq_half)" \
+    "$D99" "$(jqf '.delivery_latency.p999_us / 1000' arq_half)"
+printf ' puback p99 %.2f ms\n' "$(jqf '.puback_latency.p99_us / 1000' arq_half)"
+printf '  goal delivery p99 <= 2 ms: %s\n' "$(awk -v d="$D99" 'BEGIN { print (d <= 2 ? "met" : "MISSED") }')"
+echo
+echo "arqd group commit per run (from /metrics; msgs/commit, mean commit ms, arqd CPU):"
+for n in arq_w1 arq_w16 arq_half; do
+    printf '  %-9s %7.1f msgs/commit  %6.3f ms/commit  %4.0f%% CPU (arq-bench %.0f%%)\n' "$n" \
+        "$(jqf '.wal.msgs_per_commit // 0' "$n")" "$(jqf '.wal.mean_commit_ms // 0' "$n")" \
+        "$(jqf '(.server_cpu // 0) * 100' "$n")" "$(jqf '.bench_cpu * 100' "$n")"
+done
+disk_check after
+echo
+echo "NATS JetStream: not measured (no 'nats' CLI / 'nats bench' packaged in Debian; see docs)."
