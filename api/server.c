@@ -320,7 +320,8 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         subs = tok.subs;
         n_subs = tok.n_subs;
     }
-    int rc = brk_client_new(s->brk, &s->ops, c, producer, pub, n_pub, subs, n_subs, &c->client);
+    int rc = brk_client_new(s->brk, &s->ops, c, c->session, producer, pub, n_pub, subs, n_subs,
+                            &c->client);
     if (have_tok)
         auth_token_free(&tok);
     if (rc) {
@@ -980,6 +981,12 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
            bs.catchup_reads);
     metric(b, "arq_gaps_total", "counter", "Gap reports sent.", bs.gaps);
     metric(b, "arq_subscriptions", "gauge", "Active subscriptions.", bs.subscriptions);
+    metric(b, "arq_cursors_persisted_total", "counter",
+           "Acked offsets handed to the WAL as durable cursors.", bs.cursors_persisted);
+    metric(b, "arq_cursor_commits_total", "counter", "Committed cursor requests.",
+           bs.cursor_commits);
+    metric(b, "arq_cursor_errors_total", "counter", "Cursor requests that failed.",
+           bs.cursor_errors);
     metric(b, "arq_streams", "gauge", "Streams known to the broker.", bs.streams);
     evbuffer_add_printf(b, "# HELP arq_errors_total Errors by kind.\n"
                            "# TYPE arq_errors_total counter\n");

@@ -24,8 +24,9 @@ typedef struct brk_sub brk_sub_t;
 struct brk_sub {
     brk_client_t *client;
     brk_stream_t *stream;
-    uint64_t next;  /* next offset to deliver */
-    uint64_t acked; /* cumulative ack */
+    uint64_t next;      /* next offset to deliver */
+    uint64_t acked;     /* cumulative ack */
+    uint64_t persisted; /* acked offset last handed to the WAL as a cursor */
     brk_sub_t *next_in_stream, *prev_in_stream;
     brk_sub_t *next_in_client;
 };
@@ -46,6 +47,7 @@ struct brk_client {
     brk_t *b;
     const brk_client_ops_t *ops;
     void *conn;
+    char *session;
     char *producer;
     char **pub, **subs;
     size_t n_pub, n_subs;
@@ -53,6 +55,8 @@ struct brk_client {
     bool closed;
     int refs;
     size_t pending_pubs;
+    bool dirty;               /* has acks not yet persisted (and is on the dirty list) */
+    brk_client_t *next_dirty; /* the dirty list holds a reference */
     brk_sub_t *sub_list;
     size_t n_sub;
     struct event *work; /* deferred delivery when the budget ran out */
@@ -64,6 +68,8 @@ struct brk {
     brk_options_t o;
     brk_stream_t **buckets;
     size_t n_buckets, n_streams;
+    brk_client_t *dirty; /* clients with acks to persist */
+    struct event *flush_ev;
     brk_stats_t st;
 };
 
@@ -400,9 +406,9 @@ static void free_patterns(char **p, size_t n)
     free(p);
 }
 
-int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *producer,
-                   char *const *pub, size_t n_pub, char *const *subs, size_t n_subs,
-                   brk_client_t **ret)
+int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *session,
+                   const char *producer, char *const *pub, size_t n_pub, char *const *subs,
+                   size_t n_subs, brk_client_t **ret)
 {
     brk_client_t *c = calloc(1, sizeof(*c));
     if (!c)
@@ -412,6 +418,7 @@ int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char
     c->conn = conn;
     c->refs = 1;
     c->producer = strdup(producer ? producer : "");
+    c->session = strdup(session ? session : "");
     c->pub_all = n_pub == (size_t)-1;
     c->subs_all = n_subs == (size_t)-1;
     if (!c->pub_all) {
@@ -423,8 +430,10 @@ int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char
         c->n_subs = n_subs;
     }
     c->work = event_new(b->base, -1, 0, work_cb, c);
-    if (!c->producer || (!c->pub_all && !c->pub) || (!c->subs_all && !c->subs) || !c->work) {
+    if (!c->producer || !c->session || (!c->pub_all && !c->pub) || (!c->subs_all && !c->subs) ||
+        !c->work) {
         free(c->producer);
+        free(c->session);
         free_patterns(c->pub, c->n_pub);
         free_patterns(c->subs, c->n_subs);
         if (c->work)
@@ -441,6 +450,7 @@ static void client_unref(brk_client_t *c)
     if (--c->refs > 0)
         return;
     free(c->producer);
+    free(c->session);
     free_patterns(c->pub, c->n_pub);
     free_patterns(c->subs, c->n_subs);
     free(c);
@@ -457,10 +467,84 @@ static void sub_unlink(brk_sub_t *sub)
         sub->next_in_stream->prev_in_stream = sub->prev_in_stream;
 }
 
+/* ---- durable cursors -------------------------------------------------- */
+
+static void cursor_done(wal_append_t *req, void *arg)
+{
+    brk_t *b = arg;
+    if (wal_append_status(req) == 0)
+        b->st.cursor_commits++;
+    else
+        b->st.cursor_errors++;
+    wal_append_free(req);
+}
+
+/* Add the client's unpersisted acks to req. Returns how many. */
+static size_t cursor_collect(brk_client_t *c, wal_append_t *req)
+{
+    size_t n = 0;
+    if (!c->session[0])
+        return 0;
+    for (brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client) {
+        if (sub->acked <= sub->persisted)
+            continue;
+        if (wal_append_add_cursor(req, c->session, strlen(c->session), sub->stream->name,
+                                  sub->stream->name_len, sub->acked) != 0)
+            continue;
+        sub->persisted = sub->acked;
+        n++;
+    }
+    c->dirty = false;
+    return n;
+}
+
+static void cursor_submit(brk_t *b, wal_append_t *req, size_t n)
+{
+    if (n && wal_append_submit(b->wal, req) == 0) {
+        b->st.cursors_persisted += n;
+        return;
+    }
+    if (n)
+        b->st.cursor_errors++;
+    wal_append_free(req);
+}
+
+void brk_flush(brk_t *b)
+{
+    wal_append_t *req = NULL;
+    size_t n = 0;
+    if (b->dirty && wal_append_new(cursor_done, b, &req) != 0)
+        return;
+    while (b->dirty) {
+        brk_client_t *c = b->dirty;
+        b->dirty = c->next_dirty;
+        c->next_dirty = NULL;
+        if (c->dirty && !c->closed)
+            n += cursor_collect(c, req);
+        c->dirty = false;
+        client_unref(c); /* the dirty list's reference */
+    }
+    if (req)
+        cursor_submit(b, req, n);
+}
+
+static void flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    brk_flush(arg);
+}
+
 void brk_client_close(brk_client_t *c)
 {
     if (!c)
         return;
+    if (c->dirty) {
+        /* Its acks go out now; the dirty list drops it at the next flush. */
+        wal_append_t *req;
+        if (wal_append_new(cursor_done, c->b, &req) == 0)
+            cursor_submit(c->b, req, cursor_collect(c, req));
+    }
     c->closed = true;
     brk_sub_t *sub = c->sub_list;
     while (sub) {
@@ -757,6 +841,7 @@ void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t s
     sub->stream = s;
     sub->next = start;
     sub->acked = start - 1;
+    sub->persisted = sub->acked;
     sub->next_in_stream = s->subs;
     if (s->subs)
         s->subs->prev_in_stream = sub;
@@ -812,6 +897,12 @@ void brk_ack(brk_client_t *c, const uint8_t *stream, size_t stream_len, uint64_t
     c->b->st.acks++;
     if (offset > sub->acked) {
         sub->acked = offset;
+        if (!c->dirty) {
+            c->dirty = true;
+            c->next_dirty = c->b->dirty;
+            c->b->dirty = c;
+            c->refs++;
+        }
         deliver_sub(sub, DELIVER_BUDGET);
     }
 }
@@ -838,10 +929,16 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
         b->o.tail_cache_msgs = 1024;
     b->n_buckets = 4096;
     b->buckets = calloc(b->n_buckets, sizeof(*b->buckets));
-    if (!b->buckets) {
+    b->flush_ev = event_new(base, -1, EV_PERSIST, flush_cb, b);
+    if (!b->buckets || !b->flush_ev) {
+        free(b->buckets);
+        if (b->flush_ev)
+            event_free(b->flush_ev);
         free(b);
         return -1;
     }
+    struct timeval tv = {0, 100000}; /* cursors are batched: at most one commit per 100 ms */
+    event_add(b->flush_ev, &tv);
     *ret = b;
     return 0;
 }
@@ -850,6 +947,12 @@ void brk_free(brk_t *b)
 {
     if (!b)
         return;
+    event_free(b->flush_ev);
+    while (b->dirty) {
+        brk_client_t *c = b->dirty;
+        b->dirty = c->next_dirty;
+        client_unref(c);
+    }
     for (size_t i = 0; i < b->n_buckets; i++) {
         brk_stream_t *s = b->buckets[i];
         while (s) {

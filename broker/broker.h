@@ -57,6 +57,7 @@ typedef struct brk_client brk_client_t;
 typedef struct brk_stats {
     uint64_t publishes, publish_dups, publish_errors, deliveries, delivered_bytes, acks;
     uint64_t catchup_reads, gaps, subscriptions, streams;
+    uint64_t cursor_commits, cursors_persisted, cursor_errors;
 } brk_stats_t;
 
 int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret);
@@ -68,14 +69,15 @@ void brk_stats_get(const brk_t *b, brk_stats_t *ret);
 int brk_stream_name_valid(const char *name, size_t len);
 
 /*
- * A client (one WebSocket connection after hello). producer: the dedup
+ * A client (one WebSocket connection after hello). session: the key its
+ * acked offsets are persisted under (durable cursors). producer: the dedup
  * namespace for its publishes (token subject, or session id). pub/sub
  * patterns as in api/auth.h (NULL with n = (size_t)-1: everything allowed).
  * The broker copies what it keeps.
  */
-int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *producer,
-                   char *const *pub, size_t n_pub, char *const *subs, size_t n_subs,
-                   brk_client_t **ret);
+int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *session,
+                   const char *producer, char *const *pub, size_t n_pub, char *const *subs,
+                   size_t n_subs, brk_client_t **ret);
 /* The connection is gone: drop subscriptions; pending publishes complete
  * without sending anything. */
 void brk_client_close(brk_client_t *c);
@@ -92,7 +94,13 @@ void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t str
 void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len, int from,
                    uint64_t offset, uint64_t epoch);
 void brk_unsubscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len);
+/* Cumulative ack. Acked offsets become durable cursors (session, stream)
+ * in the WAL: collected and written as one WAL request every 100 ms, when
+ * the client closes, and on brk_flush. */
 void brk_ack(brk_client_t *c, const uint8_t *stream, size_t stream_len, uint64_t offset);
+/* Submit every acked offset not yet persisted (e.g. at shutdown, before
+ * wal_close, which then waits for the commit). */
+void brk_flush(brk_t *b);
 
 /* Server API publish (direction out). cb runs after the commit with status
  * 0 or a WAL_E* code. */

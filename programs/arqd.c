@@ -324,7 +324,9 @@ int main(int argc, char **argv)
     event_add(sigint, NULL);
     event_base_dispatch(base);
 
-    /* Commits in flight finish (their callbacks run) before the WAL closes. */
+    /* Acked offsets not yet persisted go out now; wal_close then finishes
+     * every commit in flight (their callbacks run) before closing. */
+    brk_flush(brk);
     wal_close(wal);
     api_server_free(srv);
     brk_free(brk);

@@ -1,0 +1,268 @@
+/*
+ * broker_test.c - the broker on a real WAL and event loop, with a recording
+ * ops table in place of a connection: fan-out shares one encoded frame,
+ * flow control stops at max_inflight, acks become durable cursors (timer,
+ * close, flush), ack beyond delivered is refused.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <event2/event.h>
+#include <event2/thread.h>
+#include <msgpack.h>
+
+#include "broker.h"
+#include "wal.h"
+
+#define MAX_FRAMES 4096
+
+typedef struct rec_conn {
+    brk_frame_t *frames[MAX_FRAMES];
+    size_t n;
+} rec_conn_t;
+
+static void rec_send(void *conn, brk_frame_t *f)
+{
+    rec_conn_t *r = conn;
+    assert_true(r->n < MAX_FRAMES);
+    brk_frame_ref(f);
+    r->frames[r->n++] = f;
+}
+
+static size_t rec_pending(void *conn)
+{
+    (void)conn;
+    return 0;
+}
+
+static const brk_client_ops_t rec_ops = {rec_send, rec_pending, NULL};
+
+static void rec_clear(rec_conn_t *r)
+{
+    for (size_t i = 0; i < r->n; i++)
+        brk_frame_unref(r->frames[i]);
+    r->n = 0;
+}
+
+/* The "t" of frame i, and its "offset" for msg frames. */
+static void frame_info(const rec_conn_t *r, size_t i, char *type, size_t tlen, uint64_t *offset)
+{
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    assert_int_equal(
+        msgpack_unpack_next(&u, (const char *)r->frames[i]->data, r->frames[i]->len, NULL),
+        MSGPACK_UNPACK_SUCCESS);
+    assert_int_equal(u.data.type, MSGPACK_OBJECT_MAP);
+    *offset = 0;
+    type[0] = '\0';
+    for (uint32_t k = 0; k < u.data.via.map.size; k++) {
+        msgpack_object_kv *kv = &u.data.via.map.ptr[k];
+        const char *key = kv->key.via.str.ptr;
+        size_t kl = kv->key.via.str.size;
+        if (kl == 1 && key[0] == 't')
+            snprintf(type, tlen, "%.*s", (int)kv->val.via.str.size, kv->val.via.str.ptr);
+        if (kl == 6 && memcmp(key, "offset", 6) == 0)
+            *offset = kv->val.via.u64;
+    }
+    msgpack_unpacked_destroy(&u);
+}
+
+static size_t count_type(const rec_conn_t *r, const char *t)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < r->n; i++) {
+        char type[16];
+        uint64_t off;
+        frame_info(r, i, type, sizeof(type), &off);
+        n += strcmp(type, t) == 0;
+    }
+    return n;
+}
+
+typedef struct fixture {
+    char dir[64];
+    struct event_base *base;
+    wal_t *wal;
+    brk_t *brk;
+    int api_done;
+} fixture_t;
+
+static int setup(void **state)
+{
+    fixture_t *f = calloc(1, sizeof(*f));
+    strcpy(f->dir, "/var/tmp/arq-brk-XXXXXX");
+    assert_non_null(mkdtemp(f->dir));
+    evthread_use_pthreads();
+    f->base = event_base_new();
+    wal_options_t o = {.dir = f->dir};
+    assert_int_equal(wal_open(&o, f->base, &f->wal, NULL, 0), 0);
+    brk_options_t bo = {.max_inflight = 4};
+    assert_int_equal(brk_new(f->base, f->wal, &bo, &f->brk), 0);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture_t *f = *state;
+    wal_close(f->wal);
+    brk_free(f->brk);
+    event_base_free(f->base);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", f->dir);
+    assert_int_equal(system(cmd), 0);
+    free(f);
+    return 0;
+}
+
+static void api_cb(int status, uint64_t offset, int dup, void *arg)
+{
+    (void)offset;
+    (void)dup;
+    fixture_t *f = arg;
+    assert_int_equal(status, 0);
+    f->api_done++;
+}
+
+static void publish_n(fixture_t *f, const char *stream, int n)
+{
+    int want = f->api_done + n;
+    for (int i = 0; i < n; i++)
+        assert_int_equal(brk_publish_api(f->brk, stream, strlen(stream), (const uint8_t *)"data", 4,
+                                         NULL, 0, NULL, 0, api_cb, f),
+                         0);
+    for (int i = 0; i < 1000 && f->api_done < want; i++)
+        event_base_loop(f->base, EVLOOP_ONCE);
+    assert_int_equal(f->api_done, want);
+}
+
+/* Run the loop until the cursor reads `want` (bounded). */
+static void wait_cursor(fixture_t *f, const char *session, const char *stream, uint64_t want)
+{
+    uint64_t got = 0;
+    for (int i = 0; i < 200; i++) {
+        if (wal_cursor_get(f->wal, session, strlen(session), stream, strlen(stream), &got) == 0 &&
+            got == want)
+            return;
+        struct timeval tv = {0, 20000};
+        event_base_loopexit(f->base, &tv);
+        event_base_dispatch(f->base);
+    }
+    fail_msg("cursor (%s, %s) is %llu, want %llu", session, stream, (unsigned long long)got,
+             (unsigned long long)want);
+}
+
+static void test_fanout_shares_frames(void **state)
+{
+    fixture_t *f = *state;
+    rec_conn_t a = {0}, b = {0};
+    brk_client_t *ca, *cb;
+    assert_int_equal(
+        brk_client_new(f->brk, &rec_ops, &a, "sa", "pa", NULL, (size_t)-1, NULL, (size_t)-1, &ca),
+        0);
+    assert_int_equal(
+        brk_client_new(f->brk, &rec_ops, &b, "sb", "pb", NULL, (size_t)-1, NULL, (size_t)-1, &cb),
+        0);
+    brk_subscribe(ca, 1, (const uint8_t *)"fan.s", 5, 2 /* latest */, 0, 0);
+    brk_subscribe(cb, 1, (const uint8_t *)"fan.s", 5, 2, 0, 0);
+    assert_int_equal(count_type(&a, "subok"), 1);
+    rec_clear(&a);
+    rec_clear(&b);
+    publish_n(f, "fan.s", 3);
+    assert_int_equal(a.n, 3);
+    assert_int_equal(b.n, 3);
+    for (size_t i = 0; i < 3; i++) {
+        /* the very same buffer: encoded once, not per subscriber */
+        assert_ptr_equal(a.frames[i], b.frames[i]);
+        char t[16];
+        uint64_t off;
+        frame_info(&a, i, t, sizeof(t), &off);
+        assert_string_equal(t, "msg");
+        assert_int_equal(off, i + 1);
+    }
+    brk_client_close(ca);
+    brk_client_close(cb);
+    rec_clear(&a);
+    rec_clear(&b);
+}
+
+static void test_flow_control_and_cursors(void **state)
+{
+    fixture_t *f = *state;
+    publish_n(f, "flow.s", 10);
+    rec_conn_t r = {0};
+    brk_client_t *c;
+    assert_int_equal(
+        brk_client_new(f->brk, &rec_ops, &r, "sess-1", "p", NULL, (size_t)-1, NULL, (size_t)-1, &c),
+        0);
+    brk_subscribe(c, 7, (const uint8_t *)"flow.s", 6, 1 /* earliest */, 0, 0);
+    /* subok + max_inflight (4) messages, then nothing until an ack */
+    assert_int_equal(count_type(&r, "subok"), 1);
+    assert_int_equal(count_type(&r, "msg"), 4);
+    brk_ack(c, (const uint8_t *)"flow.s", 6, 2);
+    assert_int_equal(count_type(&r, "msg"), 6);
+    /* ack beyond what was delivered (6) is refused, nothing changes */
+    brk_ack(c, (const uint8_t *)"flow.s", 6, 9);
+    assert_int_equal(count_type(&r, "error"), 1);
+    assert_int_equal(count_type(&r, "msg"), 6);
+    /* the batched flush makes the ack durable */
+    wait_cursor(f, "sess-1", "flow.s", 2);
+    brk_ack(c, (const uint8_t *)"flow.s", 6, 5);
+    brk_flush(f->brk);
+    wait_cursor(f, "sess-1", "flow.s", 5);
+    /* closing with an unpersisted ack persists it */
+    brk_ack(c, (const uint8_t *)"flow.s", 6, 6);
+    brk_client_close(c);
+    wait_cursor(f, "sess-1", "flow.s", 6);
+    brk_stats_t st;
+    brk_stats_get(f->brk, &st);
+    assert_true(st.cursor_commits >= 3);
+    assert_int_equal(st.cursor_errors, 0);
+    rec_clear(&r);
+}
+
+static void test_gap_and_catchup_from_wal(void **state)
+{
+    fixture_t *f = *state;
+    /* more than the tail cache holds: early offsets come from WAL reads */
+    publish_n(f, "big.s", 1100);
+    uint64_t dropped = 0;
+    wal_stats_t ws;
+    assert_int_equal(wal_stats_get(f->wal, &ws), 0);
+    assert_int_equal(wal_retain(f->wal, ws.first_seq + 9, &dropped), 0); /* offsets 1..10 */
+    assert_int_equal(dropped, 10);
+    rec_conn_t r = {0};
+    brk_client_t *c;
+    assert_int_equal(
+        brk_client_new(f->brk, &rec_ops, &r, "sess-g", "p", NULL, (size_t)-1, NULL, (size_t)-1, &c),
+        0);
+    brk_subscribe(c, 1, (const uint8_t *)"big.s", 5, 3 /* offset */, 1, 0);
+    assert_int_equal(count_type(&r, "gap"), 1);
+    size_t msgs = count_type(&r, "msg");
+    assert_int_equal(msgs, 4); /* max_inflight */
+    char t[16];
+    uint64_t off;
+    frame_info(&r, r.n - 4, t, sizeof(t), &off);
+    assert_int_equal(off, 11); /* right after the gap */
+    brk_stats_t st;
+    brk_stats_get(f->brk, &st);
+    assert_true(st.catchup_reads > 0);
+    brk_client_close(c);
+    rec_clear(&r);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_fanout_shares_frames, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_flow_control_and_cursors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_gap_and_catchup_from_wal, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
