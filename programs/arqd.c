@@ -7,6 +7,7 @@
 #include <event2/event.h>
 #include <event2/thread.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -247,6 +248,11 @@ int main(int argc, char **argv)
         arq_log(ARQ_LOG_WARN, "wal_only", "reason",
                 "DATABASE_URL is set but MySQL sync is not built yet: running WAL-only", NULL);
 
+    /* Every publish allocates and frees a few small buffers; with glibc's
+     * default thresholds the heap top is trimmed and faulted back in over
+     * and over (measured: ~7% of arqd's time in page faults at 50x16). */
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
+    mallopt(M_MMAP_THRESHOLD, 4 << 20);
     evthread_use_pthreads();
     struct event_base *base = event_base_new();
     if (!base) {

@@ -97,6 +97,11 @@ struct wal_append {
     size_t buf_len, buf_cap;
     uint64_t max_payload;
     struct wal_append *next;
+    /* Inline room for the common request (one small message): no
+     * allocation besides the request itself. */
+    struct pmsg inline_msg;
+    wal_result_t inline_res;
+    uint8_t inline_buf[448];
 };
 
 /* ---- writer-private stream heads ---------------------------------------- */
@@ -472,10 +477,13 @@ void wal_append_free(wal_append_t *req)
 {
     if (!req)
         return;
-    free(req->msgs);
-    free(req->results);
+    if (req->msgs != &req->inline_msg)
+        free(req->msgs);
+    if (req->results != &req->inline_res)
+        free(req->results);
     free(req->cursors);
-    free(req->buf);
+    if (req->buf != req->inline_buf)
+        free(req->buf);
     free(req);
 }
 
@@ -484,13 +492,25 @@ static int req_grow_buf(wal_append_t *r, size_t len)
 {
     if (r->buf_cap - r->buf_len >= len)
         return 0;
+    if (!r->buf && len <= sizeof(r->inline_buf)) {
+        r->buf = r->inline_buf;
+        r->buf_cap = sizeof(r->inline_buf);
+        return 0;
+    }
     size_t ncap = r->buf_cap ? r->buf_cap : 256;
     while (ncap - r->buf_len < len) {
         if (ncap > SIZE_MAX / 2)
             return WAL_ENOMEM;
         ncap *= 2;
     }
-    uint8_t *nb = realloc(r->buf, ncap);
+    uint8_t *nb;
+    if (r->buf == r->inline_buf) {
+        nb = malloc(ncap);
+        if (nb)
+            memcpy(nb, r->inline_buf, r->buf_len);
+    } else {
+        nb = realloc(r->buf, ncap);
+    }
     if (!nb)
         return WAL_ENOMEM;
     r->buf = nb;
@@ -503,19 +523,37 @@ static int req_grow_msgs(wal_append_t *r, size_t n)
 {
     if (r->cap_msgs - r->n_msgs >= n)
         return 0;
+    if (r->cap_msgs == 0 && n == 1) {
+        r->msgs = &r->inline_msg;
+        r->results = &r->inline_res;
+        r->cap_msgs = 1;
+        return 0;
+    }
     size_t ncap = r->cap_msgs ? r->cap_msgs : 4;
     while (ncap - r->n_msgs < n) {
         if (ncap > SIZE_MAX / (2 * sizeof(struct pmsg)))
             return WAL_ENOMEM;
         ncap *= 2;
     }
-    struct pmsg *nm = realloc(r->msgs, ncap * sizeof(*nm));
+    bool was_inline = r->msgs == &r->inline_msg;
+    struct pmsg *nm =
+        was_inline ? malloc(ncap * sizeof(*nm)) : realloc(r->msgs, ncap * sizeof(*nm));
     if (!nm)
         return WAL_ENOMEM;
+    if (was_inline)
+        memcpy(nm, r->msgs, r->n_msgs * sizeof(*nm));
     r->msgs = nm;
-    wal_result_t *nr = realloc(r->results, ncap * sizeof(*nr));
-    if (!nr)
+    wal_result_t *nr =
+        was_inline ? malloc(ncap * sizeof(*nr)) : realloc(r->results, ncap * sizeof(*nr));
+    if (!nr) {
+        if (was_inline) { /* keep the request consistent: back to inline */
+            free(nm);
+            r->msgs = &r->inline_msg;
+        }
         return WAL_ENOMEM;
+    }
+    if (was_inline)
+        memcpy(nr, r->results, r->n_msgs * sizeof(*nr));
     r->results = nr;
     r->cap_msgs = ncap;
     return 0;
