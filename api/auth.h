@@ -29,7 +29,7 @@ typedef struct auth_token {
     int64_t expires; /* unix seconds */
     char **pub;      /* publish patterns */
     size_t n_pub;
-    char **subs;     /* subscribe patterns */
+    char **subs; /* subscribe patterns */
     size_t n_subs;
 } auth_token_t;
 

@@ -26,10 +26,10 @@ const char *proto_strerror(int err);
 
 /* Limits applied while decoding (0 = default in brackets). */
 typedef struct proto_limits {
-    uint32_t max_payload;   /* [1 MiB] payload bytes */
-    uint32_t max_headers;   /* [32] header entries */
+    uint32_t max_payload;      /* [1 MiB] payload bytes */
+    uint32_t max_headers;      /* [32] header entries */
     uint32_t max_header_bytes; /* [8 KiB] sum of header key+value bytes */
-    uint32_t max_depth;     /* [8] nesting */
+    uint32_t max_depth;        /* [8] nesting */
 } proto_limits_t;
 
 /* Client-to-server message types. */
@@ -115,7 +115,7 @@ enum proto_code {
     PROTO_CODE_NOT_FOUND = 404,
     PROTO_CODE_CONFLICT = 409, /* epoch mismatch, ack beyond delivered */
     PROTO_CODE_TOO_LARGE = 413,
-    PROTO_CODE_LIMIT = 429,    /* too many subscriptions / in flight */
+    PROTO_CODE_LIMIT = 429, /* too many subscriptions / in flight */
     PROTO_CODE_INTERNAL = 500,
     PROTO_CODE_UNAVAILABLE = 503, /* storage full, WAL stopped, shutting down */
 };

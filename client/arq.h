@@ -18,7 +18,7 @@
  * this header on the same client, arq_client_free() included (the free is
  * then deferred until the library returns to the event loop).
  *
- * Reconnection is not implemented: on connection loss the error callback is
+ * Reconnection arrives with the replay issue (#4): today, on connection loss the error callback is
  * called once and the client stays closed.
  */
 #ifndef ARQ_CLIENT_ARQ_H

@@ -11,34 +11,34 @@
 
 typedef struct arq_config {
     /* [server] */
-    char *host;           /* API_HOST, default "127.0.0.1" */
-    uint16_t port;        /* API_PORT, default 8000; 0 = any free port */
-    char *data_dir;       /* ARQ_DATA_DIR / --data-dir, default "./data" */
-    char *log_level;      /* LOG_LEVEL: debug|info|warn|error, default "info" */
-    char *log_format;     /* logfmt|json, default "logfmt" */
+    char *host;                    /* API_HOST, default "127.0.0.1" */
+    uint16_t port;                 /* API_PORT, default 8000; 0 = any free port */
+    char *data_dir;                /* ARQ_DATA_DIR / --data-dir, default "./data" */
+    char *log_level;               /* LOG_LEVEL: debug|info|warn|error, default "info" */
+    char *log_format;              /* logfmt|json, default "logfmt" */
     uint32_t max_connections;      /* default 10000 */
     uint32_t handshake_timeout_ms; /* default 5000 */
     uint32_t max_header_bytes;     /* HTTP request head limit, default 8192 */
     uint32_t ping_interval_ms;     /* default 20000 */
     uint32_t pong_timeout_ms;      /* default 10000 */
     /* [auth] */
-    char *secret_key;     /* SECRET_KEY (HS256); NULL: anonymous on loopback only */
-    char *api_key;        /* ARQ_API_KEY: server API key for POST /api/publish */
-    char **origins;       /* ARQ_ORIGINS: comma-separated allow-list; NULL = any */
+    char *secret_key; /* SECRET_KEY (HS256); NULL: anonymous on loopback only */
+    char *api_key;    /* ARQ_API_KEY: server API key for POST /api/publish */
+    char **origins;   /* ARQ_ORIGINS: comma-separated allow-list; NULL = any */
     size_t n_origins;
     /* [limits] */
-    uint32_t max_message_bytes;   /* default 1048576 (1 MiB) payload */
-    uint32_t max_frame_bytes;     /* default 1114112 (payload + 64 KiB) */
-    uint32_t max_subscriptions;   /* per connection, default 256 */
-    uint32_t max_inflight;        /* unacked deliveries per subscription, default 1024 */
-    uint32_t max_output_bytes;    /* per-connection output buffer high watermark, 4 MiB */
+    uint32_t max_message_bytes; /* default 1048576 (1 MiB) payload */
+    uint32_t max_frame_bytes;   /* default 1114112 (payload + 64 KiB) */
+    uint32_t max_subscriptions; /* per connection, default 256 */
+    uint32_t max_inflight;      /* unacked deliveries per subscription, default 1024 */
+    uint32_t max_output_bytes;  /* per-connection output buffer high watermark, 4 MiB */
     /* [wal] */
-    char *sync;                   /* "full" (default) | "none" (UNSAFE) */
-    uint64_t map_size_max;        /* default 16 GiB */
-    uint32_t batch_max_msgs;      /* default 8192 */
-    uint32_t batch_wait_us;       /* default 0 */
+    char *sync;              /* "full" (default) | "none" (UNSAFE) */
+    uint64_t map_size_max;   /* default 16 GiB */
+    uint32_t batch_max_msgs; /* default 8192 */
+    uint32_t batch_wait_us;  /* default 0 */
     /* [database] */
-    char *database_url;           /* DATABASE_URL; NULL: WAL-only */
+    char *database_url; /* DATABASE_URL; NULL: WAL-only */
 } arq_config_t;
 
 /* Fill *cfg with defaults (allocates the strings). */
