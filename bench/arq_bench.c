@@ -50,7 +50,8 @@
 #include <msgpack.h>
 #include <wslay/wslay.h>
 
-#define AB_LAT_BUCKETS   1920u
+#include "bench_util.h"
+
 #define AB_RING          65536u /* per-connection slots for send times of pending pubs */
 #define AB_MAX_STREAMS   64u
 #define AB_MAX_CONNS     10000u
@@ -63,7 +64,7 @@ enum phase { PH_SETUP, PH_WARMUP, PH_MEASURE, PH_DONE };
 
 struct hist {
     uint64_t n;
-    uint64_t b[AB_LAT_BUCKETS];
+    uint64_t b[BENCH_LAT_BUCKETS];
 };
 
 struct opts {
@@ -137,37 +138,11 @@ struct bench {
 
 static struct bench g_b;
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* ---- histogram (as in wal_bench.c: exact below 32 ns, 32 sub-buckets per
- * power of two after that) ------------------------------------------------ */
-
-static unsigned lat_bucket(uint64_t ns)
-{
-    if (ns < 32)
-        return (unsigned)ns;
-    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
-    unsigned b = 32u + (msb - 5u) * 32u + (unsigned)((ns >> (msb - 5u)) & 31u);
-    return b < AB_LAT_BUCKETS ? b : AB_LAT_BUCKETS - 1;
-}
-
-static double lat_bucket_mid_ns(unsigned b)
-{
-    if (b < 32)
-        return b;
-    unsigned shift = (b - 32u) / 32u, sub = (b - 32u) % 32u;
-    double lo = (double)((32ull + sub) << shift);
-    return lo + (double)(1ull << shift) / 2;
-}
+/* ---- histogram (bench_util.h buckets) ------------------------------------ */
 
 static void hist_add(struct hist *h, uint64_t ns)
 {
-    h->b[lat_bucket(ns)]++;
+    h->b[bench_lat_bucket(ns)]++;
     h->n++;
 }
 
@@ -180,28 +155,12 @@ static double hist_q_us(const struct hist *h, double q)
     if (rank < 1)
         rank = 1;
     uint64_t seen = 0;
-    for (unsigned b = 0; b < AB_LAT_BUCKETS; b++) {
+    for (unsigned b = 0; b < BENCH_LAT_BUCKETS; b++) {
         seen += h->b[b];
         if (seen >= rank)
-            return lat_bucket_mid_ns(b) / 1e3;
+            return bench_lat_bucket_mid_ns(b) / 1e3;
     }
-    return lat_bucket_mid_ns(AB_LAT_BUCKETS - 1) / 1e3;
-}
-
-/* 1234567.8 -> "1,234,568" */
-static const char *fmt_count(char *buf, size_t len, double v)
-{
-    char digits[32];
-    unsigned long long n = v < 0 ? 0 : (unsigned long long)(v + 0.5);
-    int nd = snprintf(digits, sizeof digits, "%llu", n);
-    size_t o = 0;
-    for (int i = 0; i < nd && o + 2 < len; i++) {
-        if (i > 0 && (nd - i) % 3 == 0)
-            buf[o++] = ',';
-        buf[o++] = digits[i];
-    }
-    buf[o] = '\0';
-    return buf;
+    return bench_lat_bucket_mid_ns(BENCH_LAT_BUCKETS - 1) / 1e3;
 }
 
 __attribute__((format(printf, 2, 3))) static void fail(struct bench *b, const char *fmt, ...)
@@ -581,7 +540,7 @@ static int send_pub(struct conn *c)
     msgpack_packer_init(&pk, &fb, fixbuf_write);
     stream_name(b, (unsigned)((c->idx + c->k++) % b->o.streams), name, sizeof name);
     uint64_t id = ++c->next_id;
-    uint64_t t = now_ns();
+    uint64_t t = bench_now_ns();
     for (unsigned i = 0; i < 8; i++)
         b->payload[i] = (uint8_t)(t >> (8 * i));
     msgpack_pack_map(&pk, 4);
@@ -609,7 +568,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg);
 static void start_publishing(struct bench *b)
 {
     b->phase = PH_WARMUP;
-    b->t_start = now_ns();
+    b->t_start = bench_now_ns();
     if (b->o.rate > 0) {
         struct timeval tv = {0, AB_TICK_US};
         b->tick = event_new(b->base, -1, EV_PERSIST, on_tick, b);
@@ -637,7 +596,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     struct bench *b = arg;
     if (b->phase != PH_WARMUP && b->phase != PH_MEASURE)
         return;
-    uint64_t due = (uint64_t)((double)(now_ns() - b->t_start) * b->o.rate / 1e9);
+    uint64_t due = (uint64_t)((double)(bench_now_ns() - b->t_start) * b->o.rate / 1e9);
     if (due <= b->scheduled)
         return;
     uint64_t n = due - b->scheduled;
@@ -708,7 +667,7 @@ static void on_puback(struct conn *c, const msgpack_object *map, int nack)
 {
     struct bench *b = c->b;
     uint64_t id = obj_u64(map_get(map, "id"));
-    uint64_t t = now_ns();
+    uint64_t t = bench_now_ns();
     if (c->inflight > 0)
         c->inflight--;
     if (nack) {
@@ -740,7 +699,7 @@ static void on_delivery(struct conn *c, const msgpack_object *map)
     uint64_t sent = 0;
     for (unsigned i = 0; i < 8; i++)
         sent |= (uint64_t)(uint8_t)payload->via.bin.ptr[i] << (8 * i);
-    uint64_t t = now_ns();
+    uint64_t t = bench_now_ns();
     b->deliveries++;
     hist_add(&b->deliv_lat, t > sent ? t - sent : 0);
 }
@@ -834,7 +793,7 @@ static void on_measure(evutil_socket_t fd, short what, void *arg)
     b->srv_cpu0 = proc_cpu_sec(b->o.server_pid);
     getrusage(RUSAGE_SELF, &b->ru0);
     b->phase = PH_MEASURE;
-    b->t_meas = now_ns();
+    b->t_meas = bench_now_ns();
 }
 
 static void on_end(evutil_socket_t fd, short what, void *arg)
@@ -842,7 +801,7 @@ static void on_end(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct bench *b = arg;
-    b->t_end = now_ns();
+    b->t_end = bench_now_ns();
     b->phase = PH_DONE;
     getrusage(RUSAGE_SELF, &b->ru1);
     b->srv_cpu1 = proc_cpu_sec(b->o.server_pid);
@@ -1028,21 +987,21 @@ static void print_text(FILE *f, const struct bench *b, const struct results *r)
             b->load_after[2]);
     if (o->rate > 0)
         fprintf(f, "load: %u publishers, open loop at %s msg/s in aggregate", o->conns,
-                fmt_count(c1, sizeof c1, o->rate));
+                bench_fmt_count(c1, sizeof c1, o->rate));
     else
         fprintf(f, "load: %u publishers x %u in flight", o->conns, o->depth);
     fprintf(f,
             ", %u subscribers, %u streams, %u-byte payloads, %.1f s window after %.1f s warm-up\n",
             o->subs, o->streams, o->size, r->window_s, o->warmup);
     fprintf(f, "durable publishes/s:   %s  (pubacks in the window / window)\n",
-            fmt_count(c1, sizeof c1, r->pub_rate));
+            bench_fmt_count(c1, sizeof c1, r->pub_rate));
     if (o->rate > 0)
         fprintf(f, "publishes sent/s:      %s  (not sent, ring full: %llu)\n",
-                fmt_count(c2, sizeof c2, r->sent_rate), (unsigned long long)b->not_sent);
+                bench_fmt_count(c2, sizeof c2, r->sent_rate), (unsigned long long)b->not_sent);
     print_lat(f, "puback latency:", &b->puback_lat);
     if (o->subs > 0) {
         fprintf(f, "deliveries/s:          %s  (all subscribers together)\n",
-                fmt_count(c1, sizeof c1, r->deliv_rate));
+                bench_fmt_count(c1, sizeof c1, r->deliv_rate));
         print_lat(f, "delivery latency:", &b->deliv_lat);
     }
     fprintf(f, "nacks: %llu\n", (unsigned long long)b->nacks);
@@ -1053,28 +1012,13 @@ static void print_text(FILE *f, const struct bench *b, const struct results *r)
     if (b->m0.ok && b->m1.ok) {
         fprintf(
             f, "arqd WAL (/metrics, window): %s commits/s, %.1f msgs/commit, mean commit %.3f ms\n",
-            fmt_count(c1, sizeof c1, r->commits_ps), r->msgs_per_commit, r->commit_ms);
+            bench_fmt_count(c1, sizeof c1, r->commits_ps), r->msgs_per_commit, r->commit_ms);
         fprintf(f, "  batch sizes (commits with <= le msgs):");
         for (unsigned i = 0; i < r->n_buckets; i++)
             if (r->bucket_n[i] > 0)
                 fprintf(f, " le%g:%.0f", r->bucket_le[i], r->bucket_n[i]);
         fputc('\n', f);
     }
-}
-
-static void json_str(FILE *f, const char *s)
-{
-    fputc('"', f);
-    for (; *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\')
-            fprintf(f, "\\%c", c);
-        else if (c < 0x20)
-            fprintf(f, "\\u%04x", c);
-        else
-            fputc(c, f);
-    }
-    fputc('"', f);
 }
 
 static void json_lat(FILE *f, const char *name, const struct hist *h)
@@ -1094,11 +1038,11 @@ static void print_json(FILE *f, const struct bench *b, const struct results *r)
     char kernel[512];
     snprintf(kernel, sizeof kernel, "%s %s %s", u.sysname, u.release, u.machine);
     fprintf(f, "{\"tool\":\"arq-bench\",\"command\":");
-    json_str(f, b->cmdline);
+    bench_json_str(f, b->cmdline);
     fprintf(f, ",\"machine\":{\"nproc\":%ld,\"cpu\":", sysconf(_SC_NPROCESSORS_ONLN));
-    json_str(f, cpu);
+    bench_json_str(f, cpu);
     fprintf(f, ",\"kernel\":");
-    json_str(f, kernel);
+    bench_json_str(f, kernel);
     fprintf(f, ",\"load_before\":[%.2f,%.2f,%.2f],\"load_after\":[%.2f,%.2f,%.2f]}",
             b->load_before[0], b->load_before[1], b->load_before[2], b->load_after[0],
             b->load_after[1], b->load_after[2]);
@@ -1307,7 +1251,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     if (getloadavg(b->load_before, 3) != 3)
         b->load_before[0] = b->load_before[1] = b->load_before[2] = -1;
-    uint64_t t = now_ns();
+    uint64_t t = bench_now_ns();
     b->mask_state = (uint32_t)(t ^ (t >> 32) ^ (uint64_t)getpid()) | 1u;
     /* Fresh stream names per run, so "latest" and offsets never mix runs. */
     snprintf(b->stream_prefix, sizeof b->stream_prefix, "bench.%ld.%llu", (long)getpid(),

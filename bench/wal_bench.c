@@ -49,6 +49,7 @@
 
 #include <lmdb.h>
 
+#include "bench_util.h"
 #include "wal.h"
 #include "wal_record.h"
 
@@ -62,7 +63,6 @@
 #define BENCH_MAX_THREADS 1024u
 #define BENCH_TMPFS_MAGIC 0x01021994L
 #define BENCH_RAMFS_MAGIC 0x858458f6L
-#define BENCH_LAT_BUCKETS 1920u
 #define BENCH_ONLY_WAL    1
 #define BENCH_ONLY_LMDB   2
 #define BENCH_MET         1
@@ -127,13 +127,6 @@ static void on_signal(int sig)
     g_interrupted = 1;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -146,22 +139,6 @@ static double median(const double *v, unsigned n)
     memcpy(s, v, n * sizeof *s);
     qsort(s, n, sizeof *s, cmp_double);
     return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
-}
-
-/* 1234567.8 -> "1,234,568" */
-static const char *fmt_count(char *buf, size_t len, double v)
-{
-    char digits[32];
-    unsigned long long n = v < 0 ? 0 : (unsigned long long)(v + 0.5);
-    int nd = snprintf(digits, sizeof digits, "%llu", n);
-    size_t o = 0;
-    for (int i = 0; i < nd && o + 2 < len; i++) {
-        if (i > 0 && (nd - i) % 3 == 0)
-            buf[o++] = ',';
-        buf[o++] = digits[i];
-    }
-    buf[o] = '\0';
-    return buf;
 }
 
 /* ---- directories ------------------------------------------------------- */
@@ -334,7 +311,7 @@ static int run_wal_batch(const struct bench_opts *o, const char *dir, size_t bat
     if ((rc = wal_stats_or_fail(w, &st0)) != 0)
         goto out;
 
-    uint64_t n = 0, k = 0, t0 = now_ns(), t = t0;
+    uint64_t n = 0, k = 0, t0 = bench_now_ns(), t = t0;
     uint64_t deadline = t0 + (uint64_t)(o->seconds * 1e9);
     while (t < deadline && !g_interrupted) {
         rc = wal_append_sync(w, &msgs[k], batch, NULL);
@@ -345,7 +322,7 @@ static int run_wal_batch(const struct bench_opts *o, const char *dir, size_t bat
         }
         n += batch;
         k = (k + batch) % BENCH_STREAMS;
-        t = now_ns();
+        t = bench_now_ns();
     }
     if ((rc = wal_stats_or_fail(w, &st1)) != 0)
         goto out;
@@ -428,7 +405,7 @@ static int run_lmdb_batch(const struct bench_opts *o, const char *dir, size_t ba
 
     uint8_t rec[WAL_RECORD_HEADER + BENCH_PAYLOAD];
     uint8_t seq_key[8], idx_key[12];
-    uint64_t seq = 0, k = 0, n = 0, commits = 0, t0 = now_ns(), t = t0;
+    uint64_t seq = 0, k = 0, n = 0, commits = 0, t0 = bench_now_ns(), t = t0;
     uint64_t deadline = t0 + (uint64_t)(o->seconds * 1e9);
     memset(rec, 0, sizeof rec);
     memcpy(rec + WAL_RECORD_HEADER, g_payload, BENCH_PAYLOAD);
@@ -480,7 +457,7 @@ static int run_lmdb_batch(const struct bench_opts *o, const char *dir, size_t ba
         }
         n += batch;
         commits++;
-        t = now_ns();
+        t = bench_now_ns();
     }
     double secs = (double)(t - t0) / 1e9;
     res->rps = (double)n / secs;
@@ -495,25 +472,6 @@ out:
 }
 
 /* ---- (b) group commit: T threads, one message per call --------------------- */
-
-/* Log-linear latency histogram: exact below 32 ns, then 32 sub-buckets per
- * power of two (about 3% resolution). */
-static unsigned lat_bucket(uint64_t ns)
-{
-    if (ns < 32)
-        return (unsigned)ns;
-    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
-    return 32u + (msb - 5u) * 32u + (unsigned)((ns >> (msb - 5u)) & 31u);
-}
-
-static double lat_bucket_mid_ns(unsigned b)
-{
-    if (b < 32)
-        return b;
-    unsigned shift = (b - 32u) / 32u, sub = (b - 32u) % 32u;
-    double lo = (double)((32ull + sub) << shift);
-    return lo + (double)(1ull << shift) / 2;
-}
 
 struct group;
 
@@ -559,14 +517,14 @@ static void *worker_main(void *arg)
         pthread_cond_wait(&g->cond, &g->lock);
     pthread_mutex_unlock(&g->lock);
     while (!atomic_load_explicit(&g->stop, memory_order_relaxed)) {
-        uint64_t t0 = now_ns();
+        uint64_t t0 = bench_now_ns();
         int rc = wal_append_sync(g->wal, &msg, 1, NULL);
         if (rc != 0) {
             wk->err = rc;
             atomic_store(&g->stop, 1);
             break;
         }
-        wk->hist[lat_bucket(now_ns() - t0)]++;
+        wk->hist[bench_lat_bucket(bench_now_ns() - t0)]++;
         wk->done++;
     }
     return NULL;
@@ -610,12 +568,12 @@ static int run_wal_group(const struct bench_opts *o, const char *dir, unsigned n
         }
     }
     group_release(&g);
-    t0 = now_ns();
+    t0 = bench_now_ns();
     struct timespec until;
     uint64_t deadline = t0 + (uint64_t)(o->seconds * 1e9);
     /* Sleep in slices so that an interrupt or a failed worker ends the run early. */
     while (!g_interrupted && !atomic_load(&g.stop)) {
-        uint64_t t = now_ns();
+        uint64_t t = bench_now_ns();
         if (t >= deadline)
             break;
         uint64_t slice = deadline - t < 50000000u ? deadline - t : 50000000u;
@@ -627,7 +585,7 @@ static int run_wal_group(const struct bench_opts *o, const char *dir, unsigned n
 join:
     for (unsigned i = 0; i < started; i++)
         (void)pthread_join(wk[i].thread, NULL);
-    uint64_t t1 = now_ns();
+    uint64_t t1 = bench_now_ns();
     uint64_t n = 0;
     if (started < nthreads)
         goto out;
@@ -659,9 +617,9 @@ join:
         if (hist[b] == 0)
             continue;
         if (seen < p50 && seen + hist[b] >= p50)
-            res->p50_us = lat_bucket_mid_ns(b) / 1e3;
+            res->p50_us = bench_lat_bucket_mid_ns(b) / 1e3;
         if (seen < p99 && seen + hist[b] >= p99)
-            res->p99_us = lat_bucket_mid_ns(b) / 1e3;
+            res->p99_us = bench_lat_bucket_mid_ns(b) / 1e3;
         seen += hist[b];
     }
     rc = 0;
@@ -873,9 +831,9 @@ static void print_table(FILE *f, const struct bench *b)
             if (o->only == BENCH_ONLY_LMDB)
                 snprintf(mpc, sizeof mpc, "-");
             fprintf(f, "%7zu %13s %13s %9s %7s %11s %8s  %s\n", r->param,
-                    o->only == BENCH_ONLY_LMDB ? "-" : fmt_count(c1, sizeof c1, r->wal_rps),
-                    o->only == BENCH_ONLY_WAL ? "-" : fmt_count(c2, sizeof c2, r->lmdb_rps), ratio,
-                    paired, range, mpc, o->only != 0 ? "-" : verdict_name(r->verdict));
+                    o->only == BENCH_ONLY_LMDB ? "-" : bench_fmt_count(c1, sizeof c1, r->wal_rps),
+                    o->only == BENCH_ONLY_WAL ? "-" : bench_fmt_count(c2, sizeof c2, r->lmdb_rps),
+                    ratio, paired, range, mpc, o->only != 0 ? "-" : verdict_name(r->verdict));
         }
     }
     if (o->n_threads > 0 && o->only != BENCH_ONLY_LMDB) {
@@ -886,32 +844,18 @@ static void print_table(FILE *f, const struct bench *b)
         for (unsigned i = 0; i < o->n_threads; i++) {
             const struct row *r = &b->group_rows[i];
             fprintf(f, "%7zu %13s %13s %9.1f %11.0f %11.0f\n", r->param,
-                    fmt_count(c1, sizeof c1, r->wal_rps), fmt_count(c2, sizeof c2, r->commits_ps),
-                    r->msgs_per_commit, r->p50_us, r->p99_us);
+                    bench_fmt_count(c1, sizeof c1, r->wal_rps),
+                    bench_fmt_count(c2, sizeof c2, r->commits_ps), r->msgs_per_commit, r->p50_us,
+                    r->p99_us);
         }
         if (b->single_put_commits_ps > 0)
             fprintf(f, "    plain LMDB, one put per %scommit (batch 1 baseline): %s commits/s\n",
                     o->sync_none ? "unsynced " : "synced ",
-                    fmt_count(c3, sizeof c3, b->single_put_commits_ps));
+                    bench_fmt_count(c3, sizeof c3, b->single_put_commits_ps));
     }
     if (o->n_batches > 0 && o->only == 0)
         fprintf(f, "\ngoal (WAL >= 0.80 x plain LMDB at every batch size): %s\n",
                 verdict_name(bench_goal(b)));
-}
-
-static void json_str(FILE *f, const char *s)
-{
-    fputc('"', f);
-    for (; *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\')
-            fprintf(f, "\\%c", c);
-        else if (c < 0x20)
-            fprintf(f, "\\u%04x", c);
-        else
-            fputc(c, f);
-    }
-    fputc('"', f);
 }
 
 static void json_reps(FILE *f, const char *name, const struct run_result *rr, unsigned n)
@@ -932,23 +876,23 @@ static void print_json(FILE *f, const struct bench *b)
     const struct bench_opts *o = &b->o;
     const struct machine *m = &b->m;
     fprintf(f, "{\"tool\":\"arq-wal-bench\",\"command\":");
-    json_str(f, b->cmdline);
+    bench_json_str(f, b->cmdline);
     fprintf(f, ",\"machine\":{\"nproc\":%ld,\"cpu\":", m->nproc);
-    json_str(f, m->cpu);
+    bench_json_str(f, m->cpu);
     fprintf(f, ",\"mem_bytes\":%llu,\"kernel\":", m->mem_bytes);
-    json_str(f, m->kernel);
+    bench_json_str(f, m->kernel);
     fprintf(f, ",\"load_before\":[%.2f,%.2f,%.2f],\"load_after\":[%.2f,%.2f,%.2f]}",
             m->load_before[0], m->load_before[1], m->load_before[2], m->load_after[0],
             m->load_after[1], m->load_after[2]);
     fprintf(f, ",\"dir\":");
-    json_str(f, b->rundir);
+    bench_json_str(f, b->rundir);
     fprintf(f, ",\"fs\":{\"type\":");
-    json_str(f, m->fs_type);
+    bench_json_str(f, m->fs_type);
     fprintf(f, ",\"device\":");
-    json_str(f, m->fs_device);
+    bench_json_str(f, m->fs_device);
     fprintf(f, ",\"statfs_magic\":%ld,\"tmpfs\":%s}", m->fs_magic, m->fs_tmpfs ? "true" : "false");
     fprintf(f, ",\"lmdb_version\":");
-    json_str(f, m->lmdb_version);
+    bench_json_str(f, m->lmdb_version);
     fprintf(f,
             ",\"config\":{\"seconds\":%g,\"reps\":%u,\"sync\":\"%s\",\"unsafe\":%s,"
             "\"message_bytes\":%u,\"streams\":%u,\"map_size\":%llu}",
