@@ -262,6 +262,23 @@ static void leave(arq_client_t *c)
         client_destroy(c);
 }
 
+/* Complete a request that will get no answer, and free it. */
+static void fail_req(arq_client_t *c, struct req *r, int status)
+{
+    if (r->kind == REQ_PUB) {
+        if (r->pub_cb)
+            r->pub_cb(c, status, 0, 0, r->arg);
+    } else if (r->sub) {
+        struct sub *s = r->sub;
+        LIST_REMOVE(s, link);
+        if (s->subok_cb)
+            s->subok_cb(c, status, 0, 0, 0, s->arg);
+        free(s->stream);
+        free(s);
+    }
+    free(r);
+}
+
 static void request_teardown(arq_client_t *c, int status)
 {
     if (c->teardown_pending || c->state == ST_CLOSED)
@@ -400,18 +417,7 @@ static void conn_teardown(arq_client_t *c)
     struct req *r;
     while ((r = TAILQ_FIRST(&c->reqs)) && !c->free_requested) {
         TAILQ_REMOVE(&c->reqs, r, link);
-        if (r->kind == REQ_PUB) {
-            if (r->pub_cb)
-                r->pub_cb(c, status, 0, 0, r->arg);
-        } else if (r->sub) {
-            struct sub *s = r->sub;
-            LIST_REMOVE(s, link);
-            if (s->subok_cb)
-                s->subok_cb(c, status, 0, 0, 0, s->arg);
-            free(s->stream);
-            free(s);
-        }
-        free(r);
+        fail_req(c, r, status);
     }
     if (c->free_requested)
         return;
@@ -715,22 +721,6 @@ static void send_hello(arq_client_t *c)
         set_error(c, "cannot send hello: %s", arq_strerror(rc));
         request_teardown(c, rc);
     }
-}
-
-static void fail_req(arq_client_t *c, struct req *r, int status)
-{
-    if (r->kind == REQ_PUB) {
-        if (r->pub_cb)
-            r->pub_cb(c, status, 0, 0, r->arg);
-    } else if (r->sub) {
-        struct sub *s = r->sub;
-        LIST_REMOVE(s, link);
-        if (s->subok_cb)
-            s->subok_cb(c, status, 0, 0, 0, s->arg);
-        free(s->stream);
-        free(s);
-    }
-    free(r);
 }
 
 static void handle_message(arq_client_t *c, const msgpack_object *m, msgpack_zone *z)

@@ -298,6 +298,26 @@ static void rtxn_end(wal_t *wal, MDB_txn *txn)
     pthread_rwlock_unlock(&wal->map_lock);
 }
 
+/* A read transaction with a cursor on dbi; end both with rtxn_cursor_end. */
+static int rtxn_cursor(wal_t *wal, MDB_dbi dbi, MDB_txn **txn, MDB_cursor **cur)
+{
+    int rc = rtxn_begin(wal, txn);
+    if (rc)
+        return rc;
+    rc = mdb_cursor_open(*txn, dbi, cur);
+    if (rc) {
+        rtxn_end(wal, *txn);
+        return map_mdb(rc);
+    }
+    return 0;
+}
+
+static void rtxn_cursor_end(wal_t *wal, MDB_txn *txn, MDB_cursor *cur)
+{
+    mdb_cursor_close(cur);
+    rtxn_end(wal, txn);
+}
+
 /* ---- heads ------------------------------------------------------------- */
 
 static uint64_t name_hash(const char *name, size_t len)
@@ -1839,15 +1859,10 @@ int wal_log_read(wal_t *wal, uint64_t from, uint32_t max_msgs, uint64_t max_byte
         from = 1;
     res->next = from;
     MDB_txn *txn;
-    int rc = rtxn_begin(wal, &txn);
+    MDB_cursor *cur;
+    int rc = rtxn_cursor(wal, wal->dbi_log, &txn, &cur);
     if (rc)
         return rc;
-    MDB_cursor *cur;
-    rc = mdb_cursor_open(txn, wal->dbi_log, &cur);
-    if (rc) {
-        rtxn_end(wal, txn);
-        return map_mdb(rc);
-    }
     uint8_t sk[8];
     wal_put_be64(sk, from);
     MDB_val k = {8, sk}, v;
@@ -1888,8 +1903,7 @@ int wal_log_read(wal_t *wal, uint64_t from, uint32_t max_msgs, uint64_t max_byte
     }
     if (!rc && g != 0 && g != MDB_NOTFOUND)
         rc = map_mdb(g);
-    mdb_cursor_close(cur);
-    rtxn_end(wal, txn);
+    rtxn_cursor_end(wal, txn, cur);
     return rc;
 }
 
@@ -1919,15 +1933,10 @@ int wal_stream_get(wal_t *wal, const char *stream, size_t stream_len, wal_stream
 int wal_stream_list(wal_t *wal, wal_stream_cb cb, void *arg)
 {
     MDB_txn *txn;
-    int rc = rtxn_begin(wal, &txn);
+    MDB_cursor *cur;
+    int rc = rtxn_cursor(wal, wal->dbi_streams, &txn, &cur);
     if (rc)
         return rc;
-    MDB_cursor *cur;
-    rc = mdb_cursor_open(txn, wal->dbi_streams, &cur);
-    if (rc) {
-        rtxn_end(wal, txn);
-        return map_mdb(rc);
-    }
     MDB_val k, v;
     for (int g = mdb_cursor_get(cur, &k, &v, MDB_FIRST); g == 0;
          g = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
@@ -1947,8 +1956,7 @@ int wal_stream_list(wal_t *wal, wal_stream_cb cb, void *arg)
         if (cb(&info, arg))
             break;
     }
-    mdb_cursor_close(cur);
-    rtxn_end(wal, txn);
+    rtxn_cursor_end(wal, txn, cur);
     return rc;
 }
 
