@@ -766,6 +766,40 @@ static void complete(wal_t *wal, wal_append_t *r, int status)
     event_active(wal->done_ev, EV_READ, 0);
 }
 
+/*
+ * Complete a whole batch with one lock and one wake-up of the loop: per
+ * request, event_active() costs a futex wake and an eventfd write on the
+ * writer thread, between commits. own_status: each keeps its r->status.
+ */
+static void complete_batch(wal_t *wal, wal_append_t **reqs, size_t n, bool own_status, int status)
+{
+    wal_append_t *head = NULL, *tail = NULL;
+    for (size_t q = 0; q < n; q++) {
+        wal_append_t *r = reqs[q];
+        r->status = own_status ? r->status : status;
+        r->next = NULL;
+        if (r->direct || !wal->base) {
+            r->cb(r, r->arg);
+            continue;
+        }
+        if (tail)
+            tail->next = r;
+        else
+            head = r;
+        tail = r;
+    }
+    if (!head)
+        return;
+    pthread_mutex_lock(&wal->done_mu);
+    if (wal->done_tail)
+        wal->done_tail->next = head;
+    else
+        wal->done_head = head;
+    wal->done_tail = tail;
+    pthread_mutex_unlock(&wal->done_mu);
+    event_active(wal->done_ev, EV_READ, 0);
+}
+
 /* ---- the writer -------------------------------------------------------- */
 
 static void put_meta_u64(uint8_t *buf, uint64_t v)
@@ -1104,8 +1138,7 @@ static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
             hist_add(wal->st_batch, wal_batch_bounds, msgs);
             __atomic_add_fetch(&wal->st_commits, 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&wal->st_msgs, msgs, __ATOMIC_RELAXED);
-            for (size_t q = 0; q < n; q++)
-                complete(wal, reqs[q], reqs[q]->status);
+            complete_batch(wal, reqs, n, true, 0);
             return;
         }
         batch_rollback(wal, saved_seq, saved_id);
@@ -1129,8 +1162,7 @@ static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
             fail_stop(wal);
             status = WAL_EFATAL;
         }
-        for (size_t q = 0; q < n; q++)
-            complete(wal, reqs[q], status);
+        complete_batch(wal, reqs, n, false, status);
         return;
     }
 }
