@@ -812,20 +812,37 @@ static void enc_code_reason(encoder_t *e, int code, const char *reason)
     enc_cstr(e, reason);
 }
 
-int proto_enc_welcome(proto_buf_t *b, const char *session, const char *resume_token,
-                      const char *server, uint32_t max_payload, uint32_t max_inflight)
+int proto_enc_welcome(proto_buf_t *b, const proto_welcome_t *w)
 {
     encoder_t e;
-    enc_start(&e, b, 6, 128);
+    size_t n_subs = w->resumed ? w->n_subs : 0;
+    if (n_subs > UINT32_MAX)
+        return PROTO_ELIMIT;
+    enc_start(&e, b, w->resumed ? 9 : 8, 160 + n_subs * 64);
     enc_type(&e, "welcome");
     enc_cstr(&e, "session");
-    enc_cstr(&e, session);
+    enc_cstr(&e, w->session);
     enc_cstr(&e, "resume_token");
-    enc_cstr(&e, resume_token);
+    enc_cstr(&e, w->resume_token);
+    enc_cstr(&e, "resumed");
+    (void)(w->resumed ? msgpack_pack_true(&e.pk) : msgpack_pack_false(&e.pk));
+    enc_uint(&e, "session_ttl", w->session_ttl_s);
     enc_cstr(&e, "server");
-    enc_cstr(&e, server);
-    enc_uint(&e, "max_payload", max_payload);
-    enc_uint(&e, "max_inflight", max_inflight);
+    enc_cstr(&e, w->server);
+    enc_uint(&e, "max_payload", w->max_payload);
+    enc_uint(&e, "max_inflight", w->max_inflight);
+    if (w->resumed) {
+        enc_cstr(&e, "subs");
+        (void)msgpack_pack_array(&e.pk, n_subs);
+        for (size_t i = 0; i < n_subs; i++) {
+            const proto_resumed_sub_t *r = &w->subs[i];
+            (void)msgpack_pack_map(&e.pk, 4);
+            enc_stream(&e, (const uint8_t *)r->stream, r->stream_len);
+            enc_uint(&e, "epoch", r->epoch);
+            enc_uint(&e, "acked", r->acked);
+            enc_uint(&e, "next", r->next);
+        }
+    }
     return enc_finish(&e);
 }
 

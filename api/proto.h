@@ -90,8 +90,21 @@ typedef struct proto_buf {
 void proto_buf_free(proto_buf_t *b);
 void proto_buf_reset(proto_buf_t *b);
 
-int proto_enc_welcome(proto_buf_t *b, const char *session, const char *resume_token,
-                      const char *server, uint32_t max_payload, uint32_t max_inflight);
+/* welcome: subs (only when resumed) are the restored subscriptions. */
+typedef struct proto_resumed_sub {
+    const char *stream;
+    size_t stream_len;
+    uint64_t epoch, acked, next;
+} proto_resumed_sub_t;
+typedef struct proto_welcome {
+    const char *session, *resume_token, *server;
+    uint32_t max_payload, max_inflight;
+    uint64_t session_ttl_s;
+    int resumed;
+    const proto_resumed_sub_t *subs;
+    size_t n_subs;
+} proto_welcome_t;
+int proto_enc_welcome(proto_buf_t *b, const proto_welcome_t *w);
 int proto_enc_subok(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t stream_len,
                     uint64_t epoch, uint64_t first, uint64_t next);
 int proto_enc_unsubok(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t stream_len);

@@ -40,6 +40,8 @@ enum conn_state { C_HTTP, C_BODY, C_WS, C_DONE };
 
 typedef struct conn conn_t;
 
+#define SESSION_ID_MAX 64 /* hello.session and resume_token, bytes */
+
 struct api_pub_ctx {
     conn_t *conn; /* NULL once the connection is gone */
 };
@@ -57,9 +59,10 @@ struct conn {
     brk_client_t *client;
     bool hello_done;
     bool close_after_write;
+    bool kicked; /* its session was resumed elsewhere: free on the next turn */
     struct api_pub_ctx *pub; /* pending server API publish */
     char peer[64];
-    char session[33];
+    char session[SESSION_ID_MAX + 1];
     conn_t *prev, *next;
 };
 
@@ -289,10 +292,53 @@ static int utf8_valid(const uint8_t *s, size_t n)
     return 1;
 }
 
+/* Session ids and resume tokens we accept back: what we hand out (hex), at
+ * most SESSION_ID_MAX bytes of [A-Za-z0-9_-]. */
+static bool session_str_ok(const proto_bytes_t *b)
+{
+    if (b->len == 0 || b->len > SESSION_ID_MAX)
+        return false;
+    for (size_t i = 0; i < b->len; i++) {
+        uint8_t ch = b->ptr[i];
+        if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+              ch == '_' || ch == '-'))
+            return false;
+    }
+    return true;
+}
+
+/* The WAL keeps only a digest of a resume token. */
+static void token_digest(const void *token, size_t len, uint8_t out[32])
+{
+    unsigned int n = 32;
+    if (!EVP_Digest(token, len, out, &n, EVP_sha256(), NULL))
+        memset(out, 0, 32);
+}
+
+struct welcome_subs {
+    proto_resumed_sub_t *v;
+    size_t n, cap;
+};
+
+static void welcome_sub_cb(const char *stream, size_t len, uint64_t epoch, uint64_t acked,
+                           uint64_t next, void *arg)
+{
+    struct welcome_subs *ws = arg;
+    if (ws->n == ws->cap) {
+        size_t ncap = ws->cap ? ws->cap * 2 : 8;
+        proto_resumed_sub_t *nv = realloc(ws->v, ncap * sizeof(*nv));
+        if (!nv)
+            return;
+        ws->v = nv;
+        ws->cap = ncap;
+    }
+    ws->v[ws->n++] = (proto_resumed_sub_t){stream, len, epoch, acked, next};
+}
+
 static void handle_hello(conn_t *c, const proto_msg_t *m)
 {
     api_server_t *s = c->srv;
-    const char *producer = c->session;
+    const char *producer = NULL;
     char *const *pub = NULL, *const *subs = NULL;
     size_t n_pub = (size_t)-1, n_subs = (size_t)-1;
     auth_token_t tok = {0};
@@ -320,8 +366,37 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         subs = tok.subs;
         n_subs = tok.n_subs;
     }
+    const char *owner = have_tok && tok.subject ? tok.subject : "";
+    /* Resume the session the client names, or start the one we drew. */
+    char resume[SESSION_ID_MAX + 1];
+    uint8_t digest[32];
+    bool resumed = false;
+    if (session_str_ok(&m->session) && session_str_ok(&m->resume_token)) {
+        char want[SESSION_ID_MAX + 1];
+        memcpy(want, m->session.ptr, m->session.len);
+        want[m->session.len] = 0;
+        token_digest(m->resume_token.ptr, m->resume_token.len, digest);
+        if (brk_session_resumable(s->brk, want, owner, digest, sizeof(digest))) {
+            resumed = true;
+            memcpy(c->session, want, m->session.len + 1);
+            memcpy(resume, m->resume_token.ptr, m->resume_token.len);
+            resume[m->resume_token.len] = 0;
+        }
+    }
+    if (!resumed) {
+        random_hex(resume, 16);
+        token_digest(resume, strlen(resume), digest);
+    }
+    if (!producer)
+        producer = c->session; /* anonymous: the session is the dedup namespace */
     int rc = brk_client_new(s->brk, &s->ops, c, c->session, producer, pub, n_pub, subs, n_subs,
                             &c->client);
+    if (rc == 0) {
+        if (resumed)
+            (void)brk_session_resume(c->client, owner, digest, sizeof(digest));
+        else
+            rc = brk_session_create(c->client, owner, digest, sizeof(digest));
+    }
     if (have_tok)
         auth_token_free(&tok);
     if (rc) {
@@ -329,13 +404,26 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         return;
     }
     c->hello_done = true;
-    char resume[33];
-    random_hex(resume, 16);
+    struct welcome_subs ws = {0};
+    if (resumed)
+        brk_client_subs(c->client, welcome_sub_cb, &ws);
+    proto_welcome_t w = {.session = c->session,
+                         .resume_token = resume,
+                         .server = s->o.version,
+                         .max_payload = s->o.max_message_bytes,
+                         .max_inflight = s->o.max_inflight,
+                         .session_ttl_s = s->o.session_ttl_s ? s->o.session_ttl_s : 86400,
+                         .resumed = resumed,
+                         .subs = ws.v,
+                         .n_subs = ws.n};
     proto_buf_t pb = {0};
-    if (proto_enc_welcome(&pb, c->session, resume, s->o.version, s->o.max_message_bytes,
-                          s->o.max_inflight) == 0)
+    if (proto_enc_welcome(&pb, &w) == 0)
         send_pb(c, &pb);
     proto_buf_free(&pb);
+    free(ws.v);
+    arq_log(ARQ_LOG_DEBUG, "hello", "peer", c->peer, "session", c->session, "resumed",
+            resumed ? "true" : "false", NULL);
+    brk_client_start(c->client);
 }
 
 static void handle_binary(conn_t *c, const uint8_t *data, size_t len)
@@ -394,6 +482,12 @@ static void pong_timeout_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     conn_t *c = arg;
+    if (c->kicked) {
+        /* the 4001 close goes out first: the write callback frees it */
+        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+            conn_free(c);
+        return;
+    }
     bool our_backlog =
         c->client && brk_client_pending(c->client) >= MAX_PENDING_PUBS &&
         evbuffer_get_length(bufferevent_get_output(c->bev)) <= c->srv->o.max_output_bytes;
@@ -592,6 +686,33 @@ static void upgrade(conn_t *c, const http_request_t *req)
         event_add(c->ping_timer, &tv);
     }
     arq_log(ARQ_LOG_DEBUG, "ws_open", "peer", c->peer, "session", c->session, NULL);
+}
+
+/* The broker gave this connection's session to another one: say so with
+ * close code 4001 and drop the connection on the next loop turn (never
+ * inside the broker's call). */
+static void conn_kick(void *conn)
+{
+    conn_t *c = conn;
+    if (c->kicked)
+        return;
+    c->kicked = true;
+    if (c->state == C_WS && c->ws) {
+        ws_close(c, 4001, "session resumed elsewhere");
+        if (wslay_event_want_write(c->ws))
+            wslay_event_send(c->ws);
+    }
+    bufferevent_disable(c->bev, EV_READ);
+    c->close_after_write = true;
+    /* a dead peer may never take the close: give it a pong timeout */
+    struct timeval wtv = ms_tv(c->srv->o.pong_timeout_ms);
+    bufferevent_set_timeouts(c->bev, NULL, &wtv);
+    if (c->ping_timer)
+        event_del(c->ping_timer);
+    if (c->pong_timer) {
+        event_del(c->pong_timer);
+        event_active(c->pong_timer, EV_TIMEOUT, 0);
+    }
 }
 
 static void write_metrics(api_server_t *s, struct evbuffer *b);
@@ -845,7 +966,7 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
 {
     (void)bev;
     conn_t *c = arg;
-    if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
+    if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT))
         conn_free(c);
 }
 
@@ -987,6 +1108,16 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
            bs.cursor_commits);
     metric(b, "arq_cursor_errors_total", "counter", "Cursor requests that failed.",
            bs.cursor_errors);
+    metric(b, "arq_sessions_live", "gauge", "Durable sessions held by a connection now.",
+           bs.sessions_live);
+    metric(b, "arq_sessions_created_total", "counter", "New sessions.", bs.sessions_created);
+    metric(b, "arq_sessions_resumed_total", "counter", "Sessions resumed by a new connection.",
+           bs.sessions_resumed);
+    metric(b, "arq_sessions_taken_over_total", "counter",
+           "Connections closed (4001) because their session was resumed elsewhere.",
+           bs.sessions_taken_over);
+    metric(b, "arq_sessions_expired_total", "counter", "Sessions deleted after their TTL.",
+           bs.sessions_expired);
     metric(b, "arq_streams", "gauge", "Streams known to the broker.", bs.streams);
     evbuffer_add_printf(b, "# HELP arq_errors_total Errors by kind.\n"
                            "# TYPE arq_errors_total counter\n");
@@ -1032,6 +1163,7 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     s->ops.send = conn_send;
     s->ops.out_pending = conn_out_pending;
     s->ops.on_drain = conn_on_drain;
+    s->ops.kick = conn_kick;
     struct sockaddr_in sin = {0};
     sin.sin_family = AF_INET;
     sin.sin_port = htons(opts->port);

@@ -27,6 +27,7 @@ struct brk_sub {
     uint64_t next;      /* next offset to deliver */
     uint64_t acked;     /* cumulative ack */
     uint64_t persisted; /* acked offset last handed to the WAL as a cursor */
+    bool recorded;      /* a durable session's cursor for it was handed to the WAL */
     brk_sub_t *next_in_stream, *prev_in_stream;
     brk_sub_t *next_in_client;
 };
@@ -60,6 +61,14 @@ struct brk_client {
     brk_sub_t *sub_list;
     size_t n_sub;
     struct event *work; /* deferred delivery when the budget ran out */
+    /* durable session (brk_session_create/resume) */
+    bool durable;
+    bool in_table;         /* in b->sess (the session's live connection) */
+    brk_client_t *snext;   /* session table chain */
+    char *owner;
+    uint8_t secret[WAL_SECRET_MAX];
+    uint8_t secret_len;
+    int64_t created_us;
 };
 
 struct brk {
@@ -70,6 +79,9 @@ struct brk {
     size_t n_buckets, n_streams;
     brk_client_t *dirty; /* clients with acks to persist */
     struct event *flush_ev;
+    brk_client_t **sess; /* live durable sessions by id (chained) */
+    size_t n_sess_buckets;
+    struct event *expire_ev;
     brk_stats_t st;
 };
 
@@ -449,6 +461,7 @@ static void client_unref(brk_client_t *c)
 {
     if (--c->refs > 0)
         return;
+    free(c->owner);
     free(c->producer);
     free(c->session);
     free_patterns(c->pub, c->n_pub);
@@ -469,6 +482,16 @@ static void sub_unlink(brk_sub_t *sub)
 
 /* ---- durable cursors -------------------------------------------------- */
 
+static void mark_dirty(brk_client_t *c)
+{
+    if (c->dirty || c->closed)
+        return;
+    c->dirty = true;
+    c->next_dirty = c->b->dirty;
+    c->b->dirty = c;
+    c->refs++;
+}
+
 static void cursor_done(wal_append_t *req, void *arg)
 {
     brk_t *b = arg;
@@ -486,12 +509,18 @@ static size_t cursor_collect(brk_client_t *c, wal_append_t *req)
     if (!c->session[0])
         return 0;
     for (brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client) {
-        if (sub->acked <= sub->persisted)
+        bool record = c->durable && !sub->recorded && sub->stream->epoch != 0;
+        if (sub->acked <= sub->persisted && !record)
+            continue;
+        /* The WAL fails a request whose cursor names a stream it does not
+         * hold: only streams the broker saw committed (epoch set). */
+        if (sub->stream->epoch == 0)
             continue;
         if (wal_append_add_cursor(req, c->session, strlen(c->session), sub->stream->name,
                                   sub->stream->name_len, sub->acked) != 0)
             continue;
         sub->persisted = sub->acked;
+        sub->recorded = true;
         n++;
     }
     c->dirty = false;
@@ -535,17 +564,151 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg)
     brk_flush(arg);
 }
 
-void brk_client_close(brk_client_t *c)
+/* ---- sessions ---------------------------------------------------------- */
+
+static brk_sub_t *sub_find(brk_client_t *c, brk_stream_t *s)
 {
-    if (!c)
+    for (brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client)
+        if (sub->stream == s)
+            return sub;
+    return NULL;
+}
+
+static brk_client_t **sess_slot(brk_t *b, const char *id)
+{
+    return &b->sess[hash_name(id, strlen(id)) % b->n_sess_buckets];
+}
+
+static brk_client_t *sess_find(brk_t *b, const char *id)
+{
+    for (brk_client_t *c = *sess_slot(b, id); c; c = c->snext)
+        if (strcmp(c->session, id) == 0)
+            return c;
+    return NULL;
+}
+
+static void sess_insert(brk_client_t *c)
+{
+    brk_client_t **slot = sess_slot(c->b, c->session);
+    c->snext = *slot;
+    *slot = c;
+    c->in_table = true;
+    c->b->st.sessions_live++;
+}
+
+static void sess_remove(brk_client_t *c)
+{
+    if (!c->in_table)
         return;
-    if (c->dirty) {
-        /* Its acks go out now; the dirty list drops it at the next flush. */
-        wal_append_t *req;
-        if (wal_append_new(cursor_done, c->b, &req) == 0)
-            cursor_submit(c->b, req, cursor_collect(c, req));
+    for (brk_client_t **pp = sess_slot(c->b, c->session); *pp; pp = &(*pp)->snext) {
+        if (*pp == c) {
+            *pp = c->snext;
+            break;
+        }
     }
+    c->snext = NULL;
+    c->in_table = false;
+    c->b->st.sessions_live--;
+}
+
+static int64_t wall_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Add "session c was connected at `seen`" to req. */
+static int session_put(brk_client_t *c, wal_append_t *req, int64_t seen)
+{
+    wal_session_t ws = {.created_us = c->created_us, .seen_us = seen};
+    size_t olen = strlen(c->owner);
+    ws.owner_len = (uint8_t)(olen > WAL_PRODUCER_MAX ? WAL_PRODUCER_MAX : olen);
+    memcpy(ws.owner, c->owner, ws.owner_len);
+    ws.secret_len = c->secret_len;
+    memcpy(ws.secret, c->secret, c->secret_len);
+    return wal_append_put_session(req, c->session, strlen(c->session), &ws);
+}
+
+static bool secret_eq(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+{
+    if (alen != blen)
+        return false;
+    uint8_t d = 0; /* constant time in the length */
+    for (size_t i = 0; i < alen; i++)
+        d |= a[i] ^ b[i];
+    return d == 0;
+}
+
+static bool session_id_ok(const char *id)
+{
+    size_t n = strlen(id);
+    return n > 0 && n <= WAL_SESSION_MAX;
+}
+
+int brk_session_resumable(brk_t *b, const char *id, const char *owner, const uint8_t *secret,
+                          size_t secret_len)
+{
+    if (!session_id_ok(id) || secret_len > WAL_SECRET_MAX)
+        return 0;
+    owner = owner ? owner : "";
+    brk_client_t *live = sess_find(b, id);
+    if (live)
+        return strcmp(live->owner, owner) == 0 &&
+               secret_eq(live->secret, live->secret_len, secret, secret_len);
+    wal_session_t ws;
+    if (wal_session_get(b->wal, id, strlen(id), &ws) != 0)
+        return 0;
+    if (ws.owner_len != strlen(owner) || memcmp(ws.owner, owner, ws.owner_len) != 0)
+        return 0;
+    if (!secret_eq(ws.secret, ws.secret_len, secret, secret_len))
+        return 0;
+    return ws.seen_us + (int64_t)b->o.session_ttl_s * 1000000 >= wall_us();
+}
+
+static int session_adopt(brk_client_t *c, const char *owner, const uint8_t *secret,
+                         size_t secret_len, int64_t created_us)
+{
+    if (c->durable || !session_id_ok(c->session) || secret_len > WAL_SECRET_MAX)
+        return -1;
+    c->owner = strdup(owner ? owner : "");
+    if (!c->owner)
+        return -1;
+    memcpy(c->secret, secret, secret_len);
+    c->secret_len = (uint8_t)secret_len;
+    c->created_us = created_us;
+    c->durable = true;
+    sess_insert(c);
+    return 0;
+}
+
+static void session_record(brk_client_t *c)
+{
+    wal_append_t *req;
+    if (wal_append_new(cursor_done, c->b, &req) != 0)
+        return;
+    size_t n = session_put(c, req, wall_us()) == 0;
+    cursor_submit(c->b, req, n);
+}
+
+int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret,
+                       size_t secret_len)
+{
+    if (session_adopt(c, owner, secret, secret_len, wall_us()) != 0)
+        return -1;
+    c->b->st.sessions_created++;
+    session_record(c);
+    return 0;
+}
+
+/* Stop a client's activity for good: no more sends, subscriptions gone.
+ * Its pending publishes still complete (silently). */
+static void client_detach(brk_client_t *c)
+{
+    if (c->closed)
+        return;
     c->closed = true;
+    sess_remove(c);
     brk_sub_t *sub = c->sub_list;
     while (sub) {
         brk_sub_t *next = sub->next_in_client;
@@ -558,6 +721,220 @@ void brk_client_close(brk_client_t *c)
     c->n_sub = 0;
     event_free(c->work);
     c->work = NULL;
+}
+
+static brk_sub_t *sub_add(brk_client_t *c, brk_stream_t *s, uint64_t next, uint64_t acked)
+{
+    brk_sub_t *sub = calloc(1, sizeof(*sub));
+    if (!sub)
+        return NULL;
+    sub->client = c;
+    sub->stream = s;
+    sub->next = next;
+    sub->acked = acked;
+    sub->persisted = acked;
+    sub->next_in_stream = s->subs;
+    if (s->subs)
+        s->subs->prev_in_stream = sub;
+    s->subs = sub;
+    /* Keep the client's list in subscription order (fair delivery). */
+    brk_sub_t **tail = &c->sub_list;
+    while (*tail)
+        tail = &(*tail)->next_in_client;
+    *tail = sub;
+    c->n_sub++;
+    c->b->st.subscriptions++;
+    return sub;
+}
+
+/* A subscription to restore: from the WAL's cursor and/or the connection
+ * that held the session until now. */
+struct restore {
+    char *stream;
+    size_t stream_len;
+    uint64_t acked;   /* the highest acked offset known */
+    uint64_t durable; /* the WAL's cursor (0 if none) */
+    bool recorded;
+};
+
+struct restore_set {
+    struct restore *v;
+    size_t n, cap;
+};
+
+static struct restore *restore_get(struct restore_set *rs, const char *stream, size_t len)
+{
+    for (size_t i = 0; i < rs->n; i++)
+        if (rs->v[i].stream_len == len && memcmp(rs->v[i].stream, stream, len) == 0)
+            return &rs->v[i];
+    if (rs->n == rs->cap) {
+        size_t ncap = rs->cap ? rs->cap * 2 : 8;
+        struct restore *nv = realloc(rs->v, ncap * sizeof(*nv));
+        if (!nv)
+            return NULL;
+        rs->v = nv;
+        rs->cap = ncap;
+    }
+    struct restore *r = &rs->v[rs->n];
+    r->stream = malloc(len ? len : 1);
+    if (!r->stream)
+        return NULL;
+    memcpy(r->stream, stream, len);
+    r->stream_len = len;
+    r->acked = r->durable = 0;
+    r->recorded = false;
+    rs->n++;
+    return r;
+}
+
+static int restore_cursor_cb(const char *stream, size_t len, uint64_t offset, int64_t updated,
+                             void *arg)
+{
+    (void)updated;
+    struct restore *r = restore_get(arg, stream, len);
+    if (r) {
+        r->durable = offset;
+        r->recorded = true;
+        if (offset > r->acked)
+            r->acked = offset;
+    }
+    return 0;
+}
+
+size_t brk_session_resume(brk_client_t *c, const char *owner, const uint8_t *secret,
+                          size_t secret_len)
+{
+    brk_t *b = c->b;
+    struct restore_set rs = {0};
+    int64_t created = wall_us();
+    brk_client_t *live = sess_find(b, c->session);
+    if (live == c)
+        return 0;
+    if (live) {
+        /* Its in-memory acks are the newest; take them, then its place. */
+        created = live->created_us;
+        for (brk_sub_t *sub = live->sub_list; sub; sub = sub->next_in_client) {
+            struct restore *r = restore_get(&rs, sub->stream->name, sub->stream->name_len);
+            if (r) {
+                r->acked = sub->acked;
+                r->durable = sub->persisted;
+                r->recorded = sub->recorded;
+            }
+        }
+        client_detach(live);
+        b->st.sessions_taken_over++;
+        if (live->ops->kick)
+            live->ops->kick(live->conn);
+    } else {
+        wal_session_t ws;
+        if (wal_session_get(b->wal, c->session, strlen(c->session), &ws) == 0)
+            created = ws.created_us;
+    }
+    /* The WAL's cursors (those a taken-over connection had are merged). */
+    (void)wal_session_cursors(b->wal, c->session, strlen(c->session), restore_cursor_cb, &rs);
+    size_t restored = 0;
+    if (session_adopt(c, owner, secret, secret_len, created) == 0) {
+        b->st.sessions_resumed++;
+        for (size_t i = 0; i < rs.n; i++) {
+            struct restore *r = &rs.v[i];
+            if (c->n_sub >= b->o.max_subscriptions ||
+                !brk_stream_name_valid(r->stream, r->stream_len) ||
+                (!c->subs_all && !auth_match(c->subs, c->n_subs, r->stream, r->stream_len)))
+                continue; /* not restored: the client may subscribe again itself */
+            brk_stream_t *st = stream_get(b, r->stream, r->stream_len);
+            if (!st || sub_find(c, st))
+                continue;
+            brk_sub_t *sub = sub_add(c, st, r->acked + 1, r->acked);
+            if (!sub)
+                continue;
+            sub->persisted = r->durable;
+            sub->recorded = r->recorded;
+            if (sub->acked > sub->persisted || !sub->recorded)
+                mark_dirty(c);
+            restored++;
+        }
+        session_record(c);
+    }
+    for (size_t i = 0; i < rs.n; i++)
+        free(rs.v[i].stream);
+    free(rs.v);
+    return restored;
+}
+
+void brk_client_subs(const brk_client_t *c, brk_sub_cb cb, void *arg)
+{
+    for (const brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client)
+        cb(sub->stream->name, sub->stream->name_len, sub->stream->epoch, sub->acked,
+           sub->stream->next, arg);
+}
+
+void brk_client_start(brk_client_t *c)
+{
+    if (!c->closed)
+        deliver_client(c);
+}
+
+/* ---- expiry ---------------------------------------------------------- */
+
+struct expire_ctx {
+    brk_t *b;
+    wal_append_t *req;
+    int64_t now, ttl_us;
+    size_t n_del, n_put;
+};
+
+static int expire_cb(const char *id, size_t len, const wal_session_t *ws, void *arg)
+{
+    struct expire_ctx *x = arg;
+    char name[WAL_SESSION_MAX + 1];
+    memcpy(name, id, len);
+    name[len] = 0;
+    brk_client_t *live = strlen(name) == len ? sess_find(x->b, name) : NULL;
+    if (live) {
+        /* A long connection: refresh when it is seen, so that a crash of
+         * arqd does not expire it early. */
+        if (ws->seen_us + x->ttl_us / 2 < x->now && session_put(live, x->req, x->now) == 0)
+            x->n_put++;
+    } else if (ws->seen_us + x->ttl_us < x->now) {
+        if (wal_append_del_session(x->req, id, len) == 0)
+            x->n_del++;
+    }
+    return x->n_del + x->n_put >= 1000; /* the rest on the next pass */
+}
+
+void brk_sessions_expire(brk_t *b)
+{
+    struct expire_ctx x = {.b = b, .now = wall_us(), .ttl_us = (int64_t)b->o.session_ttl_s * 1000000};
+    if (wal_append_new(cursor_done, b, &x.req) != 0)
+        return;
+    (void)wal_session_list(b->wal, expire_cb, &x);
+    b->st.sessions_expired += x.n_del;
+    cursor_submit(b, x.req, x.n_del + x.n_put);
+}
+
+static void expire_ev_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    brk_sessions_expire(arg);
+}
+
+void brk_client_close(brk_client_t *c)
+{
+    if (!c)
+        return;
+    if (!c->closed && (c->dirty || (c->durable && c->in_table))) {
+        /* Its acks, and when the session was last connected, go out now
+         * (the dirty list drops it at the next flush). */
+        wal_append_t *req;
+        if (wal_append_new(cursor_done, c->b, &req) == 0) {
+            size_t n = cursor_collect(c, req);
+            if (c->durable && c->in_table && session_put(c, req, wall_us()) == 0)
+                n++;
+            cursor_submit(c->b, req, n);
+        }
+    }
+    client_detach(c);
     client_unref(c);
 }
 
@@ -572,13 +949,6 @@ void brk_client_writable(brk_client_t *c)
         deliver_client(c);
 }
 
-static brk_sub_t *sub_find(brk_client_t *c, brk_stream_t *s)
-{
-    for (brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client)
-        if (sub->stream == s)
-            return sub;
-    return NULL;
-}
 
 /* ---- publish ----------------------------------------------------------- */
 
@@ -827,32 +1197,18 @@ void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t s
         send_nack(c, id, PROTO_CODE_CONFLICT, "epoch mismatch");
         return;
     }
-    brk_sub_t *sub = calloc(1, sizeof(*sub));
-    if (!sub) {
-        send_nack(c, id, PROTO_CODE_INTERNAL, "out of memory");
-        return;
-    }
     uint64_t start = from == PROTO_FROM_EARLIEST ? s->first
                      : from == PROTO_FROM_LATEST ? s->next
                                                  : (offset ? offset : 1);
     if (start > s->next)
         start = s->next; /* not yet published: start at the tail */
-    sub->client = c;
-    sub->stream = s;
-    sub->next = start;
-    sub->acked = start - 1;
-    sub->persisted = sub->acked;
-    sub->next_in_stream = s->subs;
-    if (s->subs)
-        s->subs->prev_in_stream = sub;
-    s->subs = sub;
-    /* Keep the client's list in subscription order (fair delivery). */
-    brk_sub_t **tail = &c->sub_list;
-    while (*tail)
-        tail = &(*tail)->next_in_client;
-    *tail = sub;
-    c->n_sub++;
-    b->st.subscriptions++;
+    brk_sub_t *sub = sub_add(c, s, start, start - 1);
+    if (!sub) {
+        send_nack(c, id, PROTO_CODE_INTERNAL, "out of memory");
+        return;
+    }
+    if (c->durable)
+        mark_dirty(c); /* the session records the subscription (acked = start - 1) */
     proto_buf_t pb = {0};
     if (proto_enc_subok(&pb, id, stream, stream_len, s->epoch, s->first, s->next) == 0)
         send_buf(c, &pb);
@@ -873,6 +1229,14 @@ void brk_unsubscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t
     brk_sub_t *sub = *pp;
     *pp = sub->next_in_client;
     sub_unlink(sub);
+    if (c->durable) {
+        /* The session no longer has this subscription. */
+        wal_append_t *req;
+        if (wal_append_new(cursor_done, c->b, &req) == 0)
+            cursor_submit(c->b, req,
+                          wal_append_del_cursor(req, c->session, strlen(c->session), s->name,
+                                                s->name_len) == 0);
+    }
     free(sub);
     c->n_sub--;
     c->b->st.subscriptions--;
@@ -897,12 +1261,7 @@ void brk_ack(brk_client_t *c, const uint8_t *stream, size_t stream_len, uint64_t
     c->b->st.acks++;
     if (offset > sub->acked) {
         sub->acked = offset;
-        if (!c->dirty) {
-            c->dirty = true;
-            c->next_dirty = c->b->dirty;
-            c->b->dirty = c;
-            c->refs++;
-        }
+        mark_dirty(c);
         deliver_sub(sub, DELIVER_BUDGET);
     }
 }
@@ -927,18 +1286,31 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
         b->o.out_high_watermark = 4u << 20;
     if (!b->o.tail_cache_msgs)
         b->o.tail_cache_msgs = 1024;
+    if (!b->o.session_ttl_s)
+        b->o.session_ttl_s = 86400;
+    if (!b->o.expire_interval_ms)
+        b->o.expire_interval_ms = 60000;
     b->n_buckets = 4096;
     b->buckets = calloc(b->n_buckets, sizeof(*b->buckets));
+    b->n_sess_buckets = 4096;
+    b->sess = calloc(b->n_sess_buckets, sizeof(*b->sess));
     b->flush_ev = event_new(base, -1, EV_PERSIST, flush_cb, b);
-    if (!b->buckets || !b->flush_ev) {
+    b->expire_ev = event_new(base, -1, EV_PERSIST, expire_ev_cb, b);
+    if (!b->buckets || !b->sess || !b->flush_ev || !b->expire_ev) {
         free(b->buckets);
+        free(b->sess);
         if (b->flush_ev)
             event_free(b->flush_ev);
+        if (b->expire_ev)
+            event_free(b->expire_ev);
         free(b);
         return -1;
     }
     struct timeval tv = {0, 100000}; /* cursors are batched: at most one commit per 100 ms */
     event_add(b->flush_ev, &tv);
+    struct timeval etv = {(time_t)(b->o.expire_interval_ms / 1000),
+                          (suseconds_t)(b->o.expire_interval_ms % 1000) * 1000};
+    event_add(b->expire_ev, &etv);
     *ret = b;
     return 0;
 }
@@ -948,6 +1320,8 @@ void brk_free(brk_t *b)
     if (!b)
         return;
     event_free(b->flush_ev);
+    event_free(b->expire_ev);
+    free(b->sess);
     while (b->dirty) {
         brk_client_t *c = b->dirty;
         b->dirty = c->next_dirty;

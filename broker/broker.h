@@ -41,6 +41,12 @@ typedef struct brk_client_ops {
     size_t (*out_pending)(void *conn);
     /* Optional: a pending publish was answered (reading may resume). */
     void (*on_drain)(void *conn);
+    /* Optional: another connection resumed this client's session. The
+     * broker has already detached the client (it sends nothing more); the
+     * api closes the connection (close code 4001) and later calls
+     * brk_client_close as usual. Must not free the connection inside the
+     * call. */
+    void (*kick)(void *conn);
 } brk_client_ops_t;
 
 typedef struct brk_options {
@@ -49,6 +55,8 @@ typedef struct brk_options {
     uint32_t max_inflight;      /* per subscription, 1024 */
     size_t out_high_watermark;  /* per connection, 4 MiB */
     uint32_t tail_cache_msgs;   /* frames kept per stream, 1024 */
+    uint64_t session_ttl_s;     /* sessions kept after their last connection, 86400 */
+    uint32_t expire_interval_ms; /* how often expired sessions are deleted, 60000 */
 } brk_options_t;
 
 typedef struct brk brk_t;
@@ -58,6 +66,8 @@ typedef struct brk_stats {
     uint64_t publishes, publish_dups, publish_errors, deliveries, delivered_bytes, acks;
     uint64_t catchup_reads, gaps, subscriptions, streams;
     uint64_t cursor_commits, cursors_persisted, cursor_errors;
+    uint64_t sessions_created, sessions_resumed, sessions_taken_over, sessions_expired;
+    uint64_t sessions_live;
 } brk_stats_t;
 
 int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret);
@@ -86,6 +96,37 @@ void brk_client_writable(brk_client_t *c);
 /* Publishes submitted and not yet answered (the api layer stops reading a
  * connection with too many, so memory stays bounded). */
 size_t brk_client_pending(const brk_client_t *c);
+
+/*
+ * Sessions (docs/protocol.md section 4a). A session made durable by
+ * brk_session_create or brk_session_resume is recorded in the WAL: its
+ * owner, the digest of its resume token, when it was last connected, and
+ * one cursor per subscription (recorded when the subscription is made,
+ * then moved by acks, removed by unsubscribe). Sessions unseen for
+ * session_ttl_s are deleted.
+ */
+/* 1 if session id can be resumed by owner ("" for anonymous) presenting a
+ * token whose digest is secret: it is connected now, or recorded and not
+ * expired, and owner and secret match. */
+int brk_session_resumable(brk_t *b, const char *id, const char *owner, const uint8_t *secret,
+                          size_t secret_len);
+/* Make c's session (the id given to brk_client_new) a new durable one. */
+int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret,
+                       size_t secret_len);
+/* Resume c's session (brk_session_resumable said yes): a connection still
+ * holding it is detached and kicked (its acked offsets carry over), and
+ * the session's subscriptions are restored, delivering from acked + 1 once
+ * brk_client_start is called. Returns the number restored. */
+size_t brk_session_resume(brk_client_t *c, const char *owner, const uint8_t *secret,
+                          size_t secret_len);
+/* The client's subscriptions (for the welcome), in subscription order. */
+typedef void (*brk_sub_cb)(const char *stream, size_t stream_len, uint64_t epoch, uint64_t acked,
+                           uint64_t next, void *arg);
+void brk_client_subs(const brk_client_t *c, brk_sub_cb cb, void *arg);
+/* Start delivering restored subscriptions (after the welcome went out). */
+void brk_client_start(brk_client_t *c);
+/* Delete expired sessions now (also runs every expire_interval_ms). */
+void brk_sessions_expire(brk_t *b);
 
 /* Requests from a client. Replies (puback/nack/subok/...) go through ops->send. */
 void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len,

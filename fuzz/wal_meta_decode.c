@@ -1,6 +1,6 @@
 /*
  * Fuzz the WAL's small value decoders (stream metadata, cursor, dedup
- * entry). The first byte picks the decoder; the rest is the value. A value
+ * entry, session). The first byte picks the decoder; the rest is the value. A value
  * that decodes must re-encode to the same bytes.
  */
 #include <stdint.h>
@@ -14,10 +14,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)
         return 0;
-    uint8_t which = data[0] % 3;
+    uint8_t which = data[0] % 4;
     const uint8_t *v = data + 1;
     size_t n = size - 1;
-    uint8_t out[64];
+    uint8_t out[WAL_SESSION_VAL_MIN + WAL_PRODUCER_MAX + WAL_SECRET_MAX];
     switch (which) {
     case 0: {
         wal_stream_meta_t m;
@@ -33,6 +33,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (wal_cursor_val_decode(v, n, &c) == 0) {
             wal_cursor_val_encode(&c, out);
             if (n != WAL_CURSOR_VAL_SIZE || memcmp(out, v, n) != 0)
+                abort();
+        }
+        break;
+    }
+    case 3: {
+        wal_session_t s;
+        if (wal_session_val_decode(v, n, &s) == 0) {
+            wal_session_val_encode(&s, out);
+            if (n != wal_session_val_size(&s) || memcmp(out, v, n) != 0)
                 abort();
         }
         break;

@@ -279,6 +279,7 @@ int main(int argc, char **argv)
         .max_subscriptions = cfg.max_subscriptions,
         .max_inflight = cfg.max_inflight,
         .out_high_watermark = cfg.max_output_bytes,
+        .session_ttl_s = cfg.session_ttl_s,
     };
     brk_t *brk;
     if (brk_new(base, wal, &bo, &brk) != 0) {
@@ -296,6 +297,7 @@ int main(int argc, char **argv)
         .max_frame_bytes = cfg.max_frame_bytes,
         .max_message_bytes = cfg.max_message_bytes,
         .max_inflight = cfg.max_inflight,
+        .session_ttl_s = cfg.session_ttl_s,
         .max_output_bytes = cfg.max_output_bytes,
         .secret_key = cfg.secret_key,
         .api_key = cfg.api_key,

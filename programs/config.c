@@ -112,6 +112,8 @@ static const struct key_def keys[] = {
     {"server", "ping_interval_ms", NULL, KT_UINT, FIELD(ping_interval_ms), .min = 10,
      .max = 3600000},
     {"server", "pong_timeout_ms", NULL, KT_UINT, FIELD(pong_timeout_ms), .min = 10, .max = 3600000},
+    {"server", "session_ttl_s", NULL, KT_UINT, FIELD(session_ttl_s), .min = 1,
+     .max = 365 * 86400},
     {"auth", "secret_key", "SECRET_KEY", KT_SECRET, FIELD(secret_key)},
     {"auth", "api_key", "ARQ_API_KEY", KT_SECRET, FIELD(api_key)},
     {"auth", "origins", "ARQ_ORIGINS", KT_ORIGINS, FIELD(origins)},
@@ -751,6 +753,7 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->max_header_bytes = 8192;
     cfg->ping_interval_ms = 20000;
     cfg->pong_timeout_ms = 10000;
+    cfg->session_ttl_s = 86400;
     cfg->max_message_bytes = 1048576;
     cfg->max_frame_bytes = 1048576 + 65536;
     cfg->max_subscriptions = 256;

@@ -21,6 +21,7 @@ typedef struct arq_config {
     uint32_t max_header_bytes;     /* HTTP request head limit, default 8192 */
     uint32_t ping_interval_ms;     /* default 20000 */
     uint32_t pong_timeout_ms;      /* default 10000 */
+    uint32_t session_ttl_s;    /* sessions kept after their last connection, default 86400 */
     /* [auth] */
     char *secret_key; /* SECRET_KEY (HS256); NULL: anonymous on loopback only */
     char *api_key;    /* ARQ_API_KEY: server API key for POST /api/publish */

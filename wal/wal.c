@@ -77,10 +77,14 @@ struct pmsg {
     int64_t timestamp_us;
 };
 
+/* A small keyed write of a request: a cursor or session put/delete. */
+enum pc_kind { PC_CURSOR_PUT = 0, PC_CURSOR_DEL, PC_SESSION_PUT, PC_SESSION_DEL };
+
 struct pcursor {
-    size_t session, stream; /* offsets into buf */
+    size_t session, stream; /* offsets into buf (PC_SESSION_PUT: stream = the encoded value) */
     uint32_t session_len, stream_len;
     uint64_t offset;
+    uint8_t kind;
 };
 
 struct wal_append {
@@ -126,10 +130,12 @@ struct retain_job {
 
 struct wal {
     MDB_env *env;
-    MDB_dbi dbi_meta, dbi_log, dbi_index, dbi_streams, dbi_ids, dbi_cursors, dbi_dedup;
+    MDB_dbi dbi_meta, dbi_log, dbi_index, dbi_streams, dbi_ids, dbi_cursors, dbi_dedup,
+        dbi_sessions;
     wal_options_t opts;
     char *dir;
     bool read_only;
+    bool no_sessions; /* read-only and the WAL has no sessions DB yet */
     pthread_rwlock_t map_lock;
 
     /* queue, shared with submitters */
@@ -638,12 +644,9 @@ int wal_append_add_msg(wal_append_t *r, const wal_msg_t *m)
     return 0;
 }
 
-int wal_append_add_cursor(wal_append_t *r, const void *session, size_t session_len,
-                          const char *stream, size_t stream_len, uint64_t offset)
+static int req_add_keyed(wal_append_t *r, enum pc_kind kind, const void *session,
+                         size_t session_len, const void *data, size_t data_len, uint64_t offset)
 {
-    if (!session || session_len == 0 || session_len > WAL_SESSION_MAX || !stream ||
-        stream_len == 0 || stream_len > WAL_STREAM_NAME_MAX)
-        return WAL_EINVAL;
     if (r->n_cursors == r->cap_cursors) {
         size_t ncap = r->cap_cursors ? r->cap_cursors * 2 : 4;
         struct pcursor *nc = realloc(r->cursors, ncap * sizeof(*nc));
@@ -656,16 +659,60 @@ int wal_append_add_cursor(wal_append_t *r, const void *session, size_t session_l
     size_t mark = r->buf_len;
     int rc = req_copy(r, session, session_len, &pc.session);
     if (!rc)
-        rc = req_copy(r, stream, stream_len, &pc.stream);
+        rc = req_copy(r, data, data_len, &pc.stream);
     if (rc) {
         r->buf_len = mark;
         return rc;
     }
     pc.session_len = (uint32_t)session_len;
-    pc.stream_len = (uint32_t)stream_len;
+    pc.stream_len = (uint32_t)data_len;
     pc.offset = offset;
+    pc.kind = (uint8_t)kind;
     r->cursors[r->n_cursors++] = pc;
     return 0;
+}
+
+static bool session_ok(const void *session, size_t session_len)
+{
+    return session && session_len > 0 && session_len <= WAL_SESSION_MAX;
+}
+
+static bool stream_ok(const char *stream, size_t stream_len)
+{
+    return stream && stream_len > 0 && stream_len <= WAL_STREAM_NAME_MAX;
+}
+
+int wal_append_add_cursor(wal_append_t *r, const void *session, size_t session_len,
+                          const char *stream, size_t stream_len, uint64_t offset)
+{
+    if (!session_ok(session, session_len) || !stream_ok(stream, stream_len))
+        return WAL_EINVAL;
+    return req_add_keyed(r, PC_CURSOR_PUT, session, session_len, stream, stream_len, offset);
+}
+
+int wal_append_del_cursor(wal_append_t *r, const void *session, size_t session_len,
+                          const char *stream, size_t stream_len)
+{
+    if (!session_ok(session, session_len) || !stream_ok(stream, stream_len))
+        return WAL_EINVAL;
+    return req_add_keyed(r, PC_CURSOR_DEL, session, session_len, stream, stream_len, 0);
+}
+
+int wal_append_put_session(wal_append_t *r, const void *session, size_t session_len,
+                           const wal_session_t *s)
+{
+    if (!session_ok(session, session_len) || !s || s->secret_len > WAL_SECRET_MAX)
+        return WAL_EINVAL;
+    uint8_t val[WAL_SESSION_VAL_MIN + WAL_PRODUCER_MAX + WAL_SECRET_MAX];
+    wal_session_val_encode(s, val);
+    return req_add_keyed(r, PC_SESSION_PUT, session, session_len, val, wal_session_val_size(s), 0);
+}
+
+int wal_append_del_session(wal_append_t *r, const void *session, size_t session_len)
+{
+    if (!session_ok(session, session_len))
+        return WAL_EINVAL;
+    return req_add_keyed(r, PC_SESSION_DEL, session, session_len, NULL, 0, 0);
 }
 
 int wal_append_status(const wal_append_t *req)
@@ -953,6 +1000,8 @@ static bool req_cursors_valid(wal_t *wal, const wal_append_t *r)
 {
     for (size_t c = 0; c < r->n_cursors; c++) {
         const struct pcursor *pc = &r->cursors[c];
+        if (pc->kind != PC_CURSOR_PUT)
+            continue;
         const char *name = (const char *)r->buf + pc->stream;
         struct head *e = head_find(wal, name, pc->stream_len, name_hash(name, pc->stream_len));
         if (e && (e->committed || e->gen == wal->gen))
@@ -1053,18 +1102,57 @@ static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_
     return 0;
 }
 
+/* Delete every cursor of a session (keys prefixed by its length and id). */
+static int del_session_cursors(wal_t *wal, MDB_txn *txn, const uint8_t *prefix, size_t plen)
+{
+    MDB_cursor *cur;
+    int rc = mdb_cursor_open(txn, wal->dbi_cursors, &cur);
+    if (rc)
+        return rc;
+    for (;;) {
+        MDB_val k = {plen, (void *)prefix}, v;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+        if (rc || k.mv_size != plen + 4 || memcmp(k.mv_data, prefix, plen) != 0)
+            break;
+        rc = mdb_cursor_del(cur, 0);
+        if (rc)
+            break;
+    }
+    mdb_cursor_close(cur);
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
 static int write_cursor(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t c, int64_t now)
 {
     const struct pcursor *pc = &r->cursors[c];
-    const char *name = (const char *)r->buf + pc->stream;
-    struct head *e = head_find(wal, name, pc->stream_len, name_hash(name, pc->stream_len));
-    if (!e)
-        return EINVAL; /* validated before: cannot happen */
-    uint32_t id = e->gen == wal->gen ? e->pending.id : e->meta.id;
     uint8_t key[1 + WAL_SESSION_MAX + 4];
     key[0] = (uint8_t)pc->session_len;
     memcpy(key + 1, r->buf + pc->session, pc->session_len);
+    if (pc->kind == PC_SESSION_PUT || pc->kind == PC_SESSION_DEL) {
+        MDB_val sk = {pc->session_len, r->buf + pc->session};
+        if (pc->kind == PC_SESSION_PUT) {
+            MDB_val sv = {pc->stream_len, r->buf + pc->stream};
+            return mdb_put(txn, wal->dbi_sessions, &sk, &sv, 0);
+        }
+        int rc = mdb_del(txn, wal->dbi_sessions, &sk, NULL);
+        if (rc && rc != MDB_NOTFOUND)
+            return rc;
+        return del_session_cursors(wal, txn, key, 1 + pc->session_len);
+    }
+    const char *name = (const char *)r->buf + pc->stream;
+    struct head *e = head_find(wal, name, pc->stream_len, name_hash(name, pc->stream_len));
+    if (!e || (!e->committed && e->gen != wal->gen)) {
+        if (pc->kind == PC_CURSOR_DEL)
+            return 0; /* no such stream: no such cursor */
+        return EINVAL; /* validated before: cannot happen */
+    }
+    uint32_t id = e->gen == wal->gen ? e->pending.id : e->meta.id;
     wal_put_be32(key + 1 + pc->session_len, id);
+    if (pc->kind == PC_CURSOR_DEL) {
+        MDB_val k = {1 + pc->session_len + 4, key};
+        int rc = mdb_del(txn, wal->dbi_cursors, &k, NULL);
+        return rc == MDB_NOTFOUND ? 0 : rc;
+    }
     uint8_t val[WAL_CURSOR_VAL_SIZE];
     wal_cursor_val_t cv = {.offset = pc->offset, .updated_us = now};
     wal_cursor_val_encode(&cv, val);
@@ -1495,10 +1583,14 @@ static int open_dbis(wal_t *wal, MDB_txn *txn, unsigned flags)
     } dbs[] = {
         {"meta", &wal->dbi_meta},       {"log", &wal->dbi_log}, {"index", &wal->dbi_index},
         {"streams", &wal->dbi_streams}, {"ids", &wal->dbi_ids}, {"cursors", &wal->dbi_cursors},
-        {"dedup", &wal->dbi_dedup},
+        {"dedup", &wal->dbi_dedup},     {"sessions", &wal->dbi_sessions},
     };
     for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++) {
         int rc = mdb_dbi_open(txn, dbs[i].name, flags, dbs[i].dbi);
+        if (rc == MDB_NOTFOUND && dbs[i].dbi == &wal->dbi_sessions) {
+            wal->no_sessions = true; /* a read-only open of a WAL from before sessions */
+            continue;
+        }
         if (rc)
             return rc;
     }
@@ -1679,7 +1771,7 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
     }
     int mrc = mdb_env_create(&wal->env);
     if (!mrc)
-        mrc = mdb_env_set_maxdbs(wal->env, 8);
+        mrc = mdb_env_set_maxdbs(wal->env, 10);
     if (!mrc)
         mrc = mdb_env_set_maxreaders(wal->env, wal->opts.max_readers);
     if (!mrc)
@@ -2018,6 +2110,89 @@ int wal_cursor_get(wal_t *wal, const void *session, size_t session_len, const ch
             *ret_offset = cv.offset;
     }
     rtxn_end(wal, txn);
+    return rc;
+}
+
+/* ---- sessions -------------------------------------------------------- */
+
+int wal_session_get(wal_t *wal, const void *session, size_t session_len, wal_session_t *ret)
+{
+    if (!session_ok(session, session_len) || !ret)
+        return WAL_EINVAL;
+    if (wal->no_sessions)
+        return WAL_ENOTFOUND;
+    MDB_txn *txn;
+    int rc = rtxn_begin(wal, &txn);
+    if (rc)
+        return rc;
+    MDB_val k = {session_len, (void *)session}, v;
+    rc = map_mdb(mdb_get(txn, wal->dbi_sessions, &k, &v));
+    if (!rc)
+        rc = wal_session_val_decode(v.mv_data, v.mv_size, ret);
+    rtxn_end(wal, txn);
+    return rc;
+}
+
+int wal_session_list(wal_t *wal, wal_session_cb cb, void *arg)
+{
+    if (!cb)
+        return WAL_EINVAL;
+    if (wal->no_sessions)
+        return 0;
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    int rc = rtxn_cursor(wal, wal->dbi_sessions, &txn, &cur);
+    if (rc)
+        return rc;
+    MDB_val k, v;
+    int grc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+    while (grc == 0) {
+        wal_session_t s;
+        if (wal_session_val_decode(v.mv_data, v.mv_size, &s) != 0) {
+            rc = WAL_ECORRUPT;
+            break;
+        }
+        if (cb(k.mv_data, k.mv_size, &s, arg))
+            break;
+        grc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    if (!rc && grc && grc != MDB_NOTFOUND)
+        rc = map_mdb(grc);
+    rtxn_cursor_end(wal, txn, cur);
+    return rc;
+}
+
+int wal_session_cursors(wal_t *wal, const void *session, size_t session_len, wal_cursor_cb cb,
+                        void *arg)
+{
+    if (!session_ok(session, session_len) || !cb)
+        return WAL_EINVAL;
+    uint8_t prefix[1 + WAL_SESSION_MAX];
+    prefix[0] = (uint8_t)session_len;
+    memcpy(prefix + 1, session, session_len);
+    size_t plen = 1 + session_len;
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    int rc = rtxn_cursor(wal, wal->dbi_cursors, &txn, &cur);
+    if (rc)
+        return rc;
+    MDB_val k = {plen, prefix}, v;
+    int grc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    while (grc == 0 && k.mv_size == plen + 4 && memcmp(k.mv_data, prefix, plen) == 0) {
+        wal_cursor_val_t cv;
+        if (wal_cursor_val_decode(v.mv_data, v.mv_size, &cv) != 0) {
+            rc = WAL_ECORRUPT;
+            break;
+        }
+        MDB_val ik = {4, (uint8_t *)k.mv_data + plen}, name;
+        if (mdb_get(txn, wal->dbi_ids, &ik, &name) == 0 &&
+            cb(name.mv_data, name.mv_size, cv.offset, cv.updated_us, arg))
+            break;
+        grc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    if (!rc && grc && grc != MDB_NOTFOUND)
+        rc = map_mdb(grc);
+    rtxn_cursor_end(wal, txn, cur);
     return rc;
 }
 

@@ -46,6 +46,7 @@ const char *wal_strerror(int err);
 #define WAL_PRODUCER_MAX    255u
 #define WAL_MSGID_MAX       255u
 #define WAL_SESSION_MAX     255u
+#define WAL_SECRET_MAX      64u /* a session's resume-token digest */
 #define WAL_HEADERS_MAX     65535u
 
 enum wal_sync_mode {
@@ -149,6 +150,27 @@ int wal_append_reserve(wal_append_t *req, size_t n_msgs, size_t bytes);
  * the same batch). Otherwise the whole request fails with WAL_ENOTFOUND. */
 int wal_append_add_cursor(wal_append_t *req, const void *session, size_t session_len,
                           const char *stream, size_t stream_len, uint64_t offset);
+
+/* Remove the cursor (session, stream), if any. An unknown stream is not an
+ * error here: there is nothing to remove. */
+int wal_append_del_cursor(wal_append_t *req, const void *session, size_t session_len,
+                          const char *stream, size_t stream_len);
+
+/* A session: survives connections (and restarts) until the broker expires
+ * it. owner: who may resume it (a token subject; empty for anonymous);
+ * secret: a digest of its resume token (the WAL stores it, nothing more). */
+typedef struct wal_session {
+    int64_t created_us;
+    int64_t seen_us; /* when it was last known to be connected */
+    uint8_t owner_len, secret_len;
+    uint8_t owner[WAL_PRODUCER_MAX];
+    uint8_t secret[WAL_SECRET_MAX];
+} wal_session_t;
+/* Create or overwrite session `session` (latest write wins). */
+int wal_append_put_session(wal_append_t *req, const void *session, size_t session_len,
+                           const wal_session_t *s);
+/* Remove the session and every cursor it has. */
+int wal_append_del_session(wal_append_t *req, const void *session, size_t session_len);
 
 /*
  * Hand the request to the writer. On success the WAL owns it until the
@@ -254,6 +276,18 @@ int wal_stream_list(wal_t *wal, wal_stream_cb cb, void *arg);
 /* Durable cursor and dedup lookups (WAL_ENOTFOUND when absent). */
 int wal_cursor_get(wal_t *wal, const void *session, size_t session_len, const char *stream,
                    size_t stream_len, uint64_t *ret_offset);
+/* Sessions: one (WAL_ENOTFOUND when absent), all of them (the callback
+ * returns non-zero to stop; the id is borrowed for the call), and the
+ * cursors of one (stream name borrowed for the call; cursors whose stream
+ * is gone are skipped). */
+int wal_session_get(wal_t *wal, const void *session, size_t session_len, wal_session_t *ret);
+typedef int (*wal_session_cb)(const char *session, size_t session_len, const wal_session_t *s,
+                              void *arg);
+int wal_session_list(wal_t *wal, wal_session_cb cb, void *arg);
+typedef int (*wal_cursor_cb)(const char *stream, size_t stream_len, uint64_t offset,
+                             int64_t updated_us, void *arg);
+int wal_session_cursors(wal_t *wal, const void *session, size_t session_len, wal_cursor_cb cb,
+                        void *arg);
 int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const void *msgid,
                   size_t msgid_len, uint32_t *ret_stream_id, uint64_t *ret_offset);
 

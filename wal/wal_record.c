@@ -38,6 +38,12 @@
  * id), 24 bytes:
  *     0 8 checksum | 8 8 offset | 16 8 updated_us
  *
+ * Session value (DB "sessions", key = session id, 1..255 bytes),
+ * 32 + owner_len + secret_len bytes:
+ *     0 8 checksum | 8 1 version (1) | 9 1 owner_len | 10 1 secret_len
+ *     (<= 64) | 11 5 zero | 16 8 created_us | 24 8 seen_us | 32 owner,
+ *     secret
+ *
  * Dedup value (DB "dedup", key = u8 producer_len, producer, msgid), 32 bytes:
  *     0 8 checksum | 8 1 version (1) | 9 3 zero | 12 4 stream_id |
  *    16 8 offset | 24 8 time_us
@@ -184,6 +190,41 @@ int wal_cursor_val_decode(const uint8_t *buf, size_t len, wal_cursor_val_t *out)
         return WAL_ECORRUPT;
     out->offset = wal_get_le64(buf + 8);
     out->updated_us = (int64_t)wal_get_le64(buf + 16);
+    return 0;
+}
+
+size_t wal_session_val_size(const wal_session_t *v)
+{
+    return WAL_SESSION_VAL_MIN + v->owner_len + v->secret_len;
+}
+
+void wal_session_val_encode(const wal_session_t *v, uint8_t *buf)
+{
+    size_t n = wal_session_val_size(v);
+    memset(buf, 0, WAL_SESSION_VAL_MIN);
+    buf[8] = 1;
+    buf[9] = v->owner_len;
+    buf[10] = v->secret_len;
+    wal_put_le64(buf + 16, (uint64_t)v->created_us);
+    wal_put_le64(buf + 24, (uint64_t)v->seen_us);
+    memcpy(buf + WAL_SESSION_VAL_MIN, v->owner, v->owner_len);
+    memcpy(buf + WAL_SESSION_VAL_MIN + v->owner_len, v->secret, v->secret_len);
+    wal_put_le64(buf, checksum_of(buf, n));
+}
+
+int wal_session_val_decode(const uint8_t *buf, size_t len, wal_session_t *out)
+{
+    if (len < WAL_SESSION_VAL_MIN || wal_get_le64(buf) != checksum_of(buf, len))
+        return WAL_ECORRUPT;
+    if (buf[8] != 1 || buf[10] > WAL_SECRET_MAX || buf[11] || buf[12] || buf[13] || buf[14] ||
+        buf[15] || len != WAL_SESSION_VAL_MIN + (size_t)buf[9] + buf[10])
+        return WAL_ECORRUPT;
+    out->owner_len = buf[9];
+    out->secret_len = buf[10];
+    out->created_us = (int64_t)wal_get_le64(buf + 16);
+    out->seen_us = (int64_t)wal_get_le64(buf + 24);
+    memcpy(out->owner, buf + WAL_SESSION_VAL_MIN, out->owner_len);
+    memcpy(out->secret, buf + WAL_SESSION_VAL_MIN + out->owner_len, out->secret_len);
     return 0;
 }
 

@@ -68,6 +68,13 @@ typedef struct wal_cursor_val {
 void wal_cursor_val_encode(const wal_cursor_val_t *v, uint8_t buf[WAL_CURSOR_VAL_SIZE]);
 int wal_cursor_val_decode(const uint8_t *buf, size_t len, wal_cursor_val_t *out);
 
+/* Session value (key: session id): 32 bytes + owner + secret. */
+#define WAL_SESSION_VAL_MIN 32u
+struct wal_session;
+size_t wal_session_val_size(const struct wal_session *v);
+void wal_session_val_encode(const struct wal_session *v, uint8_t *buf); /* size bytes */
+int wal_session_val_decode(const uint8_t *buf, size_t len, struct wal_session *out);
+
 /* Dedup value (key: producer, msgid). */
 typedef struct wal_dedup_val {
     uint32_t stream_id;

@@ -45,12 +45,17 @@ class Client:
     """A minimal arq.v1 client written from docs/protocol.md."""
 
     @classmethod
-    async def connect(cls, url, hello=True):
+    async def connect(cls, url, hello=True, resume=None):
+        """resume: a previous welcome whose session to resume."""
         c = cls()
         c.ws = await websockets.connect(url, subprotocols=["arq.v1"], max_size=None)
         c.next_id = 1
         if hello:
-            await c.send({"t": "hello", "client": "python-test"})
+            h = {"t": "hello", "client": "python-test"}
+            if resume:
+                h["session"] = resume["session"]
+                h["resume_token"] = resume["resume_token"]
+            await c.send(h)
             c.welcome = await c.recv()
         return c
 
@@ -341,6 +346,65 @@ async def read_inbox(d):
     return s
 
 
+async def scenario_resume(d):
+    """Section 4a: a session comes back with its subscriptions, delivering
+    after the acked offset; a wrong token gets a new session; a connection
+    still holding the session is closed with 4001."""
+    p = await Client.connect(d.url)
+    for i in range(5):
+        await p.publish("resume.s", f"r{i + 1}".encode(), msgid=f"res-{i + 1}")
+    a = await Client.connect(d.url)
+    w1 = a.welcome
+    check(w1["resumed"] is False and w1["session_ttl"] == 86400 and "subs" not in w1,
+          f"first welcome: {w1}")
+    await a.request({"t": "sub", "stream": "resume.s", "from": 1})
+    ok = await a.recv()
+    got = await a.recv_msgs(4, ack=False)
+    check([m["offset"] for m in got] == [1, 2, 3, 4], f"first delivery: {got}")
+    await a.send({"t": "ack", "stream": "resume.s", "offset": 2})
+    await asyncio.sleep(0.3)  # acks are persisted in batches (~100 ms)
+    await a.close()
+
+    b = await Client.connect(d.url, resume=w1)
+    w2 = b.welcome
+    check(w2["resumed"] is True and w2["session"] == w1["session"] and
+          w2["resume_token"] == w1["resume_token"], f"resumed welcome: {w2}")
+    check(w2.get("subs") == [{"stream": "resume.s", "epoch": ok["epoch"], "acked": 2,
+                              "next": 6}], f"restored subscriptions: {w2.get('subs')}")
+    got = await b.recv_msgs(3)
+    check([m["offset"] for m in got] == [3, 4, 5],
+          f"after resume: delivered-but-unacked again, then the rest: {got}")
+    # an anonymous session's dedup spans the reconnect: same producer
+    r = await b.publish("resume.s", b"r1", msgid="res-1")
+    check(r["t"] == "puback" and r["dup"] is False,
+          f"another session's msgid is its own: {r}")
+    r = await b.publish("resume.s", b"r6", msgid="res-6")
+    r2 = await b.publish("resume.s", b"r6", msgid="res-6")
+    check(r2["dup"] is True and r2["offset"] == r["offset"], f"dedup in the session: {r2}")
+
+    # takeover: b still holds the session; c resumes it, b is closed with 4001
+    c = await Client.connect(d.url, resume=w1)
+    check(c.welcome["resumed"] is True, f"takeover welcome: {c.welcome}")
+    try:
+        while True:
+            await b.recv(timeout=10)
+    except websockets.ConnectionClosed as cc:
+        check(cc.rcvd is not None and cc.rcvd.code == 4001, f"taken-over close code: {cc}")
+    await c.close()
+
+    # a wrong token, or another session's id, starts a new session
+    bad = dict(w1, resume_token="00" * 16)
+    e = await Client.connect(d.url, resume=bad)
+    check(e.welcome["resumed"] is False and e.welcome["session"] != w1["session"],
+          f"wrong token: {e.welcome}")
+    junk = {"session": "not a session!", "resume_token": "x" * 200}
+    f = await Client.connect(d.url, resume=junk)
+    check(f.welcome["resumed"] is False, f"junk session: {f.welcome}")
+    for x in (p, e, f):
+        await x.close()
+    return w1
+
+
 async def scenario_shutdown(d):
     s = await Client.connect(d.url)
     rc_holder = {}
@@ -355,6 +419,16 @@ async def scenario_shutdown(d):
     check(rc_holder["rc"] == 0, f"arqd exit status on SIGTERM: {rc_holder['rc']}")
 
 
+async def scenario_resume_after_restart(d, w1):
+    """Sessions are durable: resumed after arqd restarted."""
+    b = await Client.connect(d.url, resume=w1)
+    check(b.welcome["resumed"] is True, f"resume after restart: {b.welcome}")
+    subs = b.welcome.get("subs") or [{}]
+    check(subs[0].get("stream") == "resume.s" and subs[0].get("acked", 0) >= 5,
+          f"acked offset after restart: {subs}")
+    await b.close()
+
+
 async def scenario_after_restart(d, epoch):
     s = await Client.connect(d.url)
     await s.request({"t": "sub", "stream": "chat.room1", "from": "earliest"})
@@ -365,8 +439,7 @@ async def scenario_after_restart(d, epoch):
     c = await Client.connect(d.url)
     r = await c.publish("chat.room1", b"after restart")
     check(r["offset"] == 12, f"offsets continue after restart: {r}")
-    # Anonymous WebSocket producers are per session until session resume
-    # (issue #4); the server API's producer is stable, so check dedup there.
+    # The server API's producer is stable across restarts: dedup there.
     st, body = d.http("POST", "/api/publish",
                       json.dumps({"stream": "user.17.inbox", "payload": "again",
                                   "msgid": "b1"}).encode())
@@ -389,12 +462,14 @@ def main():
         asyncio.run(scenario_fanout(d))
         scenario_http(d)
         asyncio.run(read_inbox(d))
+        w1 = asyncio.run(scenario_resume(d))
         asyncio.run(scenario_shutdown(d))
         check("level=error" not in d.stderr, f"errors logged: {d.stderr[-2000:]}")
         check("from backend" not in d.stderr and "hello 3" not in d.stderr,
               "payloads must never be logged")
         d = Arqd(data, *opts)
         asyncio.run(scenario_after_restart(d, epoch))
+        asyncio.run(scenario_resume_after_restart(d, w1))
         rc = d.stop()
         check(rc == 0, f"second stop: {rc}")
     finally:

@@ -25,6 +25,7 @@
 typedef struct rec_conn {
     brk_frame_t *frames[MAX_FRAMES];
     size_t n;
+    int kicked;
 } rec_conn_t;
 
 static void rec_send(void *conn, brk_frame_t *f)
@@ -41,7 +42,12 @@ static size_t rec_pending(void *conn)
     return 0;
 }
 
-static const brk_client_ops_t rec_ops = {rec_send, rec_pending, NULL};
+static void rec_kick(void *conn)
+{
+    ((rec_conn_t *)conn)->kicked++;
+}
+
+static const brk_client_ops_t rec_ops = {rec_send, rec_pending, NULL, rec_kick};
 
 static void rec_clear(rec_conn_t *r)
 {
@@ -257,12 +263,178 @@ static void test_gap_and_catchup_from_wal(void **state)
     rec_clear(&r);
 }
 
+/* Offsets of the msg frames in r, in order, from index `from`. */
+static size_t msg_offsets(const rec_conn_t *r, size_t from, uint64_t *out, size_t cap)
+{
+    size_t n = 0;
+    for (size_t i = from; i < r->n && n < cap; i++) {
+        char t[16];
+        uint64_t off;
+        frame_info(r, i, t, sizeof(t), &off);
+        if (strcmp(t, "msg") == 0)
+            out[n++] = off;
+    }
+    return n;
+}
+
+struct subs_seen {
+    char stream[32];
+    uint64_t epoch, acked, next;
+    int n;
+};
+
+static void subs_cb(const char *stream, size_t len, uint64_t epoch, uint64_t acked, uint64_t next,
+                    void *arg)
+{
+    struct subs_seen *ss = arg;
+    snprintf(ss->stream, sizeof(ss->stream), "%.*s", (int)len, stream);
+    ss->epoch = epoch;
+    ss->acked = acked;
+    ss->next = next;
+    ss->n++;
+}
+
+static const uint8_t SECRET[32] = {1, 2, 3};
+static const uint8_t OTHER[32] = {9};
+
+/* A session survives its connection: a new connection presenting the
+ * secret gets its subscription back, delivering after the acked offset,
+ * so what was delivered but not acked comes again. */
+static void test_session_resume(void **state)
+{
+    fixture_t *f = *state;
+    publish_n(f, "res.s", 6);
+    rec_conn_t r1 = {0}, r2 = {0}, r3 = {0};
+    brk_client_t *c1, *c2, *c3;
+    assert_int_equal(brk_client_new(f->brk, &rec_ops, &r1, "sess-r", "sess-r", NULL, (size_t)-1,
+                                    NULL, (size_t)-1, &c1),
+                     0);
+    assert_int_equal(brk_session_create(c1, "", SECRET, sizeof(SECRET)), 0);
+    brk_subscribe(c1, 1, (const uint8_t *)"res.s", 5, 3 /* offset */, 2, 0);
+    assert_int_equal(count_type(&r1, "msg"), 4); /* 2..5 (max_inflight 4) */
+    brk_ack(c1, (const uint8_t *)"res.s", 5, 3);
+    brk_client_close(c1);
+    wait_cursor(f, "sess-r", "res.s", 3);
+
+    assert_true(brk_session_resumable(f->brk, "sess-r", "", SECRET, sizeof(SECRET)));
+    assert_false(brk_session_resumable(f->brk, "sess-r", "", OTHER, sizeof(OTHER)));
+    assert_false(brk_session_resumable(f->brk, "sess-r", "mallory", SECRET, sizeof(SECRET)));
+    assert_false(brk_session_resumable(f->brk, "sess-x", "", SECRET, sizeof(SECRET)));
+
+    assert_int_equal(brk_client_new(f->brk, &rec_ops, &r2, "sess-r", "sess-r", NULL, (size_t)-1,
+                                    NULL, (size_t)-1, &c2),
+                     0);
+    assert_int_equal(brk_session_resume(c2, "", SECRET, sizeof(SECRET)), 1);
+    struct subs_seen ss = {0};
+    brk_client_subs(c2, subs_cb, &ss);
+    assert_int_equal(ss.n, 1);
+    assert_string_equal(ss.stream, "res.s");
+    assert_int_equal(ss.acked, 3);
+    assert_int_equal(ss.next, 7);
+    assert_int_not_equal(ss.epoch, 0);
+    assert_int_equal(r2.n, 0); /* nothing before brk_client_start (the welcome goes first) */
+    brk_client_start(c2);
+    uint64_t offs[8];
+    assert_int_equal(msg_offsets(&r2, 0, offs, 8), 3);
+    assert_int_equal(offs[0], 4); /* 4 and 5 again: delivered, not acked */
+    assert_int_equal(offs[2], 6);
+    brk_ack(c2, (const uint8_t *)"res.s", 5, 5);
+
+    /* Taken over while connected: c2 is kicked, its in-memory ack (5, not
+     * yet flushed) carries over to c3. */
+    assert_true(brk_session_resumable(f->brk, "sess-r", "", SECRET, sizeof(SECRET)));
+    assert_int_equal(brk_client_new(f->brk, &rec_ops, &r3, "sess-r", "sess-r", NULL, (size_t)-1,
+                                    NULL, (size_t)-1, &c3),
+                     0);
+    assert_int_equal(brk_session_resume(c3, "", SECRET, sizeof(SECRET)), 1);
+    assert_int_equal(r2.kicked, 1);
+    memset(&ss, 0, sizeof(ss));
+    brk_client_subs(c3, subs_cb, &ss);
+    assert_int_equal(ss.acked, 5);
+    brk_client_start(c3);
+    assert_int_equal(msg_offsets(&r3, 0, offs, 8), 1);
+    assert_int_equal(offs[0], 6);
+    /* the kicked client gets nothing more, and closing it later is harmless */
+    size_t before = r2.n;
+    publish_n(f, "res.s", 1);
+    assert_int_equal(r2.n, before);
+    brk_client_close(c2);
+    assert_int_equal(msg_offsets(&r3, 0, offs, 8), 2);
+    wait_cursor(f, "sess-r", "res.s", 5);
+
+    /* unsubscribe removes the subscription from the session */
+    brk_unsubscribe(c3, 2, (const uint8_t *)"res.s", 5);
+    brk_client_close(c3);
+    uint64_t got = 0;
+    for (int i = 0; i < 200; i++) {
+        if (wal_cursor_get(f->wal, "sess-r", 6, "res.s", 5, &got) == WAL_ENOTFOUND)
+            break;
+        struct timeval tv = {0, 20000};
+        event_base_loopexit(f->base, &tv);
+        event_base_dispatch(f->base);
+    }
+    assert_int_equal(wal_cursor_get(f->wal, "sess-r", 6, "res.s", 5, &got), WAL_ENOTFOUND);
+    brk_stats_t st;
+    brk_stats_get(f->brk, &st);
+    assert_int_equal(st.sessions_created, 1);
+    assert_int_equal(st.sessions_resumed, 2);
+    assert_int_equal(st.sessions_taken_over, 1);
+    assert_int_equal(st.sessions_live, 0);
+    assert_int_equal(st.cursor_errors, 0);
+    rec_clear(&r1);
+    rec_clear(&r2);
+    rec_clear(&r3);
+}
+
+/* A subscription to a stream that does not exist yet is recorded once the
+ * stream exists; sessions past their TTL are not resumable and are deleted. */
+static void test_session_record_and_expiry(void **state)
+{
+    fixture_t *f = *state;
+    brk_free(f->brk);
+    brk_options_t bo = {.max_inflight = 4, .session_ttl_s = 1, .expire_interval_ms = 3600000};
+    assert_int_equal(brk_new(f->base, f->wal, &bo, &f->brk), 0);
+    rec_conn_t r1 = {0};
+    brk_client_t *c1;
+    assert_int_equal(brk_client_new(f->brk, &rec_ops, &r1, "sess-e", "sess-e", NULL, (size_t)-1,
+                                    NULL, (size_t)-1, &c1),
+                     0);
+    assert_int_equal(brk_session_create(c1, "alice", SECRET, sizeof(SECRET)), 0);
+    brk_subscribe(c1, 1, (const uint8_t *)"new.s", 5, 2 /* latest */, 0, 0);
+    publish_n(f, "new.s", 2); /* creates the stream; delivered, not acked */
+    brk_client_close(c1);
+    wait_cursor(f, "sess-e", "new.s", 0);
+    wal_session_t ws;
+    assert_int_equal(wal_session_get(f->wal, "sess-e", 6, &ws), 0);
+    assert_int_equal(ws.owner_len, 5);
+    assert_true(brk_session_resumable(f->brk, "sess-e", "alice", SECRET, sizeof(SECRET)));
+    /* wait past the TTL (1 s) */
+    struct timespec ts = {2, 100000000};
+    nanosleep(&ts, NULL);
+    assert_false(brk_session_resumable(f->brk, "sess-e", "alice", SECRET, sizeof(SECRET)));
+    brk_sessions_expire(f->brk);
+    for (int i = 0; i < 200 && wal_session_get(f->wal, "sess-e", 6, &ws) == 0; i++) {
+        struct timeval tv = {0, 20000};
+        event_base_loopexit(f->base, &tv);
+        event_base_dispatch(f->base);
+    }
+    assert_int_equal(wal_session_get(f->wal, "sess-e", 6, &ws), WAL_ENOTFOUND);
+    uint64_t got;
+    assert_int_equal(wal_cursor_get(f->wal, "sess-e", 6, "new.s", 5, &got), WAL_ENOTFOUND);
+    brk_stats_t st;
+    brk_stats_get(f->brk, &st);
+    assert_int_equal(st.sessions_expired, 1);
+    rec_clear(&r1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_fanout_shares_frames, setup, teardown),
         cmocka_unit_test_setup_teardown(test_flow_control_and_cursors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gap_and_catchup_from_wal, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_session_resume, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_session_record_and_expiry, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

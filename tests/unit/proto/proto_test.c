@@ -11,6 +11,7 @@
  */
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -272,6 +273,33 @@ static void assert_uint_field(const unp_t *r, const char *key, uint64_t want)
     assert_true(o->via.u64 == want);
 }
 
+static void assert_bool_field(const unp_t *r, const char *key, bool want)
+{
+    const msgpack_object *o = get(r, key);
+    assert_non_null(o);
+    assert_int_equal(o->type, MSGPACK_OBJECT_BOOLEAN);
+    assert_int_equal(o->via.boolean, want);
+}
+
+/* welcome.subs: an array of {stream, epoch, acked, next} in the given order */
+static void assert_resumed_subs(const unp_t *r, const proto_resumed_sub_t *want, size_t n)
+{
+    const msgpack_object *o = get(r, "subs");
+    assert_non_null(o);
+    assert_int_equal(o->type, MSGPACK_OBJECT_ARRAY);
+    assert_int_equal(o->via.array.size, n);
+    for (size_t i = 0; i < n; i++) {
+        const msgpack_object *e = &o->via.array.ptr[i];
+        assert_int_equal(e->type, MSGPACK_OBJECT_MAP);
+        unp_t sub = {.map = e};
+        assert_entries(&sub, 4);
+        assert_str_field(&sub, "stream", want[i].stream, want[i].stream_len);
+        assert_uint_field(&sub, "epoch", want[i].epoch);
+        assert_uint_field(&sub, "acked", want[i].acked);
+        assert_uint_field(&sub, "next", want[i].next);
+    }
+}
+
 static void assert_type(const unp_t *r, const char *t)
 {
     assert_cstr_field(r, "t", t);
@@ -291,19 +319,48 @@ static void test_enc_welcome(void **state)
     (void)state;
     proto_buf_t b = {0};
     unp_t r;
-    assert_int_equal(proto_enc_welcome(&b, "s-1", "rt-xyz", "arqd/0.1.0", 1048576, 1024), 0);
+    proto_welcome_t w = {.session = "s-1",
+                         .resume_token = "rt-xyz",
+                         .server = "arqd/0.1.0",
+                         .max_payload = 1048576,
+                         .max_inflight = 1024,
+                         .session_ttl_s = 86400};
+    assert_int_equal(proto_enc_welcome(&b, &w), 0);
     unp_one(&r, b.data, b.len);
-    assert_entries(&r, 6);
+    assert_entries(&r, 8);
     assert_type(&r, "welcome");
     assert_cstr_field(&r, "session", "s-1");
     assert_cstr_field(&r, "resume_token", "rt-xyz");
+    assert_bool_field(&r, "resumed", false);
+    assert_uint_field(&r, "session_ttl", 86400);
     assert_cstr_field(&r, "server", "arqd/0.1.0");
     assert_uint_field(&r, "max_payload", 1048576);
     assert_uint_field(&r, "max_inflight", 1024);
     unp_done(&r);
 
+    /* resumed: the restored subscriptions follow */
     proto_buf_reset(&b);
-    assert_int_equal(proto_enc_welcome(&b, NULL, "", "x", UINT32_MAX, 0), 0);
+    proto_resumed_sub_t subs[2] = {{"a.b", 3, 7, 10, 12}, {"c", 1, 9, 0, 1}};
+    w.resumed = 1;
+    w.subs = subs;
+    w.n_subs = 2;
+    assert_int_equal(proto_enc_welcome(&b, &w), 0);
+    unp_one(&r, b.data, b.len);
+    assert_entries(&r, 9);
+    assert_type(&r, "welcome");
+    assert_cstr_field(&r, "session", "s-1");
+    assert_cstr_field(&r, "resume_token", "rt-xyz");
+    assert_bool_field(&r, "resumed", true);
+    assert_uint_field(&r, "session_ttl", 86400);
+    assert_cstr_field(&r, "server", "arqd/0.1.0");
+    assert_uint_field(&r, "max_payload", 1048576);
+    assert_uint_field(&r, "max_inflight", 1024);
+    assert_resumed_subs(&r, subs, 2);
+    unp_done(&r);
+
+    proto_buf_reset(&b);
+    proto_welcome_t w2 = {.resume_token = "", .server = "x", .max_payload = UINT32_MAX};
+    assert_int_equal(proto_enc_welcome(&b, &w2), 0);
     unp_one(&r, b.data, b.len);
     assert_cstr_field(&r, "session", "");
     assert_cstr_field(&r, "resume_token", "");
@@ -564,7 +621,13 @@ static void test_enc_enomem(void **state)
                 alloc_budget = n;
                 switch (which) {
                 case 0:
-                    rc = proto_enc_welcome(&b, big, big, big, 1, 2);
+                {
+                    proto_resumed_sub_t rs = {big, strlen(big), 1, 2, 3};
+                    proto_welcome_t w = {.session = big, .resume_token = big, .server = big,
+                                         .max_payload = 1, .max_inflight = 2, .resumed = 1,
+                                         .subs = &rs, .n_subs = 1};
+                    rc = proto_enc_welcome(&b, &w);
+                }
                     break;
                 case 1:
                     rc = proto_enc_subok(&b, 1, (const uint8_t *)big, strlen(big), 2, 3, 4);
