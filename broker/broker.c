@@ -13,6 +13,7 @@
 
 #include "auth.h"
 #include "proto.h"
+#include "replay.h"
 
 #define CATCHUP_BATCH  256u
 #define CATCHUP_BYTES  (1u << 20)
@@ -74,6 +75,7 @@ struct brk_client {
 struct brk {
     struct event_base *base;
     wal_t *wal;
+    rpl_t *rpl; /* catch-up reads */
     brk_options_t o;
     brk_stream_t **buckets;
     size_t n_buckets, n_streams;
@@ -337,26 +339,26 @@ static uint32_t deliver_sub(brk_sub_t *sub, uint32_t budget)
         if (max > budget - sent)
             max = budget - sent;
         struct catchup_ctx cc = {sub, 0};
-        wal_read_result_t res;
+        rpl_result_t res;
         b->st.catchup_reads++;
-        int rc = wal_stream_read(b->wal, s->name, s->name_len, sub->next, max, CATCHUP_BYTES,
-                                 catchup_cb, &cc, &res);
+        enum rpl_status rc = rpl_read(b->rpl, s->name, s->name_len, sub->next, max,
+                                      CATCHUP_BYTES, catchup_cb, &cc, &res);
         sent += cc.sent;
-        if (rc == WAL_ETRUNCATED) {
+        if (rc == RPL_GAP) {
             proto_buf_t pb = {0};
-            if (proto_enc_gap(&pb, (const uint8_t *)s->name, s->name_len, sub->next,
-                              res.next - 1) == 0)
+            if (proto_enc_gap(&pb, (const uint8_t *)s->name, s->name_len, res.gap_from,
+                              res.gap_to) == 0)
                 send_buf(c, &pb);
             proto_buf_free(&pb);
             b->st.gaps++;
             /* The skipped range counts as delivered-and-acked. */
-            if (sub->acked < res.next - 1)
-                sub->acked = res.next - 1;
+            if (sub->acked < res.gap_to)
+                sub->acked = res.gap_to;
             sub->next = res.next;
             continue;
         }
-        if (rc != 0 || cc.sent == 0) {
-            if (rc != 0 && rc != WAL_ENOTFOUND)
+        if (rc != RPL_OK || cc.sent == 0) {
+            if (rc == RPL_EREAD)
                 send_error(c, 0, PROTO_CODE_INTERNAL, "stream read failed");
             break;
         }
@@ -1296,7 +1298,10 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
     b->sess = calloc(b->n_sess_buckets, sizeof(*b->sess));
     b->flush_ev = event_new(base, -1, EV_PERSIST, flush_cb, b);
     b->expire_ev = event_new(base, -1, EV_PERSIST, expire_ev_cb, b);
-    if (!b->buckets || !b->sess || !b->flush_ev || !b->expire_ev) {
+    if (rpl_new(wal, &b->rpl) != 0)
+        b->rpl = NULL;
+    if (!b->buckets || !b->sess || !b->flush_ev || !b->expire_ev || !b->rpl) {
+        rpl_free(b->rpl);
         free(b->buckets);
         free(b->sess);
         if (b->flush_ev)
@@ -1322,6 +1327,7 @@ void brk_free(brk_t *b)
     event_free(b->flush_ev);
     event_free(b->expire_ev);
     free(b->sess);
+    rpl_free(b->rpl);
     while (b->dirty) {
         brk_client_t *c = b->dirty;
         b->dirty = c->next_dirty;
