@@ -1047,11 +1047,16 @@ static void write_health(api_server_t *s, struct evbuffer *b, int *code)
                         "\"version\":\"%s\",\"connections\":%zu,"
                         "\"wal\":{\"ok\":%s,\"first_seq\":%llu,\"next_seq\":%llu,"
                         "\"map_bytes\":%llu,\"used_bytes\":%llu,\"commits\":%llu},"
-                        "\"sync\":{\"state\":\"%s\"}}",
+                        "\"sync\":",
                         s->o.version, s->n_conns, failed ? "false" : "true",
                         (unsigned long long)ws.first_seq, (unsigned long long)ws.next_seq,
                         (unsigned long long)ws.map_size, (unsigned long long)ws.used_bytes,
-                        (unsigned long long)ws.commits, s->o.sync_state);
+                        (unsigned long long)ws.commits);
+    if (s->o.health_sync)
+        s->o.health_sync(s->o.extra_arg, b);
+    else
+        evbuffer_add_printf(b, "{\"state\":\"disabled\"}");
+    evbuffer_add_printf(b, "}");
 }
 
 static void metric(struct evbuffer *b, const char *name, const char *type, const char *help,
@@ -1143,6 +1148,8 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
               ws.commit_us_buckets, wal_commit_us_bounds, 1e-6, ws.commit_us_sum, 1);
     histogram(b, "arq_wal_batch_messages", "Messages per WAL commit.", ws.batch_buckets,
               wal_batch_bounds, 1.0, 0, 0);
+    if (s->o.metrics_extra)
+        s->o.metrics_extra(s->o.extra_arg, b);
 }
 
 /* ---- lifecycle --------------------------------------------------------- */

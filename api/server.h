@@ -13,6 +13,8 @@
 
 struct event_base;
 
+struct evbuffer;
+
 typedef struct api_options {
     const char *host;
     uint16_t port; /* 0: any free port (see api_server_port) */
@@ -30,8 +32,13 @@ typedef struct api_options {
     const char *api_key;    /* NULL: server API only in anonymous mode */
     char *const *origins;   /* allow-list; n_origins 0 = any */
     size_t n_origins;
-    const char *sync_state; /* "disabled" until the sync issue */
     const char *version;
+    /* Optional, from the composition root (api does not know sync): the
+     * JSON object /health shows as "sync" (NULL: {"state":"disabled"}), and
+     * extra Prometheus text appended to /metrics. */
+    void (*health_sync)(void *arg, struct evbuffer *out);
+    void (*metrics_extra)(void *arg, struct evbuffer *out);
+    void *extra_arg;
 } api_options_t;
 
 typedef struct api_server api_server_t;

@@ -4,11 +4,13 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/thread.h>
 #include <getopt.h>
 #include <malloc.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +18,7 @@
 
 #include "broker.h"
 #include "config.h"
+#include "sync.h"
 #include "log.h"
 #include "server.h"
 #include "wal.h"
@@ -42,8 +45,73 @@ static void usage(FILE *f)
                "  -l, --log-level LEVEL   debug|info|warn|error\n"
                "  -s, --set SECTION.KEY=VALUE   any configuration key (see docs/operations.md)\n"
                "      --print-config      print the effective configuration (secrets masked)\n"
+               "      --migrate           apply the MySQL schema migrations (DATABASE_URL), exit\n"
                "      --version           print the version\n"
                "  -h, --help              this text\n");
+}
+
+/* /health "sync": state, watermark and lag (api does not know sync). */
+static void health_sync(void *arg, struct evbuffer *out)
+{
+    sync_stats_t st;
+    sync_stats_get(arg, &st);
+    uint64_t lag = st.wal_next > st.watermark + 1 ? st.wal_next - 1 - st.watermark : 0;
+    evbuffer_add_printf(out,
+                        "{\"state\":\"%s\",\"watermark\":%llu,\"lag_records\":%llu,"
+                        "\"lag_seconds\":%.3f,\"last_error\":\"",
+                        sync_state_name(st.state), (unsigned long long)st.watermark,
+                        (unsigned long long)lag, st.lag_seconds);
+    for (const char *p = st.last_error; *p; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch == '"' || ch == '\\')
+            evbuffer_add_printf(out, "\\%c", ch);
+        else if (ch < 0x20 || ch >= 0x7f)
+            evbuffer_add_printf(out, "\\u%04x", ch);
+        else
+            evbuffer_add(out, p, 1);
+    }
+    evbuffer_add_printf(out, "\"}");
+}
+
+static void metrics_sync(void *arg, struct evbuffer *out)
+{
+    sync_stats_t st;
+    sync_stats_get(arg, &st);
+    uint64_t lag = st.wal_next > st.watermark + 1 ? st.wal_next - 1 - st.watermark : 0;
+    static const enum sync_state states[] = {SYNC_STATE_CONNECTING, SYNC_STATE_OK,
+                                             SYNC_STATE_DEGRADED, SYNC_STATE_FAILED};
+    evbuffer_add_printf(out, "# HELP arq_sync_state MySQL sync state (1 for the current one).\n"
+                             "# TYPE arq_sync_state gauge\n");
+    for (size_t i = 0; i < 4; i++)
+        evbuffer_add_printf(out, "arq_sync_state{state=\"%s\"} %d\n", sync_state_name(states[i]),
+                            st.state == states[i]);
+#define M(name, type, help, v)                                                                     \
+    evbuffer_add_printf(out, "# HELP " name " " help "\n# TYPE " name " " type "\n" name " %llu\n", \
+                        (unsigned long long)(v))
+    M("arq_sync_watermark", "gauge", "Last WAL sequence in MySQL.", st.watermark);
+    M("arq_sync_lag_records", "gauge", "WAL records not yet in MySQL.", lag);
+    M("arq_sync_rows_total", "counter", "Rows written to MySQL.", st.rows);
+    M("arq_sync_batches_total", "counter", "Sync transactions committed.", st.batches);
+    M("arq_sync_errors_total", "counter", "Sync errors (each followed by a reconnect).", st.errors);
+    M("arq_sync_reconnects_total", "counter", "Reconnects to MySQL after errors.", st.reconnects);
+    M("arq_sync_cursors_total", "counter", "Cursor rows upserted into MySQL.", st.cursors);
+#undef M
+    evbuffer_add_printf(out, "# HELP arq_sync_lag_seconds Age of the oldest record not yet in MySQL.\n"
+                             "# TYPE arq_sync_lag_seconds gauge\narq_sync_lag_seconds %.3f\n",
+                        st.lag_seconds);
+    evbuffer_add_printf(out, "# HELP arq_sync_batch_rows Rows per sync transaction.\n"
+                             "# TYPE arq_sync_batch_rows histogram\n");
+    uint64_t cum = 0;
+    for (int i = 0; i < SYNC_HIST_BUCKETS; i++) {
+        cum += st.batch_buckets[i];
+        if (i < SYNC_HIST_BUCKETS - 1)
+            evbuffer_add_printf(out, "arq_sync_batch_rows_bucket{le=\"%llu\"} %llu\n",
+                                (unsigned long long)sync_batch_bounds[i], (unsigned long long)cum);
+        else
+            evbuffer_add_printf(out, "arq_sync_batch_rows_bucket{le=\"+Inf\"} %llu\n"
+                                     "arq_sync_batch_rows_count %llu\n",
+                                (unsigned long long)cum, (unsigned long long)cum);
+    }
 }
 
 static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
@@ -138,6 +206,7 @@ int main(int argc, char **argv)
         {"log-level", required_argument, NULL, 'l'},
         {"set", required_argument, NULL, 's'},
         {"print-config", no_argument, NULL, 'P'},
+        {"migrate", no_argument, NULL, 'M'},
         {"version", no_argument, NULL, 'V'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -175,7 +244,7 @@ int main(int argc, char **argv)
         arq_config_free(&cfg);
         return 2;
     }
-    int print_config = 0;
+    int print_config = 0, migrate_only = 0;
     optind = 1;
     while ((opt = getopt_long(argc, argv, "c:d:H:p:l:s:h", longopts, NULL)) != -1) {
         int rc = 0;
@@ -208,6 +277,9 @@ int main(int argc, char **argv)
         case 'P':
             print_config = 1;
             break;
+        case 'M':
+            migrate_only = 1;
+            break;
         default:
             break;
         }
@@ -227,6 +299,53 @@ int main(int argc, char **argv)
     }
     arq_log_setup(cfg.log_level, strcmp(cfg.log_format, "json") == 0);
 
+    sync_url_t db_url = {0};
+    bool have_db = false;
+    if (cfg.database_url) {
+        if (sync_url_parse(cfg.database_url, &db_url, err, sizeof(err)) != 0) {
+            fprintf(stderr, "arqd: %s\n", err);
+            arq_config_free(&cfg);
+            return 2;
+        }
+        have_db = true;
+    }
+    if (migrate_only) {
+        if (!have_db) {
+            fprintf(stderr, "arqd: --migrate needs DATABASE_URL (or database.url)\n");
+            arq_config_free(&cfg);
+            return 2;
+        }
+        int applied = 0;
+        int mrc = sync_migrate(&db_url, &applied, err, sizeof(err));
+        sync_url_free(&db_url);
+        arq_config_free(&cfg);
+        if (mrc) {
+            fprintf(stderr, "arqd: %s\n", err);
+            return 1;
+        }
+        printf("arqd: %d migration(s) applied, the schema is current\n", applied);
+        return 0;
+    }
+    if (have_db) {
+        /* Refuse a schema we must not touch now; an unreachable MySQL is
+         * not a reason not to serve (the drain thread retries). */
+        int applied = 0;
+        int mrc = sync_migrate(&db_url, &applied, err, sizeof(err));
+        if (mrc == SYNC_ESCHEMA) {
+            arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason", err, NULL);
+            sync_url_free(&db_url);
+            arq_config_free(&cfg);
+            return 1;
+        }
+        if (mrc)
+            arq_log(ARQ_LOG_WARN, "sync_degraded", "reason", err, NULL);
+        else if (applied) {
+            char n[16];
+            snprintf(n, sizeof(n), "%d", applied);
+            arq_log(ARQ_LOG_INFO, "migrations_applied", "count", n, NULL);
+        }
+    }
+
     if (!cfg.secret_key && !is_loopback(cfg.host)) {
         arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason",
                 "no SECRET_KEY: anonymous access is allowed only on a loopback listener", "host",
@@ -244,9 +363,6 @@ int main(int argc, char **argv)
     if (!cfg.database_url)
         arq_log(ARQ_LOG_WARN, "wal_only", "reason", "DATABASE_URL not set: MySQL sync disabled",
                 NULL);
-    else
-        arq_log(ARQ_LOG_WARN, "wal_only", "reason",
-                "DATABASE_URL is set but MySQL sync is not built yet: running WAL-only", NULL);
 
     /* Every publish allocates and frees a few small buffers; with glibc's
      * default thresholds the heap top is trimmed and faulted back in over
@@ -303,9 +419,19 @@ int main(int argc, char **argv)
         .api_key = cfg.api_key,
         .origins = cfg.origins,
         .n_origins = cfg.n_origins,
-        .sync_state = "disabled",
         .version = "arq/" ARQ_VERSION,
     };
+    sync_t *sync = NULL;
+    if (have_db) {
+        sync_options_t so = {.url = &db_url, .batch_rows = cfg.sync_batch_rows};
+        if (sync_start(wal, &so, &sync) != 0) {
+            arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "sync thread", NULL);
+            return 1;
+        }
+        ao.health_sync = health_sync;
+        ao.metrics_extra = metrics_sync;
+        ao.extra_arg = sync;
+    }
     api_server_t *srv;
     if (api_server_start(base, brk, wal, &ao, &srv, err, sizeof(err)) != 0) {
         arq_log(ARQ_LOG_ERROR, "listen_failed", "reason", err, NULL);
@@ -335,6 +461,8 @@ int main(int argc, char **argv)
     /* Acked offsets not yet persisted go out now; wal_close then finishes
      * every commit in flight (their callbacks run) before closing. */
     brk_flush(brk);
+    sync_stop(sync); /* its batch in flight commits or rolls back */
+    sync_url_free(&db_url);
     wal_close(wal);
     api_server_free(srv);
     brk_free(brk);

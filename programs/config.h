@@ -40,6 +40,7 @@ typedef struct arq_config {
     uint32_t batch_wait_us;  /* default 0 */
     /* [database] */
     char *database_url; /* DATABASE_URL; NULL: WAL-only */
+    uint32_t sync_batch_rows; /* rows per MySQL sync transaction, default 1000 */
 } arq_config_t;
 
 /* Fill *cfg with defaults (allocates the strings). */

@@ -2196,6 +2196,38 @@ int wal_session_cursors(wal_t *wal, const void *session, size_t session_len, wal
     return rc;
 }
 
+int wal_cursor_list(wal_t *wal, wal_cursor_all_cb cb, void *arg)
+{
+    if (!cb)
+        return WAL_EINVAL;
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    int rc = rtxn_cursor(wal, wal->dbi_cursors, &txn, &cur);
+    if (rc)
+        return rc;
+    MDB_val k, v;
+    int grc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+    while (grc == 0) {
+        const uint8_t *kp = k.mv_data;
+        wal_cursor_val_t cv;
+        if (k.mv_size < 6 || (size_t)kp[0] + 5 != k.mv_size ||
+            wal_cursor_val_decode(v.mv_data, v.mv_size, &cv) != 0) {
+            rc = WAL_ECORRUPT;
+            break;
+        }
+        MDB_val ik = {4, (void *)(kp + 1 + kp[0])}, name;
+        if (mdb_get(txn, wal->dbi_ids, &ik, &name) == 0 &&
+            cb((const char *)kp + 1, kp[0], name.mv_data, name.mv_size, cv.offset, cv.updated_us,
+               arg))
+            break;
+        grc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    if (!rc && grc && grc != MDB_NOTFOUND)
+        rc = map_mdb(grc);
+    rtxn_cursor_end(wal, txn, cur);
+    return rc;
+}
+
 int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const void *msgid,
                   size_t msgid_len, uint32_t *ret_stream_id, uint64_t *ret_offset)
 {

@@ -1,0 +1,831 @@
+/*
+ * sync.c - migrations and the drain thread (see sync.h).
+ */
+#include "sync.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <mysql.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <xxhash.h>
+
+#include "sync_internal.h"
+
+const uint64_t sync_batch_bounds[SYNC_HIST_BUCKETS - 1] = {1, 10, 100, 500, 1000, 5000, 10000};
+
+static void errf(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || !errlen)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static int64_t wall_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* ---- connections ------------------------------------------------------- */
+
+static MYSQL *db_connect(const sync_url_t *u, char *err, size_t errlen)
+{
+    MYSQL *m = mysql_init(NULL);
+    if (!m) {
+        errf(err, errlen, "mysql_init: out of memory");
+        return NULL;
+    }
+    unsigned ct = u->connect_timeout_s, rt = u->read_timeout_s, wt = u->write_timeout_s;
+    mysql_options(m, MYSQL_OPT_CONNECT_TIMEOUT, &ct);
+    mysql_options(m, MYSQL_OPT_READ_TIMEOUT, &rt);
+    mysql_options(m, MYSQL_OPT_WRITE_TIMEOUT, &wt);
+    mysql_options(m, MYSQL_SET_CHARSET_NAME, "utf8mb4");
+    if (u->tls) {
+        my_bool on = 1;
+        mysql_optionsv(m, MYSQL_OPT_SSL_ENFORCE, &on);
+    }
+    if (!mysql_real_connect(m, u->socket ? "localhost" : u->host, u->user, u->password, u->db,
+                            u->socket ? 0 : u->port, u->socket, 0)) {
+        errf(err, errlen, "cannot connect to MySQL at %s:%u/%s as %s: %s",
+             u->socket ? u->socket : u->host, u->socket ? 0 : u->port, u->db, u->user,
+             mysql_error(m));
+        mysql_close(m);
+        return NULL;
+    }
+    return m;
+}
+
+static int db_exec(MYSQL *m, const char *sql, size_t len, char *err, size_t errlen)
+{
+    if (mysql_real_query(m, sql, (unsigned long)len) != 0) {
+        errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
+        return SYNC_ESQL;
+    }
+    MYSQL_RES *r = mysql_store_result(m);
+    if (r)
+        mysql_free_result(r);
+    return 0;
+}
+
+static int db_execs(MYSQL *m, const char *sql, char *err, size_t errlen)
+{
+    return db_exec(m, sql, strlen(sql), err, errlen);
+}
+
+/* ---- migrations -------------------------------------------------------- */
+
+static void checksum_hex(const sync_migration_t *mg, char out[17])
+{
+    snprintf(out, 17, "%016" PRIx64, (uint64_t)XXH3_64bits(mg->sql, mg->len));
+}
+
+/* Run a migration's statements: split at ';' that ends a line. */
+static int run_statements(MYSQL *m, const sync_migration_t *mg, char *err, size_t errlen)
+{
+    const char *p = mg->sql, *end = mg->sql + mg->len;
+    while (p < end) {
+        const char *q = p;
+        while (q < end && !(*q == ';' && (q + 1 == end || q[1] == '\n')))
+            q++;
+        /* skip chunks of only whitespace and -- comments */
+        bool empty = true;
+        for (const char *c = p; c < q && empty;) {
+            if (*c == '-' && c + 1 < q && c[1] == '-') {
+                while (c < q && *c != '\n')
+                    c++;
+            } else if (*c == ' ' || *c == '\n' || *c == '\t' || *c == '\r') {
+                c++;
+            } else {
+                empty = false;
+            }
+        }
+        if (!empty) {
+            int rc = db_exec(m, p, (size_t)(q - p), err, errlen);
+            if (rc) {
+                size_t n = strlen(err);
+                errf(err + n, errlen - n, " (migration %04d_%s)", mg->version, mg->name);
+                return rc;
+            }
+        }
+        p = q < end ? q + 1 : end;
+    }
+    return 0;
+}
+
+static int migrate_locked(MYSQL *m, int *applied, char *err, size_t errlen)
+{
+    int rc = db_execs(m,
+                      "CREATE TABLE IF NOT EXISTS arq_schema_migrations ("
+                      " version INT UNSIGNED NOT NULL PRIMARY KEY,"
+                      " name VARCHAR(64) NOT NULL, checksum CHAR(16) NOT NULL,"
+                      " applied_us BIGINT NOT NULL) ENGINE=InnoDB",
+                      err, errlen);
+    if (rc)
+        return rc;
+    if (mysql_query(m, "SELECT version, name, checksum FROM arq_schema_migrations ORDER BY version")) {
+        errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
+        return SYNC_ESQL;
+    }
+    MYSQL_RES *res = mysql_store_result(m);
+    if (!res) {
+        errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
+        return SYNC_ESQL;
+    }
+    size_t done = 0;
+    MYSQL_ROW row;
+    rc = 0;
+    while ((row = mysql_fetch_row(res)) && !rc) {
+        unsigned long v = strtoul(row[0] ? row[0] : "0", NULL, 10);
+        if (v == 0 || v > sync_n_migrations) {
+            errf(err, errlen,
+                 "the database schema is newer than this arqd: migration %lu (%s) is applied, "
+                 "this build knows up to %zu; upgrade arqd or use another database",
+                 v, row[1] ? row[1] : "?", sync_n_migrations);
+            rc = SYNC_ESCHEMA;
+            break;
+        }
+        const sync_migration_t *mg = &sync_migrations[v - 1];
+        char sum[17];
+        checksum_hex(mg, sum);
+        if (!row[2] || strcmp(row[2], sum) != 0) {
+            errf(err, errlen,
+                 "migration %04d_%s was changed after it was applied (checksum %s in the "
+                 "database, %s in this build): refusing to run",
+                 mg->version, mg->name, row[2] ? row[2] : "NULL", sum);
+            rc = SYNC_ESCHEMA;
+            break;
+        }
+        if (v != done + 1) {
+            errf(err, errlen, "arq_schema_migrations has a hole before migration %lu", v);
+            rc = SYNC_ESCHEMA;
+            break;
+        }
+        done = v;
+    }
+    mysql_free_result(res);
+    if (rc)
+        return rc;
+    for (size_t i = done; i < sync_n_migrations; i++) {
+        const sync_migration_t *mg = &sync_migrations[i];
+        rc = run_statements(m, mg, err, errlen);
+        if (rc)
+            return rc;
+        char sum[17], sql[256];
+        checksum_hex(mg, sum);
+        snprintf(sql, sizeof(sql),
+                 "INSERT INTO arq_schema_migrations (version, name, checksum, applied_us) "
+                 "VALUES (%d, '%s', '%s', %" PRId64 ")",
+                 mg->version, mg->name, sum, wall_us());
+        rc = db_execs(m, sql, err, errlen);
+        if (rc)
+            return rc;
+        if (applied)
+            (*applied)++;
+    }
+    return 0;
+}
+
+static int migrate_conn(MYSQL *m, int *applied, char *err, size_t errlen)
+{
+    if (applied)
+        *applied = 0;
+    /* One arqd migrates at a time. */
+    if (mysql_query(m, "SELECT GET_LOCK('arq_migrate', 30)") != 0) {
+        errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
+        return SYNC_ESQL;
+    }
+    MYSQL_RES *r = mysql_store_result(m);
+    MYSQL_ROW row = r ? mysql_fetch_row(r) : NULL;
+    bool locked = row && row[0] && strcmp(row[0], "1") == 0;
+    if (r)
+        mysql_free_result(r);
+    if (!locked) {
+        errf(err, errlen, "could not take the migration lock (another arqd migrating?)");
+        return SYNC_ESQL;
+    }
+    int rc = migrate_locked(m, applied, err, errlen);
+    char e2[8];
+    (void)db_execs(m, "SELECT RELEASE_LOCK('arq_migrate')", e2, sizeof(e2));
+    return rc;
+}
+
+int sync_migrate(const sync_url_t *u, int *applied, char *err, size_t errlen)
+{
+    MYSQL *m = db_connect(u, err, errlen);
+    if (!m)
+        return SYNC_ECONNECT;
+    int rc = migrate_conn(m, applied, err, errlen);
+    mysql_close(m);
+    return rc;
+}
+
+/* ---- the drain thread -------------------------------------------------- */
+
+struct sync {
+    wal_t *wal;
+    sync_options_t o;
+    sync_url_t url;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    bool stop;
+    sync_stats_t st; /* under mu */
+    /* thread-private */
+    MYSQL *m;
+    char *sql;
+    size_t sql_len, sql_cap;
+    int sql_err;
+    uint64_t batch_rows, batch_first_seq, batch_last_seq;
+    int64_t oldest_unsynced_ts;
+    char **known;       /* open-addressing set of names already in arq_streams */
+    size_t known_cap, n_known;
+    char **pending;     /* names of this batch not yet known */
+    size_t n_pending, cap_pending;
+    int64_t cursor_hwm_us; /* newest cursor update already synced */
+    int64_t next_cursor_us;
+};
+
+const char *sync_state_name(enum sync_state st)
+{
+    switch (st) {
+    case SYNC_STATE_OK:
+        return "ok";
+    case SYNC_STATE_DEGRADED:
+        return "degraded";
+    case SYNC_STATE_FAILED:
+        return "failed";
+    default:
+        return "connecting";
+    }
+}
+
+static void set_state(sync_t *s, enum sync_state st, const char *why)
+{
+    pthread_mutex_lock(&s->mu);
+    s->st.state = st;
+    if (why) {
+        snprintf(s->st.last_error, sizeof(s->st.last_error), "%s", why);
+        if (st != SYNC_STATE_OK)
+            s->st.errors++;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static int sql_reserve(sync_t *s, size_t extra)
+{
+    if (s->sql_len + extra + 1 <= s->sql_cap)
+        return 0;
+    size_t cap = s->sql_cap ? s->sql_cap : 1u << 16;
+    while (cap < s->sql_len + extra + 1)
+        cap *= 2;
+    char *n = realloc(s->sql, cap);
+    if (!n) {
+        s->sql_err = SYNC_ENOMEM;
+        return -1;
+    }
+    s->sql = n;
+    s->sql_cap = cap;
+    return 0;
+}
+
+static void sql_add(sync_t *s, const char *txt, size_t n)
+{
+    if (s->sql_err || sql_reserve(s, n))
+        return;
+    memcpy(s->sql + s->sql_len, txt, n);
+    s->sql_len += n;
+    s->sql[s->sql_len] = 0;
+}
+
+static void sql_adds(sync_t *s, const char *txt)
+{
+    sql_add(s, txt, strlen(txt));
+}
+
+static void sql_addf(sync_t *s, const char *fmt, ...)
+{
+    char buf[128];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        sql_add(s, buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
+}
+
+/* Binary as a hex literal (X'..'), or '' when empty. */
+static void sql_hex(sync_t *s, const void *p, size_t n)
+{
+    if (n == 0) {
+        sql_adds(s, "''");
+        return;
+    }
+    if (s->sql_err || sql_reserve(s, 2 * n + 3))
+        return;
+    s->sql[s->sql_len++] = 'X';
+    s->sql[s->sql_len++] = '\'';
+    s->sql_len += mysql_hex_string(s->sql + s->sql_len, p, (unsigned long)n);
+    s->sql[s->sql_len++] = '\'';
+    s->sql[s->sql_len] = 0;
+}
+
+static uint64_t name_hash(const char *p, size_t n)
+{
+    return XXH3_64bits(p, n);
+}
+
+static bool stream_known(sync_t *s, const char *name, size_t len)
+{
+    if (!s->known_cap)
+        return false;
+    for (size_t i = name_hash(name, len) & (s->known_cap - 1);; i = (i + 1) & (s->known_cap - 1)) {
+        const char *k = s->known[i];
+        if (!k)
+            return false;
+        if (strlen(k) == len && memcmp(k, name, len) == 0)
+            return true;
+    }
+}
+
+static void known_insert(sync_t *s, char *name)
+{
+    if ((s->n_known + 1) * 2 > s->known_cap) {
+        size_t cap = s->known_cap ? s->known_cap * 2 : 256;
+        char **n = calloc(cap, sizeof(*n));
+        if (!n) {
+            free(name);
+            return;
+        }
+        for (size_t i = 0; i < s->known_cap; i++) {
+            if (!s->known[i])
+                continue;
+            size_t j = name_hash(s->known[i], strlen(s->known[i])) & (cap - 1);
+            while (n[j])
+                j = (j + 1) & (cap - 1);
+            n[j] = s->known[i];
+        }
+        free(s->known);
+        s->known = n;
+        s->known_cap = cap;
+    }
+    size_t j = name_hash(name, strlen(name)) & (s->known_cap - 1);
+    while (s->known[j])
+        j = (j + 1) & (s->known_cap - 1);
+    s->known[j] = name;
+    s->n_known++;
+}
+
+static void streams_forget(sync_t *s)
+{
+    for (size_t i = 0; i < s->known_cap; i++) {
+        free(s->known[i]);
+        s->known[i] = NULL;
+    }
+    s->n_known = 0;
+}
+
+static void pending_clear(sync_t *s)
+{
+    for (size_t i = 0; i < s->n_pending; i++)
+        free(s->pending[i]);
+    s->n_pending = 0;
+}
+
+/* A stream of this batch that arq_streams may not hold yet. */
+static void pending_add(sync_t *s, const char *name, size_t len)
+{
+    if (stream_known(s, name, len))
+        return;
+    for (size_t i = 0; i < s->n_pending; i++)
+        if (strlen(s->pending[i]) == len && memcmp(s->pending[i], name, len) == 0)
+            return;
+    if (s->n_pending == s->cap_pending) {
+        size_t cap = s->cap_pending ? s->cap_pending * 2 : 16;
+        char **n = realloc(s->pending, cap * sizeof(*n));
+        if (!n) {
+            s->sql_err = SYNC_ENOMEM;
+            return;
+        }
+        s->pending = n;
+        s->cap_pending = cap;
+    }
+    char *c = strndup(name, len);
+    if (!c) {
+        s->sql_err = SYNC_ENOMEM;
+        return;
+    }
+    s->pending[s->n_pending++] = c;
+}
+
+static int row_cb(const wal_record_t *rec, void *arg)
+{
+    sync_t *s = arg;
+    if (s->batch_rows == 0) {
+        s->batch_first_seq = rec->seq;
+        s->oldest_unsynced_ts = rec->timestamp_us;
+        sql_adds(s, "INSERT INTO arq_messages (stream, `offset`, seq, direction, producer, msgid, "
+                    "ts_us, headers, payload, checksum) VALUES ");
+    } else {
+        sql_adds(s, ",");
+    }
+    sql_adds(s, "(");
+    sql_hex(s, rec->stream, rec->stream_len);
+    sql_addf(s, ",%" PRIu64 ",%" PRIu64 ",%d,", rec->offset, rec->seq,
+             rec->direction == WAL_DIR_OUT ? 1 : 0);
+    sql_hex(s, rec->producer, rec->producer_len);
+    sql_adds(s, ",");
+    sql_hex(s, rec->msgid, rec->msgid_len);
+    sql_addf(s, ",%" PRId64 ",", rec->timestamp_us);
+    sql_hex(s, rec->headers, rec->headers_len);
+    sql_adds(s, ",");
+    sql_hex(s, rec->payload, rec->payload_len);
+    sql_addf(s, ",%" PRIu64 ")", rec->checksum);
+    pending_add(s, rec->stream, rec->stream_len);
+    s->batch_rows++;
+    s->batch_last_seq = rec->seq;
+    return s->sql_err != 0;
+}
+
+static void hist_add(uint64_t *b, uint64_t v)
+{
+    size_t i = 0;
+    while (i < SYNC_HIST_BUCKETS - 1 && v > sync_batch_bounds[i])
+        i++;
+    b[i]++;
+}
+
+static int read_watermark(sync_t *s, uint64_t *wm, char *err, size_t errlen)
+{
+    if (mysql_query(s->m, "SELECT watermark_seq FROM arq_sync_state WHERE id = 1")) {
+        errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+        return SYNC_ESQL;
+    }
+    MYSQL_RES *r = mysql_store_result(s->m);
+    MYSQL_ROW row = r ? mysql_fetch_row(r) : NULL;
+    int rc = 0;
+    if (!row || !row[0]) {
+        errf(err, errlen, "arq_sync_state has no watermark row");
+        rc = SYNC_ESCHEMA;
+    } else {
+        *wm = strtoull(row[0], NULL, 10);
+    }
+    if (r)
+        mysql_free_result(r);
+    return rc;
+}
+
+/* INSERT IGNORE the batch's streams that arq_streams may not hold yet. */
+static void sql_streams(sync_t *s)
+{
+    int n = 0;
+    for (size_t i = 0; i < s->n_pending; i++) {
+        wal_stream_info_t info;
+        const char *name = s->pending[i];
+        if (wal_stream_get(s->wal, name, strlen(name), &info) != 0)
+            continue;
+        sql_adds(s, n ? "," : "INSERT IGNORE INTO arq_streams (name, id, epoch, created_us) VALUES ");
+        sql_adds(s, "(");
+        sql_hex(s, name, strlen(name));
+        sql_addf(s, ",%u,%" PRIu64 ",%" PRId64 ")", info.id, info.epoch, info.created_us);
+        n++;
+    }
+}
+
+/* One batch after the watermark in one transaction. Returns rows written
+ * (0: nothing to do), or a negative SYNC_E*. */
+static int64_t drain_once(sync_t *s, char *err, size_t errlen)
+{
+    uint64_t wm;
+    int rc = read_watermark(s, &wm, err, errlen);
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&s->mu);
+    s->st.watermark = wm;
+    pthread_mutex_unlock(&s->mu);
+    s->sql_len = 0;
+    s->sql_err = 0;
+    s->batch_rows = 0;
+    pending_clear(s);
+    wal_read_result_t res;
+    rc = wal_log_read(s->wal, wm + 1, s->o.batch_rows, s->o.batch_bytes, row_cb, s, &res);
+    if (rc) {
+        errf(err, errlen, "WAL read after seq %" PRIu64 ": %s (bad seq %" PRIu64 ")", wm,
+             wal_strerror(rc), res.bad_seq);
+        return SYNC_ESQL;
+    }
+    if (s->sql_err)
+        return s->sql_err;
+    if (s->batch_rows == 0) {
+        s->oldest_unsynced_ts = 0;
+        return 0;
+    }
+    if (s->batch_first_seq != wm + 1) {
+        /* Retention must only drop synced records; say it loudly, go on. */
+        errf(err, errlen,
+             "WAL records %" PRIu64 "..%" PRIu64 " were dropped before they reached MySQL", wm + 1,
+             s->batch_first_seq - 1);
+        set_state(s, SYNC_STATE_DEGRADED, err);
+    }
+    /* BEGIN; INSERT rows; INSERT IGNORE streams; UPDATE watermark; COMMIT */
+    if (mysql_autocommit(s->m, 0)) {
+        errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+        return SYNC_ESQL;
+    }
+    rc = db_exec(s->m, s->sql, s->sql_len, err, errlen);
+    if (!rc && s->n_pending) {
+        s->sql_len = 0;
+        sql_streams(s);
+        if (s->sql_err)
+            rc = s->sql_err;
+        else if (s->sql_len)
+            rc = db_exec(s->m, s->sql, s->sql_len, err, errlen);
+    }
+    if (!rc) {
+        char up[256];
+        snprintf(up, sizeof(up),
+                 "UPDATE arq_sync_state SET watermark_seq = %" PRIu64 ", updated_us = %" PRId64
+                 " WHERE id = 1 AND watermark_seq = %" PRIu64,
+                 s->batch_last_seq, wall_us(), wm);
+        rc = db_execs(s->m, up, err, errlen);
+        if (!rc && mysql_affected_rows(s->m) != 1) {
+            errf(err, errlen, "the watermark moved under us (another arqd syncing the same "
+                              "database?)");
+            rc = SYNC_ESQL;
+        }
+    }
+    if (!rc && mysql_commit(s->m)) {
+        errf(err, errlen, "MySQL commit: error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+        rc = SYNC_ESQL;
+    }
+    if (rc) {
+        (void)mysql_rollback(s->m);
+        streams_forget(s); /* their inserts may have been rolled back */
+        return rc;
+    }
+    (void)mysql_autocommit(s->m, 1);
+    for (size_t i = 0; i < s->n_pending; i++) {
+        known_insert(s, s->pending[i]);
+        s->pending[i] = NULL;
+    }
+    s->n_pending = 0;
+    pthread_mutex_lock(&s->mu);
+    s->st.watermark = s->batch_last_seq;
+    s->st.rows += s->batch_rows;
+    s->st.batches++;
+    hist_add(s->st.batch_buckets, s->batch_rows);
+    pthread_mutex_unlock(&s->mu);
+    return (int64_t)s->batch_rows;
+}
+
+/* ---- cursors ----------------------------------------------------------- */
+
+struct cursor_ctx {
+    sync_t *s;
+    int n;
+    int64_t hwm;
+};
+
+static int cursor_row_cb(const char *session, size_t session_len, const char *stream,
+                         size_t stream_len, uint64_t offset, int64_t updated_us, void *arg)
+{
+    struct cursor_ctx *x = arg;
+    sync_t *s = x->s;
+    if (updated_us <= s->cursor_hwm_us)
+        return 0;
+    if (updated_us > x->hwm)
+        x->hwm = updated_us;
+    sql_adds(s, x->n ? "," : "INSERT INTO arq_cursors (session, stream, `offset`, updated_us) VALUES ");
+    sql_adds(s, "(");
+    sql_hex(s, session, session_len);
+    sql_adds(s, ",");
+    sql_hex(s, stream, stream_len);
+    sql_addf(s, ",%" PRIu64 ",%" PRId64 ")", offset, updated_us);
+    x->n++;
+    return x->n >= 5000 || s->sql_err;
+}
+
+/* Latest value wins: upsert cursors changed since the last pass. */
+static int sync_cursors(sync_t *s, char *err, size_t errlen)
+{
+    s->sql_len = 0;
+    s->sql_err = 0;
+    struct cursor_ctx x = {s, 0, s->cursor_hwm_us};
+    int rc = wal_cursor_list(s->wal, cursor_row_cb, &x);
+    if (rc || s->sql_err || x.n == 0)
+        return rc ? SYNC_ESQL : s->sql_err;
+    sql_adds(s, " ON DUPLICATE KEY UPDATE `offset` = IF(VALUES(updated_us) >= updated_us, "
+                "VALUES(`offset`), `offset`), updated_us = GREATEST(updated_us, VALUES(updated_us))");
+    if (s->sql_err)
+        return s->sql_err;
+    rc = db_exec(s->m, s->sql, s->sql_len, err, errlen);
+    if (rc)
+        return rc;
+    s->cursor_hwm_us = x.hwm;
+    pthread_mutex_lock(&s->mu);
+    s->st.cursors += (uint64_t)x.n;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+/* ---- thread ------------------------------------------------------------ */
+
+static uint64_t rand_below(uint64_t n)
+{
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r))
+        r = (uint64_t)rand();
+    return n ? r % n : 0;
+}
+
+/* Sleep ms unless stopped; returns true if stopped. */
+static bool wait_ms(sync_t *s, uint64_t ms)
+{
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += (time_t)(ms / 1000);
+    dl.tv_nsec += (long)(ms % 1000) * 1000000;
+    if (dl.tv_nsec >= 1000000000) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&s->mu);
+    while (!s->stop && pthread_cond_timedwait(&s->cond, &s->mu, &dl) != ETIMEDOUT)
+        ;
+    bool stop = s->stop;
+    pthread_mutex_unlock(&s->mu);
+    return stop;
+}
+
+static void update_lag(sync_t *s)
+{
+    wal_stats_t ws;
+    if (wal_stats_get(s->wal, &ws) != 0)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->st.wal_next = ws.next_seq;
+    s->st.lag_seconds = s->oldest_unsynced_ts && s->st.watermark + 1 < ws.next_seq
+                            ? (double)(wall_us() - s->oldest_unsynced_ts) / 1e6
+                            : 0;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void *sync_main(void *arg)
+{
+    sync_t *s = arg;
+    char err[512];
+    unsigned attempt = 0;
+    mysql_thread_init();
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        bool stop = s->stop;
+        pthread_mutex_unlock(&s->mu);
+        if (stop)
+            break;
+        if (!s->m) {
+            err[0] = 0;
+            s->m = db_connect(&s->url, err, sizeof(err));
+            int rc = s->m ? migrate_conn(s->m, NULL, err, sizeof(err)) : SYNC_ECONNECT;
+            if (rc == SYNC_ESCHEMA) {
+                set_state(s, SYNC_STATE_FAILED, err);
+                break;
+            }
+            if (rc) {
+                if (s->m) {
+                    mysql_close(s->m);
+                    s->m = NULL;
+                }
+                set_state(s, SYNC_STATE_DEGRADED, err);
+                uint64_t cap = (uint64_t)s->o.backoff_base_ms << (attempt < 16 ? attempt : 16);
+                if (cap > s->o.backoff_cap_ms)
+                    cap = s->o.backoff_cap_ms;
+                attempt++;
+                if (wait_ms(s, 1 + rand_below(cap)))
+                    break;
+                continue;
+            }
+            if (attempt) {
+                pthread_mutex_lock(&s->mu);
+                s->st.reconnects++;
+                pthread_mutex_unlock(&s->mu);
+            }
+            attempt = 0;
+            streams_forget(s);
+            set_state(s, SYNC_STATE_OK, NULL);
+        }
+        err[0] = 0;
+        int64_t n = drain_once(s, err, sizeof(err));
+        int crc = 0;
+        if (n >= 0 && wall_us() >= s->next_cursor_us) {
+            crc = sync_cursors(s, err, sizeof(err));
+            s->next_cursor_us = wall_us() + (int64_t)s->o.cursor_every_ms * 1000;
+        }
+        update_lag(s);
+        if (n < 0 || crc) {
+            if (n == SYNC_ENOMEM || crc == SYNC_ENOMEM) {
+                set_state(s, SYNC_STATE_DEGRADED, "out of memory");
+            } else {
+                set_state(s, SYNC_STATE_DEGRADED, err);
+            }
+            mysql_close(s->m);
+            s->m = NULL;
+            attempt = 1;
+            if (wait_ms(s, 1 + rand_below(s->o.backoff_base_ms)))
+                break;
+            continue;
+        }
+        pthread_mutex_lock(&s->mu);
+        bool was_degraded = s->st.state != SYNC_STATE_OK;
+        pthread_mutex_unlock(&s->mu);
+        if (was_degraded)
+            set_state(s, SYNC_STATE_OK, NULL);
+        if (n == 0 && wait_ms(s, s->o.batch_wait_ms))
+            break;
+    }
+    if (s->m) {
+        mysql_close(s->m);
+        s->m = NULL;
+    }
+    mysql_thread_end();
+    return NULL;
+}
+
+static char *dup_or_null(const char *p)
+{
+    return p ? strdup(p) : NULL;
+}
+
+int sync_start(wal_t *wal, const sync_options_t *opts, sync_t **ret)
+{
+    sync_t *s = calloc(1, sizeof(*s));
+    if (!s)
+        return SYNC_ENOMEM;
+    s->wal = wal;
+    s->o = *opts;
+    if (!s->o.batch_rows)
+        s->o.batch_rows = 1000;
+    if (!s->o.batch_bytes)
+        s->o.batch_bytes = 8u << 20;
+    if (!s->o.batch_wait_ms)
+        s->o.batch_wait_ms = 20;
+    if (!s->o.backoff_base_ms)
+        s->o.backoff_base_ms = 100;
+    if (!s->o.backoff_cap_ms)
+        s->o.backoff_cap_ms = 10000;
+    if (!s->o.cursor_every_ms)
+        s->o.cursor_every_ms = 1000;
+    const sync_url_t *u = opts->url;
+    s->url = *u;
+    s->url.user = dup_or_null(u->user);
+    s->url.password = dup_or_null(u->password);
+    s->url.host = dup_or_null(u->host);
+    s->url.db = dup_or_null(u->db);
+    s->url.socket = dup_or_null(u->socket);
+    s->o.url = &s->url;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    if (pthread_create(&s->thread, NULL, sync_main, s) != 0) {
+        sync_url_free(&s->url);
+        free(s);
+        return SYNC_ENOMEM;
+    }
+    *ret = s;
+    return 0;
+}
+
+void sync_stop(sync_t *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->stop = true;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->mu);
+    pthread_join(s->thread, NULL);
+    streams_forget(s);
+    free(s->known);
+    pending_clear(s);
+    free(s->pending);
+    free(s->sql);
+    sync_url_free(&s->url);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cond);
+    free(s);
+}
+
+void sync_stats_get(sync_t *s, sync_stats_t *ret)
+{
+    pthread_mutex_lock(&s->mu);
+    *ret = s->st;
+    pthread_mutex_unlock(&s->mu);
+}

@@ -1,0 +1,90 @@
+/*
+ * sync.h - everything MySQL: the DATABASE_URL, schema migrations, and the
+ * drain thread that copies the WAL into MySQL exactly once.
+ *
+ * The drain thread has its own connection. It reads the WAL by global
+ * sequence after the watermark stored in MySQL (arq_sync_state), verifies
+ * each record (every WAL read checks its checksum), and writes a batch as
+ * one multi-row INSERT plus the new watermark in ONE transaction: a crash
+ * anywhere leaves MySQL before or after the whole batch, never half, never
+ * twice. On any error it rolls back, reconnects with exponential backoff
+ * and full jitter, and continues from the watermark in MySQL. Publishing
+ * and delivery never wait for it: the WAL absorbs the backlog.
+ *
+ * MariaDB Connector/C (the MySQL C API); MariaDB here, MySQL 8 by design
+ * (only portable SQL: no RETURNING, no sequences).
+ */
+#ifndef ARQ_SYNC_H
+#define ARQ_SYNC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "wal.h"
+
+/* mysql://USER[:PASSWORD]@HOST[:PORT]/DB[?OPTIONS] with OPTIONS
+ * socket=PATH (connect through a unix socket; HOST is then ignored, use
+ * "localhost"), connect_timeout=S, read_timeout=S, write_timeout=S (1..3600,
+ * defaults 5/30/30), tls=0|1 (require TLS; default 0). USER, PASSWORD and
+ * PATH may be percent-encoded. */
+typedef struct sync_url {
+    char *user, *password, *host, *db, *socket;
+    unsigned port; /* default 3306 */
+    unsigned connect_timeout_s, read_timeout_s, write_timeout_s;
+    int tls;
+} sync_url_t;
+/* 0, or -1 with a one-line reason in err (never containing the password). */
+int sync_url_parse(const char *url, sync_url_t *out, char *err, size_t errlen);
+void sync_url_free(sync_url_t *u);
+
+/*
+ * Apply the migrations this build knows (sync/migrations/NNNN_*.sql) that
+ * the database has not applied yet, in order, each recorded with its
+ * checksum in arq_schema_migrations. Refuses (SYNC_ESCHEMA, with a message
+ * naming the migration) a database with a migration this build does not
+ * know (newer schema) or whose recorded checksum differs from ours (an
+ * applied migration was changed). SYNC_ECONNECT when MySQL cannot be
+ * reached. *applied (nullable) gets the number applied now.
+ */
+enum { SYNC_OK = 0, SYNC_ECONNECT = -1, SYNC_ESCHEMA = -2, SYNC_ESQL = -3, SYNC_ENOMEM = -4 };
+int sync_migrate(const sync_url_t *u, int *applied, char *err, size_t errlen);
+
+typedef struct sync_options {
+    const sync_url_t *url;    /* copied */
+    uint32_t batch_rows;      /* rows per INSERT/transaction (default 1000) */
+    uint64_t batch_bytes;     /* payload bytes per transaction (default 8 MiB) */
+    uint32_t batch_wait_ms;   /* idle poll of the WAL (default 20) */
+    uint32_t backoff_base_ms; /* reconnect backoff (default 100) */
+    uint32_t backoff_cap_ms;  /* (default 10000) */
+    uint32_t cursor_every_ms; /* cursor sync period (default 1000) */
+} sync_options_t;
+
+typedef struct sync sync_t;
+
+/* Start the drain thread (it connects and migrates by itself, retrying). */
+int sync_start(wal_t *wal, const sync_options_t *opts, sync_t **ret);
+/* Stop it: the batch in flight finishes or rolls back; joins the thread. */
+void sync_stop(sync_t *s);
+
+enum sync_state {
+    SYNC_STATE_CONNECTING = 0, /* not yet connected (or migrating) */
+    SYNC_STATE_OK = 1,         /* connected, draining */
+    SYNC_STATE_DEGRADED = 2,   /* MySQL unreachable or failing: retrying with backoff */
+    SYNC_STATE_FAILED = 3,     /* refused the schema: not retrying (see last_error) */
+};
+
+#define SYNC_HIST_BUCKETS 8
+typedef struct sync_stats {
+    enum sync_state state;
+    uint64_t watermark;  /* last sequence known to be in MySQL */
+    uint64_t wal_next;   /* the WAL's next sequence (lag = wal_next - 1 - watermark) */
+    double lag_seconds;  /* age of the oldest record not yet in MySQL (0 if none) */
+    uint64_t rows, batches, errors, reconnects, cursors;
+    uint64_t batch_buckets[SYNC_HIST_BUCKETS]; /* rows per batch, bounds sync_batch_bounds */
+    char last_error[256];
+} sync_stats_t;
+extern const uint64_t sync_batch_bounds[SYNC_HIST_BUCKETS - 1];
+void sync_stats_get(sync_t *s, sync_stats_t *ret);
+const char *sync_state_name(enum sync_state st);
+
+#endif

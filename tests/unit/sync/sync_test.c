@@ -1,0 +1,399 @@
+/*
+ * sync_test.c - the sync module against a real MariaDB: DATABASE_URL
+ * parsing, migrations (empty database, idempotent re-run, refusal of a
+ * changed or unknown migration, naming it), and the drain: every WAL record
+ * lands in arq_messages exactly once with its checksum, with the watermark,
+ * streams and cursors, across a lost connection.
+ *
+ * The server: ARQ_TEST_DATABASE_URL if set, else a private one started with
+ * scripts/mariadb in a temporary directory (and stopped at the end).
+ */
+#include <inttypes.h>
+#include <mysql.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "sync.h"
+
+static char g_url[512];
+static char g_mdb_dir[128];
+static const char *g_script;
+
+static int start_server(void **state)
+{
+    (void)state;
+    const char *env = getenv("ARQ_TEST_DATABASE_URL");
+    if (env && *env) {
+        snprintf(g_url, sizeof(g_url), "%s", env);
+        return 0;
+    }
+    strcpy(g_mdb_dir, "/var/tmp/arq-sync-mdb-XXXXXX");
+    if (!mkdtemp(g_mdb_dir))
+        return -1;
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "'%s' start '%s'", g_script, g_mdb_dir);
+    FILE *p = popen(cmd, "r");
+    if (!p)
+        return -1;
+    char line[512] = "";
+    while (fgets(line, sizeof(line), p))
+        if (strncmp(line, "DATABASE_URL=", 13) == 0)
+            snprintf(g_url, sizeof(g_url), "%s", line + 13);
+    int rc = pclose(p);
+    g_url[strcspn(g_url, "\n")] = 0;
+    if (rc != 0 || !g_url[0]) {
+        fprintf(stderr, "could not start MariaDB with %s\n", g_script);
+        return -1;
+    }
+    return 0;
+}
+
+static int stop_server(void **state)
+{
+    (void)state;
+    if (g_mdb_dir[0]) {
+        char cmd[512];
+        snprintf(cmd, sizeof(cmd), "'%s' stop '%s' && rm -rf '%s'", g_script, g_mdb_dir,
+                 g_mdb_dir);
+        if (system(cmd) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static MYSQL *conn(const sync_url_t *u)
+{
+    MYSQL *m = mysql_init(NULL);
+    assert_non_null(m);
+    if (!mysql_real_connect(m, u->host, u->user, u->password, u->db, u->port, NULL, 0))
+        fail_msg("connect: %s", mysql_error(m));
+    return m;
+}
+
+static void q(MYSQL *m, const char *sql)
+{
+    if (mysql_query(m, sql))
+        fail_msg("%s: %s", sql, mysql_error(m));
+    MYSQL_RES *r = mysql_store_result(m);
+    if (r)
+        mysql_free_result(r);
+}
+
+static uint64_t q_u64(MYSQL *m, const char *sql)
+{
+    if (mysql_query(m, sql))
+        fail_msg("%s: %s", sql, mysql_error(m));
+    MYSQL_RES *r = mysql_store_result(m);
+    assert_non_null(r);
+    MYSQL_ROW row = mysql_fetch_row(r);
+    uint64_t v = row && row[0] ? strtoull(row[0], NULL, 10) : 0;
+    mysql_free_result(r);
+    return v;
+}
+
+static void reset_db(MYSQL *m)
+{
+    q(m, "DROP TABLE IF EXISTS arq_messages, arq_streams, arq_cursors, arq_sync_state, "
+         "arq_schema_migrations");
+}
+
+/* ---- URL ---------------------------------------------------------------- */
+
+static void test_url(void **state)
+{
+    (void)state;
+    sync_url_t u;
+    char err[256];
+    assert_int_equal(sync_url_parse("mysql://arq:p%40ss@db.example:3307/arq_1?connect_timeout=2&"
+                                    "read_timeout=9&write_timeout=8&tls=1",
+                                    &u, err, sizeof(err)),
+                     0);
+    assert_string_equal(u.user, "arq");
+    assert_string_equal(u.password, "p@ss");
+    assert_string_equal(u.host, "db.example");
+    assert_int_equal(u.port, 3307);
+    assert_string_equal(u.db, "arq_1");
+    assert_int_equal(u.connect_timeout_s, 2);
+    assert_int_equal(u.read_timeout_s, 9);
+    assert_int_equal(u.write_timeout_s, 8);
+    assert_int_equal(u.tls, 1);
+    sync_url_free(&u);
+    assert_int_equal(sync_url_parse("mysql://root@localhost/x?socket=/run/mysqld/mysqld.sock", &u,
+                                    err, sizeof(err)),
+                     0);
+    assert_string_equal(u.socket, "/run/mysqld/mysqld.sock");
+    assert_int_equal(u.port, 3306);
+    assert_string_equal(u.password, "");
+    sync_url_free(&u);
+    const char *bad[] = {"", "postgres://a@b/c", "mysql://b/c", "mysql://a@b", "mysql://a@b/",
+                         "mysql://a@b:0/c", "mysql://a@b:99999/c", "mysql://a@b/c?x=1",
+                         "mysql://a@b/c?socket=rel", "mysql://a@b/c?tls=2", "mysql://a@b/c d",
+                         "mysql://a:%4@b/c", "mysql://a:%00@b/c", "mysql://:pw@b/c",
+                         "mysql://a@b/c;drop", "mysql://a@b/c?read_timeout=0"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err[0] = 0;
+        if (sync_url_parse(bad[i], &u, err, sizeof(err)) == 0)
+            fail_msg("accepted '%s'", bad[i]);
+        assert_true(err[0] != 0);
+    }
+    /* the password never appears in an error */
+    assert_int_not_equal(sync_url_parse("mysql://u:sekrit@h/d?nope=1", &u, err, sizeof(err)), 0);
+    assert_null(strstr(err, "sekrit"));
+}
+
+/* ---- migrations -------------------------------------------------------- */
+
+static void test_migrations(void **state)
+{
+    (void)state;
+    sync_url_t u;
+    char err[512];
+    assert_int_equal(sync_url_parse(g_url, &u, err, sizeof(err)), 0);
+    MYSQL *m = conn(&u);
+    reset_db(m);
+    int applied = -1;
+    assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), 0);
+    assert_int_equal(applied, 1);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_schema_migrations"), 1);
+    assert_int_equal(q_u64(m, "SELECT watermark_seq FROM arq_sync_state WHERE id = 1"), 0);
+    /* idempotent */
+    assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), 0);
+    assert_int_equal(applied, 0);
+    /* a changed applied migration is refused, by name */
+    q(m, "UPDATE arq_schema_migrations SET checksum = '0000000000000000' WHERE version = 1");
+    assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), SYNC_ESCHEMA);
+    assert_non_null(strstr(err, "0001_init"));
+    assert_non_null(strstr(err, "changed"));
+    q(m, "DELETE FROM arq_schema_migrations");
+    assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), SYNC_ESQL); /* tables exist */
+    reset_db(m);
+    assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), 0);
+    /* a newer schema than this build knows is refused */
+    q(m, "INSERT INTO arq_schema_migrations VALUES (99, 'future', 'ffffffffffffffff', 0)");
+    assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), SYNC_ESCHEMA);
+    assert_non_null(strstr(err, "newer"));
+    assert_non_null(strstr(err, "99"));
+    q(m, "DELETE FROM arq_schema_migrations WHERE version = 99");
+    /* unreachable */
+    sync_url_t bad;
+    assert_int_equal(sync_url_parse("mysql://arq:x@127.0.0.1:1/arq?connect_timeout=1", &bad, err,
+                                    sizeof(err)),
+                     0);
+    assert_int_equal(sync_migrate(&bad, &applied, err, sizeof(err)), SYNC_ECONNECT);
+    assert_null(strstr(err, ":x@"));
+    sync_url_free(&bad);
+    mysql_close(m);
+    sync_url_free(&u);
+}
+
+/* ---- drain ------------------------------------------------------------- */
+
+struct sums {
+    uint64_t n;
+    uint64_t checksum[4000]; /* by seq */
+};
+
+static int sum_cb(const wal_record_t *rec, void *arg)
+{
+    struct sums *s = arg;
+    s->n++;
+    if (rec->seq < 4000)
+        s->checksum[rec->seq] = rec->checksum;
+    return 0;
+}
+
+/* MySQL holds exactly the WAL's records: same seqs, same checksums. */
+static void compare_all(MYSQL *m, wal_t *wal, uint64_t n)
+{
+    static struct sums ws;
+    memset(&ws, 0, sizeof(ws));
+    wal_read_result_t rr;
+    uint64_t from = 1;
+    do {
+        assert_int_equal(wal_log_read(wal, from, 1000, UINT64_MAX, sum_cb, &ws, &rr), 0);
+        from = rr.next;
+    } while (rr.count);
+    assert_int_equal(ws.n, n);
+    assert_int_equal(mysql_query(m, "SELECT seq, checksum FROM arq_messages ORDER BY seq"), 0);
+    MYSQL_RES *r = mysql_store_result(m);
+    assert_non_null(r);
+    uint64_t rows = 0;
+    MYSQL_ROW row;
+    while ((row = mysql_fetch_row(r))) {
+        uint64_t seq = strtoull(row[0], NULL, 10), sum = strtoull(row[1], NULL, 10);
+        assert_int_equal(seq, rows + 1);
+        assert_true(seq < 4000 && ws.checksum[seq] == sum);
+        rows++;
+    }
+    mysql_free_result(r);
+    assert_int_equal(rows, n);
+}
+
+struct waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    int done, status;
+};
+
+static void waiter_cb(wal_append_t *req, void *arg)
+{
+    struct waiter *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->status = wal_append_status(req);
+    w->done = 1;
+    pthread_cond_signal(&w->cond);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static void put_cursor(wal_t *wal, const char *session, const char *stream, uint64_t off)
+{
+    struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+    wal_append_t *req;
+    assert_int_equal(wal_append_new(waiter_cb, &w, &req), 0);
+    assert_int_equal(wal_append_add_cursor(req, session, strlen(session), stream, strlen(stream),
+                                           off),
+                     0);
+    assert_int_equal(wal_append_submit(wal, req), 0);
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cond, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    assert_int_equal(w.status, 0);
+    wal_append_free(req);
+}
+
+static void wait_watermark(sync_t *s, uint64_t want)
+{
+    sync_stats_t st;
+    for (int i = 0; i < 3000; i++) {
+        sync_stats_get(s, &st);
+        if (st.watermark >= want && st.state == SYNC_STATE_OK)
+            return;
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+    }
+    fail_msg("watermark %" PRIu64 " (state %s: %s), want %" PRIu64, st.watermark,
+             sync_state_name(st.state), st.last_error, want);
+}
+
+static void append_n(wal_t *wal, int n, int base)
+{
+    for (int i = 0; i < n; i++) {
+        char stream[16], payload[64], msgid[32];
+        snprintf(stream, sizeof(stream), "s.%d", (base + i) % 7);
+        int pl = snprintf(payload, sizeof(payload), "payload %d \x01\x02'\"\\", base + i);
+        snprintf(msgid, sizeof(msgid), "m-%d", base + i);
+        wal_msg_t m = {.stream = stream, .stream_len = strlen(stream), .payload = payload,
+                       .payload_len = (size_t)pl, .producer = "p", .producer_len = 1,
+                       .msgid = msgid, .msgid_len = strlen(msgid),
+                       .direction = i % 3 ? WAL_DIR_IN : WAL_DIR_OUT};
+        assert_int_equal(wal_append_sync(wal, &m, 1, NULL), 0);
+    }
+}
+
+static void test_drain(void **state)
+{
+    (void)state;
+    sync_url_t u;
+    char err[512];
+    assert_int_equal(sync_url_parse(g_url, &u, err, sizeof(err)), 0);
+    MYSQL *m = conn(&u);
+    reset_db(m);
+    char dir[] = "/var/tmp/arq-sync-wal-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    wal_options_t wo = {.dir = dir};
+    wal_t *wal;
+    assert_int_equal(wal_open(&wo, NULL, &wal, NULL, 0), 0);
+    append_n(wal, 2500, 0);
+    put_cursor(wal, "sess-a", "s.1", 5);
+
+    sync_options_t so = {.url = &u, .batch_rows = 700, .cursor_every_ms = 50};
+    sync_t *s;
+    assert_int_equal(sync_start(wal, &so, &s), 0);
+    wait_watermark(s, 2500);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_messages"), 2500);
+    assert_int_equal(q_u64(m, "SELECT COUNT(DISTINCT seq) FROM arq_messages"), 2500);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_streams"), 7);
+    assert_int_equal(q_u64(m, "SELECT MAX(`offset`) FROM arq_messages WHERE stream = 's.3'"),
+                     2500 / 7 + (3 < 2500 % 7));
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_messages WHERE direction = 1"),
+                     (2500 + 2) / 3);
+    /* the bytes survived: a payload with quotes, backslash and control bytes */
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_messages WHERE stream = 's.0' AND "
+                              "`offset` = 1 AND payload = CONCAT('payload 0 ', X'0102', "
+                              "'''\"\\\\') AND msgid = 'm-0' AND producer = 'p'"),
+                     1);
+    compare_all(m, wal, 2500);
+    /* cursors: latest value wins */
+    for (int i = 0; i < 300 && q_u64(m, "SELECT COUNT(*) FROM arq_cursors") == 0; i++)
+        usleep(10000);
+    assert_int_equal(q_u64(m, "SELECT `offset` FROM arq_cursors WHERE session = 'sess-a' AND "
+                              "stream = 's.1'"),
+                     5);
+    put_cursor(wal, "sess-a", "s.1", 9);
+    for (int i = 0; i < 300 && q_u64(m, "SELECT `offset` FROM arq_cursors") != 9; i++)
+        usleep(10000);
+    assert_int_equal(q_u64(m, "SELECT `offset` FROM arq_cursors"), 9);
+
+    /* connection lost: kill the drain's connection, keep appending */
+    q(m, "SELECT 1");
+    MYSQL_RES *r;
+    assert_int_equal(mysql_query(m, "SELECT id FROM information_schema.processlist WHERE "
+                                    "db = DATABASE() AND id <> CONNECTION_ID()"),
+                     0);
+    r = mysql_store_result(m);
+    MYSQL_ROW row;
+    while ((row = mysql_fetch_row(r))) {
+        char kill[64];
+        snprintf(kill, sizeof(kill), "KILL CONNECTION %s", row[0]);
+        (void)mysql_query(m, kill);
+    }
+    mysql_free_result(r);
+    append_n(wal, 1200, 2500);
+    wait_watermark(s, 3700);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_messages"), 3700);
+    assert_int_equal(q_u64(m, "SELECT MIN(seq) FROM arq_messages"), 1);
+    assert_int_equal(q_u64(m, "SELECT MAX(seq) FROM arq_messages"), 3700);
+    sync_stats_t st;
+    sync_stats_get(s, &st);
+    assert_int_equal(st.rows, 3700);
+    assert_true(st.batches >= 6);
+    sync_stop(s);
+
+    /* a restart continues from MySQL's watermark: nothing twice */
+    append_n(wal, 10, 3700);
+    assert_int_equal(sync_start(wal, &so, &s), 0);
+    wait_watermark(s, 3710);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_messages"), 3710);
+    sync_stats_get(s, &st);
+    assert_int_equal(st.rows, 10);
+    compare_all(m, wal, 3710);
+    sync_stop(s);
+
+    wal_close(wal);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    mysql_close(m);
+    sync_url_free(&u);
+}
+
+int main(int argc, char **argv)
+{
+    g_script = argc > 1 ? argv[1] : "scripts/mariadb";
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_url),
+        cmocka_unit_test(test_migrations),
+        cmocka_unit_test(test_drain),
+    };
+    return cmocka_run_group_tests(tests, start_server, stop_server);
+}
