@@ -371,9 +371,9 @@ static const char *url_check(const char *url, char **ret)
         if (*p == '/')
             return "database name contains '/'";
     }
-    if (*p == '?')
-        return "query parameters are not supported";
-    if (*p != '\0')
+    /* Options after '?' (socket=, timeouts, tls=) are checked by the sync
+     * module's parser when arqd starts (sync/url.c). */
+    if (*p != '\0' && *p != '?')
         return fmt_hint;
 
     out = malloc(8 + strlen(rest) + 1);

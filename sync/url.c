@@ -3,6 +3,7 @@
  * understand is an error that names the part, never the password.
  */
 #include <ctype.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -172,19 +173,39 @@ int sync_url_parse(const char *url, sync_url_t *out, char *err, size_t errlen)
         errf(err, errlen, "DATABASE_URL needs /DATABASE after the host");
         goto fail;
     }
-    const char *hcolon = memchr(p, ':', (size_t)(slash - p));
-    const char *hend = hcolon ? hcolon : slash;
-    if (hend == p || (size_t)(hend - p) > 255) {
+    const char *hstart = p, *hend, *after;
+    if (*p == '[') { /* [IPv6] */
+        const char *rb = memchr(p, ']', (size_t)(slash - p));
+        if (!rb || rb == p + 1) {
+            errf(err, errlen, "DATABASE_URL: bad [IPv6] host");
+            goto fail;
+        }
+        hstart = p + 1;
+        hend = rb;
+        after = rb + 1;
+        if (after != slash && *after != ':') {
+            errf(err, errlen, "DATABASE_URL: bad [IPv6] host");
+            goto fail;
+        }
+    } else {
+        const char *c = memchr(p, ':', (size_t)(slash - p));
+        hend = c ? c : slash;
+        after = hend;
+    }
+    const char *hcolon = after < slash && *after == ':' ? after : NULL;
+    if (hend == hstart || (size_t)(hend - hstart) > 255) {
         errf(err, errlen, "DATABASE_URL: empty or too long host");
         goto fail;
     }
-    for (const char *h = p; h < hend; h++) {
-        if (!isalnum((unsigned char)*h) && *h != '.' && *h != '-' && *h != '_') {
+    for (const char *h = hstart; h < hend; h++) {
+        bool ok = isalnum((unsigned char)*h) || *h == '.' || *h == '-' || *h == '_' ||
+                  (hstart != p && *h == ':');
+        if (!ok) {
             errf(err, errlen, "DATABASE_URL: bad character in the host");
             goto fail;
         }
     }
-    u.host = strndup(p, (size_t)(hend - p));
+    u.host = strndup(hstart, (size_t)(hend - hstart));
     if (!u.host)
         goto fail;
     if (hcolon && parse_uint(hcolon + 1, (size_t)(slash - hcolon - 1), 1, 65535, &u.port) != 0) {

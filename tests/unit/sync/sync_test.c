@@ -134,11 +134,16 @@ static void test_url(void **state)
     assert_int_equal(u.port, 3306);
     assert_string_equal(u.password, "");
     sync_url_free(&u);
+    assert_int_equal(sync_url_parse("mysql://arq:pw@[::1]:3307/arq", &u, err, sizeof(err)), 0);
+    assert_string_equal(u.host, "::1");
+    assert_int_equal(u.port, 3307);
+    sync_url_free(&u);
     const char *bad[] = {"", "postgres://a@b/c", "mysql://b/c", "mysql://a@b", "mysql://a@b/",
                          "mysql://a@b:0/c", "mysql://a@b:99999/c", "mysql://a@b/c?x=1",
                          "mysql://a@b/c?socket=rel", "mysql://a@b/c?tls=2", "mysql://a@b/c d",
                          "mysql://a:%4@b/c", "mysql://a:%00@b/c", "mysql://:pw@b/c",
-                         "mysql://a@b/c;drop", "mysql://a@b/c?read_timeout=0"};
+                         "mysql://a@b/c;drop", "mysql://a@b/c?read_timeout=0",
+                         "mysql://a@[]/c", "mysql://a@[::1/c", "mysql://a@[::1]x/c"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         err[0] = 0;
         if (sync_url_parse(bad[i], &u, err, sizeof(err)) == 0)
