@@ -1123,6 +1123,12 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
            bs.sessions_taken_over);
     metric(b, "arq_sessions_expired_total", "counter", "Sessions deleted after their TTL.",
            bs.sessions_expired);
+    metric(b, "arq_cold_reads_total", "counter",
+           "Catch-up reads served from MySQL (offsets the WAL no longer holds).", bs.cold_reads);
+    metric(b, "arq_cold_records_total", "counter", "Records delivered from MySQL.",
+           bs.cold_records);
+    metric(b, "arq_cold_errors_total", "counter", "Cold-tier reads that failed (retried).",
+           bs.cold_errors);
     metric(b, "arq_streams", "gauge", "Streams known to the broker.", bs.streams);
     evbuffer_add_printf(b, "# HELP arq_errors_total Errors by kind.\n"
                            "# TYPE arq_errors_total counter\n");

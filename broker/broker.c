@@ -29,6 +29,7 @@ struct brk_sub {
     uint64_t acked;     /* cumulative ack */
     uint64_t persisted; /* acked offset last handed to the WAL as a cursor */
     bool recorded;      /* a durable session's cursor for it was handed to the WAL */
+    rpl_sub_t *rs;      /* catch-up state (cold-tier reads) */
     brk_sub_t *next_in_stream, *prev_in_stream;
     brk_sub_t *next_in_client;
 };
@@ -286,6 +287,7 @@ static void cache_put(brk_t *b, brk_stream_t *s, uint64_t off, brk_frame_t *f)
 /* ---- delivery ---------------------------------------------------------- */
 
 static void deliver_client(brk_client_t *c);
+static void sub_free(brk_sub_t *sub);
 
 struct catchup_ctx {
     brk_sub_t *sub;
@@ -341,8 +343,10 @@ static uint32_t deliver_sub(brk_sub_t *sub, uint32_t budget)
         struct catchup_ctx cc = {sub, 0};
         rpl_result_t res;
         b->st.catchup_reads++;
-        enum rpl_status rc = rpl_read(b->rpl, s->name, s->name_len, sub->next, max,
+        enum rpl_status rc = rpl_read(b->rpl, sub->rs, s->name, s->name_len, sub->next, max,
                                       CATCHUP_BYTES, catchup_cb, &cc, &res);
+        if (rc == RPL_PENDING)
+            break; /* MySQL is being read for it: sub_wake continues */
         sent += cc.sent;
         if (rc == RPL_GAP) {
             proto_buf_t pb = {0};
@@ -715,7 +719,7 @@ static void client_detach(brk_client_t *c)
     while (sub) {
         brk_sub_t *next = sub->next_in_client;
         sub_unlink(sub);
-        free(sub);
+        sub_free(sub);
         c->b->st.subscriptions--;
         sub = next;
     }
@@ -725,11 +729,30 @@ static void client_detach(brk_client_t *c)
     c->work = NULL;
 }
 
+/* A cold-tier read for the subscription finished: go on delivering. */
+static void sub_wake(void *arg)
+{
+    brk_sub_t *sub = arg;
+    if (!sub->client->closed)
+        deliver_sub(sub, DELIVER_BUDGET);
+}
+
+static void sub_free(brk_sub_t *sub)
+{
+    rpl_sub_free(sub->rs);
+    free(sub);
+}
+
 static brk_sub_t *sub_add(brk_client_t *c, brk_stream_t *s, uint64_t next, uint64_t acked)
 {
     brk_sub_t *sub = calloc(1, sizeof(*sub));
     if (!sub)
         return NULL;
+    sub->rs = rpl_sub_new(c->b->rpl, sub_wake, sub);
+    if (!sub->rs) {
+        free(sub);
+        return NULL;
+    }
     sub->client = c;
     sub->stream = s;
     sub->next = next;
@@ -1239,7 +1262,7 @@ void brk_unsubscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t
                           wal_append_del_cursor(req, c->session, strlen(c->session), s->name,
                                                 s->name_len) == 0);
     }
-    free(sub);
+    sub_free(sub);
     c->n_sub--;
     c->b->st.subscriptions--;
     proto_buf_t pb = {0};
@@ -1348,7 +1371,17 @@ void brk_free(brk_t *b)
     free(b);
 }
 
+void brk_set_cold(brk_t *b, struct sync_cold *cold)
+{
+    rpl_set_cold(b->rpl, cold, b->base);
+}
+
 void brk_stats_get(const brk_t *b, brk_stats_t *ret)
 {
     *ret = b->st;
+    rpl_stats_t rs;
+    rpl_stats_get(b->rpl, &rs);
+    ret->cold_reads = rs.cold_reads;
+    ret->cold_records = rs.cold_records;
+    ret->cold_errors = rs.cold_errors;
 }

@@ -68,9 +68,13 @@ typedef struct brk_stats {
     uint64_t cursor_commits, cursors_persisted, cursor_errors;
     uint64_t sessions_created, sessions_resumed, sessions_taken_over, sessions_expired;
     uint64_t sessions_live;
+    uint64_t cold_reads, cold_records, cold_errors; /* catch-up served from MySQL */
 } brk_stats_t;
 
 int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret);
+/* Serve offsets the WAL dropped from MySQL (sync_cold_open); NULL: gaps. */
+struct sync_cold;
+void brk_set_cold(brk_t *b, struct sync_cold *cold);
 void brk_free(brk_t *b);
 void brk_stats_get(const brk_t *b, brk_stats_t *ret);
 

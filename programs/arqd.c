@@ -422,8 +422,21 @@ int main(int argc, char **argv)
         .version = "arq/" ARQ_VERSION,
     };
     sync_t *sync = NULL;
+    sync_cold_t *cold = NULL;
     if (have_db) {
-        sync_options_t so = {.url = &db_url, .batch_rows = cfg.sync_batch_rows};
+        if (sync_cold_open(&db_url, base, &cold) != 0) {
+            arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "cold tier thread", NULL);
+            return 1;
+        }
+        brk_set_cold(brk, cold);
+        uint64_t retain_bytes = cfg.map_size_max / 4 * 3;
+        if (cfg.retain_bytes && cfg.retain_bytes < retain_bytes)
+            retain_bytes = cfg.retain_bytes;
+        sync_options_t so = {.url = &db_url,
+                             .batch_rows = cfg.sync_batch_rows,
+                             .retain_age_s = cfg.retain_age_s,
+                             .retain_bytes = retain_bytes,
+                             .retain_every_ms = cfg.retain_every_ms};
         if (sync_start(wal, &so, &sync) != 0) {
             arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "sync thread", NULL);
             return 1;
@@ -466,6 +479,7 @@ int main(int argc, char **argv)
     wal_close(wal);
     api_server_free(srv);
     brk_free(brk);
+    sync_cold_close(cold); /* after the broker: no subscription waits for it any more */
     event_free(sigterm);
     event_free(sigint);
     if (app.grace)

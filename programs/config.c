@@ -129,6 +129,9 @@ static const struct key_def keys[] = {
     {"wal", "sync", "ARQ_SYNC", KT_ENUM, FIELD(sync), .choices = sync_modes,
      .choices_text = "full, none"},
     {"wal", "map_size_max", NULL, KT_SIZE, FIELD(map_size_max), .min = MIB, .max = 16384 * GIB},
+    {"wal", "retain_age_s", NULL, KT_UINT, FIELD(retain_age_s), .min = 0, .max = 3650u * 86400},
+    {"wal", "retain_bytes", NULL, KT_SIZE, FIELD(retain_bytes), .min = 0, .max = 16384 * GIB},
+    {"wal", "retain_every_ms", NULL, KT_UINT, FIELD(retain_every_ms), .min = 10, .max = 3600000},
     {"wal", "batch_max_msgs", NULL, KT_UINT, FIELD(batch_max_msgs), .min = 1, .max = 1048576},
     {"wal", "batch_wait_us", NULL, KT_UINT, FIELD(batch_wait_us), .min = 0, .max = 1000000},
     {"database", "url", "DATABASE_URL", KT_URL, FIELD(database_url)},
@@ -763,6 +766,9 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->max_output_bytes = 4 * 1048576;
     cfg->sync = strdup("full");
     cfg->map_size_max = 16 * GIB;
+    cfg->retain_age_s = 7 * 86400;
+    cfg->retain_bytes = 0; /* 3/4 of map_size_max */
+    cfg->retain_every_ms = 5000;
     cfg->batch_max_msgs = 8192;
     cfg->batch_wait_us = 0;
     if (cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||

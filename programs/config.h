@@ -36,6 +36,9 @@ typedef struct arq_config {
     /* [wal] */
     char *sync;              /* "full" (default) | "none" (UNSAFE) */
     uint64_t map_size_max;   /* default 16 GiB */
+    uint32_t retain_age_s;     /* drop synced records older than this, default 7 days */
+    uint64_t retain_bytes;     /* ... and while the WAL holds more (0: 3/4 of map_size_max) */
+    uint32_t retain_every_ms;  /* how often retention runs, default 5000 */
     uint32_t batch_max_msgs; /* default 8192 */
     uint32_t batch_wait_us;  /* default 0 */
     /* [database] */

@@ -254,6 +254,7 @@ struct sync {
     size_t n_pending, cap_pending;
     int64_t cursor_hwm_us; /* newest cursor update already synced */
     int64_t next_cursor_us;
+    int64_t next_retain_us;
 };
 
 const char *sync_state_name(enum sync_state st)
@@ -638,6 +639,80 @@ static int sync_cursors(sync_t *s, char *err, size_t errlen)
     return 0;
 }
 
+/* ---- retention --------------------------------------------------------- */
+
+struct ts_ctx {
+    uint64_t seq;
+    int64_t ts;
+};
+
+static int ts_cb(const wal_record_t *rec, void *arg)
+{
+    struct ts_ctx *t = arg;
+    t->seq = rec->seq;
+    t->ts = rec->timestamp_us;
+    return 1;
+}
+
+/* The record at or after seq (its seq and timestamp); -1 if none. */
+static int record_at(wal_t *wal, uint64_t seq, struct ts_ctx *t)
+{
+    wal_read_result_t r;
+    t->seq = 0;
+    if (wal_log_read(wal, seq, 1, UINT64_MAX, ts_cb, t, &r) != 0 || t->seq == 0)
+        return -1;
+    return 0;
+}
+
+/* Drop what the limits allow, never above the watermark (synced). */
+static void retain_pass(sync_t *s, uint64_t synced)
+{
+    wal_stats_t ws;
+    if (wal_stats_get(s->wal, &ws) != 0 || synced < ws.first_seq)
+        return;
+    uint64_t upto = 0;
+    if (s->o.retain_age_s) {
+        /* Timestamps grow with the sequence (up to clock steps): binary
+         * search the last synced record older than the cutoff. */
+        int64_t cutoff = wall_us() - (int64_t)s->o.retain_age_s * 1000000;
+        uint64_t lo = ws.first_seq, hi = synced;
+        while (lo <= hi) {
+            uint64_t mid = lo + (hi - lo) / 2;
+            struct ts_ctx t;
+            if (record_at(s->wal, mid, &t) != 0 || t.seq > hi)
+                break;
+            if (t.ts < cutoff) {
+                upto = t.seq;
+                lo = t.seq + 1;
+            } else {
+                if (mid == 0)
+                    break;
+                hi = mid - 1;
+            }
+        }
+    }
+    if (s->o.retain_bytes && ws.live_bytes > s->o.retain_bytes && ws.next_seq > ws.first_seq) {
+        uint64_t n = ws.next_seq - ws.first_seq;
+        uint64_t per = ws.live_bytes / n ? ws.live_bytes / n : 1;
+        uint64_t drop = (ws.live_bytes - s->o.retain_bytes) / per + 1;
+        uint64_t by_size = ws.first_seq + drop - 1;
+        if (by_size > upto)
+            upto = by_size;
+    }
+    if (upto > synced)
+        upto = synced;
+    if (upto < ws.first_seq)
+        return;
+    uint64_t dropped = 0;
+    int rc = wal_retain(s->wal, upto, &dropped);
+    pthread_mutex_lock(&s->mu);
+    s->st.retained += dropped;
+    if (rc)
+        snprintf(s->st.last_error, sizeof(s->st.last_error), "WAL retention up to seq %" PRIu64
+                 ": %s", upto, wal_strerror(rc));
+    pthread_mutex_unlock(&s->mu);
+}
+
 /* ---- thread ------------------------------------------------------------ */
 
 static uint64_t rand_below(uint64_t n)
@@ -731,6 +806,14 @@ static void *sync_main(void *arg)
             s->next_cursor_us = wall_us() + (int64_t)s->o.cursor_every_ms * 1000;
         }
         update_lag(s);
+        if (n >= 0 && !crc && (s->o.retain_age_s || s->o.retain_bytes) &&
+            wall_us() >= s->next_retain_us) {
+            pthread_mutex_lock(&s->mu);
+            uint64_t synced = s->st.watermark;
+            pthread_mutex_unlock(&s->mu);
+            retain_pass(s, synced);
+            s->next_retain_us = wall_us() + (int64_t)s->o.retain_every_ms * 1000;
+        }
         if (n < 0 || crc) {
             if (n == SYNC_ENOMEM || crc == SYNC_ENOMEM) {
                 set_state(s, SYNC_STATE_DEGRADED, "out of memory");
@@ -784,6 +867,8 @@ int sync_start(wal_t *wal, const sync_options_t *opts, sync_t **ret)
         s->o.backoff_cap_ms = 10000;
     if (!s->o.cursor_every_ms)
         s->o.cursor_every_ms = 1000;
+    if (!s->o.retain_every_ms)
+        s->o.retain_every_ms = 5000;
     const sync_url_t *u = opts->url;
     s->url = *u;
     s->url.user = dup_or_null(u->user);

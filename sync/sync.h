@@ -57,6 +57,13 @@ typedef struct sync_options {
     uint32_t backoff_base_ms; /* reconnect backoff (default 100) */
     uint32_t backoff_cap_ms;  /* (default 10000) */
     uint32_t cursor_every_ms; /* cursor sync period (default 1000) */
+    /* WAL retention, run by the drain thread every retain_every_ms (default
+     * 5000): drop records older than retain_age_s and, while the WAL's data
+     * exceeds retain_bytes, the oldest ones - but only records already in
+     * MySQL (at or below the watermark). 0 disables either limit. */
+    uint64_t retain_age_s;
+    uint64_t retain_bytes;
+    uint32_t retain_every_ms;
 } sync_options_t;
 
 typedef struct sync sync_t;
@@ -80,11 +87,41 @@ typedef struct sync_stats {
     uint64_t wal_next;   /* the WAL's next sequence (lag = wal_next - 1 - watermark) */
     double lag_seconds;  /* age of the oldest record not yet in MySQL (0 if none) */
     uint64_t rows, batches, errors, reconnects, cursors;
+    uint64_t retained; /* WAL records dropped by retention (all already in MySQL) */
     uint64_t batch_buckets[SYNC_HIST_BUCKETS]; /* rows per batch, bounds sync_batch_bounds */
     char last_error[256];
 } sync_stats_t;
 extern const uint64_t sync_batch_bounds[SYNC_HIST_BUCKETS - 1];
 void sync_stats_get(sync_t *s, sync_stats_t *ret);
 const char *sync_state_name(enum sync_state st);
+
+/*
+ * The cold tier's read side: rows of arq_messages for offsets the WAL no
+ * longer holds, read on a thread with its own connection; the callback
+ * runs on the thread of `base` (libevent with pthreads). A request can be
+ * cancelled until its callback ran (its callback then never runs). Rows
+ * and their bytes are valid during the callback only. status: 0, or
+ * SYNC_ECONNECT / SYNC_ESQL / SYNC_ENOMEM (the caller retries later).
+ */
+struct event_base;
+typedef struct sync_cold sync_cold_t;
+typedef struct sync_cold_req sync_cold_req_t;
+typedef struct sync_cold_row {
+    uint64_t offset;
+    int64_t ts_us;
+    const uint8_t *headers, *payload;
+    size_t headers_len, payload_len;
+} sync_cold_row_t;
+typedef void (*sync_cold_cb)(sync_cold_req_t *req, int status, const sync_cold_row_t *rows,
+                             size_t n, void *arg);
+int sync_cold_open(const sync_url_t *u, struct event_base *base, sync_cold_t **ret);
+/* Offsets from..to of stream, at most max rows, in offset order. NULL when
+ * out of memory. */
+sync_cold_req_t *sync_cold_read(sync_cold_t *c, const char *stream, size_t stream_len,
+                                uint64_t from, uint64_t to, uint32_t max, sync_cold_cb cb,
+                                void *arg);
+void sync_cold_cancel(sync_cold_req_t *req);
+void sync_cold_stats(sync_cold_t *c, uint64_t *reads, uint64_t *rows, uint64_t *errors);
+void sync_cold_close(sync_cold_t *c);
 
 #endif

@@ -914,7 +914,8 @@ static uint64_t pages_in_use(wal_t *wal, MDB_txn *txn)
                       wal->dbi_streams,
                       wal->dbi_ids,
                       wal->dbi_cursors,
-                      wal->dbi_dedup};
+                      wal->dbi_dedup,
+                      wal->no_sessions ? wal->dbi_dedup : wal->dbi_sessions};
     uint64_t pages = 2;
     for (size_t i = 0; i < sizeof(dbis) / sizeof(dbis[0]); i++) {
         MDB_stat st;
@@ -2271,6 +2272,7 @@ int wal_stats_get(wal_t *wal, wal_stats_t *ret)
     mdb_env_stat(wal->env, &st);
     s.map_size = info.me_mapsize;
     s.used_bytes = (uint64_t)(info.me_last_pgno + 1) * st.ms_psize;
+    s.live_bytes = pages_in_use(wal, txn) * st.ms_psize;
     MDB_val k = {8, "next_seq"}, v;
     s.next_seq = 1;
     if (mdb_get(txn, wal->dbi_meta, &k, &v) == 0 && v.mv_size == 8)

@@ -303,6 +303,8 @@ typedef struct wal_stats {
     uint64_t next_seq;
     uint64_t map_size;       /* current LMDB map size */
     uint64_t used_bytes;     /* pages in use * page size */
+    uint64_t live_bytes;     /* pages of data (B-trees), free pages excluded: what
+                                retention shrinks (used_bytes is a high-water mark) */
     uint64_t commits;        /* successful commits by this process's writer */
     uint64_t committed_msgs; /* messages of committed requests, duplicates included */
     uint64_t failed_commits; /* batches that failed (map-growth retries excluded) */

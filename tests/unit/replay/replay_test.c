@@ -46,18 +46,18 @@ static void test_replay(void **state)
 
     struct got g = {0};
     rpl_result_t res;
-    assert_int_equal(rpl_read(r, "a", 1, 3, 4, 1 << 20, got_cb, &g, &res), RPL_OK);
+    assert_int_equal(rpl_read(r, NULL, "a", 1, 3, 4, 1 << 20, got_cb, &g, &res), RPL_OK);
     assert_int_equal(res.count, 4);
     assert_int_equal(g.n, 4);
     assert_int_equal(g.offsets[0], 3);
     assert_int_equal(g.offsets[3], 6);
     assert_int_equal(res.next, 7);
-    assert_int_equal(rpl_read(r, "a", 1, res.next, 100, 1 << 20, got_cb, &g, &res), RPL_OK);
+    assert_int_equal(rpl_read(r, NULL, "a", 1, res.next, 100, 1 << 20, got_cb, &g, &res), RPL_OK);
     assert_int_equal(g.n, 8);
     assert_int_equal(g.offsets[7], 10);
     assert_int_equal(res.next, 11);
     /* at the end: nothing yet, not an error */
-    assert_int_equal(rpl_read(r, "a", 1, 11, 100, 1 << 20, got_cb, &g, &res), RPL_OK);
+    assert_int_equal(rpl_read(r, NULL, "a", 1, 11, 100, 1 << 20, got_cb, &g, &res), RPL_OK);
     assert_int_equal(res.count, 0);
     assert_int_equal(res.next, 11);
 
@@ -66,17 +66,17 @@ static void test_replay(void **state)
     assert_int_equal(wal_retain(wal, 8, &dropped), 0);
     assert_int_equal(dropped, 8);
     g.n = 0;
-    assert_int_equal(rpl_read(r, "b", 1, 2, 100, 1 << 20, got_cb, &g, &res), RPL_GAP);
+    assert_int_equal(rpl_read(r, NULL, "b", 1, 2, 100, 1 << 20, got_cb, &g, &res), RPL_GAP);
     assert_int_equal(res.gap_from, 2);
     assert_int_equal(res.gap_to, 4);
     assert_int_equal(res.next, 5);
     assert_int_equal(g.n, 0);
-    assert_int_equal(rpl_read(r, "b", 1, res.next, 100, 1 << 20, got_cb, &g, &res), RPL_OK);
+    assert_int_equal(rpl_read(r, NULL, "b", 1, res.next, 100, 1 << 20, got_cb, &g, &res), RPL_OK);
     assert_int_equal(g.n, 6);
     assert_int_equal(g.offsets[0], 5);
 
-    assert_int_equal(rpl_read(r, "nope", 4, 1, 10, 1 << 20, got_cb, &g, &res), RPL_ENOSTREAM);
-    assert_int_equal(rpl_read(r, "a", 1, 0, 10, 1 << 20, got_cb, &g, &res), RPL_EREAD);
+    assert_int_equal(rpl_read(r, NULL, "nope", 4, 1, 10, 1 << 20, got_cb, &g, &res), RPL_ENOSTREAM);
+    assert_int_equal(rpl_read(r, NULL, "a", 1, 0, 10, 1 << 20, got_cb, &g, &res), RPL_EREAD);
     assert_int_equal(res.wal_error, WAL_EINVAL);
 
     rpl_stats_t st;

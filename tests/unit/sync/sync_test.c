@@ -392,6 +392,67 @@ static void test_drain(void **state)
     sync_url_free(&u);
 }
 
+/* Retention drops old records only once they are in MySQL. */
+static void test_retention(void **state)
+{
+    (void)state;
+    sync_url_t u;
+    char err[512];
+    assert_int_equal(sync_url_parse(g_url, &u, err, sizeof(err)), 0);
+    MYSQL *m = conn(&u);
+    reset_db(m);
+    char dir[] = "/var/tmp/arq-sync-ret-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    wal_options_t wo = {.dir = dir};
+    wal_t *wal;
+    assert_int_equal(wal_open(&wo, NULL, &wal, NULL, 0), 0);
+    append_n(wal, 300, 0);
+
+    /* MySQL unreachable: nothing is synced, so nothing may be dropped however old */
+    sync_url_t down;
+    assert_int_equal(sync_url_parse("mysql://arq:x@127.0.0.1:1/arq?connect_timeout=1", &down, err,
+                                    sizeof(err)),
+                     0);
+    sync_options_t so = {.url = &down, .retain_age_s = 1, .retain_every_ms = 20,
+                         .backoff_cap_ms = 50};
+    sync_t *s;
+    assert_int_equal(sync_start(wal, &so, &s), 0);
+    struct timespec ts = {1, 500000000};
+    nanosleep(&ts, NULL);
+    wal_stats_t ws;
+    assert_int_equal(wal_stats_get(wal, &ws), 0);
+    assert_int_equal(ws.first_seq, 1);
+    sync_stats_t st;
+    sync_stats_get(s, &st);
+    assert_int_equal(st.state, SYNC_STATE_DEGRADED);
+    assert_int_equal(st.retained, 0);
+    sync_stop(s);
+    sync_url_free(&down);
+
+    /* reachable: synced, then dropped once older than a second */
+    so.url = &u;
+    assert_int_equal(sync_start(wal, &so, &s), 0);
+    wait_watermark(s, 300);
+    for (int i = 0; i < 300; i++) {
+        assert_int_equal(wal_stats_get(wal, &ws), 0);
+        if (ws.first_seq == 301)
+            break;
+        usleep(20000);
+    }
+    assert_int_equal(ws.first_seq, 301);
+    sync_stats_get(s, &st);
+    assert_int_equal(st.retained, 300);
+    /* the rows are still in MySQL */
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_messages"), 300);
+    sync_stop(s);
+    wal_close(wal);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    mysql_close(m);
+    sync_url_free(&u);
+}
+
 int main(int argc, char **argv)
 {
     g_script = argc > 1 ? argv[1] : "scripts/mariadb";
@@ -399,6 +460,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_url),
         cmocka_unit_test(test_migrations),
         cmocka_unit_test(test_drain),
+        cmocka_unit_test(test_retention),
     };
     return cmocka_run_group_tests(tests, start_server, stop_server);
 }
