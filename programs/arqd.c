@@ -434,6 +434,7 @@ int main(int argc, char **argv)
             retain_bytes = cfg.retain_bytes;
         sync_options_t so = {.url = &db_url,
                              .batch_rows = cfg.sync_batch_rows,
+                             .batch_wait_ms = cfg.sync_batch_wait_ms,
                              .retain_age_s = cfg.retain_age_s,
                              .retain_bytes = retain_bytes,
                              .retain_every_ms = cfg.retain_every_ms};

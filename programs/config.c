@@ -136,6 +136,8 @@ static const struct key_def keys[] = {
     {"wal", "batch_wait_us", NULL, KT_UINT, FIELD(batch_wait_us), .min = 0, .max = 1000000},
     {"database", "url", "DATABASE_URL", KT_URL, FIELD(database_url)},
     {"database", "batch_rows", NULL, KT_UINT, FIELD(sync_batch_rows), .min = 1, .max = 100000},
+    {"database", "batch_wait_ms", NULL, KT_UINT, FIELD(sync_batch_wait_ms), .min = 1,
+     .max = 60000},
 };
 
 #define N_KEYS (sizeof(keys) / sizeof(keys[0]))
@@ -759,6 +761,7 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->pong_timeout_ms = 10000;
     cfg->session_ttl_s = 86400;
     cfg->sync_batch_rows = 1000;
+    cfg->sync_batch_wait_ms = 20;
     cfg->max_message_bytes = 1048576;
     cfg->max_frame_bytes = 1048576 + 65536;
     cfg->max_subscriptions = 256;

@@ -44,6 +44,7 @@ typedef struct arq_config {
     /* [database] */
     char *database_url; /* DATABASE_URL; NULL: WAL-only */
     uint32_t sync_batch_rows; /* rows per MySQL sync transaction, default 1000 */
+    uint32_t sync_batch_wait_ms; /* idle poll of the WAL by the sync thread, default 20 */
 } arq_config_t;
 
 /* Fill *cfg with defaults (allocates the strings). */
