@@ -3,6 +3,12 @@
  *
  *   arq [--url URL] [--token JWT] pub STREAM DATA|-  [--msgid-prefix P]
  *   arq [--url URL] [--token JWT] sub STREAM [--from earliest|latest|N] [--count N]
+ *                                            [--state FILE]
+ *
+ * `sub` and `pub -` reconnect (libarq's reconnection: session resume,
+ * re-subscribe, re-publish with the same msgids) unless --no-reconnect.
+ * `sub --state FILE` keeps the position in FILE (JSON, written atomically)
+ * so that the next run continues after the last message printed.
  *
  * Exit codes: 0 success, 1 failure (connection, nack, lost connection), 2 usage.
  */
@@ -17,6 +23,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -25,24 +33,47 @@
 #define ARQ_CLI_VERSION "0.1.0"
 #define MAX_INFLIGHT    256
 #define READ_CHUNK      65536
+/* Reconnection defaults: give up after about 5 s (at most 13 s) of failed
+ * attempts, so a broker restart is ridden out and a dead one reported. */
+#define RETRIES_DEFAULT 10
+#define BACKOFF_BASE_MS 100
+#define BACKOFF_CAP_MS  2000
+#define HB_INTERVAL_MS  5000
+#define HB_TIMEOUT_MS   15000
+#define STATE_WRITE_MS  200
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: arq [options] pub STREAM DATA     publish DATA, print its offset\n"
-               "       arq [options] pub STREAM -        publish each stdin line, print offsets\n"
-               "       arq [options] sub STREAM          print messages as JSON lines, ack them\n"
-               "\n"
-               "  -u, --url URL            ws://HOST:PORT/ws (default $ARQ_URL, else\n"
-               "                           ws://127.0.0.1:8000/ws)\n"
-               "  -t, --token JWT          access token (HS256 JWT)\n"
-               "      --msgid-prefix P     pub: message ids P0, P1, ... (idempotent retries)\n"
-               "      --from WHERE         sub: earliest (default), latest, or an offset >= 1\n"
-               "      --count N            sub: exit 0 after N messages\n"
-               "      --timeout MS         connect timeout (default 10000)\n"
-               "  -V, --version            print the version\n"
-               "  -h, --help               this text\n"
-               "\n"
-               "Exit status: 0 success, 1 error, 2 usage error.\n");
+    fprintf(f,
+            "usage: arq [options] pub STREAM DATA     publish DATA, print its offset\n"
+            "       arq [options] pub STREAM -        publish each stdin line, print offsets\n"
+            "       arq [options] sub STREAM          print messages as JSON lines, ack them\n"
+            "\n"
+            "  -u, --url URL            ws://HOST:PORT/ws (default $ARQ_URL, else\n"
+            "                           ws://127.0.0.1:8000/ws)\n"
+            "  -t, --token JWT          access token (HS256 JWT)\n"
+            "      --msgid-prefix P     pub: message ids P0, P1, ... (idempotent retries)\n"
+            "      --from WHERE         sub: earliest (default), latest, or an offset >= 1\n"
+            "      --count N            sub: exit 0 after N messages\n"
+            "      --state FILE         sub: keep the position in FILE (JSON: stream, epoch,\n"
+            "                           offset of the last message printed, session), written\n"
+            "                           atomically at most every 200 ms and on exit; if FILE\n"
+            "                           names STREAM, continue after that offset (overrides\n"
+            "                           --from)\n"
+            "      --no-reconnect       sub, pub -: fail on connection loss instead of\n"
+            "                           reconnecting and resuming\n"
+            "      --retries N          reconnection attempts in a row before giving up\n"
+            "                           (default %d, 0 = unlimited)\n"
+            "      --timeout MS         connect timeout per attempt (default 10000)\n"
+            "  -V, --version            print the version\n"
+            "  -h, --help               this text\n"
+            "\n"
+            "`sub` and `pub -` reconnect after a lost connection (backoff with jitter, session\n"
+            "resume, re-subscribe after the last message printed, re-publish unacknowledged\n"
+            "lines with the same msgid): no message is printed twice or skipped.\n"
+            "\n"
+            "Exit status: 0 success, 1 error, 2 usage error.\n",
+            RETRIES_DEFAULT);
 }
 
 struct cli {
@@ -66,11 +97,30 @@ struct cli {
     /* sub */
     enum arq_from from;
     uint64_t from_offset;
+    uint64_t epoch;           /* ARQ_EPOCH_ANY: none */
     uint64_t count, received; /* count 0: unlimited */
     struct event *ev_sigint, *ev_sigterm;
+
+    /* sub --state */
+    const char *state_path;
+    uint64_t st_offset; /* last message printed (or skipped by a gap) */
+    uint64_t st_epoch;
+    int st_known; /* st_offset is meaningful */
+    int st_dirty; /* not written yet */
+    int st_failed;
+    struct event *ev_state;
 };
 
 static void finish(struct cli *c, int code);
+
+/* "error: <reason>", with the server's code in front of its reasons. */
+static void print_error(int status, const char *reason)
+{
+    if (status <= -100)
+        fprintf(stderr, "error: %d %s\n", -status, reason);
+    else
+        fprintf(stderr, "error: %s\n", reason);
+}
 
 static void on_closed(arq_client_t *client, void *arg)
 {
@@ -94,14 +144,29 @@ static void finish(struct cli *c, int code)
 static void on_error(arq_client_t *client, int status, const char *reason, void *arg)
 {
     struct cli *c = arg;
-    if (status == ARQ_ECONNLOST || status == ARQ_EPROTO) {
-        fprintf(stderr, "error: %s\n", reason);
+    arq_state_t st = arq_client_state(client);
+    if (st == ARQ_STATE_FAILED || st == ARQ_STATE_CLOSED) {
+        /* The client ended (lost without reconnect, or gave up). */
+        if (!c->done)
+            print_error(status, reason);
         c->done = 1;
         c->exit_code = 1;
         event_base_loopbreak(c->base);
         return;
     }
     fprintf(stderr, "error: %d %s\n", -status, reason);
+}
+
+static void on_state(arq_client_t *client, arq_state_t old, arq_state_t new_state, int status,
+                     const char *reason, void *arg)
+{
+    struct cli *c = arg;
+    if (c->done)
+        return;
+    if (new_state == ARQ_STATE_DISCONNECTED && old != ARQ_STATE_RECONNECTING)
+        fprintf(stderr, "arq: %s; reconnecting\n", reason);
+    else if (new_state == ARQ_STATE_RECOVERING)
+        fprintf(stderr, "arq: reconnected (%s)\n", reason);
 }
 
 /* ---- pub ------------------------------------------------------------------ */
@@ -113,12 +178,8 @@ static void on_puback(arq_client_t *client, int status, uint64_t offset, int dup
     struct cli *c = arg;
     c->inflight--;
     if (status != 0) {
-        if (!c->failed) {
-            if (status <= -100)
-                fprintf(stderr, "error: %d %s\n", -status, arq_client_last_error(client));
-            else
-                fprintf(stderr, "error: %s\n", arq_client_last_error(client));
-        }
+        if (!c->failed && !c->done)
+            print_error(status, arq_client_last_error(client));
         c->failed = 1;
         finish(c, 1);
         return;
@@ -297,6 +358,161 @@ static char *b64(const uint8_t *p, size_t n)
     return out;
 }
 
+static int parse_u64(const char *s, uint64_t *out)
+{
+    if (!s || *s < '0' || *s > '9')
+        return -1;
+    char *e;
+    errno = 0;
+    unsigned long long v = strtoull(s, &e, 10);
+    if (errno || *e)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* ---- sub --state ---------------------------------------------------------- */
+
+/* Read FILE if it exists: 0 (position in c), 1 (no file), -1 (error printed). */
+static int state_load(struct cli *c)
+{
+    struct stat st;
+    if (stat(c->state_path, &st) != 0) {
+        if (errno == ENOENT)
+            return 1;
+        fprintf(stderr, "error: state file '%s': %s\n", c->state_path, strerror(errno));
+        return -1;
+    }
+    json_error_t jerr;
+    json_t *o = json_load_file(c->state_path, 0, &jerr);
+    if (!o) {
+        fprintf(stderr, "error: state file '%s': %s\n", c->state_path, jerr.text);
+        return -1;
+    }
+    const char *stream = json_string_value(json_object_get(o, "stream"));
+    json_t *off = json_object_get(o, "offset");
+    /* The epoch is a uint64: a decimal string, since JSON integers (and
+     * jansson's) stop at 2^63 or less. */
+    json_t *ep = json_object_get(o, "epoch");
+    uint64_t epoch = 0;
+    int rc = -1;
+    if (!stream || !json_is_integer(off) || json_integer_value(off) < 0 ||
+        (ep && !json_is_null(ep) && parse_u64(json_string_value(ep), &epoch) != 0)) {
+        fprintf(stderr,
+                "error: state file '%s': expected {\"stream\": str, \"offset\": int, "
+                "\"epoch\": decimal str}\n",
+                c->state_path);
+    } else if (strcmp(stream, c->stream) != 0) {
+        fprintf(stderr, "error: state file '%s' is for stream '%s', not '%s'\n", c->state_path,
+                stream, c->stream);
+    } else {
+        c->st_offset = (uint64_t)json_integer_value(off);
+        c->st_epoch = epoch;
+        c->st_known = 1;
+        c->from = ARQ_FROM_OFFSET;
+        c->from_offset = c->st_offset + 1;
+        c->epoch = c->st_epoch ? c->st_epoch : ARQ_EPOCH_ANY;
+        rc = 0;
+    }
+    json_decref(o);
+    return rc;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Write the position: FILE.tmp, fsync, rename over FILE, fsync the directory. */
+static int state_write(struct cli *c)
+{
+    if (!c->state_path || !c->st_known || !c->st_dirty || c->st_failed)
+        return 0;
+    uint64_t epoch = 0;
+    if (arq_subscription_epoch(c->client, c->stream, &epoch) != 0 || epoch == 0)
+        epoch = c->st_epoch;
+    json_t *o = json_object();
+    const char *session = arq_client_session(c->client);
+    char epoch_s[24];
+    snprintf(epoch_s, sizeof(epoch_s), "%" PRIu64, epoch);
+    int ok = o && json_object_set_new(o, "stream", json_string(c->stream)) == 0 &&
+             json_object_set_new(o, "epoch", json_string(epoch_s)) == 0 &&
+             json_object_set_new(o, "offset", json_integer((json_int_t)c->st_offset)) == 0 &&
+             (!session || json_object_set_new(o, "session", json_string(session)) == 0);
+    char *text = ok ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(o);
+    char tmp[4096], dir[4096];
+    int n = snprintf(tmp, sizeof(tmp), "%s.tmp", c->state_path);
+    const char *what = c->state_path;
+    int fd = -1;
+    errno = ENOMEM;
+    if (!text)
+        goto fail;
+    errno = ENAMETOOLONG;
+    if (n < 0 || (size_t)n >= sizeof(tmp) || strlen(c->state_path) >= sizeof(dir))
+        goto fail;
+    what = tmp;
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 || write_all(fd, text, strlen(text)) != 0 || write_all(fd, "\n", 1) != 0 ||
+        fsync(fd) != 0)
+        goto fail;
+    if (close(fd) != 0) {
+        fd = -1;
+        goto fail;
+    }
+    fd = -1;
+    what = c->state_path;
+    if (rename(tmp, c->state_path) != 0)
+        goto fail;
+    strcpy(dir, c->state_path);
+    fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void)fsync(fd); /* best effort: the rename is done either way */
+        (void)close(fd);
+    }
+    free(text);
+    c->st_dirty = 0;
+    return 0;
+fail:
+    fprintf(stderr, "error: cannot write state file '%s': %s\n", what, strerror(errno));
+    if (fd >= 0)
+        (void)close(fd);
+    free(text);
+    c->st_failed = 1;
+    return -1;
+}
+
+static void state_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct cli *c = arg;
+    if (state_write(c) != 0)
+        finish(c, 1);
+}
+
+/* Record that everything up to offset is processed; written within 200 ms. */
+static void state_advance(struct cli *c, uint64_t offset)
+{
+    if (!c->state_path)
+        return;
+    c->st_offset = offset;
+    c->st_known = 1;
+    c->st_dirty = 1;
+    if (!evtimer_pending(c->ev_state, NULL)) {
+        struct timeval tv = {0, STATE_WRITE_MS * 1000};
+        (void)evtimer_add(c->ev_state, &tv);
+    }
+}
+
 static void on_msg(arq_client_t *client, const arq_message_t *m, void *arg)
 {
     struct cli *c = arg;
@@ -329,8 +545,13 @@ static void on_msg(arq_client_t *client, const arq_message_t *m, void *arg)
         return;
     }
     printf("%s\n", s);
-    fflush(stdout);
     free(s);
+    if (fflush(stdout) != 0) {
+        fprintf(stderr, "error: writing stdout failed\n");
+        finish(c, 1);
+        return;
+    }
+    state_advance(c, m->offset);
     int rc = arq_ack(client, m->stream, m->offset);
     if (rc != 0) {
         fprintf(stderr, "error: cannot ack: %s\n", arq_strerror(rc));
@@ -341,16 +562,42 @@ static void on_msg(arq_client_t *client, const arq_message_t *m, void *arg)
         finish(c, 0);
 }
 
+static void sub_start(struct cli *c);
+
 static void on_subok(arq_client_t *client, int status, uint64_t epoch, uint64_t first,
                      uint64_t next, void *arg)
 {
     struct cli *c = arg;
+    if (c->done)
+        return;
+    if (status == -409 && c->state_path && c->epoch != ARQ_EPOCH_ANY) {
+        /* The state file's offsets belong to a history that was reset. */
+        fprintf(stderr,
+                "warning: stream '%s': epoch %" PRIu64 " of state file '%s' is gone (the "
+                "stream's history was reset); starting from its earliest offset\n",
+                c->stream, c->epoch, c->state_path);
+        c->from = ARQ_FROM_EARLIEST;
+        c->epoch = ARQ_EPOCH_ANY;
+        c->st_known = 0;
+        c->st_epoch = 0;
+        sub_start(c);
+        return;
+    }
     if (status != 0) {
-        if (status <= -100)
-            fprintf(stderr, "error: %d %s\n", -status, arq_client_last_error(client));
-        else
-            fprintf(stderr, "error: %s\n", arq_client_last_error(client));
+        if (!c->done)
+            print_error(status, arq_client_last_error(client));
         finish(c, 1);
+        return;
+    }
+    if (epoch)
+        c->st_epoch = epoch;
+    if (c->state_path && !c->st_known) {
+        /* Everything before the first offset to deliver counts as processed,
+         * so that the next run does not miss what arrives in between. */
+        uint64_t start = c->from == ARQ_FROM_EARLIEST ? first
+                         : c->from == ARQ_FROM_LATEST ? next
+                                                      : c->from_offset;
+        state_advance(c, start ? start - 1 : 0);
     }
 }
 
@@ -358,6 +605,19 @@ static void on_gap(arq_client_t *client, const char *stream, uint64_t from, uint
 {
     fprintf(stderr, "warning: stream '%s': offsets %" PRIu64 "..%" PRIu64 " no longer exist\n",
             stream, from, to);
+    state_advance(arg, to);
+}
+
+static void on_epoch(arq_client_t *client, const char *stream, uint64_t old, uint64_t new_epoch,
+                     void *arg)
+{
+    struct cli *c = arg;
+    fprintf(stderr,
+            "warning: stream '%s': epoch changed from %" PRIu64 " to %" PRIu64 " (the stream's "
+            "history was reset); continuing in the new epoch\n",
+            stream, old, new_epoch);
+    c->st_epoch = new_epoch;
+    c->st_known = 0; /* until the first message of the new epoch */
 }
 
 static void on_signal(evutil_socket_t sig, short what, void *arg)
@@ -367,8 +627,8 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 
 static void sub_start(struct cli *c)
 {
-    int rc = arq_subscribe(c->client, c->stream, c->from, c->from_offset, ARQ_EPOCH_ANY, on_subok,
-                           on_msg, c);
+    int rc =
+        arq_subscribe(c->client, c->stream, c->from, c->from_offset, c->epoch, on_subok, on_msg, c);
     if (rc != 0) {
         fprintf(stderr, "error: cannot subscribe: %s\n", arq_strerror(rc));
         finish(c, 1);
@@ -383,10 +643,8 @@ static void on_connect(arq_client_t *client, int status, void *arg)
 {
     struct cli *c = arg;
     if (status != 0) {
-        if (status <= -100)
-            fprintf(stderr, "error: %d %s\n", -status, arq_client_last_error(client));
-        else
-            fprintf(stderr, "error: %s\n", arq_client_last_error(client));
+        if (!c->done)
+            print_error(status, arq_client_last_error(client));
         c->done = 1;
         c->exit_code = 1;
         event_base_loopbreak(c->base);
@@ -398,22 +656,9 @@ static void on_connect(arq_client_t *client, int status, void *arg)
         sub_start(c);
 }
 
-static int parse_u64(const char *s, uint64_t *out)
-{
-    if (!s || *s < '0' || *s > '9')
-        return -1;
-    char *e;
-    errno = 0;
-    unsigned long long v = strtoull(s, &e, 10);
-    if (errno || *e)
-        return -1;
-    *out = v;
-    return 0;
-}
-
 int main(int argc, char **argv)
 {
-    enum { OPT_MSGID = 256, OPT_FROM, OPT_COUNT, OPT_TIMEOUT };
+    enum { OPT_MSGID = 256, OPT_FROM, OPT_COUNT, OPT_TIMEOUT, OPT_STATE, OPT_NORECON, OPT_RETRIES };
     static const struct option longopts[] = {
         {"url", required_argument, NULL, 'u'},
         {"token", required_argument, NULL, 't'},
@@ -421,15 +666,18 @@ int main(int argc, char **argv)
         {"from", required_argument, NULL, OPT_FROM},
         {"count", required_argument, NULL, OPT_COUNT},
         {"timeout", required_argument, NULL, OPT_TIMEOUT},
+        {"state", required_argument, NULL, OPT_STATE},
+        {"no-reconnect", no_argument, NULL, OPT_NORECON},
+        {"retries", required_argument, NULL, OPT_RETRIES},
         {"version", no_argument, NULL, 'V'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    struct cli cli = {.from = ARQ_FROM_EARLIEST, .exit_code = 1};
+    struct cli cli = {.from = ARQ_FROM_EARLIEST, .epoch = ARQ_EPOCH_ANY, .exit_code = 1};
     const char *url = getenv("ARQ_URL");
     const char *token = NULL, *from = NULL;
-    int have_count = 0;
-    uint64_t timeout = 0;
+    int have_count = 0, no_reconnect = 0, have_retries = 0;
+    uint64_t timeout = 0, retries = RETRIES_DEFAULT;
     if (!url || !*url)
         url = "ws://127.0.0.1:8000/ws";
 
@@ -461,6 +709,23 @@ int main(int argc, char **argv)
                 return 2;
             }
             break;
+        case OPT_STATE:
+            if (!*optarg) {
+                fprintf(stderr, "arq: --state needs a file name\n");
+                return 2;
+            }
+            cli.state_path = optarg;
+            break;
+        case OPT_NORECON:
+            no_reconnect = 1;
+            break;
+        case OPT_RETRIES:
+            if (parse_u64(optarg, &retries) != 0 || retries > UINT32_MAX) {
+                fprintf(stderr, "arq: --retries needs a number (0 = unlimited)\n");
+                return 2;
+            }
+            have_retries = 1;
+            break;
         case 'V':
             printf("arq %s\n", ARQ_CLI_VERSION);
             return 0;
@@ -481,15 +746,20 @@ int main(int argc, char **argv)
     cli.stream = argv[optind + 1];
     if (strcmp(cmd, "pub") == 0) {
         is_pub = 1;
-        if (npos != 3 || from || have_count) {
+        if (npos != 3 || from || have_count || cli.state_path) {
             fprintf(stderr, "arq: usage: arq [options] pub STREAM DATA|- [--msgid-prefix P]\n");
             return 2;
         }
         cli.data = strcmp(argv[optind + 2], "-") == 0 ? NULL : argv[optind + 2];
+        if (cli.data && (no_reconnect || have_retries)) {
+            fprintf(stderr, "arq: pub STREAM DATA does not reconnect; --no-reconnect and "
+                            "--retries are for pub - and sub\n");
+            return 2;
+        }
     } else if (strcmp(cmd, "sub") == 0) {
         if (npos != 2 || cli.msgid_prefix) {
             fprintf(stderr, "arq: usage: arq [options] sub STREAM [--from earliest|latest|N] "
-                            "[--count N]\n");
+                            "[--count N] [--state FILE]\n");
             return 2;
         }
         if (!from || strcmp(from, "earliest") == 0) {
@@ -511,6 +781,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "arq: a stream name is 1 to 200 bytes\n");
         return 2;
     }
+    if (cli.state_path) {
+        int st = state_load(&cli);
+        if (st < 0)
+            return 1;
+    }
 
     (void)signal(SIGPIPE, SIG_IGN);
     cli.base = event_base_new();
@@ -518,10 +793,18 @@ int main(int argc, char **argv)
         fprintf(stderr, "error: cannot create the event loop\n");
         return 1;
     }
+    /* pub DATA is one request: it fails rather than waits for a broker. */
+    int reconnect = !no_reconnect && !(is_pub && cli.data);
     arq_client_options_t o = {.url = url,
                               .token = token,
                               .client_name = "arq-cli/" ARQ_CLI_VERSION,
-                              .connect_timeout_ms = (uint32_t)timeout};
+                              .connect_timeout_ms = (uint32_t)timeout,
+                              .reconnect = reconnect,
+                              .backoff_base_ms = BACKOFF_BASE_MS,
+                              .backoff_cap_ms = BACKOFF_CAP_MS,
+                              .max_retries = (uint32_t)retries,
+                              .heartbeat_interval_ms = reconnect ? HB_INTERVAL_MS : 0,
+                              .heartbeat_timeout_ms = reconnect ? HB_TIMEOUT_MS : 0};
     int rc = arq_client_new(cli.base, &o, &cli.client);
     if (rc != 0) {
         if (rc == ARQ_EINVAL)
@@ -536,6 +819,12 @@ int main(int argc, char **argv)
     }
     arq_client_on_error(cli.client, on_error, &cli);
     arq_client_on_gap(cli.client, on_gap, &cli);
+    arq_client_on_state(cli.client, on_state, &cli);
+    arq_client_on_epoch(cli.client, on_epoch, &cli);
+    if (cli.state_path && !(cli.ev_state = evtimer_new(cli.base, state_timer_cb, &cli))) {
+        fprintf(stderr, "error: out of memory\n");
+        cli.done = 1;
+    }
     if (!is_pub) {
         cli.ev_sigint = evsignal_new(cli.base, SIGINT, on_signal, &cli);
         cli.ev_sigterm = evsignal_new(cli.base, SIGTERM, on_signal, &cli);
@@ -557,7 +846,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "error: %s\n", arq_client_last_error(cli.client));
         cli.exit_code = 1;
     }
+    if (cli.state_path && state_write(&cli) != 0)
+        cli.exit_code = 1;
     arq_client_free(cli.client);
+    if (cli.ev_state)
+        event_free(cli.ev_state);
     if (cli.ev_stdin)
         event_free(cli.ev_stdin);
     if (cli.inbuf)

@@ -27,21 +27,26 @@ def check(cond, what, verbose=False):
 
 class Arqd:
     """arqd on a free loopback port with its own data directory. The
-    deployment's variables are removed from its environment unless given."""
+    deployment's variables are removed from its environment unless given.
+    port: a fixed port instead of a free one (to restart arqd where it was).
+    log: a file object that gets arqd's stderr instead of a pipe (for long or
+    chatty runs, where an unread pipe would fill up and block arqd)."""
 
-    def __init__(self, arqd, data_dir, *extra, env=None):
+    def __init__(self, arqd, data_dir, *extra, env=None, port=0, log=None):
         e = {k: v for k, v in os.environ.items()
              if k not in ("SECRET_KEY", "DATABASE_URL", "API_PORT", "API_HOST", "ARQ_ORIGINS",
                           "ARQ_API_KEY")}
         e.update(env or {})
         self.proc = subprocess.Popen(
-            [arqd, "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+            [arqd, "--host", "127.0.0.1", "--port", str(port), "--data-dir", data_dir, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE if log is None else log, text=True,
+            env=e)
         line = self.proc.stdout.readline()
         m = re.search(r"ws://127\.0\.0\.1:(\d+)/ws", line)
         if not m:
             self.proc.kill()
-            raise SystemExit(f"arqd did not start: {line!r} {self.proc.stderr.read()}")
+            raise SystemExit(f"arqd did not start: {line!r} "
+                             f"{self.proc.stderr.read() if self.proc.stderr else ''}")
         self.port = int(m.group(1))
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         self.stderr = ""
@@ -63,7 +68,7 @@ class Arqd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = "timeout"
-        self.stderr = self.proc.stderr.read()
+        self.stderr = self.proc.stderr.read() if self.proc.stderr else ""
         return rc
 
     def kill_if_running(self):
