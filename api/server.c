@@ -1185,8 +1185,11 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
         free(s);
         return -1;
     }
+    /* A deep accept queue: thousands of clients reconnect at once after a
+     * network blip, and a full queue drops their SYNs (1 s, then 2 s retries;
+     * measured in docs/benchmarks.md). The kernel caps it at somaxconn. */
     s->lis = evconnlistener_new_bind(base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE,
-                                     1024, (struct sockaddr *)&sin, sizeof(sin));
+                                     4096, (struct sockaddr *)&sin, sizeof(sin));
     if (!s->lis) {
         snprintf(errbuf, errlen, "cannot listen on %s:%u: %s", opts->host, opts->port,
                  strerror(errno));
