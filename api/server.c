@@ -1129,6 +1129,8 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
            bs.cold_records);
     metric(b, "arq_cold_errors_total", "counter", "Cold-tier reads that failed (retried).",
            bs.cold_errors);
+    metric(b, "arq_read_errors_total", "counter",
+           "Subscriptions stopped because a record could not be read (corrupt).", bs.read_errors);
     metric(b, "arq_streams", "gauge", "Streams known to the broker.", bs.streams);
     evbuffer_add_printf(b, "# HELP arq_errors_total Errors by kind.\n"
                            "# TYPE arq_errors_total counter\n");

@@ -7,6 +7,7 @@
 #include <event2/event.h>
 #include <msgpack.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -30,6 +31,7 @@ struct brk_sub {
     uint64_t persisted; /* acked offset last handed to the WAL as a cursor */
     bool recorded;      /* a durable session's cursor for it was handed to the WAL */
     rpl_sub_t *rs;      /* catch-up state (cold-tier reads) */
+    bool broken;        /* a read failed (corrupt record): stopped, told once */
     brk_sub_t *next_in_stream, *prev_in_stream;
     brk_sub_t *next_in_client;
 };
@@ -320,7 +322,7 @@ static uint32_t deliver_sub(brk_sub_t *sub, uint32_t budget)
     brk_t *b = c->b;
     brk_stream_t *s = sub->stream;
     uint32_t sent = 0;
-    while (sent < budget && sub->next < s->next && !c->closed) {
+    while (sent < budget && sub->next < s->next && !c->closed && !sub->broken) {
         uint64_t inflight = sub->next - 1 - sub->acked;
         if (inflight >= b->o.max_inflight)
             break;
@@ -362,8 +364,17 @@ static uint32_t deliver_sub(brk_sub_t *sub, uint32_t budget)
             continue;
         }
         if (rc != RPL_OK || cc.sent == 0) {
-            if (rc == RPL_EREAD)
-                send_error(c, 0, PROTO_CODE_INTERNAL, "stream read failed");
+            if (rc == RPL_EREAD) {
+                /* Never skip it, never retry it in a loop: this subscription
+                 * stops here (the operator's arq-replay verify finds the
+                 * record); the client hears it once. */
+                char why[96];
+                snprintf(why, sizeof(why), "stream read failed at offset %llu",
+                         (unsigned long long)sub->next);
+                sub->broken = true;
+                b->st.read_errors++;
+                send_error(c, 0, PROTO_CODE_INTERNAL, why);
+            }
             break;
         }
     }

@@ -69,6 +69,7 @@ typedef struct brk_stats {
     uint64_t sessions_created, sessions_resumed, sessions_taken_over, sessions_expired;
     uint64_t sessions_live;
     uint64_t cold_reads, cold_records, cold_errors; /* catch-up served from MySQL */
+    uint64_t read_errors; /* subscriptions stopped by a failed read (corrupt record) */
 } brk_stats_t;
 
 int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret);

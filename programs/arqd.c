@@ -387,6 +387,7 @@ int main(int argc, char **argv)
     if (rc) {
         arq_log(ARQ_LOG_ERROR, "wal_open_failed", "dir", cfg.data_dir, "reason", err, NULL);
         event_base_free(base);
+        sync_url_free(&db_url);
         arq_config_free(&cfg);
         return 1;
     }
@@ -449,9 +450,12 @@ int main(int argc, char **argv)
     api_server_t *srv;
     if (api_server_start(base, brk, wal, &ao, &srv, err, sizeof(err)) != 0) {
         arq_log(ARQ_LOG_ERROR, "listen_failed", "reason", err, NULL);
+        sync_stop(sync);
         wal_close(wal);
         brk_free(brk);
+        sync_cold_close(cold);
         event_base_free(base);
+        sync_url_free(&db_url);
         arq_config_free(&cfg);
         return 1;
     }

@@ -21,6 +21,8 @@
 const uint64_t sync_batch_bounds[SYNC_HIST_BUCKETS - 1] = {1, 10, 100, 500, 1000, 5000, 10000};
 
 static void errf(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void errf(char *err, size_t errlen, const char *fmt, ...)
 {
     if (!err || !errlen)
         return;
@@ -314,6 +316,7 @@ static void sql_adds(sync_t *s, const char *txt)
     sql_add(s, txt, strlen(txt));
 }
 
+static void sql_addf(sync_t *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void sql_addf(sync_t *s, const char *fmt, ...)
 {
     char buf[128];

@@ -14,6 +14,8 @@
 #define URL_MAX 4096
 
 static void errf(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void errf(char *err, size_t errlen, const char *fmt, ...)
 {
     if (!err || !errlen)
         return;

@@ -44,6 +44,7 @@
 
 #include <errno.h>
 #include <event2/event.h>
+#include <fcntl.h>
 #include <lmdb.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -54,6 +55,7 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "wal_record.h"
@@ -145,6 +147,8 @@ struct wal {
     wal_append_t *q_head, *q_tail;
     struct retain_job *retain;
     bool closing;
+    bool writer_busy; /* the writer is working on a batch or a retention chunk */
+    bool restoring;   /* a wal_restore_* call holds the writer's place */
     int failed; /* atomic: fail-stop */
     int fault_err;
     unsigned fault_count;
@@ -758,6 +762,8 @@ int wal_append_submit(wal_t *wal, wal_append_t *req)
         rc = WAL_EFATAL;
     else if (wal->closing)
         rc = WAL_ECLOSED;
+    else if (wal->restoring)
+        rc = WAL_EBUSY;
     if (!rc) {
         req->status = 0;
         req->next = NULL;
@@ -1419,9 +1425,11 @@ static void *writer_main(void *arg)
         }
         if (!wal->q_head && wal->retain) {
             struct retain_job *job = wal->retain;
+            wal->writer_busy = true;
             pthread_mutex_unlock(&wal->mu);
             retain_step(wal, job);
             pthread_mutex_lock(&wal->mu);
+            wal->writer_busy = false;
             continue;
         }
         if (!wal->q_head) {
@@ -1470,6 +1478,7 @@ static void *writer_main(void *arg)
             msgs += r->n_msgs + r->n_cursors;
             bytes += r->buf_len;
         }
+        wal->writer_busy = true;
         pthread_mutex_unlock(&wal->mu);
         if (n == 0) {
             /* Could not even allocate the batch array: back off briefly. */
@@ -1479,6 +1488,7 @@ static void *writer_main(void *arg)
             batch_run(wal, batch, n);
         }
         pthread_mutex_lock(&wal->mu);
+        wal->writer_busy = false;
     }
     pthread_mutex_unlock(&wal->mu);
     free(batch);
@@ -1561,6 +1571,8 @@ int wal_retain(wal_t *wal, uint64_t upto_seq, uint64_t *ret_dropped)
         rc = WAL_EFATAL;
     else if (wal->closing)
         rc = WAL_ECLOSED;
+    else if (wal->restoring)
+        rc = WAL_EBUSY;
     if (!rc) {
         wal->retain = &job;
         pthread_cond_signal(&wal->cond);
@@ -2297,4 +2309,336 @@ int wal_stats_get(wal_t *wal, wal_stats_t *ret)
     s.commit_us_sum = __atomic_load_n(&wal->st_commit_us_sum, __ATOMIC_RELAXED);
     *ret = s;
     return 0;
+}
+
+/* ---- restore ----------------------------------------------------------- */
+
+/* Take the writer's place for one restore call (see wal.h): nothing queued,
+ * no batch or retention running; appends submitted meanwhile get
+ * WAL_EBUSY. The writer thread stays asleep: it wakes only for queued work,
+ * which submit now refuses. */
+static int restore_enter(wal_t *wal)
+{
+    if (wal->read_only)
+        return WAL_ECLOSED;
+    pthread_mutex_lock(&wal->mu);
+    int rc = 0;
+    if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
+        rc = WAL_EFATAL;
+    else if (wal->closing)
+        rc = WAL_ECLOSED;
+    else if (wal->q_head || wal->retain || wal->writer_busy || wal->restoring)
+        rc = WAL_EBUSY;
+    else
+        wal->restoring = true;
+    pthread_mutex_unlock(&wal->mu);
+    return rc;
+}
+
+static void restore_leave(wal_t *wal)
+{
+    pthread_mutex_lock(&wal->mu);
+    wal->restoring = false;
+    pthread_mutex_unlock(&wal->mu);
+}
+
+/* The status of a failed restore transaction, as batch_run maps a batch's. */
+static int restore_status(wal_t *wal, int rc)
+{
+    if (rc == WAL_EINVAL || rc == MDB_KEYEXIST || rc == MDB_BAD_VALSIZE || rc == EINVAL ||
+        rc == MDB_TXN_FULL)
+        return WAL_EINVAL;
+    if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
+        return WAL_EFULL;
+    if (rc == ENOMEM || rc == WAL_ENOMEM)
+        return WAL_ENOMEM;
+    fail_stop(wal);
+    return WAL_EFATAL;
+}
+
+static void restore_begin_batch(wal_t *wal)
+{
+    wal->gen++;
+    if (wal->gen == 0)
+        wal->gen = 1;
+    wal->n_touched = 0;
+}
+
+int wal_restore_stream(wal_t *wal, const wal_restore_stream_t *s)
+{
+    if (!s || !stream_ok(s->stream, s->stream_len) || s->epoch == 0 || s->first_offset == 0 ||
+        s->first_offset == UINT64_MAX)
+        return WAL_EINVAL;
+    int rc = restore_enter(wal);
+    if (rc)
+        return rc;
+    uint64_t h = name_hash(s->stream, s->stream_len);
+    struct head *e = head_find(wal, s->stream, s->stream_len, h);
+    uint32_t id = s->id ? s->id : wal->next_stream_id;
+    if ((e && e->committed) || id == 0 || id == UINT32_MAX ||
+        (id < wal->by_id_cap && wal->by_id[id] && wal->by_id[id] != e)) {
+        rc = WAL_EINVAL;
+        goto out;
+    }
+    if (!e) {
+        rc = head_insert(wal, s->stream, s->stream_len, h, &e);
+        if (rc)
+            goto out;
+    }
+    for (;;) {
+        uint64_t saved_seq = wal->next_seq;
+        uint32_t saved_id = wal->next_stream_id;
+        restore_begin_batch(wal);
+        rc = head_touch(wal, e);
+        if (rc)
+            break;
+        e->pending.id = id;
+        e->pending.epoch = s->epoch;
+        e->pending.first_offset = s->first_offset;
+        e->pending.next_offset = s->first_offset;
+        e->pending.created_us = s->created_us;
+        if (id >= wal->next_stream_id)
+            wal->next_stream_id = id + 1;
+        rc = head_set_id(wal, e);
+        if (rc) {
+            batch_rollback(wal, saved_seq, saved_id);
+            break;
+        }
+        MDB_txn *txn;
+        int mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+        if (!mrc) {
+            mrc = write_heads(wal, txn);
+            if (mrc)
+                mdb_txn_abort(txn);
+            else
+                mrc = txn_commit(wal, txn);
+        }
+        if (!mrc) {
+            batch_apply(wal);
+            rc = 0;
+            break;
+        }
+        batch_rollback(wal, saved_seq, saved_id);
+        if (mrc == MDB_MAP_FULL && map_grow(wal, false) == 0)
+            continue;
+        rc = restore_status(wal, mrc);
+        break;
+    }
+out:
+    restore_leave(wal);
+    return rc;
+}
+
+static bool restore_msg_ok(const wal_t *wal, const wal_restore_msg_t *r)
+{
+    const wal_msg_t *m = &r->msg;
+    return r->seq != 0 && r->seq != UINT64_MAX && r->offset != 0 &&
+           stream_ok(m->stream, m->stream_len) && m->producer_len <= WAL_PRODUCER_MAX &&
+           m->msgid_len <= WAL_MSGID_MAX && m->headers_len <= WAL_HEADERS_MAX &&
+           m->payload_len <= UINT32_MAX && m->payload_len <= wal->opts.max_record_bytes &&
+           (!m->payload_len || m->payload) && (!m->producer_len || m->producer) &&
+           (!m->msgid_len || m->msgid) && (!m->headers_len || m->headers) &&
+           (m->direction == WAL_DIR_IN || m->direction == WAL_DIR_OUT);
+}
+
+/* One restored record into txn (the stream's head is touched). */
+static int restore_put(wal_t *wal, MDB_txn *txn, const wal_restore_msg_t *r)
+{
+    const wal_msg_t *m = &r->msg;
+    struct head *e = head_find(wal, m->stream, m->stream_len, name_hash(m->stream, m->stream_len));
+    if (!e || !e->committed)
+        return WAL_EINVAL;
+    int rc = head_touch(wal, e);
+    if (rc)
+        return rc;
+    if (r->offset != e->pending.next_offset)
+        return WAL_EINVAL;
+    wal_rec_t rec = {
+        .flags = m->direction == WAL_DIR_OUT ? WAL_REC_FLAG_OUT : 0,
+        .stream_id = e->pending.id,
+        .seq = r->seq,
+        .offset = r->offset,
+        .timestamp_us = m->timestamp_us,
+        .producer = m->producer,
+        .producer_len = (uint16_t)m->producer_len,
+        .msgid = m->msgid,
+        .msgid_len = (uint16_t)m->msgid_len,
+        .headers = m->headers,
+        .headers_len = (uint16_t)m->headers_len,
+        .payload = m->payload,
+        .payload_len = (uint32_t)m->payload_len,
+    };
+    uint8_t seqk[8];
+    wal_put_be64(seqk, rec.seq);
+    MDB_val k = {8, seqk}, v = {wal_rec_size(&rec), NULL};
+    rc = mdb_put(txn, wal->dbi_log, &k, &v, MDB_RESERVE | MDB_NOOVERWRITE);
+    if (rc)
+        return rc;
+    wal_rec_encode(&rec, v.mv_data, v.mv_size);
+    uint8_t ik[12];
+    wal_put_be32(ik, rec.stream_id);
+    wal_put_be64(ik + 4, rec.offset);
+    MDB_val ikv = {12, ik}, iv = {8, seqk};
+    rc = mdb_put(txn, wal->dbi_index, &ikv, &iv, 0);
+    if (rc)
+        return rc;
+    if (m->msgid_len) {
+        uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+        dkey[0] = (uint8_t)m->producer_len;
+        if (m->producer_len)
+            memcpy(dkey + 1, m->producer, m->producer_len);
+        memcpy(dkey + 1 + m->producer_len, m->msgid, m->msgid_len);
+        uint8_t dval[WAL_DEDUP_VAL_SIZE];
+        wal_dedup_val_t dv = {
+            .stream_id = rec.stream_id, .offset = rec.offset, .time_us = m->timestamp_us};
+        wal_dedup_val_encode(&dv, dval);
+        MDB_val dk = {1 + m->producer_len + m->msgid_len, dkey}, dvv = {sizeof(dval), dval};
+        rc = mdb_put(txn, wal->dbi_dedup, &dk, &dvv, 0);
+        if (rc)
+            return rc;
+    }
+    e->pending.next_offset++;
+    if (rec.seq >= wal->next_seq)
+        wal->next_seq = rec.seq + 1;
+    return 0;
+}
+
+int wal_restore_append(wal_t *wal, const wal_restore_msg_t *msgs, size_t n)
+{
+    if (n == 0 || !msgs)
+        return WAL_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (!restore_msg_ok(wal, &msgs[i]))
+            return WAL_EINVAL;
+    int rc = restore_enter(wal);
+    if (rc)
+        return rc;
+    for (;;) {
+        uint64_t saved_seq = wal->next_seq;
+        uint32_t saved_id = wal->next_stream_id;
+        restore_begin_batch(wal);
+        MDB_txn *txn;
+        int mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+        if (!mrc) {
+            for (size_t i = 0; i < n && !mrc; i++)
+                mrc = restore_put(wal, txn, &msgs[i]);
+            if (!mrc)
+                mrc = write_heads(wal, txn);
+            if (!mrc)
+                mrc = write_next_seq(wal, txn);
+            if (mrc)
+                mdb_txn_abort(txn);
+            else
+                mrc = txn_commit(wal, txn);
+        }
+        if (!mrc) {
+            batch_apply(wal);
+            rc = 0;
+            break;
+        }
+        batch_rollback(wal, saved_seq, saved_id);
+        if (mrc == MDB_MAP_FULL && map_grow(wal, false) == 0)
+            continue;
+        rc = restore_status(wal, mrc);
+        break;
+    }
+    restore_leave(wal);
+    return rc;
+}
+
+int wal_restore_seq(wal_t *wal, uint64_t next_seq)
+{
+    if (next_seq == 0 || next_seq == UINT64_MAX)
+        return WAL_EINVAL;
+    int rc = restore_enter(wal);
+    if (rc)
+        return rc;
+    if (next_seq > wal->next_seq) {
+        uint64_t saved = wal->next_seq;
+        wal->next_seq = next_seq;
+        MDB_txn *txn;
+        int mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+        if (!mrc) {
+            mrc = write_next_seq(wal, txn);
+            if (mrc)
+                mdb_txn_abort(txn);
+            else
+                mrc = txn_commit(wal, txn);
+        }
+        if (mrc) {
+            wal->next_seq = saved;
+            rc = restore_status(wal, mrc);
+        }
+    }
+    restore_leave(wal);
+    return rc;
+}
+
+/* ---- backup ------------------------------------------------------------ */
+
+static int fsync_path(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    int rc = fsync(fd);
+    int saved = errno;
+    (void)close(fd);
+    errno = saved;
+    return rc;
+}
+
+int wal_backup(wal_t *wal, const char *dir, char *errbuf, size_t errlen)
+{
+    if (!dir || !*dir)
+        return WAL_EINVAL;
+    size_t dlen = strlen(dir);
+    char *file = malloc(dlen + sizeof("/data.mdb"));
+    if (!file)
+        return WAL_ENOMEM;
+    memcpy(file, dir, dlen);
+    memcpy(file + dlen, "/data.mdb", sizeof("/data.mdb"));
+    struct stat st;
+    int rc = 0;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        errf(errbuf, errlen, "backup directory '%s' does not exist", dir);
+        rc = WAL_EINVAL;
+        goto out;
+    }
+    if (stat(file, &st) == 0) {
+        errf(errbuf, errlen, "'%s' already exists: refusing to overwrite it", file);
+        rc = WAL_EINVAL;
+        goto out;
+    }
+    int mrc;
+    for (;;) {
+        pthread_rwlock_rdlock(&wal->map_lock);
+        mrc = mdb_env_copy2(wal->env, dir, MDB_CP_COMPACT);
+        pthread_rwlock_unlock(&wal->map_lock);
+        if (mrc != MDB_MAP_RESIZED)
+            break;
+        /* Another process grew the map: adopt its size and copy again. */
+        (void)unlink(file);
+        pthread_rwlock_wrlock(&wal->map_lock);
+        mrc = mdb_env_set_mapsize(wal->env, 0);
+        pthread_rwlock_unlock(&wal->map_lock);
+        if (mrc)
+            break;
+    }
+    if (mrc) {
+        errf(errbuf, errlen, "copy to '%s': %s", file, mdb_strerror(mrc));
+        (void)unlink(file);
+        rc = map_mdb(mrc);
+        goto out;
+    }
+    /* mdb_env_copy2 neither fsyncs nor sets a private mode. */
+    if (chmod(file, 0600) != 0 || fsync_path(file, O_RDONLY) != 0 ||
+        fsync_path(dir, O_RDONLY | O_DIRECTORY) != 0) {
+        errf(errbuf, errlen, "sync '%s': %s", file, strerror(errno));
+        (void)unlink(file);
+        rc = WAL_EIO;
+    }
+out:
+    free(file);
+    return rc;
 }

@@ -175,8 +175,9 @@ int wal_append_del_session(wal_append_t *req, const void *session, size_t sessio
 /*
  * Hand the request to the writer. On success the WAL owns it until the
  * callback, after which the caller owns it again and frees it with
- * wal_append_free. On failure (WAL_ECLOSED, WAL_EFATAL, WAL_EINVAL) the
- * callback is never called and the caller still owns the request.
+ * wal_append_free. On failure (WAL_ECLOSED, WAL_EFATAL, WAL_EINVAL; WAL_EBUSY
+ * during a wal_restore_* call) the callback is never called and the caller
+ * still owns the request.
  * WAL_EINVAL: an empty request (no message, no cursor) or a payload above
  * max_record_bytes.
  */
@@ -328,7 +329,71 @@ int wal_stats_get(wal_t *wal, wal_stats_t *ret);
  * this is safe (e.g. synced to MySQL). Runs on the writer thread in chunks
  * of retain_chunk records per transaction, appends taking priority between
  * chunks. Blocks until done; returns the number dropped via ret_dropped.
+ * WAL_EBUSY during a wal_restore_* call.
  */
 int wal_retain(wal_t *wal, uint64_t upto_seq, uint64_t *ret_dropped);
+
+/* ---- restore and backup (arq-replay) ------------------------------------- */
+
+/*
+ * Rebuild a WAL from another copy of its records (arq-replay restore: rows
+ * of MySQL's arq_messages, readable records of a damaged or older WAL).
+ * Records keep their sequence, offset, timestamp, producer, message id,
+ * direction, headers and payload, and streams keep the id and epoch they are
+ * given, so a restored record is byte for byte the original (same checksum).
+ * The result is an ordinary WAL of the same format: a stream that starts
+ * above offset 1 looks as if retention had dropped the offsets below it, and
+ * sequences may have holes (records that were not restored).
+ *
+ * Only for a WAL opened for writing that nobody else uses meanwhile (the
+ * tool's own new directory): each call takes the writer's place and fails
+ * with WAL_EBUSY if an append or retention is queued or running; appends
+ * submitted during a call fail with WAL_EBUSY. Each call is one durable
+ * transaction (the map grows as for appends; WAL_EFULL at map_size_max).
+ */
+typedef struct wal_restore_stream {
+    const char *stream; /* 1..WAL_STREAM_NAME_MAX bytes, not NUL-terminated */
+    size_t stream_len;
+    uint32_t id;           /* the stream's id (0: the next free one); must be free */
+    uint64_t epoch;        /* non-zero */
+    uint64_t first_offset; /* >= 1: the stream is empty and its next offset is this */
+    int64_t created_us;
+} wal_restore_stream_t;
+
+/* Create a stream with a given id, epoch and first offset. WAL_EINVAL if it
+ * exists already, its id is taken, or an argument is out of range. */
+int wal_restore_stream(wal_t *wal, const wal_restore_stream_t *s);
+
+typedef struct wal_restore_msg {
+    wal_msg_t msg;   /* as for appends; timestamp_us is stored as given */
+    uint64_t seq;    /* >= 1 and not yet in the WAL; any order */
+    uint64_t offset; /* the stream's next offset (offsets stay contiguous) */
+} wal_restore_msg_t;
+
+/* Write n records in one transaction (all or nothing). Each one's stream
+ * must have been created by wal_restore_stream (or exist), and its offset
+ * be that stream's next one, counting the records before it in msgs. Dedup
+ * entries are written for records with a message id (a later one with the
+ * same key replaces an earlier one). The WAL's next sequence becomes larger
+ * than every sequence written. WAL_EINVAL: a record breaks these rules (a
+ * taken sequence, a wrong offset, an unknown stream, a limit). */
+int wal_restore_append(wal_t *wal, const wal_restore_msg_t *msgs, size_t n);
+
+/* Make the next appended record's sequence at least next_seq (e.g. the MySQL
+ * sync watermark + 1, so the drain never meets a sequence twice). Never
+ * lowers it. */
+int wal_restore_seq(wal_t *wal, uint64_t next_seq);
+
+/*
+ * Hot backup: a consistent, compacted copy of the WAL as it was at one
+ * moment (one LMDB read transaction, mdb_env_copy2 with MDB_CP_COMPACT),
+ * written to dir/data.mdb (mode 0600) and fsynced with its directory. dir
+ * must exist and hold no data.mdb. Works on a read-only handle, next to a
+ * running writer (which cannot reuse the pages freed while the copy runs, so
+ * the WAL may grow meanwhile; on a writable handle of the same process a map
+ * resize waits for the copy to end). A failed copy removes its partial file.
+ * The copy is an ordinary data directory: open it, or point arqd at it.
+ */
+int wal_backup(wal_t *wal, const char *dir, char *errbuf, size_t errlen);
 
 #endif
