@@ -4,7 +4,9 @@
  *
  *   ceiling  multi-row INSERTs of the same rows into a copy of arq_messages,
  *            --batch rows per statement and per transaction, from one
- *            connection (what the drain does, without the WAL reads);
+ *            connection; and the same rows through a prepared INSERT with
+ *            MariaDB's array binding (what the drain does on MariaDB,
+ *            without the WAL reads);
  *   drain    a WAL with --rows 128-byte records, synced into a fresh schema
  *            by the sync thread (sync_start): rows/s until the watermark
  *            reaches the last record;
@@ -105,6 +107,81 @@ static double ceiling(MYSQL *m, uint64_t rows, uint32_t batch)
     }
     double t = now_s() - t0;
     free(sql);
+    qs(m, "DROP TABLE bench_ceiling");
+    return (double)rows / t;
+}
+
+/* The same rows through a prepared INSERT with MariaDB's array binding
+ * (bulk execution) - the technique the drain uses on MariaDB. */
+static double ceiling_bulk(MYSQL *m, uint64_t rows, uint32_t batch)
+{
+    qs(m, "CREATE TABLE bench_ceiling LIKE arq_messages");
+    static const char ins[] = "INSERT INTO bench_ceiling (stream, `offset`, seq, direction, "
+                              "producer, msgid, ts_us, headers, payload, checksum) "
+                              "VALUES (?,?,?,?,?,?,?,?,?,?)";
+    MYSQL_STMT *st = mysql_stmt_init(m);
+    if (!st || mysql_stmt_prepare(st, ins, sizeof(ins) - 1)) {
+        fprintf(stderr, "arq-sync-bench: prepare: %s\n", mysql_error(m));
+        exit(1);
+    }
+    static char payload[PAYLOAD], empty[1];
+    memset(payload, 'x', sizeof(payload));
+    char **sp = calloc(batch, sizeof(char *)), **ep = calloc(batch, sizeof(char *)),
+         **pp = calloc(batch, sizeof(char *));
+    unsigned long *sl = calloc(batch, sizeof(unsigned long)),
+                  *el = calloc(batch, sizeof(unsigned long)),
+                  *pl = calloc(batch, sizeof(unsigned long));
+    unsigned long long *off = calloc(batch, 8), *seq = calloc(batch, 8), *ck = calloc(batch, 8);
+    long long *ts = calloc(batch, 8);
+    unsigned char *dir = calloc(batch, 1);
+    for (uint32_t i = 0; i < batch; i++) {
+        sp[i] = "bench.0";
+        sl[i] = 7;
+        ep[i] = empty;
+        pp[i] = payload;
+        pl[i] = PAYLOAD;
+    }
+    MYSQL_BIND b[10];
+    memset(b, 0, sizeof(b));
+    b[0] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_STRING, .buffer = sp, .length = sl};
+    b[1] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = off, .is_unsigned = 1};
+    b[2] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = seq, .is_unsigned = 1};
+    b[3] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_TINY, .buffer = dir, .is_unsigned = 1};
+    b[4] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_BLOB, .buffer = ep, .length = el};
+    b[5] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_BLOB, .buffer = ep, .length = el};
+    b[6] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = ts};
+    b[7] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_BLOB, .buffer = ep, .length = el};
+    b[8] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_BLOB, .buffer = pp, .length = pl};
+    b[9] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = ck, .is_unsigned = 1};
+    double t0 = now_s();
+    for (uint64_t done = 0; done < rows;) {
+        unsigned int n = 0;
+        for (; n < batch && done < rows; n++, done++) {
+            off[n] = seq[n] = done + 1;
+            ts[n] = (long long)done;
+            ck[n] = done * 7919;
+        }
+        qs(m, "BEGIN");
+        if (mysql_stmt_attr_set(st, STMT_ATTR_ARRAY_SIZE, &n) || mysql_stmt_bind_param(st, b) ||
+            mysql_stmt_execute(st)) {
+            fprintf(stderr, "arq-sync-bench: bulk insert: %s\n", mysql_stmt_error(st));
+            exit(1);
+        }
+        qs(m, "COMMIT");
+    }
+    double t = now_s() - t0;
+    mysql_stmt_close(st);
+    free(sp);
+    free(ep);
+    free(pp);
+    free(sl);
+    free(el);
+    free(pl);
+    free(off);
+    free(seq);
+    free(ck);
+    free(ts);
+    free(dir);
     qs(m, "DROP TABLE bench_ceiling");
     return (double)rows / t;
 }
@@ -269,6 +346,9 @@ int main(int argc, char **argv)
     double ceil_rps = ceiling(m, rows, batch);
     fprintf(stderr, "ceiling: %.0f rows/s (multi-row INSERT, %u rows per statement)\n", ceil_rps,
             batch);
+    double bulk_rps = ceiling_bulk(m, rows, batch);
+    fprintf(stderr, "ceiling: %.0f rows/s (prepared INSERT, array binding of %u rows)\n",
+            bulk_rps, batch);
 
     wal_options_t wo = {.dir = dir};
     wal_t *wal;
@@ -288,7 +368,8 @@ int main(int argc, char **argv)
         nanosleep(&ts, NULL);
     }
     double drain_rps = (double)rows / (now_s() - t0);
-    fprintf(stderr, "drain: %.0f rows/s (%.2f of the ceiling)\n", drain_rps, drain_rps / ceil_rps);
+    fprintf(stderr, "drain: %.0f rows/s (%.2f of the multi-row INSERT ceiling, %.2f of the bulk one)\n",
+            drain_rps, drain_rps / ceil_rps, drain_rps / bulk_rps);
 
     uint64_t p50, p99, mx, cnt;
     double achieved;
@@ -302,11 +383,13 @@ int main(int argc, char **argv)
     wal_close(wal);
     if (json)
         printf("{\"rows\":%" PRIu64 ",\"batch\":%u,\"ceiling_rows_per_s\":%.0f,"
-               "\"drain_rows_per_s\":%.0f,\"drain_vs_ceiling\":%.3f,\"lag_rate\":%.0f,"
+               "\"bulk_ceiling_rows_per_s\":%.0f,\"drain_rows_per_s\":%.0f,\"drain_vs_ceiling\":%.3f,"
+               "\"drain_vs_bulk_ceiling\":%.3f,\"lag_rate\":%.0f,"
                "\"lag_rate_achieved\":%.0f,"
                "\"lag_rows\":%" PRIu64 ",\"lag_p50_ms\":%.2f,\"lag_p99_ms\":%.2f,"
                "\"lag_max_ms\":%.2f,\"sync_batches\":%" PRIu64 "}\n",
-               rows, batch, ceil_rps, drain_rps, drain_rps / ceil_rps, drain_rps / 2, achieved, cnt,
+               rows, batch, ceil_rps, bulk_rps, drain_rps, drain_rps / ceil_rps, drain_rps / bulk_rps,
+               drain_rps / 2, achieved, cnt,
                p50 / 1e3, p99 / 1e3, mx / 1e3, st.batches);
     mysql_close(m);
     if (dir == tmpl) {

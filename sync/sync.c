@@ -257,6 +257,19 @@ struct sync {
     int64_t cursor_hwm_us; /* newest cursor update already synced */
     int64_t next_cursor_us;
     int64_t next_retain_us;
+    /* the batch, column by column (bulk binding), bytes in `arena` */
+    MYSQL_STMT *ins;       /* prepared INSERT, array-bound (MariaDB) */
+    bool no_bulk;          /* server without bulk operations (MySQL): text INSERT */
+    struct col {
+        size_t stream, producer, msgid, headers, payload; /* offsets into arena */
+        unsigned long stream_len, producer_len, msgid_len, headers_len, payload_len;
+        uint64_t offset, seq, checksum;
+        int64_t ts_us;
+        unsigned char direction;
+    } *rows;
+    size_t rows_cap;
+    uint8_t *arena;
+    size_t arena_len, arena_cap;
 };
 
 const char *sync_state_name(enum sync_state st)
@@ -432,33 +445,177 @@ static void pending_add(sync_t *s, const char *name, size_t len)
     s->pending[s->n_pending++] = c;
 }
 
+/* Copy n bytes into the batch arena; its offset, or SIZE_MAX. */
+static size_t arena_add(sync_t *s, const void *p, size_t n)
+{
+    if (s->arena_len + n > s->arena_cap) {
+        size_t cap = s->arena_cap ? s->arena_cap : 1u << 20;
+        while (cap < s->arena_len + n)
+            cap *= 2;
+        uint8_t *a = realloc(s->arena, cap);
+        if (!a) {
+            s->sql_err = SYNC_ENOMEM;
+            return SIZE_MAX;
+        }
+        s->arena = a;
+        s->arena_cap = cap;
+    }
+    size_t off = s->arena_len;
+    if (n)
+        memcpy(s->arena + off, p, n);
+    s->arena_len += n;
+    return off;
+}
+
+/* One WAL record of the batch (valid only inside the read): copied. */
 static int row_cb(const wal_record_t *rec, void *arg)
 {
     sync_t *s = arg;
     if (s->batch_rows == 0) {
         s->batch_first_seq = rec->seq;
         s->oldest_unsynced_ts = rec->timestamp_us;
-        sql_adds(s, "INSERT INTO arq_messages (stream, `offset`, seq, direction, producer, msgid, "
-                    "ts_us, headers, payload, checksum) VALUES ");
-    } else {
-        sql_adds(s, ",");
     }
-    sql_adds(s, "(");
-    sql_hex(s, rec->stream, rec->stream_len);
-    sql_addf(s, ",%" PRIu64 ",%" PRIu64 ",%d,", rec->offset, rec->seq,
-             rec->direction == WAL_DIR_OUT ? 1 : 0);
-    sql_hex(s, rec->producer, rec->producer_len);
-    sql_adds(s, ",");
-    sql_hex(s, rec->msgid, rec->msgid_len);
-    sql_addf(s, ",%" PRId64 ",", rec->timestamp_us);
-    sql_hex(s, rec->headers, rec->headers_len);
-    sql_adds(s, ",");
-    sql_hex(s, rec->payload, rec->payload_len);
-    sql_addf(s, ",%" PRIu64 ")", rec->checksum);
+    if (s->batch_rows == s->rows_cap) {
+        size_t cap = s->rows_cap ? s->rows_cap * 2 : 1024;
+        struct col *r = realloc(s->rows, cap * sizeof(*r));
+        if (!r) {
+            s->sql_err = SYNC_ENOMEM;
+            return 1;
+        }
+        s->rows = r;
+        s->rows_cap = cap;
+    }
+    struct col *c = &s->rows[s->batch_rows];
+    c->stream = arena_add(s, rec->stream, rec->stream_len);
+    c->producer = arena_add(s, rec->producer, rec->producer_len);
+    c->msgid = arena_add(s, rec->msgid, rec->msgid_len);
+    c->headers = arena_add(s, rec->headers, rec->headers_len);
+    c->payload = arena_add(s, rec->payload, rec->payload_len);
+    c->stream_len = (unsigned long)rec->stream_len;
+    c->producer_len = (unsigned long)rec->producer_len;
+    c->msgid_len = (unsigned long)rec->msgid_len;
+    c->headers_len = (unsigned long)rec->headers_len;
+    c->payload_len = (unsigned long)rec->payload_len;
+    c->offset = rec->offset;
+    c->seq = rec->seq;
+    c->checksum = rec->checksum;
+    c->ts_us = rec->timestamp_us;
+    c->direction = rec->direction == WAL_DIR_OUT ? 1 : 0;
     pending_add(s, rec->stream, rec->stream_len);
     s->batch_rows++;
     s->batch_last_seq = rec->seq;
     return s->sql_err != 0;
+}
+
+/* The batch as one multi-row text INSERT (servers without bulk binding). */
+static void sql_rows(sync_t *s)
+{
+    sql_adds(s, "INSERT INTO arq_messages (stream, `offset`, seq, direction, producer, msgid, "
+                "ts_us, headers, payload, checksum) VALUES ");
+    for (size_t i = 0; i < s->batch_rows; i++) {
+        const struct col *c = &s->rows[i];
+        sql_adds(s, i ? ",(" : "(");
+        sql_hex(s, s->arena + c->stream, c->stream_len);
+        sql_addf(s, ",%" PRIu64 ",%" PRIu64 ",%d,", c->offset, c->seq, c->direction);
+        sql_hex(s, s->arena + c->producer, c->producer_len);
+        sql_adds(s, ",");
+        sql_hex(s, s->arena + c->msgid, c->msgid_len);
+        sql_addf(s, ",%" PRId64 ",", c->ts_us);
+        sql_hex(s, s->arena + c->headers, c->headers_len);
+        sql_adds(s, ",");
+        sql_hex(s, s->arena + c->payload, c->payload_len);
+        sql_addf(s, ",%" PRIu64 ")", c->checksum);
+    }
+}
+
+/* The batch through the prepared INSERT with array binding (MariaDB's bulk
+ * execution: one round trip, no text to parse). Column-wise: one array per
+ * column; for strings and blobs an array of pointers plus one of lengths,
+ * filled in here, after the arena stopped moving. */
+static int bulk_insert(sync_t *s, char *err, size_t errlen)
+{
+    size_t n = s->batch_rows;
+    char **ptr = malloc(n * 5 * sizeof(*ptr));
+    unsigned long *len = malloc(n * 5 * sizeof(*len));
+    unsigned long long *u64 = malloc(n * 3 * sizeof(*u64));
+    long long *ts = malloc(n * sizeof(*ts));
+    unsigned char *dir = malloc(n);
+    int rc = 0;
+    if (!ptr || !len || !u64 || !ts || !dir) {
+        rc = SYNC_ENOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const struct col *c = &s->rows[i];
+        size_t offs[5] = {c->stream, c->producer, c->msgid, c->headers, c->payload};
+        unsigned long lens[5] = {c->stream_len, c->producer_len, c->msgid_len, c->headers_len,
+                                 c->payload_len};
+        for (int k = 0; k < 5; k++) {
+            ptr[k * n + i] = (char *)s->arena + offs[k];
+            len[k * n + i] = lens[k];
+        }
+        u64[i] = c->offset;
+        u64[n + i] = c->seq;
+        u64[2 * n + i] = c->checksum;
+        ts[i] = c->ts_us;
+        dir[i] = c->direction;
+    }
+    /* columns: stream offset seq direction producer msgid ts_us headers payload checksum */
+    MYSQL_BIND b[10];
+    memset(b, 0, sizeof(b));
+    static const int str_col[5] = {0, 4, 5, 7, 8};
+    for (int k = 0; k < 5; k++) {
+        b[str_col[k]].buffer_type = k == 0 ? MYSQL_TYPE_STRING : MYSQL_TYPE_BLOB;
+        b[str_col[k]].buffer = &ptr[k * n];
+        b[str_col[k]].length = &len[k * n];
+    }
+    b[1] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = &u64[0], .is_unsigned = 1};
+    b[2] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = &u64[n], .is_unsigned = 1};
+    b[9] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = &u64[2 * n],
+                        .is_unsigned = 1};
+    b[3] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_TINY, .buffer = dir, .is_unsigned = 1};
+    b[6] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = ts};
+    unsigned int size = (unsigned int)n;
+    if (mysql_stmt_attr_set(s->ins, STMT_ATTR_ARRAY_SIZE, &size) ||
+        mysql_stmt_bind_param(s->ins, b) || mysql_stmt_execute(s->ins)) {
+        errf(err, errlen, "MySQL error %u: %s", mysql_stmt_errno(s->ins), mysql_stmt_error(s->ins));
+        rc = SYNC_ESQL;
+    }
+out:
+    free(ptr);
+    free(len);
+    free(u64);
+    free(ts);
+    free(dir);
+    return rc;
+}
+
+static void stmt_drop(sync_t *s)
+{
+    if (s->ins) {
+        mysql_stmt_close(s->ins);
+        s->ins = NULL;
+    }
+}
+
+/* Prepare the bulk INSERT on a new connection, or settle for text. */
+static void stmt_prepare(sync_t *s)
+{
+    static const char q[] = "INSERT INTO arq_messages (stream, `offset`, seq, direction, "
+                            "producer, msgid, ts_us, headers, payload, checksum) "
+                            "VALUES (?,?,?,?,?,?,?,?,?,?)";
+    /* Bulk execution is MariaDB's (10.2+): a MySQL server says CLIENT_MYSQL
+     * and has no MARIADB_CLIENT_STMT_BULK_OPERATIONS. */
+    unsigned long caps = 0, ext = 0;
+    bool bulk = mariadb_get_infov(s->m, MARIADB_CONNECTION_SERVER_CAPABILITIES, &caps) == 0 &&
+                mariadb_get_infov(s->m, MARIADB_CONNECTION_EXTENDED_SERVER_CAPABILITIES, &ext) ==
+                    0 &&
+                !(caps & CLIENT_MYSQL) && (ext & (MARIADB_CLIENT_STMT_BULK_OPERATIONS >> 32));
+    s->ins = bulk ? mysql_stmt_init(s->m) : NULL;
+    if (!s->ins || mysql_stmt_prepare(s->ins, q, sizeof(q) - 1) != 0) {
+        stmt_drop(s);
+        s->no_bulk = true;
+    }
 }
 
 static void hist_add(uint64_t *b, uint64_t v)
@@ -520,6 +677,7 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
     s->sql_len = 0;
     s->sql_err = 0;
     s->batch_rows = 0;
+    s->arena_len = 0;
     pending_clear(s);
     wal_read_result_t res;
     rc = wal_log_read(s->wal, wm + 1, s->o.batch_rows, s->o.batch_bytes, row_cb, s, &res);
@@ -546,7 +704,12 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
         errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
         return SYNC_ESQL;
     }
-    rc = db_exec(s->m, s->sql, s->sql_len, err, errlen);
+    if (s->ins) {
+        rc = bulk_insert(s, err, errlen);
+    } else {
+        sql_rows(s);
+        rc = s->sql_err ? s->sql_err : db_exec(s->m, s->sql, s->sql_len, err, errlen);
+    }
     if (!rc && s->n_pending) {
         s->sql_len = 0;
         sql_streams(s);
@@ -799,6 +962,7 @@ static void *sync_main(void *arg)
             }
             attempt = 0;
             streams_forget(s);
+            stmt_prepare(s);
             set_state(s, SYNC_STATE_OK, NULL);
         }
         err[0] = 0;
@@ -823,6 +987,7 @@ static void *sync_main(void *arg)
             } else {
                 set_state(s, SYNC_STATE_DEGRADED, err);
             }
+            stmt_drop(s);
             mysql_close(s->m);
             s->m = NULL;
             attempt = 1;
@@ -838,6 +1003,7 @@ static void *sync_main(void *arg)
         if (n == 0 && wait_ms(s, s->o.batch_wait_ms))
             break;
     }
+    stmt_drop(s);
     if (s->m) {
         mysql_close(s->m);
         s->m = NULL;
@@ -904,6 +1070,8 @@ void sync_stop(sync_t *s)
     free(s->known);
     pending_clear(s);
     free(s->pending);
+    free(s->rows);
+    free(s->arena);
     free(s->sql);
     sync_url_free(&s->url);
     pthread_mutex_destroy(&s->mu);
