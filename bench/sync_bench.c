@@ -363,9 +363,23 @@ int main(int argc, char **argv)
     double t0 = now_s();
     if (sync_start(wal, &so, &s) != 0)
         return 1;
+    /* a drain that stops moving (a failing server) ends the run, not hangs it */
+    uint64_t last = 0;
+    double moved = now_s();
     while (watermark(s) < rows) {
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
+        uint64_t wm = watermark(s);
+        if (wm != last) {
+            last = wm;
+            moved = now_s();
+        } else if (now_s() - moved > 60) {
+            sync_stats_t st;
+            sync_stats_get(s, &st);
+            fprintf(stderr, "arq-sync-bench: the drain stopped at %" PRIu64 " (%s: %s)\n", wm,
+                    sync_state_name(st.state), st.last_error);
+            return 1;
+        }
     }
     double drain_rps = (double)rows / (now_s() - t0);
     fprintf(stderr, "drain: %.0f rows/s (%.2f of the multi-row INSERT ceiling, %.2f of the bulk one)\n",
