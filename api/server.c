@@ -59,7 +59,7 @@ struct conn {
     brk_client_t *client;
     bool hello_done;
     bool close_after_write;
-    bool kicked; /* its session was resumed elsewhere: free on the next turn */
+    bool kicked;             /* its session was resumed elsewhere: free on the next turn */
     struct api_pub_ctx *pub; /* pending server API publish */
     char peer[64];
     char session[SESSION_ID_MAX + 1];

@@ -25,7 +25,7 @@ typedef struct api_options {
     uint32_t pong_timeout_ms;
     uint32_t max_frame_bytes;
     uint32_t max_message_bytes;
-    uint32_t max_inflight; /* announced in welcome */
+    uint32_t max_inflight;  /* announced in welcome */
     uint32_t session_ttl_s; /* announced in welcome (the broker enforces it) */
     size_t max_output_bytes;
     const char *secret_key; /* NULL: anonymous clients (loopback only) */

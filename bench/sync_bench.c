@@ -41,8 +41,8 @@ static sync_url_t g_url;
 static MYSQL *connect_db(void)
 {
     MYSQL *m = mysql_init(NULL);
-    if (!m || !mysql_real_connect(m, g_url.host, g_url.user, g_url.password, g_url.db,
-                                  g_url.port, g_url.socket, 0)) {
+    if (!m || !mysql_real_connect(m, g_url.host, g_url.user, g_url.password, g_url.db, g_url.port,
+                                  g_url.socket, 0)) {
         fprintf(stderr, "arq-sync-bench: connect: %s\n", m ? mysql_error(m) : "oom");
         exit(1);
     }
@@ -98,8 +98,8 @@ static double ceiling(MYSQL *m, uint64_t rows, uint32_t batch)
         uint32_t n = 0;
         for (; n < batch && done < rows; n++, done++)
             len += (size_t)snprintf(sql + len, cap - len,
-                                    "%s(X'62656e63682e30',%" PRIu64 ",%" PRIu64
-                                    ",0,'','',%" PRIu64 ",'',X'%s',%" PRIu64 ")",
+                                    "%s(X'62656e63682e30',%" PRIu64 ",%" PRIu64 ",0,'','',%" PRIu64
+                                    ",'',X'%s',%" PRIu64 ")",
                                     n ? "," : "", done + 1, done + 1, done, hex, done * 7919);
         qs(m, "BEGIN");
         q(m, sql, len);
@@ -193,8 +193,8 @@ static void append_rows(wal_t *wal, uint64_t rows)
     enum { CHUNK = 1000 };
     static wal_msg_t msgs[CHUNK];
     for (size_t i = 0; i < CHUNK; i++)
-        msgs[i] = (wal_msg_t){.stream = "bench.0", .stream_len = 7, .payload = payload,
-                              .payload_len = PAYLOAD};
+        msgs[i] = (wal_msg_t){
+            .stream = "bench.0", .stream_len = 7, .payload = payload, .payload_len = PAYLOAD};
     for (uint64_t done = 0; done < rows;) {
         size_t n = rows - done < CHUNK ? (size_t)(rows - done) : CHUNK;
         if (wal_append_sync(wal, msgs, n, NULL) != 0) {
@@ -233,8 +233,8 @@ static void lag_run(wal_t *wal, sync_t *s, uint64_t first_seq, double rate, doub
     enum { CHUNK = 4096 };
     static wal_msg_t msgs[CHUNK];
     for (size_t i = 0; i < CHUNK; i++)
-        msgs[i] = (wal_msg_t){.stream = "bench.0", .stream_len = 7, .payload = payload,
-                              .payload_len = PAYLOAD};
+        msgs[i] = (wal_msg_t){
+            .stream = "bench.0", .stream_len = 7, .payload = payload, .payload_len = PAYLOAD};
     uint64_t start = bench_now_ns(), seen = 0, done = 0;
     while (done < n) {
         uint64_t now = bench_now_ns();
@@ -347,8 +347,8 @@ int main(int argc, char **argv)
     fprintf(stderr, "ceiling: %.0f rows/s (multi-row INSERT, %u rows per statement)\n", ceil_rps,
             batch);
     double bulk_rps = ceiling_bulk(m, rows, batch);
-    fprintf(stderr, "ceiling: %.0f rows/s (prepared INSERT, array binding of %u rows)\n",
-            bulk_rps, batch);
+    fprintf(stderr, "ceiling: %.0f rows/s (prepared INSERT, array binding of %u rows)\n", bulk_rps,
+            batch);
 
     wal_options_t wo = {.dir = dir};
     wal_t *wal;
@@ -357,8 +357,8 @@ int main(int argc, char **argv)
         return 1;
     }
     append_rows(wal, rows);
-    sync_options_t so = {.url = &g_url, .batch_rows = batch, .batch_wait_ms = 1,
-                         .cursor_every_ms = 3600000};
+    sync_options_t so = {
+        .url = &g_url, .batch_rows = batch, .batch_wait_ms = 1, .cursor_every_ms = 3600000};
     sync_t *s;
     double t0 = now_s();
     if (sync_start(wal, &so, &s) != 0)
@@ -382,29 +382,31 @@ int main(int argc, char **argv)
         }
     }
     double drain_rps = (double)rows / (now_s() - t0);
-    fprintf(stderr, "drain: %.0f rows/s (%.2f of the multi-row INSERT ceiling, %.2f of the bulk one)\n",
+    fprintf(stderr,
+            "drain: %.0f rows/s (%.2f of the multi-row INSERT ceiling, %.2f of the bulk one)\n",
             drain_rps, drain_rps / ceil_rps, drain_rps / bulk_rps);
 
     uint64_t p50, p99, mx, cnt;
     double achieved;
     lag_run(wal, s, rows + 1, drain_rps / 2, seconds, &p50, &p99, &mx, &cnt, &achieved);
-    fprintf(stderr, "lag at %.0f rows/s (half the drain rate; achieved %.0f), %" PRIu64
-                    " rows: p50 %.1f ms, p99 %.1f ms, max %.1f ms\n",
+    fprintf(stderr,
+            "lag at %.0f rows/s (half the drain rate; achieved %.0f), %" PRIu64
+            " rows: p50 %.1f ms, p99 %.1f ms, max %.1f ms\n",
             drain_rps / 2, achieved, cnt, p50 / 1e3, p99 / 1e3, mx / 1e3);
     sync_stats_t st;
     sync_stats_get(s, &st);
     sync_stop(s);
     wal_close(wal);
     if (json)
-        printf("{\"rows\":%" PRIu64 ",\"batch\":%u,\"ceiling_rows_per_s\":%.0f,"
-               "\"bulk_ceiling_rows_per_s\":%.0f,\"drain_rows_per_s\":%.0f,\"drain_vs_ceiling\":%.3f,"
-               "\"drain_vs_bulk_ceiling\":%.3f,\"lag_rate\":%.0f,"
-               "\"lag_rate_achieved\":%.0f,"
-               "\"lag_rows\":%" PRIu64 ",\"lag_p50_ms\":%.2f,\"lag_p99_ms\":%.2f,"
-               "\"lag_max_ms\":%.2f,\"sync_batches\":%" PRIu64 "}\n",
-               rows, batch, ceil_rps, bulk_rps, drain_rps, drain_rps / ceil_rps, drain_rps / bulk_rps,
-               drain_rps / 2, achieved, cnt,
-               p50 / 1e3, p99 / 1e3, mx / 1e3, st.batches);
+        printf(
+            "{\"rows\":%" PRIu64 ",\"batch\":%u,\"ceiling_rows_per_s\":%.0f,"
+            "\"bulk_ceiling_rows_per_s\":%.0f,\"drain_rows_per_s\":%.0f,\"drain_vs_ceiling\":%.3f,"
+            "\"drain_vs_bulk_ceiling\":%.3f,\"lag_rate\":%.0f,"
+            "\"lag_rate_achieved\":%.0f,"
+            "\"lag_rows\":%" PRIu64 ",\"lag_p50_ms\":%.2f,\"lag_p99_ms\":%.2f,"
+            "\"lag_max_ms\":%.2f,\"sync_batches\":%" PRIu64 "}\n",
+            rows, batch, ceil_rps, bulk_rps, drain_rps, drain_rps / ceil_rps, drain_rps / bulk_rps,
+            drain_rps / 2, achieved, cnt, p50 / 1e3, p99 / 1e3, mx / 1e3, st.batches);
     mysql_close(m);
     if (dir == tmpl) {
         char cmd[128];

@@ -67,8 +67,8 @@ struct brk_client {
     struct event *work; /* deferred delivery when the budget ran out */
     /* durable session (brk_session_create/resume) */
     bool durable;
-    bool in_table;         /* in b->sess (the session's live connection) */
-    brk_client_t *snext;   /* session table chain */
+    bool in_table;       /* in b->sess (the session's live connection) */
+    brk_client_t *snext; /* session table chain */
     char *owner;
     uint8_t secret[WAL_SECRET_MAX];
     uint8_t secret_len;
@@ -708,8 +708,7 @@ static void session_record(brk_client_t *c)
     cursor_submit(c->b, req, n);
 }
 
-int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret,
-                       size_t secret_len)
+int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret, size_t secret_len)
 {
     if (session_adopt(c, owner, secret, secret_len, wall_us()) != 0)
         return -1;
@@ -940,7 +939,8 @@ static int expire_cb(const char *id, size_t len, const wal_session_t *ws, void *
 
 void brk_sessions_expire(brk_t *b)
 {
-    struct expire_ctx x = {.b = b, .now = wall_us(), .ttl_us = (int64_t)b->o.session_ttl_s * 1000000};
+    struct expire_ctx x = {
+        .b = b, .now = wall_us(), .ttl_us = (int64_t)b->o.session_ttl_s * 1000000};
     if (wal_append_new(cursor_done, b, &x.req) != 0)
         return;
     (void)wal_session_list(b->wal, expire_cb, &x);
@@ -984,7 +984,6 @@ void brk_client_writable(brk_client_t *c)
     if (!c->closed)
         deliver_client(c);
 }
-
 
 /* ---- publish ----------------------------------------------------------- */
 

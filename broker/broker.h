@@ -50,12 +50,12 @@ typedef struct brk_client_ops {
 } brk_client_ops_t;
 
 typedef struct brk_options {
-    uint32_t max_payload;       /* 1 MiB */
-    uint32_t max_subscriptions; /* per client, 256 */
-    uint32_t max_inflight;      /* per subscription, 1024 */
-    size_t out_high_watermark;  /* per connection, 4 MiB */
-    uint32_t tail_cache_msgs;   /* frames kept per stream, 1024 */
-    uint64_t session_ttl_s;     /* sessions kept after their last connection, 86400 */
+    uint32_t max_payload;        /* 1 MiB */
+    uint32_t max_subscriptions;  /* per client, 256 */
+    uint32_t max_inflight;       /* per subscription, 1024 */
+    size_t out_high_watermark;   /* per connection, 4 MiB */
+    uint32_t tail_cache_msgs;    /* frames kept per stream, 1024 */
+    uint64_t session_ttl_s;      /* sessions kept after their last connection, 86400 */
     uint32_t expire_interval_ms; /* how often expired sessions are deleted, 60000 */
 } brk_options_t;
 

@@ -62,16 +62,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     case PROTO_ACK:
         rc = proto_enc_gap(&b, m.stream.ptr, m.stream.len, 1, m.offset);
         break;
-    case PROTO_HELLO:
-    {
+    case PROTO_HELLO: {
         proto_resumed_sub_t rs = {(const char *)m.session.ptr, m.session.len, 1, 2, 3};
-        proto_welcome_t w = {.session = "s", .resume_token = "r", .server = "arqd",
-                             .max_payload = 1024 * 1024, .max_inflight = 1024,
-                             .session_ttl_s = 86400, .resumed = m.session.len > 0,
-                             .subs = &rs, .n_subs = 1};
+        proto_welcome_t w = {.session = "s",
+                             .resume_token = "r",
+                             .server = "arqd",
+                             .max_payload = 1024 * 1024,
+                             .max_inflight = 1024,
+                             .session_ttl_s = 86400,
+                             .resumed = m.session.len > 0,
+                             .subs = &rs,
+                             .n_subs = 1};
         rc = proto_enc_welcome(&b, &w);
-    }
-        break;
+    } break;
     default:
         abort();
     }

@@ -86,7 +86,8 @@ static void metrics_sync(void *arg, struct evbuffer *out)
         evbuffer_add_printf(out, "arq_sync_state{state=\"%s\"} %d\n", sync_state_name(states[i]),
                             st.state == states[i]);
 #define M(name, type, help, v)                                                                     \
-    evbuffer_add_printf(out, "# HELP " name " " help "\n# TYPE " name " " type "\n" name " %llu\n", \
+    evbuffer_add_printf(out,                                                                       \
+                        "# HELP " name " " help "\n# TYPE " name " " type "\n" name " %llu\n",     \
                         (unsigned long long)(v))
     M("arq_sync_watermark", "gauge", "Last WAL sequence in MySQL.", st.watermark);
     M("arq_sync_lag_records", "gauge", "WAL records not yet in MySQL.", lag);
@@ -96,8 +97,9 @@ static void metrics_sync(void *arg, struct evbuffer *out)
     M("arq_sync_reconnects_total", "counter", "Reconnects to MySQL after errors.", st.reconnects);
     M("arq_sync_cursors_total", "counter", "Cursor rows upserted into MySQL.", st.cursors);
 #undef M
-    evbuffer_add_printf(out, "# HELP arq_sync_lag_seconds Age of the oldest record not yet in MySQL.\n"
-                             "# TYPE arq_sync_lag_seconds gauge\narq_sync_lag_seconds %.3f\n",
+    evbuffer_add_printf(out,
+                        "# HELP arq_sync_lag_seconds Age of the oldest record not yet in MySQL.\n"
+                        "# TYPE arq_sync_lag_seconds gauge\narq_sync_lag_seconds %.3f\n",
                         st.lag_seconds);
     evbuffer_add_printf(out, "# HELP arq_sync_batch_rows Rows per sync transaction.\n"
                              "# TYPE arq_sync_batch_rows histogram\n");
@@ -108,8 +110,9 @@ static void metrics_sync(void *arg, struct evbuffer *out)
             evbuffer_add_printf(out, "arq_sync_batch_rows_bucket{le=\"%llu\"} %llu\n",
                                 (unsigned long long)sync_batch_bounds[i], (unsigned long long)cum);
         else
-            evbuffer_add_printf(out, "arq_sync_batch_rows_bucket{le=\"+Inf\"} %llu\n"
-                                     "arq_sync_batch_rows_count %llu\n",
+            evbuffer_add_printf(out,
+                                "arq_sync_batch_rows_bucket{le=\"+Inf\"} %llu\n"
+                                "arq_sync_batch_rows_count %llu\n",
                                 (unsigned long long)cum, (unsigned long long)cum);
     }
 }

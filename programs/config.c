@@ -112,8 +112,7 @@ static const struct key_def keys[] = {
     {"server", "ping_interval_ms", NULL, KT_UINT, FIELD(ping_interval_ms), .min = 10,
      .max = 3600000},
     {"server", "pong_timeout_ms", NULL, KT_UINT, FIELD(pong_timeout_ms), .min = 10, .max = 3600000},
-    {"server", "session_ttl_s", NULL, KT_UINT, FIELD(session_ttl_s), .min = 1,
-     .max = 365 * 86400},
+    {"server", "session_ttl_s", NULL, KT_UINT, FIELD(session_ttl_s), .min = 1, .max = 365 * 86400},
     {"auth", "secret_key", "SECRET_KEY", KT_SECRET, FIELD(secret_key)},
     {"auth", "api_key", "ARQ_API_KEY", KT_SECRET, FIELD(api_key)},
     {"auth", "origins", "ARQ_ORIGINS", KT_ORIGINS, FIELD(origins)},
@@ -136,8 +135,7 @@ static const struct key_def keys[] = {
     {"wal", "batch_wait_us", NULL, KT_UINT, FIELD(batch_wait_us), .min = 0, .max = 1000000},
     {"database", "url", "DATABASE_URL", KT_URL, FIELD(database_url)},
     {"database", "batch_rows", NULL, KT_UINT, FIELD(sync_batch_rows), .min = 1, .max = 100000},
-    {"database", "batch_wait_ms", NULL, KT_UINT, FIELD(sync_batch_wait_ms), .min = 1,
-     .max = 60000},
+    {"database", "batch_wait_ms", NULL, KT_UINT, FIELD(sync_batch_wait_ms), .min = 1, .max = 60000},
 };
 
 #define N_KEYS (sizeof(keys) / sizeof(keys[0]))
