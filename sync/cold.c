@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "sync.h"
+#include "sync_internal.h"
 
 struct sync_cold_req {
     sync_cold_t *c;
@@ -74,31 +75,15 @@ static void done_cb(evutil_socket_t fd, short what, void *arg)
 static int cold_query(sync_cold_t *c, sync_cold_req_t *r)
 {
     if (!c->m) {
-        c->m = mysql_init(NULL);
+        c->m = sync_mysql_connect(&c->url, NULL, 0);
         if (!c->m)
-            return SYNC_ENOMEM;
-        unsigned ct = c->url.connect_timeout_s, rt = c->url.read_timeout_s,
-                 wt = c->url.write_timeout_s;
-        mysql_options(c->m, MYSQL_OPT_CONNECT_TIMEOUT, &ct);
-        mysql_options(c->m, MYSQL_OPT_READ_TIMEOUT, &rt);
-        mysql_options(c->m, MYSQL_OPT_WRITE_TIMEOUT, &wt);
-        if (c->url.tls) {
-            my_bool on = 1;
-            mysql_optionsv(c->m, MYSQL_OPT_SSL_ENFORCE, &on);
-        }
-        if (!mysql_real_connect(c->m, c->url.socket ? "localhost" : c->url.host, c->url.user,
-                                c->url.password, c->url.db, c->url.socket ? 0 : c->url.port,
-                                c->url.socket, 0)) {
-            mysql_close(c->m);
-            c->m = NULL;
             return SYNC_ECONNECT;
-        }
     }
     char *sql = malloc(2 * r->stream_len + 256);
     if (!sql)
         return SYNC_ENOMEM;
-    int n = snprintf(sql, 200,
-                     "SELECT `offset`, ts_us, headers, payload FROM arq_messages WHERE stream = X'");
+    int n = snprintf(
+        sql, 200, "SELECT `offset`, ts_us, headers, payload FROM arq_messages WHERE stream = X'");
     n += (int)mysql_hex_string(sql + n, r->stream, (unsigned long)r->stream_len);
     n += snprintf(sql + n, 200,
                   "' AND `offset` BETWEEN %" PRIu64 " AND %" PRIu64 " ORDER BY `offset` LIMIT %u",

@@ -20,18 +20,6 @@
 
 const uint64_t sync_batch_bounds[SYNC_HIST_BUCKETS - 1] = {1, 10, 100, 500, 1000, 5000, 10000};
 
-static void errf(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void errf(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static int64_t wall_us(void)
 {
     struct timespec ts;
@@ -41,37 +29,10 @@ static int64_t wall_us(void)
 
 /* ---- connections ------------------------------------------------------- */
 
-static MYSQL *db_connect(const sync_url_t *u, char *err, size_t errlen)
-{
-    MYSQL *m = mysql_init(NULL);
-    if (!m) {
-        errf(err, errlen, "mysql_init: out of memory");
-        return NULL;
-    }
-    unsigned ct = u->connect_timeout_s, rt = u->read_timeout_s, wt = u->write_timeout_s;
-    mysql_options(m, MYSQL_OPT_CONNECT_TIMEOUT, &ct);
-    mysql_options(m, MYSQL_OPT_READ_TIMEOUT, &rt);
-    mysql_options(m, MYSQL_OPT_WRITE_TIMEOUT, &wt);
-    mysql_options(m, MYSQL_SET_CHARSET_NAME, "utf8mb4");
-    if (u->tls) {
-        my_bool on = 1;
-        mysql_optionsv(m, MYSQL_OPT_SSL_ENFORCE, &on);
-    }
-    if (!mysql_real_connect(m, u->socket ? "localhost" : u->host, u->user, u->password, u->db,
-                            u->socket ? 0 : u->port, u->socket, 0)) {
-        errf(err, errlen, "cannot connect to MySQL at %s:%u/%s as %s: %s",
-             u->socket ? u->socket : u->host, u->socket ? 0 : u->port, u->db, u->user,
-             mysql_error(m));
-        mysql_close(m);
-        return NULL;
-    }
-    return m;
-}
-
 static int db_exec(MYSQL *m, const char *sql, size_t len, char *err, size_t errlen)
 {
     if (mysql_real_query(m, sql, (unsigned long)len) != 0) {
-        errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
+        sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
         return SYNC_ESQL;
     }
     MYSQL_RES *r = mysql_store_result(m);
@@ -116,7 +77,7 @@ static int run_statements(MYSQL *m, const sync_migration_t *mg, char *err, size_
             int rc = db_exec(m, p, (size_t)(q - p), err, errlen);
             if (rc) {
                 size_t n = strlen(err);
-                errf(err + n, errlen - n, " (migration %04d_%s)", mg->version, mg->name);
+                sync_errf(err + n, errlen - n, " (migration %04d_%s)", mg->version, mg->name);
                 return rc;
             }
         }
@@ -135,13 +96,14 @@ static int migrate_locked(MYSQL *m, int *applied, char *err, size_t errlen)
                       err, errlen);
     if (rc)
         return rc;
-    if (mysql_query(m, "SELECT version, name, checksum FROM arq_schema_migrations ORDER BY version")) {
-        errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
+    if (mysql_query(m,
+                    "SELECT version, name, checksum FROM arq_schema_migrations ORDER BY version")) {
+        sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
         return SYNC_ESQL;
     }
     MYSQL_RES *res = mysql_store_result(m);
     if (!res) {
-        errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
+        sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
         return SYNC_ESQL;
     }
     size_t done = 0;
@@ -150,10 +112,10 @@ static int migrate_locked(MYSQL *m, int *applied, char *err, size_t errlen)
     while ((row = mysql_fetch_row(res)) && !rc) {
         unsigned long v = strtoul(row[0] ? row[0] : "0", NULL, 10);
         if (v == 0 || v > sync_n_migrations) {
-            errf(err, errlen,
-                 "the database schema is newer than this arqd: migration %lu (%s) is applied, "
-                 "this build knows up to %zu; upgrade arqd or use another database",
-                 v, row[1] ? row[1] : "?", sync_n_migrations);
+            sync_errf(err, errlen,
+                      "the database schema is newer than this arqd: migration %lu (%s) is applied, "
+                      "this build knows up to %zu; upgrade arqd or use another database",
+                      v, row[1] ? row[1] : "?", sync_n_migrations);
             rc = SYNC_ESCHEMA;
             break;
         }
@@ -161,15 +123,15 @@ static int migrate_locked(MYSQL *m, int *applied, char *err, size_t errlen)
         char sum[17];
         checksum_hex(mg, sum);
         if (!row[2] || strcmp(row[2], sum) != 0) {
-            errf(err, errlen,
-                 "migration %04d_%s was changed after it was applied (checksum %s in the "
-                 "database, %s in this build): refusing to run",
-                 mg->version, mg->name, row[2] ? row[2] : "NULL", sum);
+            sync_errf(err, errlen,
+                      "migration %04d_%s was changed after it was applied (checksum %s in the "
+                      "database, %s in this build): refusing to run",
+                      mg->version, mg->name, row[2] ? row[2] : "NULL", sum);
             rc = SYNC_ESCHEMA;
             break;
         }
         if (v != done + 1) {
-            errf(err, errlen, "arq_schema_migrations has a hole before migration %lu", v);
+            sync_errf(err, errlen, "arq_schema_migrations has a hole before migration %lu", v);
             rc = SYNC_ESCHEMA;
             break;
         }
@@ -204,7 +166,7 @@ static int migrate_conn(MYSQL *m, int *applied, char *err, size_t errlen)
         *applied = 0;
     /* One arqd migrates at a time. */
     if (mysql_query(m, "SELECT GET_LOCK('arq_migrate', 30)") != 0) {
-        errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
+        sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(m), mysql_error(m));
         return SYNC_ESQL;
     }
     MYSQL_RES *r = mysql_store_result(m);
@@ -213,7 +175,7 @@ static int migrate_conn(MYSQL *m, int *applied, char *err, size_t errlen)
     if (r)
         mysql_free_result(r);
     if (!locked) {
-        errf(err, errlen, "could not take the migration lock (another arqd migrating?)");
+        sync_errf(err, errlen, "could not take the migration lock (another arqd migrating?)");
         return SYNC_ESQL;
     }
     int rc = migrate_locked(m, applied, err, errlen);
@@ -224,7 +186,7 @@ static int migrate_conn(MYSQL *m, int *applied, char *err, size_t errlen)
 
 int sync_migrate(const sync_url_t *u, int *applied, char *err, size_t errlen)
 {
-    MYSQL *m = db_connect(u, err, errlen);
+    MYSQL *m = sync_mysql_connect(u, err, errlen);
     if (!m)
         return SYNC_ECONNECT;
     int rc = migrate_conn(m, applied, err, errlen);
@@ -245,32 +207,37 @@ struct sync {
     sync_stats_t st; /* under mu */
     /* thread-private */
     MYSQL *m;
-    char *sql;
-    size_t sql_len, sql_cap;
-    int sql_err;
+    sync_sqlbuf_t sb; /* SQL text being built */
+    int sql_err;      /* out of memory outside sb (the batch arrays, names) */
     uint64_t batch_rows, batch_first_seq, batch_last_seq;
     int64_t oldest_unsynced_ts;
-    char **known;       /* open-addressing set of names already in arq_streams */
+    char **known; /* open-addressing set of names already in arq_streams */
     size_t known_cap, n_known;
-    char **pending;     /* names of this batch not yet known */
+    char **pending; /* names of this batch not yet known */
     size_t n_pending, cap_pending;
     int64_t cursor_hwm_us; /* newest cursor update already synced */
     int64_t next_cursor_us;
     int64_t next_retain_us;
     /* the batch, column by column (bulk binding), bytes in `arena` */
-    MYSQL_STMT *ins;       /* prepared INSERT, array-bound (MariaDB) */
-    bool no_bulk;          /* server without bulk operations (MySQL): text INSERT */
+    MYSQL_STMT *ins; /* prepared INSERT, array-bound (MariaDB) */
+    bool no_bulk;    /* server without bulk operations (MySQL): text INSERT */
     struct col {
         size_t stream, producer, msgid, headers, payload; /* offsets into arena */
         unsigned long stream_len, producer_len, msgid_len, headers_len, payload_len;
         uint64_t offset, seq, checksum;
         int64_t ts_us;
         unsigned char direction;
-    } *rows;
+    } * rows;
     size_t rows_cap;
     uint8_t *arena;
     size_t arena_len, arena_cap;
 };
+
+/* Out of memory while building a batch or a statement. */
+static int build_err(const sync_t *s)
+{
+    return s->sql_err ? s->sql_err : s->sb.oom ? SYNC_ENOMEM : 0;
+}
 
 const char *sync_state_name(enum sync_state st)
 {
@@ -296,65 +263,6 @@ static void set_state(sync_t *s, enum sync_state st, const char *why)
             s->st.errors++;
     }
     pthread_mutex_unlock(&s->mu);
-}
-
-static int sql_reserve(sync_t *s, size_t extra)
-{
-    if (s->sql_len + extra + 1 <= s->sql_cap)
-        return 0;
-    size_t cap = s->sql_cap ? s->sql_cap : 1u << 16;
-    while (cap < s->sql_len + extra + 1)
-        cap *= 2;
-    char *n = realloc(s->sql, cap);
-    if (!n) {
-        s->sql_err = SYNC_ENOMEM;
-        return -1;
-    }
-    s->sql = n;
-    s->sql_cap = cap;
-    return 0;
-}
-
-static void sql_add(sync_t *s, const char *txt, size_t n)
-{
-    if (s->sql_err || sql_reserve(s, n))
-        return;
-    memcpy(s->sql + s->sql_len, txt, n);
-    s->sql_len += n;
-    s->sql[s->sql_len] = 0;
-}
-
-static void sql_adds(sync_t *s, const char *txt)
-{
-    sql_add(s, txt, strlen(txt));
-}
-
-static void sql_addf(sync_t *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sql_addf(sync_t *s, const char *fmt, ...)
-{
-    char buf[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    if (n > 0)
-        sql_add(s, buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
-}
-
-/* Binary as a hex literal (X'..'), or '' when empty. */
-static void sql_hex(sync_t *s, const void *p, size_t n)
-{
-    if (n == 0) {
-        sql_adds(s, "''");
-        return;
-    }
-    if (s->sql_err || sql_reserve(s, 2 * n + 3))
-        return;
-    s->sql[s->sql_len++] = 'X';
-    s->sql[s->sql_len++] = '\'';
-    s->sql_len += mysql_hex_string(s->sql + s->sql_len, p, (unsigned long)n);
-    s->sql[s->sql_len++] = '\'';
-    s->sql[s->sql_len] = 0;
 }
 
 static uint64_t name_hash(const char *p, size_t n)
@@ -510,21 +418,22 @@ static int row_cb(const wal_record_t *rec, void *arg)
 /* The batch as one multi-row text INSERT (servers without bulk binding). */
 static void sql_rows(sync_t *s)
 {
-    sql_adds(s, "INSERT INTO arq_messages (stream, `offset`, seq, direction, producer, msgid, "
-                "ts_us, headers, payload, checksum) VALUES ");
+    sync_sb_adds(&s->sb,
+                 "INSERT INTO arq_messages (stream, `offset`, seq, direction, producer, msgid, "
+                 "ts_us, headers, payload, checksum) VALUES ");
     for (size_t i = 0; i < s->batch_rows; i++) {
         const struct col *c = &s->rows[i];
-        sql_adds(s, i ? ",(" : "(");
-        sql_hex(s, s->arena + c->stream, c->stream_len);
-        sql_addf(s, ",%" PRIu64 ",%" PRIu64 ",%d,", c->offset, c->seq, c->direction);
-        sql_hex(s, s->arena + c->producer, c->producer_len);
-        sql_adds(s, ",");
-        sql_hex(s, s->arena + c->msgid, c->msgid_len);
-        sql_addf(s, ",%" PRId64 ",", c->ts_us);
-        sql_hex(s, s->arena + c->headers, c->headers_len);
-        sql_adds(s, ",");
-        sql_hex(s, s->arena + c->payload, c->payload_len);
-        sql_addf(s, ",%" PRIu64 ")", c->checksum);
+        sync_sb_adds(&s->sb, i ? ",(" : "(");
+        sync_sb_hex(&s->sb, s->arena + c->stream, c->stream_len);
+        sync_sb_addf(&s->sb, ",%" PRIu64 ",%" PRIu64 ",%d,", c->offset, c->seq, c->direction);
+        sync_sb_hex(&s->sb, s->arena + c->producer, c->producer_len);
+        sync_sb_adds(&s->sb, ",");
+        sync_sb_hex(&s->sb, s->arena + c->msgid, c->msgid_len);
+        sync_sb_addf(&s->sb, ",%" PRId64 ",", c->ts_us);
+        sync_sb_hex(&s->sb, s->arena + c->headers, c->headers_len);
+        sync_sb_adds(&s->sb, ",");
+        sync_sb_hex(&s->sb, s->arena + c->payload, c->payload_len);
+        sync_sb_addf(&s->sb, ",%" PRIu64 ")", c->checksum);
     }
 }
 
@@ -571,14 +480,15 @@ static int bulk_insert(sync_t *s, char *err, size_t errlen)
     }
     b[1] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = &u64[0], .is_unsigned = 1};
     b[2] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = &u64[n], .is_unsigned = 1};
-    b[9] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = &u64[2 * n],
-                        .is_unsigned = 1};
+    b[9] =
+        (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = &u64[2 * n], .is_unsigned = 1};
     b[3] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_TINY, .buffer = dir, .is_unsigned = 1};
     b[6] = (MYSQL_BIND){.buffer_type = MYSQL_TYPE_LONGLONG, .buffer = ts};
     unsigned int size = (unsigned int)n;
     if (mysql_stmt_attr_set(s->ins, STMT_ATTR_ARRAY_SIZE, &size) ||
         mysql_stmt_bind_param(s->ins, b) || mysql_stmt_execute(s->ins)) {
-        errf(err, errlen, "MySQL error %u: %s", mysql_stmt_errno(s->ins), mysql_stmt_error(s->ins));
+        sync_errf(err, errlen, "MySQL error %u: %s", mysql_stmt_errno(s->ins),
+                  mysql_stmt_error(s->ins));
         rc = SYNC_ESQL;
     }
 out:
@@ -607,10 +517,10 @@ static void stmt_prepare(sync_t *s)
     /* Bulk execution is MariaDB's (10.2+): a MySQL server says CLIENT_MYSQL
      * and has no MARIADB_CLIENT_STMT_BULK_OPERATIONS. */
     unsigned long caps = 0, ext = 0;
-    bool bulk = mariadb_get_infov(s->m, MARIADB_CONNECTION_SERVER_CAPABILITIES, &caps) == 0 &&
-                mariadb_get_infov(s->m, MARIADB_CONNECTION_EXTENDED_SERVER_CAPABILITIES, &ext) ==
-                    0 &&
-                !(caps & CLIENT_MYSQL) && (ext & (MARIADB_CLIENT_STMT_BULK_OPERATIONS >> 32));
+    bool bulk =
+        mariadb_get_infov(s->m, MARIADB_CONNECTION_SERVER_CAPABILITIES, &caps) == 0 &&
+        mariadb_get_infov(s->m, MARIADB_CONNECTION_EXTENDED_SERVER_CAPABILITIES, &ext) == 0 &&
+        !(caps & CLIENT_MYSQL) && (ext & (MARIADB_CLIENT_STMT_BULK_OPERATIONS >> 32));
     s->ins = bulk ? mysql_stmt_init(s->m) : NULL;
     if (!s->ins || mysql_stmt_prepare(s->ins, q, sizeof(q) - 1) != 0) {
         stmt_drop(s);
@@ -629,14 +539,14 @@ static void hist_add(uint64_t *b, uint64_t v)
 static int read_watermark(sync_t *s, uint64_t *wm, char *err, size_t errlen)
 {
     if (mysql_query(s->m, "SELECT watermark_seq FROM arq_sync_state WHERE id = 1")) {
-        errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+        sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
         return SYNC_ESQL;
     }
     MYSQL_RES *r = mysql_store_result(s->m);
     MYSQL_ROW row = r ? mysql_fetch_row(r) : NULL;
     int rc = 0;
     if (!row || !row[0]) {
-        errf(err, errlen, "arq_sync_state has no watermark row");
+        sync_errf(err, errlen, "arq_sync_state has no watermark row");
         rc = SYNC_ESCHEMA;
     } else {
         *wm = strtoull(row[0], NULL, 10);
@@ -655,10 +565,12 @@ static void sql_streams(sync_t *s)
         const char *name = s->pending[i];
         if (wal_stream_get(s->wal, name, strlen(name), &info) != 0)
             continue;
-        sql_adds(s, n ? "," : "INSERT IGNORE INTO arq_streams (name, id, epoch, created_us) VALUES ");
-        sql_adds(s, "(");
-        sql_hex(s, name, strlen(name));
-        sql_addf(s, ",%u,%" PRIu64 ",%" PRId64 ")", info.id, info.epoch, info.created_us);
+        sync_sb_adds(&s->sb,
+                     n ? ","
+                       : "INSERT IGNORE INTO arq_streams (name, id, epoch, created_us) VALUES ");
+        sync_sb_adds(&s->sb, "(");
+        sync_sb_hex(&s->sb, name, strlen(name));
+        sync_sb_addf(&s->sb, ",%u,%" PRIu64 ",%" PRId64 ")", info.id, info.epoch, info.created_us);
         n++;
     }
 }
@@ -674,7 +586,7 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
     pthread_mutex_lock(&s->mu);
     s->st.watermark = wm;
     pthread_mutex_unlock(&s->mu);
-    s->sql_len = 0;
+    sync_sb_reset(&s->sb);
     s->sql_err = 0;
     s->batch_rows = 0;
     s->arena_len = 0;
@@ -682,8 +594,8 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
     wal_read_result_t res;
     rc = wal_log_read(s->wal, wm + 1, s->o.batch_rows, s->o.batch_bytes, row_cb, s, &res);
     if (rc) {
-        errf(err, errlen, "WAL read after seq %" PRIu64 ": %s (bad seq %" PRIu64 ")", wm,
-             wal_strerror(rc), res.bad_seq);
+        sync_errf(err, errlen, "WAL read after seq %" PRIu64 ": %s (bad seq %" PRIu64 ")", wm,
+                  wal_strerror(rc), res.bad_seq);
         return SYNC_ESQL;
     }
     if (s->sql_err)
@@ -694,29 +606,29 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
     }
     if (s->batch_first_seq != wm + 1) {
         /* Retention must only drop synced records; say it loudly, go on. */
-        errf(err, errlen,
-             "WAL records %" PRIu64 "..%" PRIu64 " were dropped before they reached MySQL", wm + 1,
-             s->batch_first_seq - 1);
+        sync_errf(err, errlen,
+                  "WAL records %" PRIu64 "..%" PRIu64 " were dropped before they reached MySQL",
+                  wm + 1, s->batch_first_seq - 1);
         set_state(s, SYNC_STATE_DEGRADED, err);
     }
     /* BEGIN; INSERT rows; INSERT IGNORE streams; UPDATE watermark; COMMIT */
     if (mysql_autocommit(s->m, 0)) {
-        errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+        sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
         return SYNC_ESQL;
     }
     if (s->ins) {
         rc = bulk_insert(s, err, errlen);
     } else {
         sql_rows(s);
-        rc = s->sql_err ? s->sql_err : db_exec(s->m, s->sql, s->sql_len, err, errlen);
+        rc = build_err(s) ? build_err(s) : db_exec(s->m, s->sb.p, s->sb.len, err, errlen);
     }
     if (!rc && s->n_pending) {
-        s->sql_len = 0;
+        sync_sb_reset(&s->sb);
         sql_streams(s);
-        if (s->sql_err)
-            rc = s->sql_err;
-        else if (s->sql_len)
-            rc = db_exec(s->m, s->sql, s->sql_len, err, errlen);
+        if (build_err(s))
+            rc = build_err(s);
+        else if (s->sb.len)
+            rc = db_exec(s->m, s->sb.p, s->sb.len, err, errlen);
     }
     if (!rc) {
         char up[256];
@@ -726,13 +638,14 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
                  s->batch_last_seq, wall_us(), wm);
         rc = db_execs(s->m, up, err, errlen);
         if (!rc && mysql_affected_rows(s->m) != 1) {
-            errf(err, errlen, "the watermark moved under us (another arqd syncing the same "
-                              "database?)");
+            sync_errf(err, errlen,
+                      "the watermark moved under us (another arqd syncing the same "
+                      "database?)");
             rc = SYNC_ESQL;
         }
     }
     if (!rc && mysql_commit(s->m)) {
-        errf(err, errlen, "MySQL commit: error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+        sync_errf(err, errlen, "MySQL commit: error %u: %s", mysql_errno(s->m), mysql_error(s->m));
         rc = SYNC_ESQL;
     }
     if (rc) {
@@ -772,30 +685,34 @@ static int cursor_row_cb(const char *session, size_t session_len, const char *st
         return 0;
     if (updated_us > x->hwm)
         x->hwm = updated_us;
-    sql_adds(s, x->n ? "," : "INSERT INTO arq_cursors (session, stream, `offset`, updated_us) VALUES ");
-    sql_adds(s, "(");
-    sql_hex(s, session, session_len);
-    sql_adds(s, ",");
-    sql_hex(s, stream, stream_len);
-    sql_addf(s, ",%" PRIu64 ",%" PRId64 ")", offset, updated_us);
+    sync_sb_adds(&s->sb,
+                 x->n ? ","
+                      : "INSERT INTO arq_cursors (session, stream, `offset`, updated_us) VALUES ");
+    sync_sb_adds(&s->sb, "(");
+    sync_sb_hex(&s->sb, session, session_len);
+    sync_sb_adds(&s->sb, ",");
+    sync_sb_hex(&s->sb, stream, stream_len);
+    sync_sb_addf(&s->sb, ",%" PRIu64 ",%" PRId64 ")", offset, updated_us);
     x->n++;
-    return x->n >= 5000 || s->sql_err;
+    return x->n >= 5000 || build_err(s);
 }
 
 /* Latest value wins: upsert cursors changed since the last pass. */
 static int sync_cursors(sync_t *s, char *err, size_t errlen)
 {
-    s->sql_len = 0;
+    sync_sb_reset(&s->sb);
     s->sql_err = 0;
     struct cursor_ctx x = {s, 0, s->cursor_hwm_us};
     int rc = wal_cursor_list(s->wal, cursor_row_cb, &x);
-    if (rc || s->sql_err || x.n == 0)
-        return rc ? SYNC_ESQL : s->sql_err;
-    sql_adds(s, " ON DUPLICATE KEY UPDATE `offset` = IF(VALUES(updated_us) >= updated_us, "
-                "VALUES(`offset`), `offset`), updated_us = GREATEST(updated_us, VALUES(updated_us))");
-    if (s->sql_err)
-        return s->sql_err;
-    rc = db_exec(s->m, s->sql, s->sql_len, err, errlen);
+    if (rc || build_err(s) || x.n == 0)
+        return rc ? SYNC_ESQL : build_err(s);
+    sync_sb_adds(
+        &s->sb,
+        " ON DUPLICATE KEY UPDATE `offset` = IF(VALUES(updated_us) >= updated_us, "
+        "VALUES(`offset`), `offset`), updated_us = GREATEST(updated_us, VALUES(updated_us))");
+    if (build_err(s))
+        return build_err(s);
+    rc = db_exec(s->m, s->sb.p, s->sb.len, err, errlen);
     if (rc)
         return rc;
     s->cursor_hwm_us = x.hwm;
@@ -874,8 +791,8 @@ static void retain_pass(sync_t *s, uint64_t synced)
     pthread_mutex_lock(&s->mu);
     s->st.retained += dropped;
     if (rc)
-        snprintf(s->st.last_error, sizeof(s->st.last_error), "WAL retention up to seq %" PRIu64
-                 ": %s", upto, wal_strerror(rc));
+        snprintf(s->st.last_error, sizeof(s->st.last_error),
+                 "WAL retention up to seq %" PRIu64 ": %s", upto, wal_strerror(rc));
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -935,7 +852,7 @@ static void *sync_main(void *arg)
             break;
         if (!s->m) {
             err[0] = 0;
-            s->m = db_connect(&s->url, err, sizeof(err));
+            s->m = sync_mysql_connect(&s->url, err, sizeof(err));
             int rc = s->m ? migrate_conn(s->m, NULL, err, sizeof(err)) : SYNC_ECONNECT;
             if (rc == SYNC_ESCHEMA) {
                 set_state(s, SYNC_STATE_FAILED, err);
@@ -1072,7 +989,7 @@ void sync_stop(sync_t *s)
     free(s->pending);
     free(s->rows);
     free(s->arena);
-    free(s->sql);
+    sync_sb_free(&s->sb);
     sync_url_free(&s->url);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cond);

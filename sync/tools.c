@@ -4,6 +4,7 @@
  * with their lengths, never as C strings.
  */
 #include "sync_tools.h"
+#include "sync_internal.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -18,103 +19,20 @@ struct sync_db {
     MYSQL *m;
 };
 
-__attribute__((format(printf, 3, 4))) static void errf(char *err, size_t errlen, const char *fmt,
-                                                       ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static int db_err(sync_db_t *d, char *err, size_t errlen)
 {
     unsigned no = mysql_errno(d->m);
-    errf(err, errlen, "MySQL error %u: %s", no, mysql_error(d->m));
+    sync_errf(err, errlen, "MySQL error %u: %s", no, mysql_error(d->m));
     /* client-side errors (2000..2999): the connection is gone */
     return no >= 2000 && no < 3000 ? SYNC_ECONNECT : SYNC_ESQL;
 }
 
 /* ---- SQL text ---------------------------------------------------------- */
 
-typedef struct sqlbuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-} sqlbuf_t;
-
-static bool sb_reserve(sqlbuf_t *b, size_t extra)
-{
-    if (b->oom)
-        return false;
-    if (b->len + extra + 1 <= b->cap)
-        return true;
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + extra + 1)
-        cap *= 2;
-    char *n = realloc(b->p, cap);
-    if (!n) {
-        b->oom = true;
-        return false;
-    }
-    b->p = n;
-    b->cap = cap;
-    return true;
-}
-
-static void sb_add(sqlbuf_t *b, const char *s, size_t n)
-{
-    if (!sb_reserve(b, n))
-        return;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = 0;
-}
-
-static void sb_adds(sqlbuf_t *b, const char *s)
-{
-    sb_add(b, s, strlen(s));
-}
-
-__attribute__((format(printf, 2, 3))) static void sb_addf(sqlbuf_t *b, const char *fmt, ...)
-{
-    char buf[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    if (n > 0)
-        sb_add(b, buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
-}
-
-/* Binary as a hex literal, or '' when empty. */
-static void sb_hex(sqlbuf_t *b, const void *p, size_t n)
-{
-    if (n == 0) {
-        sb_adds(b, "''");
-        return;
-    }
-    if (!sb_reserve(b, 2 * n + 3))
-        return;
-    b->p[b->len++] = 'X';
-    b->p[b->len++] = '\'';
-    b->len += mysql_hex_string(b->p + b->len, p, (unsigned long)n);
-    b->p[b->len++] = '\'';
-    b->p[b->len] = 0;
-}
-
-static void sb_free(sqlbuf_t *b)
-{
-    free(b->p);
-    memset(b, 0, sizeof(*b));
-}
-
-static int run(sync_db_t *d, sqlbuf_t *b, char *err, size_t errlen)
+static int run(sync_db_t *d, sync_sqlbuf_t *b, char *err, size_t errlen)
 {
     if (b->oom) {
-        errf(err, errlen, "out of memory building a query");
+        sync_errf(err, errlen, "out of memory building a query");
         return SYNC_ENOMEM;
     }
     if (mysql_real_query(d->m, b->p, (unsigned long)b->len) != 0)
@@ -123,7 +41,7 @@ static int run(sync_db_t *d, sqlbuf_t *b, char *err, size_t errlen)
 }
 
 /* Run a statement that returns no rows we need. */
-static int exec(sync_db_t *d, sqlbuf_t *b, char *err, size_t errlen)
+static int exec(sync_db_t *d, sync_sqlbuf_t *b, char *err, size_t errlen)
 {
     int rc = run(d, b, err, errlen);
     if (rc)
@@ -148,27 +66,8 @@ int sync_db_open(const sync_url_t *u, sync_db_t **ret, char *err, size_t errlen)
     sync_db_t *d = calloc(1, sizeof(*d));
     if (!d)
         return SYNC_ENOMEM;
-    d->m = mysql_init(NULL);
+    d->m = sync_mysql_connect(u, err, errlen);
     if (!d->m) {
-        free(d);
-        errf(err, errlen, "mysql_init: out of memory");
-        return SYNC_ENOMEM;
-    }
-    unsigned ct = u->connect_timeout_s, rt = u->read_timeout_s, wt = u->write_timeout_s;
-    mysql_options(d->m, MYSQL_OPT_CONNECT_TIMEOUT, &ct);
-    mysql_options(d->m, MYSQL_OPT_READ_TIMEOUT, &rt);
-    mysql_options(d->m, MYSQL_OPT_WRITE_TIMEOUT, &wt);
-    mysql_options(d->m, MYSQL_SET_CHARSET_NAME, "utf8mb4");
-    if (u->tls) {
-        my_bool on = 1;
-        mysql_optionsv(d->m, MYSQL_OPT_SSL_ENFORCE, &on);
-    }
-    if (!mysql_real_connect(d->m, u->socket ? "localhost" : u->host, u->user, u->password, u->db,
-                            u->socket ? 0 : u->port, u->socket, 0)) {
-        errf(err, errlen, "cannot connect to MySQL at %s:%u/%s as %s: %s",
-             u->socket ? u->socket : u->host, u->socket ? 0 : u->port, u->db, u->user,
-             mysql_error(d->m));
-        mysql_close(d->m);
         free(d);
         return SYNC_ECONNECT;
     }
@@ -197,7 +96,7 @@ int sync_db_watermark(sync_db_t *d, uint64_t *ret_seq, int64_t *ret_updated_us, 
     MYSQL_ROW row = mysql_fetch_row(r);
     int rc = 0;
     if (!row || !row[0]) {
-        errf(err, errlen, "arq_sync_state has no watermark row (was the schema migrated?)");
+        sync_errf(err, errlen, "arq_sync_state has no watermark row (was the schema migrated?)");
         rc = SYNC_ESCHEMA;
     } else {
         *ret_seq = u64_of(row[0]);
@@ -211,29 +110,30 @@ int sync_db_watermark(sync_db_t *d, uint64_t *ret_seq, int64_t *ret_updated_us, 
 static int streams_query(sync_db_t *d, const char *name, size_t name_len, sync_db_stream_cb cb,
                          void *arg, char *err, size_t errlen)
 {
-    sqlbuf_t b = {0};
-    sb_adds(&b, "SELECT n.name, COALESCE(m.c, 0), COALESCE(m.lo, 0), COALESCE(m.hi, 0), "
-                "COALESCE(m.ms, 0), s.id, s.epoch, s.created_us FROM (SELECT name FROM "
-                "arq_streams");
+    sync_sqlbuf_t b = {0};
+    sync_sb_adds(&b, "SELECT n.name, COALESCE(m.c, 0), COALESCE(m.lo, 0), COALESCE(m.hi, 0), "
+                     "COALESCE(m.ms, 0), s.id, s.epoch, s.created_us FROM (SELECT name FROM "
+                     "arq_streams");
     if (name) {
-        sb_adds(&b, " WHERE name = ");
-        sb_hex(&b, name, name_len);
+        sync_sb_adds(&b, " WHERE name = ");
+        sync_sb_hex(&b, name, name_len);
     }
-    sb_adds(&b, " UNION SELECT DISTINCT stream FROM arq_messages");
+    sync_sb_adds(&b, " UNION SELECT DISTINCT stream FROM arq_messages");
     if (name) {
-        sb_adds(&b, " WHERE stream = ");
-        sb_hex(&b, name, name_len);
+        sync_sb_adds(&b, " WHERE stream = ");
+        sync_sb_hex(&b, name, name_len);
     }
-    sb_adds(&b, ") n LEFT JOIN (SELECT stream, COUNT(*) c, MIN(`offset`) lo, MAX(`offset`) hi, "
-                "MAX(seq) ms FROM arq_messages");
+    sync_sb_adds(&b,
+                 ") n LEFT JOIN (SELECT stream, COUNT(*) c, MIN(`offset`) lo, MAX(`offset`) hi, "
+                 "MAX(seq) ms FROM arq_messages");
     if (name) {
-        sb_adds(&b, " WHERE stream = ");
-        sb_hex(&b, name, name_len);
+        sync_sb_adds(&b, " WHERE stream = ");
+        sync_sb_hex(&b, name, name_len);
     }
-    sb_adds(&b, " GROUP BY stream) m ON m.stream = n.name LEFT JOIN arq_streams s ON s.name = "
-                "n.name ORDER BY n.name");
+    sync_sb_adds(&b, " GROUP BY stream) m ON m.stream = n.name LEFT JOIN arq_streams s ON s.name = "
+                     "n.name ORDER BY n.name");
     int rc = run(d, &b, err, errlen);
-    sb_free(&b);
+    sync_sb_free(&b);
     if (rc)
         return rc;
     MYSQL_RES *r = mysql_use_result(d->m);
@@ -308,15 +208,16 @@ int sync_db_rows(sync_db_t *d, const char *stream, size_t stream_len, uint64_t f
         *ret_count = 0;
     if (from > to)
         return 0;
-    sqlbuf_t b = {0};
-    sb_adds(&b, "SELECT `offset`, seq, direction, producer, msgid, ts_us, headers, payload, "
-                "checksum FROM arq_messages WHERE stream = ");
-    sb_hex(&b, stream, stream_len);
-    sb_addf(&b, " AND `offset` BETWEEN %" PRIu64 " AND %" PRIu64 " ORDER BY `offset`", from, to);
+    sync_sqlbuf_t b = {0};
+    sync_sb_adds(&b, "SELECT `offset`, seq, direction, producer, msgid, ts_us, headers, payload, "
+                     "checksum FROM arq_messages WHERE stream = ");
+    sync_sb_hex(&b, stream, stream_len);
+    sync_sb_addf(&b, " AND `offset` BETWEEN %" PRIu64 " AND %" PRIu64 " ORDER BY `offset`", from,
+                 to);
     if (max)
-        sb_addf(&b, " LIMIT %u", max);
+        sync_sb_addf(&b, " LIMIT %u", max);
     int rc = run(d, &b, err, errlen);
-    sb_free(&b);
+    sync_sb_free(&b);
     if (rc)
         return rc;
     MYSQL_RES *r = mysql_use_result(d->m);
@@ -355,7 +256,7 @@ int sync_db_rows(sync_db_t *d, const char *stream, size_t stream_len, uint64_t f
     return rc;
 }
 
-static int single_u64(sync_db_t *d, sqlbuf_t *b, uint64_t *ret, char *err, size_t errlen)
+static int single_u64(sync_db_t *d, sync_sqlbuf_t *b, uint64_t *ret, char *err, size_t errlen)
 {
     int rc = run(d, b, err, errlen);
     if (rc)
@@ -374,24 +275,25 @@ int sync_db_holes(sync_db_t *d, const char *stream, size_t stream_len, uint64_t 
 {
     if (from > to)
         return 0;
-    sqlbuf_t b = {0};
-    sb_adds(&b, "SELECT COUNT(*) FROM arq_messages WHERE stream = ");
-    sb_hex(&b, stream, stream_len);
-    sb_addf(&b, " AND `offset` BETWEEN %" PRIu64 " AND %" PRIu64, from, to);
+    sync_sqlbuf_t b = {0};
+    sync_sb_adds(&b, "SELECT COUNT(*) FROM arq_messages WHERE stream = ");
+    sync_sb_hex(&b, stream, stream_len);
+    sync_sb_addf(&b, " AND `offset` BETWEEN %" PRIu64 " AND %" PRIu64, from, to);
     uint64_t n = 0;
     int rc = single_u64(d, &b, &n, err, errlen);
-    sb_free(&b);
+    sync_sb_free(&b);
     if (rc || n == to - from + 1)
         return rc;
     if (n == 0) {
         (void)cb(from, to, arg);
         return 0;
     }
-    sb_adds(&b, "SELECT `offset` FROM arq_messages WHERE stream = ");
-    sb_hex(&b, stream, stream_len);
-    sb_addf(&b, " AND `offset` BETWEEN %" PRIu64 " AND %" PRIu64 " ORDER BY `offset`", from, to);
+    sync_sb_adds(&b, "SELECT `offset` FROM arq_messages WHERE stream = ");
+    sync_sb_hex(&b, stream, stream_len);
+    sync_sb_addf(&b, " AND `offset` BETWEEN %" PRIu64 " AND %" PRIu64 " ORDER BY `offset`", from,
+                 to);
     rc = run(d, &b, err, errlen);
-    sb_free(&b);
+    sync_sb_free(&b);
     if (rc)
         return rc;
     MYSQL_RES *r = mysql_use_result(d->m);
@@ -434,15 +336,15 @@ int sync_db_cursor_max(sync_db_t *d, sync_db_cursor_cb cb, void *arg, char *err,
 int sync_db_stream_put(sync_db_t *d, const char *name, size_t name_len, uint32_t id, uint64_t epoch,
                        int64_t created_us, char *err, size_t errlen)
 {
-    sqlbuf_t b = {0};
-    sb_adds(&b, "INSERT INTO arq_streams (name, id, epoch, created_us) VALUES (");
-    sb_hex(&b, name, name_len);
-    sb_addf(&b,
-            ", %u, %" PRIu64 ", %" PRId64 ") ON DUPLICATE KEY UPDATE id = VALUES(id), "
-            "epoch = VALUES(epoch)",
-            id, epoch, created_us);
+    sync_sqlbuf_t b = {0};
+    sync_sb_adds(&b, "INSERT INTO arq_streams (name, id, epoch, created_us) VALUES (");
+    sync_sb_hex(&b, name, name_len);
+    sync_sb_addf(&b,
+                 ", %u, %" PRIu64 ", %" PRId64 ") ON DUPLICATE KEY UPDATE id = VALUES(id), "
+                 "epoch = VALUES(epoch)",
+                 id, epoch, created_us);
     int rc = exec(d, &b, err, errlen);
-    sb_free(&b);
+    sync_sb_free(&b);
     return rc;
 }
 
@@ -554,20 +456,20 @@ oom:
     return 1;
 }
 
-static void sql_row(sqlbuf_t *b, const wal_record_t *r)
+static void sql_row(sync_sqlbuf_t *b, const wal_record_t *r)
 {
-    sb_adds(b, "(");
-    sb_hex(b, r->stream, r->stream_len);
-    sb_addf(b, ",%" PRIu64 ",%" PRIu64 ",%d,", r->offset, r->seq,
-            r->direction == WAL_DIR_OUT ? 1 : 0);
-    sb_hex(b, r->producer, r->producer_len);
-    sb_adds(b, ",");
-    sb_hex(b, r->msgid, r->msgid_len);
-    sb_addf(b, ",%" PRId64 ",", r->timestamp_us);
-    sb_hex(b, r->headers, r->headers_len);
-    sb_adds(b, ",");
-    sb_hex(b, r->payload, r->payload_len);
-    sb_addf(b, ",%" PRIu64 ")", r->checksum);
+    sync_sb_adds(b, "(");
+    sync_sb_hex(b, r->stream, r->stream_len);
+    sync_sb_addf(b, ",%" PRIu64 ",%" PRIu64 ",%d,", r->offset, r->seq,
+                 r->direction == WAL_DIR_OUT ? 1 : 0);
+    sync_sb_hex(b, r->producer, r->producer_len);
+    sync_sb_adds(b, ",");
+    sync_sb_hex(b, r->msgid, r->msgid_len);
+    sync_sb_addf(b, ",%" PRId64 ",", r->timestamp_us);
+    sync_sb_hex(b, r->headers, r->headers_len);
+    sync_sb_adds(b, ",");
+    sync_sb_hex(b, r->payload, r->payload_len);
+    sync_sb_addf(b, ",%" PRIu64 ")", r->checksum);
 }
 
 int sync_db_resync(sync_db_t *d, const wal_record_t *recs, size_t n, uint32_t stream_id,
@@ -580,22 +482,22 @@ int sync_db_resync(sync_db_t *d, const wal_record_t *recs, size_t n, uint32_t st
     for (size_t i = 1; i < n; i++) {
         if (recs[i].offset <= recs[i - 1].offset || recs[i].stream_len != r0->stream_len ||
             memcmp(recs[i].stream, r0->stream, r0->stream_len) != 0) {
-            errf(err, errlen, "resync: records must be of one stream, in offset order");
+            sync_errf(err, errlen, "resync: records must be of one stream, in offset order");
             return SYNC_ESQL;
         }
     }
     sync_resync_stats_t local = {0};
     struct rowset rows = {0};
-    sqlbuf_t b = {0};
+    sync_sqlbuf_t b = {0};
     bool *write = NULL;
     int rc;
     if (mysql_autocommit(d->m, 0))
         return db_err(d, err, errlen);
     /* The watermark, locked: the drain's UPDATE of it waits for our commit. */
     uint64_t wm = 0;
-    sb_adds(&b, "SELECT watermark_seq FROM arq_sync_state WHERE id = 1 FOR UPDATE");
+    sync_sb_adds(&b, "SELECT watermark_seq FROM arq_sync_state WHERE id = 1 FOR UPDATE");
     rc = single_u64(d, &b, &wm, err, errlen);
-    sb_free(&b);
+    sync_sb_free(&b);
     if (rc)
         goto fail;
     rc = sync_db_rows(d, r0->stream, r0->stream_len, r0->offset, recs[n - 1].offset, 0, rowset_cb,
@@ -608,7 +510,7 @@ int sync_db_resync(sync_db_t *d, const wal_record_t *recs, size_t n, uint32_t st
     write = calloc(n, sizeof(*write));
     if (!write) {
         rc = SYNC_ENOMEM;
-        errf(err, errlen, "out of memory");
+        sync_errf(err, errlen, "out of memory");
         goto fail;
     }
     size_t j = 0, n_write = 0, n_replace = 0;
@@ -633,9 +535,9 @@ int sync_db_resync(sync_db_t *d, const wal_record_t *recs, size_t n, uint32_t st
         }
     }
     if (!dry_run && n_replace) {
-        sb_adds(&b, "DELETE FROM arq_messages WHERE stream = ");
-        sb_hex(&b, r0->stream, r0->stream_len);
-        sb_adds(&b, " AND `offset` IN (");
+        sync_sb_adds(&b, "DELETE FROM arq_messages WHERE stream = ");
+        sync_sb_hex(&b, r0->stream, r0->stream_len);
+        sync_sb_adds(&b, " AND `offset` IN (");
         bool first = true;
         j = 0;
         for (size_t i = 0; i < n; i++) {
@@ -644,35 +546,36 @@ int sync_db_resync(sync_db_t *d, const wal_record_t *recs, size_t n, uint32_t st
             while (j < rows.n && rows.v[j].offset < recs[i].offset)
                 j++;
             if (j < rows.n && rows.v[j].offset == recs[i].offset) {
-                sb_addf(&b, "%s%" PRIu64, first ? "" : ",", recs[i].offset);
+                sync_sb_addf(&b, "%s%" PRIu64, first ? "" : ",", recs[i].offset);
                 first = false;
             }
         }
-        sb_adds(&b, ")");
+        sync_sb_adds(&b, ")");
         rc = exec(d, &b, err, errlen);
-        sb_free(&b);
+        sync_sb_free(&b);
     }
     if (!rc && !dry_run && n_write) {
-        sb_adds(&b, "INSERT INTO arq_messages (stream, `offset`, seq, direction, producer, msgid, "
-                    "ts_us, headers, payload, checksum) VALUES ");
+        sync_sb_adds(&b,
+                     "INSERT INTO arq_messages (stream, `offset`, seq, direction, producer, msgid, "
+                     "ts_us, headers, payload, checksum) VALUES ");
         bool first = true;
         for (size_t i = 0; i < n; i++) {
             if (!write[i])
                 continue;
             if (!first)
-                sb_adds(&b, ",");
+                sync_sb_adds(&b, ",");
             sql_row(&b, &recs[i]);
             first = false;
         }
         rc = exec(d, &b, err, errlen);
-        sb_free(&b);
+        sync_sb_free(&b);
     }
     if (!rc && !dry_run && n_write) {
-        sb_adds(&b, "INSERT IGNORE INTO arq_streams (name, id, epoch, created_us) VALUES (");
-        sb_hex(&b, r0->stream, r0->stream_len);
-        sb_addf(&b, ",%u,%" PRIu64 ",%" PRId64 ")", stream_id, epoch, created_us);
+        sync_sb_adds(&b, "INSERT IGNORE INTO arq_streams (name, id, epoch, created_us) VALUES (");
+        sync_sb_hex(&b, r0->stream, r0->stream_len);
+        sync_sb_addf(&b, ",%u,%" PRIu64 ",%" PRId64 ")", stream_id, epoch, created_us);
         rc = exec(d, &b, err, errlen);
-        sb_free(&b);
+        sync_sb_free(&b);
     }
     if (rc)
         goto fail;
@@ -692,11 +595,11 @@ int sync_db_resync(sync_db_t *d, const wal_record_t *recs, size_t n, uint32_t st
     return 0;
 fail:
     if (rc == SYNC_ENOMEM && err && !err[0])
-        errf(err, errlen, "out of memory");
+        sync_errf(err, errlen, "out of memory");
     (void)mysql_rollback(d->m);
     (void)mysql_autocommit(d->m, 1);
     rowset_free(&rows);
     free(write);
-    sb_free(&b);
+    sync_sb_free(&b);
     return rc;
 }
