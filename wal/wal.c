@@ -149,7 +149,7 @@ struct wal {
     bool closing;
     bool writer_busy; /* the writer is working on a batch or a retention chunk */
     bool restoring;   /* a wal_restore_* call holds the writer's place */
-    int failed; /* atomic: fail-stop */
+    int failed;       /* atomic: fail-stop */
     int fault_err;
     unsigned fault_count;
     pthread_t writer;
@@ -1023,6 +1023,36 @@ static bool req_cursors_valid(wal_t *wal, const wal_append_t *r)
     return true;
 }
 
+/* Store one record: the log entry (encoded straight into the page LMDB
+ * reserves: no staging copy), its (stream, offset) index entry and, when
+ * dkey_len, its dedup entry. log_flags: MDB_APPEND for appends in sequence
+ * order, MDB_NOOVERWRITE for restores. */
+static int put_record(wal_t *wal, MDB_txn *txn, wal_rec_t *rec, unsigned log_flags,
+                      const uint8_t *dkey, size_t dkey_len, int64_t dedup_time_us)
+{
+    uint8_t seqk[8];
+    wal_put_be64(seqk, rec->seq);
+    MDB_val k = {8, seqk}, v = {wal_rec_size(rec), NULL};
+    int rc = mdb_put(txn, wal->dbi_log, &k, &v, MDB_RESERVE | log_flags);
+    if (rc)
+        return rc;
+    wal_rec_encode(rec, v.mv_data, v.mv_size);
+
+    uint8_t ik[12];
+    wal_put_be32(ik, rec->stream_id);
+    wal_put_be64(ik + 4, rec->offset);
+    MDB_val ikv = {12, ik}, iv = {8, seqk};
+    rc = mdb_put(txn, wal->dbi_index, &ikv, &iv, 0);
+    if (rc || !dkey_len)
+        return rc;
+    uint8_t dval[WAL_DEDUP_VAL_SIZE];
+    wal_dedup_val_t dv = {
+        .stream_id = rec->stream_id, .offset = rec->offset, .time_us = dedup_time_us};
+    wal_dedup_val_encode(&dv, dval);
+    MDB_val dk = {dkey_len, (void *)dkey}, dvv = {sizeof(dval), dval};
+    return mdb_put(txn, wal->dbi_dedup, &dk, &dvv, 0);
+}
+
 static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_t now)
 {
     const struct pmsg *pm = &r->msgs[i];
@@ -1074,32 +1104,9 @@ static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_
         .payload = r->buf + pm->payload,
         .payload_len = (uint32_t)pm->payload_len,
     };
-    uint8_t seqk[8];
-    wal_put_be64(seqk, rec.seq);
-    /* Encode straight into the page LMDB reserves: no staging copy. */
-    MDB_val k = {8, seqk}, v = {wal_rec_size(&rec), NULL};
-    rc = mdb_put(txn, wal->dbi_log, &k, &v, MDB_RESERVE | MDB_APPEND);
+    rc = put_record(wal, txn, &rec, MDB_APPEND, dkey, dkey_len, now);
     if (rc)
         return rc;
-    wal_rec_encode(&rec, v.mv_data, v.mv_size);
-
-    uint8_t ik[12];
-    wal_put_be32(ik, rec.stream_id);
-    wal_put_be64(ik + 4, rec.offset);
-    MDB_val ikv = {12, ik}, iv = {8, seqk};
-    rc = mdb_put(txn, wal->dbi_index, &ikv, &iv, 0);
-    if (rc)
-        return rc;
-
-    if (dkey_len) {
-        uint8_t dval[WAL_DEDUP_VAL_SIZE];
-        wal_dedup_val_t dv = {.stream_id = rec.stream_id, .offset = rec.offset, .time_us = now};
-        wal_dedup_val_encode(&dv, dval);
-        MDB_val dk = {dkey_len, dkey}, dvv = {sizeof(dval), dval};
-        rc = mdb_put(txn, wal->dbi_dedup, &dk, &dvv, 0);
-        if (rc)
-            return rc;
-    }
     res->offset = rec.offset;
     res->seq = rec.seq;
     res->epoch = e->pending.epoch;
@@ -1150,7 +1157,7 @@ static int write_cursor(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t c, int
     struct head *e = head_find(wal, name, pc->stream_len, name_hash(name, pc->stream_len));
     if (!e || (!e->committed && e->gen != wal->gen)) {
         if (pc->kind == PC_CURSOR_DEL)
-            return 0; /* no such stream: no such cursor */
+            return 0;  /* no such stream: no such cursor */
         return EINVAL; /* validated before: cannot happen */
     }
     uint32_t id = e->gen == wal->gen ? e->pending.id : e->meta.id;
@@ -1594,9 +1601,10 @@ static int open_dbis(wal_t *wal, MDB_txn *txn, unsigned flags)
         const char *name;
         MDB_dbi *dbi;
     } dbs[] = {
-        {"meta", &wal->dbi_meta},       {"log", &wal->dbi_log}, {"index", &wal->dbi_index},
-        {"streams", &wal->dbi_streams}, {"ids", &wal->dbi_ids}, {"cursors", &wal->dbi_cursors},
-        {"dedup", &wal->dbi_dedup},     {"sessions", &wal->dbi_sessions},
+        {"meta", &wal->dbi_meta},   {"log", &wal->dbi_log},
+        {"index", &wal->dbi_index}, {"streams", &wal->dbi_streams},
+        {"ids", &wal->dbi_ids},     {"cursors", &wal->dbi_cursors},
+        {"dedup", &wal->dbi_dedup}, {"sessions", &wal->dbi_sessions},
     };
     for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++) {
         int rc = mdb_dbi_open(txn, dbs[i].name, flags, dbs[i].dbi);
@@ -2468,35 +2476,18 @@ static int restore_put(wal_t *wal, MDB_txn *txn, const wal_restore_msg_t *r)
         .payload = m->payload,
         .payload_len = (uint32_t)m->payload_len,
     };
-    uint8_t seqk[8];
-    wal_put_be64(seqk, rec.seq);
-    MDB_val k = {8, seqk}, v = {wal_rec_size(&rec), NULL};
-    rc = mdb_put(txn, wal->dbi_log, &k, &v, MDB_RESERVE | MDB_NOOVERWRITE);
-    if (rc)
-        return rc;
-    wal_rec_encode(&rec, v.mv_data, v.mv_size);
-    uint8_t ik[12];
-    wal_put_be32(ik, rec.stream_id);
-    wal_put_be64(ik + 4, rec.offset);
-    MDB_val ikv = {12, ik}, iv = {8, seqk};
-    rc = mdb_put(txn, wal->dbi_index, &ikv, &iv, 0);
-    if (rc)
-        return rc;
+    uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+    size_t dkey_len = 0;
     if (m->msgid_len) {
-        uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
         dkey[0] = (uint8_t)m->producer_len;
         if (m->producer_len)
             memcpy(dkey + 1, m->producer, m->producer_len);
         memcpy(dkey + 1 + m->producer_len, m->msgid, m->msgid_len);
-        uint8_t dval[WAL_DEDUP_VAL_SIZE];
-        wal_dedup_val_t dv = {
-            .stream_id = rec.stream_id, .offset = rec.offset, .time_us = m->timestamp_us};
-        wal_dedup_val_encode(&dv, dval);
-        MDB_val dk = {1 + m->producer_len + m->msgid_len, dkey}, dvv = {sizeof(dval), dval};
-        rc = mdb_put(txn, wal->dbi_dedup, &dk, &dvv, 0);
-        if (rc)
-            return rc;
+        dkey_len = 1 + m->producer_len + m->msgid_len;
     }
+    rc = put_record(wal, txn, &rec, MDB_NOOVERWRITE, dkey, dkey_len, m->timestamp_us);
+    if (rc)
+        return rc;
     e->pending.next_offset++;
     if (rec.seq >= wal->next_seq)
         wal->next_seq = rec.seq + 1;
