@@ -21,7 +21,7 @@ typedef struct arq_config {
     uint32_t max_header_bytes;     /* HTTP request head limit, default 8192 */
     uint32_t ping_interval_ms;     /* default 20000 */
     uint32_t pong_timeout_ms;      /* default 10000 */
-    uint32_t session_ttl_s;    /* sessions kept after their last connection, default 86400 */
+    uint32_t session_ttl_s;        /* sessions kept after their last connection, default 86400 */
     /* [auth] */
     char *secret_key; /* SECRET_KEY (HS256); NULL: anonymous on loopback only */
     char *api_key;    /* ARQ_API_KEY: server API key for POST /api/publish */
@@ -34,16 +34,16 @@ typedef struct arq_config {
     uint32_t max_inflight;      /* unacked deliveries per subscription, default 1024 */
     uint32_t max_output_bytes;  /* per-connection output buffer high watermark, 4 MiB */
     /* [wal] */
-    char *sync;              /* "full" (default) | "none" (UNSAFE) */
-    uint64_t map_size_max;   /* default 16 GiB */
-    uint32_t retain_age_s;     /* drop synced records older than this, default 7 days */
-    uint64_t retain_bytes;     /* ... and while the WAL holds more (0: 3/4 of map_size_max) */
-    uint32_t retain_every_ms;  /* how often retention runs, default 5000 */
-    uint32_t batch_max_msgs; /* default 8192 */
-    uint32_t batch_wait_us;  /* default 0 */
+    char *sync;               /* "full" (default) | "none" (UNSAFE) */
+    uint64_t map_size_max;    /* default 16 GiB */
+    uint32_t retain_age_s;    /* drop synced records older than this, default 7 days */
+    uint64_t retain_bytes;    /* ... and while the WAL holds more (0: 3/4 of map_size_max) */
+    uint32_t retain_every_ms; /* how often retention runs, default 5000 */
+    uint32_t batch_max_msgs;  /* default 8192 */
+    uint32_t batch_wait_us;   /* default 0 */
     /* [database] */
-    char *database_url; /* DATABASE_URL; NULL: WAL-only */
-    uint32_t sync_batch_rows; /* rows per MySQL sync transaction, default 1000 */
+    char *database_url;          /* DATABASE_URL; NULL: WAL-only */
+    uint32_t sync_batch_rows;    /* rows per MySQL sync transaction, default 1000 */
     uint32_t sync_batch_wait_ms; /* idle poll of the WAL by the sync thread, default 20 */
 } arq_config_t;
 

@@ -240,8 +240,8 @@ enum rpl_status rpl_read(rpl_t *r, rpl_sub_t *rs, const char *stream, size_t str
     }
     struct count_ctx cc = {cb, arg, 0};
     wal_read_result_t wr = {.next = from};
-    int rc = wal_stream_read(r->wal, stream, stream_len, from, max_msgs, max_bytes, count_cb, &cc,
-                             &wr);
+    int rc =
+        wal_stream_read(r->wal, stream, stream_len, from, max_msgs, max_bytes, count_cb, &cc, &wr);
     res->count = wr.count;
     r->st.records += wr.count;
     r->st.bytes += cc.bytes;

@@ -83,9 +83,9 @@ enum sync_state {
 #define SYNC_HIST_BUCKETS 8
 typedef struct sync_stats {
     enum sync_state state;
-    uint64_t watermark;  /* last sequence known to be in MySQL */
-    uint64_t wal_next;   /* the WAL's next sequence (lag = wal_next - 1 - watermark) */
-    double lag_seconds;  /* age of the oldest record not yet in MySQL (0 if none) */
+    uint64_t watermark; /* last sequence known to be in MySQL */
+    uint64_t wal_next;  /* the WAL's next sequence (lag = wal_next - 1 - watermark) */
+    double lag_seconds; /* age of the oldest record not yet in MySQL (0 if none) */
     uint64_t rows, batches, errors, reconnects, cursors;
     uint64_t retained; /* WAL records dropped by retention (all already in MySQL) */
     uint64_t batch_buckets[SYNC_HIST_BUCKETS]; /* rows per batch, bounds sync_batch_bounds */

@@ -135,8 +135,8 @@ static int parse_option(sync_url_t *u, const char *p, size_t n, char *err, size_
 int sync_url_parse(const char *url, sync_url_t *out, char *err, size_t errlen)
 {
     static const char scheme[] = "mysql://";
-    sync_url_t u = {.port = 3306, .connect_timeout_s = 5, .read_timeout_s = 30,
-                    .write_timeout_s = 30};
+    sync_url_t u = {
+        .port = 3306, .connect_timeout_s = 5, .read_timeout_s = 30, .write_timeout_s = 30};
     if (err && errlen)
         err[0] = 0;
     size_t len = url ? strnlen(url, URL_MAX + 1) : 0;

@@ -12,8 +12,8 @@
 static int print_cb(const wal_record_t *rec, void *arg)
 {
     (void)arg;
-    printf("%" PRIu64 "\t%.*s\t%" PRIu64 "\t%016" PRIx64 "\t%zu\n", rec->seq,
-           (int)rec->stream_len, rec->stream, rec->offset, rec->checksum, rec->payload_len);
+    printf("%" PRIu64 "\t%.*s\t%" PRIu64 "\t%016" PRIx64 "\t%zu\n", rec->seq, (int)rec->stream_len,
+           rec->stream, rec->offset, rec->checksum, rec->payload_len);
     return 0;
 }
 

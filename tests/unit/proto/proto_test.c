@@ -620,15 +620,18 @@ static void test_enc_enomem(void **state)
 
                 alloc_budget = n;
                 switch (which) {
-                case 0:
-                {
+                case 0: {
                     proto_resumed_sub_t rs = {big, strlen(big), 1, 2, 3};
-                    proto_welcome_t w = {.session = big, .resume_token = big, .server = big,
-                                         .max_payload = 1, .max_inflight = 2, .resumed = 1,
-                                         .subs = &rs, .n_subs = 1};
+                    proto_welcome_t w = {.session = big,
+                                         .resume_token = big,
+                                         .server = big,
+                                         .max_payload = 1,
+                                         .max_inflight = 2,
+                                         .resumed = 1,
+                                         .subs = &rs,
+                                         .n_subs = 1};
                     rc = proto_enc_welcome(&b, &w);
-                }
-                    break;
+                } break;
                 case 1:
                     rc = proto_enc_subok(&b, 1, (const uint8_t *)big, strlen(big), 2, 3, 4);
                     break;

@@ -38,8 +38,8 @@ static void test_replay(void **state)
     assert_int_equal(wal_open(&o, NULL, &wal, NULL, 0), 0);
     wal_msg_t m[20];
     for (int i = 0; i < 20; i++)
-        m[i] = (wal_msg_t){.stream = i % 2 ? "b" : "a", .stream_len = 1, .payload = "p",
-                           .payload_len = 1};
+        m[i] = (wal_msg_t){
+            .stream = i % 2 ? "b" : "a", .stream_len = 1, .payload = "p", .payload_len = 1};
     assert_int_equal(wal_append_sync(wal, m, 20, NULL), 0); /* a: 1..10, b: 1..10 */
     rpl_t *r;
     assert_int_equal(rpl_new(wal, &r), 0);

@@ -62,8 +62,7 @@ static int stop_server(void **state)
     (void)state;
     if (g_mdb_dir[0]) {
         char cmd[512];
-        snprintf(cmd, sizeof(cmd), "'%s' stop '%s' && rm -rf '%s'", g_script, g_mdb_dir,
-                 g_mdb_dir);
+        snprintf(cmd, sizeof(cmd), "'%s' stop '%s' && rm -rf '%s'", g_script, g_mdb_dir, g_mdb_dir);
         if (system(cmd) != 0)
             return -1;
     }
@@ -138,12 +137,25 @@ static void test_url(void **state)
     assert_string_equal(u.host, "::1");
     assert_int_equal(u.port, 3307);
     sync_url_free(&u);
-    const char *bad[] = {"", "postgres://a@b/c", "mysql://b/c", "mysql://a@b", "mysql://a@b/",
-                         "mysql://a@b:0/c", "mysql://a@b:99999/c", "mysql://a@b/c?x=1",
-                         "mysql://a@b/c?socket=rel", "mysql://a@b/c?tls=2", "mysql://a@b/c d",
-                         "mysql://a:%4@b/c", "mysql://a:%00@b/c", "mysql://:pw@b/c",
-                         "mysql://a@b/c;drop", "mysql://a@b/c?read_timeout=0",
-                         "mysql://a@[]/c", "mysql://a@[::1/c", "mysql://a@[::1]x/c"};
+    const char *bad[] = {"",
+                         "postgres://a@b/c",
+                         "mysql://b/c",
+                         "mysql://a@b",
+                         "mysql://a@b/",
+                         "mysql://a@b:0/c",
+                         "mysql://a@b:99999/c",
+                         "mysql://a@b/c?x=1",
+                         "mysql://a@b/c?socket=rel",
+                         "mysql://a@b/c?tls=2",
+                         "mysql://a@b/c d",
+                         "mysql://a:%4@b/c",
+                         "mysql://a:%00@b/c",
+                         "mysql://:pw@b/c",
+                         "mysql://a@b/c;drop",
+                         "mysql://a@b/c?read_timeout=0",
+                         "mysql://a@[]/c",
+                         "mysql://a@[::1/c",
+                         "mysql://a@[::1]x/c"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         err[0] = 0;
         if (sync_url_parse(bad[i], &u, err, sizeof(err)) == 0)
@@ -190,9 +202,9 @@ static void test_migrations(void **state)
     q(m, "DELETE FROM arq_schema_migrations WHERE version = 99");
     /* unreachable */
     sync_url_t bad;
-    assert_int_equal(sync_url_parse("mysql://arq:x@127.0.0.1:1/arq?connect_timeout=1", &bad, err,
-                                    sizeof(err)),
-                     0);
+    assert_int_equal(
+        sync_url_parse("mysql://arq:x@127.0.0.1:1/arq?connect_timeout=1", &bad, err, sizeof(err)),
+        0);
     assert_int_equal(sync_migrate(&bad, &applied, err, sizeof(err)), SYNC_ECONNECT);
     assert_null(strstr(err, ":x@"));
     sync_url_free(&bad);
@@ -264,9 +276,8 @@ static void put_cursor(wal_t *wal, const char *session, const char *stream, uint
     struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
     wal_append_t *req;
     assert_int_equal(wal_append_new(waiter_cb, &w, &req), 0);
-    assert_int_equal(wal_append_add_cursor(req, session, strlen(session), stream, strlen(stream),
-                                           off),
-                     0);
+    assert_int_equal(
+        wal_append_add_cursor(req, session, strlen(session), stream, strlen(stream), off), 0);
     assert_int_equal(wal_append_submit(wal, req), 0);
     pthread_mutex_lock(&w.mu);
     while (!w.done)
@@ -297,9 +308,14 @@ static void append_n(wal_t *wal, int n, int base)
         snprintf(stream, sizeof(stream), "s.%d", (base + i) % 7);
         int pl = snprintf(payload, sizeof(payload), "payload %d \x01\x02'\"\\", base + i);
         snprintf(msgid, sizeof(msgid), "m-%d", base + i);
-        wal_msg_t m = {.stream = stream, .stream_len = strlen(stream), .payload = payload,
-                       .payload_len = (size_t)pl, .producer = "p", .producer_len = 1,
-                       .msgid = msgid, .msgid_len = strlen(msgid),
+        wal_msg_t m = {.stream = stream,
+                       .stream_len = strlen(stream),
+                       .payload = payload,
+                       .payload_len = (size_t)pl,
+                       .producer = "p",
+                       .producer_len = 1,
+                       .msgid = msgid,
+                       .msgid_len = strlen(msgid),
                        .direction = i % 3 ? WAL_DIR_IN : WAL_DIR_OUT};
         assert_int_equal(wal_append_sync(wal, &m, 1, NULL), 0);
     }
@@ -410,11 +426,11 @@ static void test_retention(void **state)
 
     /* MySQL unreachable: nothing is synced, so nothing may be dropped however old */
     sync_url_t down;
-    assert_int_equal(sync_url_parse("mysql://arq:x@127.0.0.1:1/arq?connect_timeout=1", &down, err,
-                                    sizeof(err)),
-                     0);
-    sync_options_t so = {.url = &down, .retain_age_s = 1, .retain_every_ms = 20,
-                         .backoff_cap_ms = 50};
+    assert_int_equal(
+        sync_url_parse("mysql://arq:x@127.0.0.1:1/arq?connect_timeout=1", &down, err, sizeof(err)),
+        0);
+    sync_options_t so = {
+        .url = &down, .retain_age_s = 1, .retain_every_ms = 20, .backoff_cap_ms = 50};
     sync_t *s;
     assert_int_equal(sync_start(wal, &so, &s), 0);
     struct timespec ts = {1, 500000000};
