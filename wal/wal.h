@@ -292,8 +292,7 @@ int wal_session_cursors(wal_t *wal, const void *session, size_t session_len, wal
 /* Every durable cursor (sync uses it): session and stream name borrowed for
  * the call; the callback returns non-zero to stop. */
 typedef int (*wal_cursor_all_cb)(const char *session, size_t session_len, const char *stream,
-                                 size_t stream_len, uint64_t offset, int64_t updated_us,
-                                 void *arg);
+                                 size_t stream_len, uint64_t offset, int64_t updated_us, void *arg);
 int wal_cursor_list(wal_t *wal, wal_cursor_all_cb cb, void *arg);
 int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const void *msgid,
                   size_t msgid_len, uint32_t *ret_stream_id, uint64_t *ret_offset);

@@ -55,7 +55,8 @@ static int submit_wait(wal_t *wal, wal_append_t *req, struct waiter *w)
 
 static void publish(wal_t *wal, const char *stream)
 {
-    wal_msg_t m = {.stream = stream, .stream_len = strlen(stream), .payload = "x", .payload_len = 1};
+    wal_msg_t m = {
+        .stream = stream, .stream_len = strlen(stream), .payload = "x", .payload_len = 1};
     assert_int_equal(wal_append_sync(wal, &m, 1, NULL), 0);
 }
 
