@@ -2372,6 +2372,29 @@ static void restore_begin_batch(wal_t *wal)
     wal->n_touched = 0;
 }
 
+static int restore_put(wal_t *wal, MDB_txn *txn, const wal_restore_msg_t *r);
+
+/* One restore transaction: the records (if any), the touched stream heads,
+ * and next_seq when asked. Returns an LMDB/errno code. */
+static int restore_txn(wal_t *wal, const wal_restore_msg_t *msgs, size_t n, bool with_seq)
+{
+    MDB_txn *txn;
+    int mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+    if (mrc)
+        return mrc;
+    for (size_t i = 0; i < n && !mrc; i++)
+        mrc = restore_put(wal, txn, &msgs[i]);
+    if (!mrc)
+        mrc = write_heads(wal, txn);
+    if (!mrc && with_seq)
+        mrc = write_next_seq(wal, txn);
+    if (mrc) {
+        mdb_txn_abort(txn);
+        return mrc;
+    }
+    return txn_commit(wal, txn);
+}
+
 int wal_restore_stream(wal_t *wal, const wal_restore_stream_t *s)
 {
     if (!s || !stream_ok(s->stream, s->stream_len) || s->epoch == 0 || s->first_offset == 0 ||
@@ -2412,15 +2435,7 @@ int wal_restore_stream(wal_t *wal, const wal_restore_stream_t *s)
             batch_rollback(wal, saved_seq, saved_id);
             break;
         }
-        MDB_txn *txn;
-        int mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
-        if (!mrc) {
-            mrc = write_heads(wal, txn);
-            if (mrc)
-                mdb_txn_abort(txn);
-            else
-                mrc = txn_commit(wal, txn);
-        }
+        int mrc = restore_txn(wal, NULL, 0, false);
         if (!mrc) {
             batch_apply(wal);
             rc = 0;
@@ -2508,20 +2523,7 @@ int wal_restore_append(wal_t *wal, const wal_restore_msg_t *msgs, size_t n)
         uint64_t saved_seq = wal->next_seq;
         uint32_t saved_id = wal->next_stream_id;
         restore_begin_batch(wal);
-        MDB_txn *txn;
-        int mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
-        if (!mrc) {
-            for (size_t i = 0; i < n && !mrc; i++)
-                mrc = restore_put(wal, txn, &msgs[i]);
-            if (!mrc)
-                mrc = write_heads(wal, txn);
-            if (!mrc)
-                mrc = write_next_seq(wal, txn);
-            if (mrc)
-                mdb_txn_abort(txn);
-            else
-                mrc = txn_commit(wal, txn);
-        }
+        int mrc = restore_txn(wal, msgs, n, true);
         if (!mrc) {
             batch_apply(wal);
             rc = 0;
@@ -2547,15 +2549,8 @@ int wal_restore_seq(wal_t *wal, uint64_t next_seq)
     if (next_seq > wal->next_seq) {
         uint64_t saved = wal->next_seq;
         wal->next_seq = next_seq;
-        MDB_txn *txn;
-        int mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
-        if (!mrc) {
-            mrc = write_next_seq(wal, txn);
-            if (mrc)
-                mdb_txn_abort(txn);
-            else
-                mrc = txn_commit(wal, txn);
-        }
+        restore_begin_batch(wal); /* no heads touched: only next_seq is written */
+        int mrc = restore_txn(wal, NULL, 0, true);
         if (mrc) {
             wal->next_seq = saved;
             rc = restore_status(wal, mrc);
