@@ -10,11 +10,13 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "sync.h"
 #include "sync_internal.h"
+#include "sync_tools.h"
 
 struct sync_cold_req {
     sync_cold_t *c;
@@ -42,7 +44,7 @@ struct sync_cold {
     bool stop;
     sync_cold_req_t *q_head, *q_tail;       /* to the thread */
     sync_cold_req_t *done_head, *done_tail; /* back to the loop */
-    MYSQL *m;
+    sync_db_t *db;                          /* its own connection */
     uint64_t reads, rows, errors;
 };
 
@@ -72,60 +74,72 @@ static void done_cb(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+struct copy_ctx {
+    sync_cold_req_t *r;
+    size_t cap, blob_len, blob_cap;
+    bool oom;
+};
+
+/* One row of sync_db_rows (valid during the call): keep a copy. Pointers
+ * into the blob are set once it stops growing; offsets until then. */
+static int copy_row(const sync_db_row_t *row, void *arg)
+{
+    struct copy_ctx *x = arg;
+    sync_cold_req_t *r = x->r;
+    if (r->n_rows == x->cap) {
+        size_t cap = x->cap ? x->cap * 2 : 64;
+        sync_cold_row_t *n = realloc(r->rows, cap * sizeof(*n));
+        if (!n) {
+            x->oom = true;
+            return 1;
+        }
+        r->rows = n;
+        x->cap = cap;
+    }
+    size_t need = x->blob_len + row->headers_len + row->payload_len;
+    if (need > x->blob_cap) {
+        size_t cap = x->blob_cap ? x->blob_cap : 1u << 16;
+        while (cap < need)
+            cap *= 2;
+        uint8_t *n = realloc(r->blob, cap);
+        if (!n) {
+            x->oom = true;
+            return 1;
+        }
+        r->blob = n;
+        x->blob_cap = cap;
+    }
+    sync_cold_row_t *o = &r->rows[r->n_rows++];
+    o->offset = row->offset;
+    o->ts_us = row->ts_us;
+    o->headers = (const uint8_t *)(uintptr_t)x->blob_len;
+    o->headers_len = row->headers_len;
+    memcpy(r->blob + x->blob_len, row->headers, row->headers_len);
+    x->blob_len += row->headers_len;
+    o->payload = (const uint8_t *)(uintptr_t)x->blob_len;
+    o->payload_len = row->payload_len;
+    memcpy(r->blob + x->blob_len, row->payload, row->payload_len);
+    x->blob_len += row->payload_len;
+    return 0;
+}
+
 static int cold_query(sync_cold_t *c, sync_cold_req_t *r)
 {
-    if (!c->m) {
-        c->m = sync_mysql_connect(&c->url, NULL, 0);
-        if (!c->m)
-            return SYNC_ECONNECT;
+    if (!c->db && sync_db_open(&c->url, &c->db, NULL, 0) != 0)
+        return SYNC_ECONNECT;
+    struct copy_ctx x = {.r = r};
+    int rc = sync_db_rows(c->db, r->stream, r->stream_len, r->from, r->to, r->max, copy_row, &x,
+                          NULL, NULL, 0);
+    for (size_t i = 0; i < r->n_rows; i++) {
+        r->rows[i].headers = r->blob + (uintptr_t)r->rows[i].headers;
+        r->rows[i].payload = r->blob + (uintptr_t)r->rows[i].payload;
     }
-    char *sql = malloc(2 * r->stream_len + 256);
-    if (!sql)
-        return SYNC_ENOMEM;
-    int n = snprintf(
-        sql, 200, "SELECT `offset`, ts_us, headers, payload FROM arq_messages WHERE stream = X'");
-    n += (int)mysql_hex_string(sql + n, r->stream, (unsigned long)r->stream_len);
-    n += snprintf(sql + n, 200,
-                  "' AND `offset` BETWEEN %" PRIu64 " AND %" PRIu64 " ORDER BY `offset` LIMIT %u",
-                  r->from, r->to, r->max);
-    int rc = mysql_real_query(c->m, sql, (unsigned long)n);
-    free(sql);
-    MYSQL_RES *res = rc == 0 ? mysql_store_result(c->m) : NULL;
-    if (!res) {
-        mysql_close(c->m);
-        c->m = NULL;
-        return SYNC_ESQL;
+    if (rc) {
+        sync_db_close(c->db); /* reconnect on the next read */
+        c->db = NULL;
+        return rc;
     }
-    size_t nrows = mysql_num_rows(res), bytes = 0;
-    MYSQL_ROW row;
-    while ((row = mysql_fetch_row(res))) {
-        unsigned long *len = mysql_fetch_lengths(res);
-        bytes += len[2] + len[3];
-    }
-    r->rows = calloc(nrows ? nrows : 1, sizeof(*r->rows));
-    r->blob = malloc(bytes ? bytes : 1);
-    if (!r->rows || !r->blob) {
-        mysql_free_result(res);
-        return SYNC_ENOMEM;
-    }
-    mysql_data_seek(res, 0);
-    size_t off = 0;
-    while ((row = mysql_fetch_row(res))) {
-        unsigned long *len = mysql_fetch_lengths(res);
-        sync_cold_row_t *o = &r->rows[r->n_rows++];
-        o->offset = strtoull(row[0], NULL, 10);
-        o->ts_us = strtoll(row[1], NULL, 10);
-        memcpy(r->blob + off, row[2], len[2]);
-        o->headers = r->blob + off;
-        o->headers_len = len[2];
-        off += len[2];
-        memcpy(r->blob + off, row[3], len[3]);
-        o->payload = r->blob + off;
-        o->payload_len = len[3];
-        off += len[3];
-    }
-    mysql_free_result(res);
-    return 0;
+    return x.oom ? SYNC_ENOMEM : 0;
 }
 
 static void *cold_main(void *arg)
@@ -160,8 +174,7 @@ static void *cold_main(void *arg)
     }
     /* not run: queued requests are freed by sync_cold_close */
     pthread_mutex_unlock(&c->mu);
-    if (c->m)
-        mysql_close(c->m);
+    sync_db_close(c->db);
     mysql_thread_end();
     return NULL;
 }
