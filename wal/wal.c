@@ -14,12 +14,20 @@
  *     ids      stream id (u32 BE) -> stream name
  *     cursors  u8 len, session, stream id (u32 BE) -> cursor value
  *     dedup    u8 len, producer, msgid -> dedup value
+ *     sessions session id -> session value
+ *   and <dir>/journal, a redo log in front of LMDB (wal_journal.h).
  *
- * Durability. Every write happens in one LMDB write transaction on the
- * writer thread; with WAL_SYNC_FULL, mdb_txn_commit() returns only after
- * the data pages and then the meta page were fsynced (LMDB's two flushes).
- * A request's callback runs only after the commit holding it returned 0,
- * so nothing is acknowledged before it is durable. A commit that fails with
+ * Durability. Every write happens on the writer thread. A batch is written
+ * into an LMDB child transaction of `outer` while its LMDB writes are
+ * recorded as one journal entry; the entry is appended and fdatasynced (one
+ * sequential flush: the batch's durable point, where requests marked
+ * wal_append_when_durable complete), then the child commits into `outer`.
+ * `outer` is committed (folded) every apply_us or after apply_idle_us idle:
+ * mdb_txn_commit() returns only after the data pages and then the meta page
+ * were fsynced (LMDB's two flushes); the other requests complete then, and
+ * the journal restarts at offset 0. wal_open folds in whatever entries LMDB
+ * lacks (journal_recover). Without a journal every batch is `outer` alone,
+ * committed at once. Nothing is acknowledged before it is durable. A commit that fails with
  * anything but "no space" makes the WAL fail-stop: after an fsync error the
  * kernel may have dropped the dirty pages, so a retry could report success
  * for data that is not on disk (the PostgreSQL "fsyncgate" lesson). No
@@ -52,12 +60,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "wal_journal.h"
 #include "wal_record.h"
 #include "wal_testing.h"
 
@@ -68,6 +78,10 @@
 #define DEF_RETAIN_CHUNK 20000u
 #define DEF_MAX_READERS  512u
 #define DEF_MAX_RECORD   (64ull << 20)
+#define DEF_JOURNAL_MAX  (64ull << 20)
+#define DEF_APPLY_US     2000u
+#define DEF_APPLY_IDLE   200u
+#define JOURNAL_CHUNK    (1ull << 20) /* the file grows by zero-filled chunks */
 
 /* ---- requests ---------------------------------------------------------- */
 
@@ -93,7 +107,8 @@ struct wal_append {
     wal_append_cb cb;
     void *arg;
     int status;
-    bool direct; /* complete on the writer thread even when a base is set */
+    bool direct;       /* complete on the writer thread even when a base is set */
+    bool when_durable; /* complete once journaled, before LMDB readers see it */
     struct pmsg *msgs;
     size_t n_msgs, cap_msgs;
     wal_result_t *results;
@@ -174,7 +189,24 @@ struct wal {
     uint64_t map_size;
     uint64_t page_size;
 
+    /* journal (docs/wal-format.md, "Journal"): writer-private after open */
+    int jfd;        /* -1: no journal: every batch commits LMDB itself */
+    uint64_t jfile; /* bytes of the file that exist (zero-filled past the entries) */
+    uint64_t joff;  /* where the next entry goes */
+    uint64_t jseq;  /* the next entry's sequence number */
+    uint8_t *jbuf;  /* room for the header, then the ops of the batch */
+    size_t jbuf_len, jbuf_cap;
+    bool jrec;      /* record LMDB writes into jbuf */
+    MDB_txn *outer; /* LMDB txn holding journaled batches, not yet committed */
+    int64_t outer_t0;
+    uint32_t outer_batches;
+    wal_append_t *wait_head, *wait_tail; /* complete when outer commits */
+    int visible_pending;                 /* atomic: an LMDB commit made records readable */
+    void (*visible_cb)(void *arg);
+    void *visible_arg;
+
     /* statistics (atomics) */
+    uint64_t st_applies, st_apply_us_sum, st_recovered;
     uint64_t st_commits, st_msgs, st_failed, st_grows;
     uint64_t st_commit_us[WAL_HIST_BUCKETS], st_commit_us_sum, st_batch[WAL_HIST_BUCKETS];
 };
@@ -719,6 +751,17 @@ int wal_append_del_session(wal_append_t *r, const void *session, size_t session_
     return req_add_keyed(r, PC_SESSION_DEL, session, session_len, NULL, 0, 0);
 }
 
+void wal_on_visible(wal_t *wal, void (*cb)(void *arg), void *arg)
+{
+    wal->visible_cb = cb;
+    wal->visible_arg = arg;
+}
+
+void wal_append_when_durable(wal_append_t *req)
+{
+    req->when_durable = true;
+}
+
 int wal_append_status(const wal_append_t *req)
 {
     return req->status;
@@ -798,7 +841,19 @@ static void done_ev_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    done_run(arg);
+    wal_t *wal = arg;
+    done_run(wal);
+    if (__atomic_exchange_n(&wal->visible_pending, 0, __ATOMIC_ACQ_REL) && wal->visible_cb)
+        wal->visible_cb(wal->visible_arg);
+}
+
+/* An LMDB commit made records readable: tell the loop (opts.visible_cb). */
+static void notify_visible(wal_t *wal)
+{
+    if (!wal->base || !wal->visible_cb)
+        return;
+    __atomic_store_n(&wal->visible_pending, 1, __ATOMIC_RELEASE);
+    event_active(wal->done_ev, EV_READ, 0);
 }
 
 static void complete(wal_t *wal, wal_append_t *r, int status)
@@ -830,6 +885,38 @@ static void complete_batch(wal_t *wal, wal_append_t **reqs, size_t n, bool own_s
     for (size_t q = 0; q < n; q++) {
         wal_append_t *r = reqs[q];
         r->status = own_status ? r->status : status;
+        r->next = NULL;
+        if (r->direct || !wal->base) {
+            r->cb(r, r->arg);
+            continue;
+        }
+        if (tail)
+            tail->next = r;
+        else
+            head = r;
+        tail = r;
+    }
+    if (!head)
+        return;
+    pthread_mutex_lock(&wal->done_mu);
+    if (wal->done_tail)
+        wal->done_tail->next = head;
+    else
+        wal->done_head = head;
+    wal->done_tail = tail;
+    pthread_mutex_unlock(&wal->done_mu);
+    event_active(wal->done_ev, EV_READ, 0);
+}
+
+/* Complete a linked list of requests (the ones waiting for an LMDB commit). */
+static void complete_list(wal_t *wal, wal_append_t *list, int status)
+{
+    wal_append_t *head = NULL, *tail = NULL;
+    while (list) {
+        wal_append_t *r = list, *next = list->next;
+        list = next;
+        if (status)
+            r->status = status;
         r->next = NULL;
         if (r->direct || !wal->base) {
             r->cb(r, r->arg);
@@ -932,15 +1019,11 @@ static uint64_t pages_in_use(wal_t *wal, MDB_txn *txn)
 }
 
 /* Commit (or the injected fault). Returns an LMDB/errno code. */
+static int fault_take(wal_t *wal);
+
 static int txn_commit(wal_t *wal, MDB_txn *txn)
 {
-    pthread_mutex_lock(&wal->mu);
-    int fault = 0;
-    if (wal->fault_count) {
-        wal->fault_count--;
-        fault = wal->fault_err;
-    }
-    pthread_mutex_unlock(&wal->mu);
+    int fault = fault_take(wal);
     if (fault) {
         mdb_txn_abort(txn);
         return fault;
@@ -971,6 +1054,92 @@ static void batch_apply(wal_t *wal)
     wal->n_touched = 0;
 }
 
+/* ---- journal recording --------------------------------------------------- */
+
+static uint8_t jdb_code(const wal_t *wal, MDB_dbi dbi)
+{
+    if (dbi == wal->dbi_meta)
+        return WAL_JDB_META;
+    if (dbi == wal->dbi_log)
+        return WAL_JDB_LOG;
+    if (dbi == wal->dbi_index)
+        return WAL_JDB_INDEX;
+    if (dbi == wal->dbi_streams)
+        return WAL_JDB_STREAMS;
+    if (dbi == wal->dbi_ids)
+        return WAL_JDB_IDS;
+    if (dbi == wal->dbi_cursors)
+        return WAL_JDB_CURSORS;
+    if (dbi == wal->dbi_dedup)
+        return WAL_JDB_DEDUP;
+    return WAL_JDB_SESSIONS;
+}
+
+static MDB_dbi jdb_dbi(const wal_t *wal, uint8_t db)
+{
+    switch (db) {
+    case WAL_JDB_META:
+        return wal->dbi_meta;
+    case WAL_JDB_LOG:
+        return wal->dbi_log;
+    case WAL_JDB_INDEX:
+        return wal->dbi_index;
+    case WAL_JDB_STREAMS:
+        return wal->dbi_streams;
+    case WAL_JDB_IDS:
+        return wal->dbi_ids;
+    case WAL_JDB_CURSORS:
+        return wal->dbi_cursors;
+    case WAL_JDB_DEDUP:
+        return wal->dbi_dedup;
+    default:
+        return wal->dbi_sessions;
+    }
+}
+
+static int jbuf_reserve(wal_t *wal, size_t need)
+{
+    if (wal->jbuf_len + need <= wal->jbuf_cap)
+        return 0;
+    size_t ncap = wal->jbuf_cap ? wal->jbuf_cap * 2 : 65536;
+    while (ncap < wal->jbuf_len + need)
+        ncap *= 2;
+    uint8_t *nb = realloc(wal->jbuf, ncap);
+    if (!nb)
+        return ENOMEM;
+    wal->jbuf = nb;
+    wal->jbuf_cap = ncap;
+    return 0;
+}
+
+/* While a batch is written for the journal, note one LMDB write. */
+static int jrec_op(wal_t *wal, uint8_t kind, MDB_dbi dbi, const void *key, size_t klen,
+                   const void *val, size_t vlen)
+{
+    if (!wal->jrec)
+        return 0;
+    size_t need = wal_jop_size((uint32_t)klen, (uint32_t)vlen);
+    if (jbuf_reserve(wal, need))
+        return ENOMEM;
+    wal_jop_encode(wal->jbuf + wal->jbuf_len, kind, jdb_code(wal, dbi), key, (uint32_t)klen, val,
+                   (uint32_t)vlen);
+    wal->jbuf_len += need;
+    return 0;
+}
+
+static int jput(wal_t *wal, MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v)
+{
+    int rc = mdb_put(txn, dbi, k, v, 0);
+    return rc ? rc : jrec_op(wal, WAL_JOP_PUT, dbi, k->mv_data, k->mv_size, v->mv_data, v->mv_size);
+}
+
+/* Delete a key; MDB_NOTFOUND (nothing to note) is returned as is. */
+static int jdel(wal_t *wal, MDB_txn *txn, MDB_dbi dbi, MDB_val *k)
+{
+    int rc = mdb_del(txn, dbi, k, NULL);
+    return rc ? rc : jrec_op(wal, WAL_JOP_DEL, dbi, k->mv_data, k->mv_size, NULL, 0);
+}
+
 static int write_heads(wal_t *wal, MDB_txn *txn)
 {
     for (size_t i = 0; i < wal->n_touched; i++) {
@@ -978,14 +1147,14 @@ static int write_heads(wal_t *wal, MDB_txn *txn)
         uint8_t val[WAL_STREAM_META_SIZE];
         wal_stream_meta_encode(&e->pending, val);
         MDB_val k = {e->name_len, e->name}, v = {sizeof(val), val};
-        int rc = mdb_put(txn, wal->dbi_streams, &k, &v, 0);
+        int rc = jput(wal, txn, wal->dbi_streams, &k, &v);
         if (rc)
             return rc;
         if (!e->committed) {
             uint8_t idk[4];
             wal_put_be32(idk, e->pending.id);
             MDB_val ik = {4, idk}, iv = {e->name_len, e->name};
-            rc = mdb_put(txn, wal->dbi_ids, &ik, &iv, 0);
+            rc = jput(wal, txn, wal->dbi_ids, &ik, &iv);
             if (rc)
                 return rc;
         }
@@ -998,7 +1167,7 @@ static int write_next_seq(wal_t *wal, MDB_txn *txn)
     uint8_t buf[8];
     put_meta_u64(buf, wal->next_seq);
     MDB_val k = {8, "next_seq"}, v = {8, buf};
-    return mdb_put(txn, wal->dbi_meta, &k, &v, 0);
+    return jput(wal, txn, wal->dbi_meta, &k, &v);
 }
 
 /* Check that every cursor of the request names a stream that exists,
@@ -1037,12 +1206,15 @@ static int put_record(wal_t *wal, MDB_txn *txn, wal_rec_t *rec, unsigned log_fla
     if (rc)
         return rc;
     wal_rec_encode(rec, v.mv_data, v.mv_size);
+    rc = jrec_op(wal, WAL_JOP_PUT, wal->dbi_log, seqk, 8, v.mv_data, v.mv_size);
+    if (rc)
+        return rc;
 
     uint8_t ik[12];
     wal_put_be32(ik, rec->stream_id);
     wal_put_be64(ik + 4, rec->offset);
     MDB_val ikv = {12, ik}, iv = {8, seqk};
-    rc = mdb_put(txn, wal->dbi_index, &ikv, &iv, 0);
+    rc = jput(wal, txn, wal->dbi_index, &ikv, &iv);
     if (rc || !dkey_len)
         return rc;
     uint8_t dval[WAL_DEDUP_VAL_SIZE];
@@ -1050,7 +1222,7 @@ static int put_record(wal_t *wal, MDB_txn *txn, wal_rec_t *rec, unsigned log_fla
         .stream_id = rec->stream_id, .offset = rec->offset, .time_us = dedup_time_us};
     wal_dedup_val_encode(&dv, dval);
     MDB_val dk = {dkey_len, (void *)dkey}, dvv = {sizeof(dval), dval};
-    return mdb_put(txn, wal->dbi_dedup, &dk, &dvv, 0);
+    return jput(wal, txn, wal->dbi_dedup, &dk, &dvv);
 }
 
 static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_t now)
@@ -1116,17 +1288,18 @@ static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_
     return 0;
 }
 
-/* Delete every cursor of a session (keys prefixed by its length and id). */
-static int del_session_cursors(wal_t *wal, MDB_txn *txn, const uint8_t *prefix, size_t plen)
+/* Delete every key of dbi that starts with prefix (a session's cursors:
+ * keys prefixed by the session's length and id). */
+static int del_prefix(MDB_txn *txn, MDB_dbi dbi, const uint8_t *prefix, size_t plen)
 {
     MDB_cursor *cur;
-    int rc = mdb_cursor_open(txn, wal->dbi_cursors, &cur);
+    int rc = mdb_cursor_open(txn, dbi, &cur);
     if (rc)
         return rc;
     for (;;) {
         MDB_val k = {plen, (void *)prefix}, v;
         rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-        if (rc || k.mv_size != plen + 4 || memcmp(k.mv_data, prefix, plen) != 0)
+        if (rc || k.mv_size < plen || memcmp(k.mv_data, prefix, plen) != 0)
             break;
         rc = mdb_cursor_del(cur, 0);
         if (rc)
@@ -1134,6 +1307,12 @@ static int del_session_cursors(wal_t *wal, MDB_txn *txn, const uint8_t *prefix, 
     }
     mdb_cursor_close(cur);
     return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+static int del_session_cursors(wal_t *wal, MDB_txn *txn, const uint8_t *prefix, size_t plen)
+{
+    int rc = del_prefix(txn, wal->dbi_cursors, prefix, plen);
+    return rc ? rc : jrec_op(wal, WAL_JOP_DEL_PREFIX, wal->dbi_cursors, prefix, plen, NULL, 0);
 }
 
 static int write_cursor(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t c, int64_t now)
@@ -1146,9 +1325,9 @@ static int write_cursor(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t c, int
         MDB_val sk = {pc->session_len, r->buf + pc->session};
         if (pc->kind == PC_SESSION_PUT) {
             MDB_val sv = {pc->stream_len, r->buf + pc->stream};
-            return mdb_put(txn, wal->dbi_sessions, &sk, &sv, 0);
+            return jput(wal, txn, wal->dbi_sessions, &sk, &sv);
         }
-        int rc = mdb_del(txn, wal->dbi_sessions, &sk, NULL);
+        int rc = jdel(wal, txn, wal->dbi_sessions, &sk);
         if (rc && rc != MDB_NOTFOUND)
             return rc;
         return del_session_cursors(wal, txn, key, 1 + pc->session_len);
@@ -1164,26 +1343,38 @@ static int write_cursor(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t c, int
     wal_put_be32(key + 1 + pc->session_len, id);
     if (pc->kind == PC_CURSOR_DEL) {
         MDB_val k = {1 + pc->session_len + 4, key};
-        int rc = mdb_del(txn, wal->dbi_cursors, &k, NULL);
+        int rc = jdel(wal, txn, wal->dbi_cursors, &k);
         return rc == MDB_NOTFOUND ? 0 : rc;
     }
     uint8_t val[WAL_CURSOR_VAL_SIZE];
     wal_cursor_val_t cv = {.offset = pc->offset, .updated_us = now};
     wal_cursor_val_encode(&cv, val);
     MDB_val k = {1 + pc->session_len + 4, key}, v = {sizeof(val), val};
-    return mdb_put(txn, wal->dbi_cursors, &k, &v, 0);
+    return jput(wal, txn, wal->dbi_cursors, &k, &v);
 }
 
 /*
- * Write reqs[0..n) in one transaction and commit. Returns an LMDB/errno
- * code; on success every request that passed validation has results.
- * Requests failing validation get their own status and are skipped.
+ * Write reqs[0..n) in a child transaction of wal->outer (begun if needed),
+ * returned in *ret_txn, not committed. Returns an LMDB/errno code (the
+ * child is then aborted); on success every request that passed validation
+ * has results. Requests failing validation get their own status and are
+ * skipped.
  */
-static int batch_write(wal_t *wal, wal_append_t **reqs, size_t n)
+static int batch_write(wal_t *wal, wal_append_t **reqs, size_t n, MDB_txn **ret_txn)
 {
     MDB_txn *txn;
     int64_t now = now_us();
-    int rc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+    int rc = 0;
+    if (!wal->outer) {
+        rc = mdb_txn_begin(wal->env, NULL, 0, &wal->outer);
+        if (rc) {
+            wal->outer = NULL;
+            return rc;
+        }
+        wal->outer_t0 = mono_us();
+        wal->outer_batches = 0;
+    }
+    rc = mdb_txn_begin(wal->env, wal->outer, 0, &txn);
     if (rc)
         return rc;
     wal->gen++;
@@ -1213,7 +1404,8 @@ static int batch_write(wal_t *wal, wal_append_t **reqs, size_t n)
         mdb_txn_abort(txn);
         return rc;
     }
-    return txn_commit(wal, txn);
+    *ret_txn = txn;
+    return 0;
 }
 
 static void fail_stop(wal_t *wal)
@@ -1221,16 +1413,276 @@ static void fail_stop(wal_t *wal)
     __atomic_store_n(&wal->failed, 1, __ATOMIC_RELEASE);
 }
 
-/* Write, commit and complete a batch, handling map growth and splitting. */
+/* The status a failed batch reports for an LMDB/errno code. */
+static int batch_status(wal_t *wal, int rc)
+{
+    if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
+        return WAL_EFULL;
+    if (rc == MDB_TXN_FULL || rc == MDB_BAD_VALSIZE || rc == EINVAL)
+        return WAL_EINVAL; /* one request too large for a txn */
+    if (rc == ENOMEM)
+        return WAL_ENOMEM;
+    fail_stop(wal);
+    return WAL_EFATAL;
+}
+
+/* An injected fault (wal_testing_fail_commits) for the next durable point. */
+static int fault_take(wal_t *wal)
+{
+    pthread_mutex_lock(&wal->mu);
+    int fault = 0;
+    if (wal->fault_count) {
+        wal->fault_count--;
+        fault = wal->fault_err;
+    }
+    pthread_mutex_unlock(&wal->mu);
+    return fault;
+}
+
+/* ---- journal I/O ---------------------------------------------------------- */
+
+static int pwrite_all(int fd, const uint8_t *p, size_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t w = pwrite(fd, p, len, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (w == 0)
+            return EIO;
+        p += w;
+        len -= (size_t)w;
+        off += (uint64_t)w;
+    }
+    return 0;
+}
+
+/* Extend the journal file with zeroes to at least upto bytes and make the
+ * new size durable: entries later overwrite allocated blocks in place, so
+ * their fdatasync has no file metadata to write. */
+static int journal_extend(wal_t *wal, uint64_t upto)
+{
+    static const uint8_t zero[65536];
+    uint64_t target = (upto + JOURNAL_CHUNK - 1) / JOURNAL_CHUNK * JOURNAL_CHUNK;
+    if (target > wal->opts.journal_max)
+        target = wal->opts.journal_max;
+    for (uint64_t off = wal->jfile; off < target;) {
+        size_t n = target - off < sizeof(zero) ? (size_t)(target - off) : sizeof(zero);
+        int rc = pwrite_all(wal->jfd, zero, n, off);
+        if (rc)
+            return rc;
+        off += n;
+    }
+    if (fdatasync(wal->jfd) != 0)
+        return errno;
+    wal->jfile = target;
+    return 0;
+}
+
+/* Append the batch in jbuf as one entry at joff and make it durable. */
+static int journal_write(wal_t *wal, uint64_t size)
+{
+    uint32_t body_len = (uint32_t)(wal->jbuf_len - WAL_JOURNAL_HDR);
+    if (jbuf_reserve(wal, size - wal->jbuf_len))
+        return ENOMEM;
+    memset(wal->jbuf + wal->jbuf_len, 0, size - wal->jbuf_len);
+    wal_jentry_header(wal->jbuf, wal->jseq, wal->jbuf + WAL_JOURNAL_HDR, body_len);
+    int rc = 0;
+    if (wal->joff + size > wal->jfile)
+        rc = journal_extend(wal, wal->joff + size);
+    if (!rc)
+        rc = pwrite_all(wal->jfd, wal->jbuf, (size_t)size, wal->joff);
+    if (!rc && fdatasync(wal->jfd) != 0)
+        rc = errno;
+    if (rc)
+        return rc;
+    wal->joff += size;
+    wal->jseq++;
+    return 0;
+}
+
+/*
+ * Commit wal->outer: every journaled batch becomes part of LMDB (and
+ * readable), the journal restarts at offset 0, and the requests waiting for
+ * readability complete. A failure here leaves acknowledged batches only in
+ * the journal: the WAL fails-stop and the next open folds them in, except
+ * for "map full", where we grow the map and fold the journal in now.
+ */
+static int journal_recover(wal_t *wal, char *errbuf, size_t errlen);
+
+/* The map is at its maximum and its used pages are within a journal's worth
+ * (at most a quarter of the maximum) of it. */
+static bool map_near_full(wal_t *wal)
+{
+    if (wal->map_size < wal->opts.map_size_max)
+        return false;
+    MDB_envinfo info;
+    mdb_env_info(wal->env, &info);
+    uint64_t used = ((uint64_t)info.me_last_pgno + 1) * wal->page_size;
+    uint64_t room = wal->opts.map_size_max / 4;
+    if (room > wal->opts.journal_max)
+        room = wal->opts.journal_max;
+    return used + room > wal->opts.map_size_max;
+}
+
+static int outer_commit(wal_t *wal)
+{
+    if (!wal->outer)
+        return 0;
+    MDB_txn *txn = wal->outer;
+    wal->outer = NULL;
+    int64_t t0 = mono_us();
+    int rc = 0;
+    if (wal->jfd >= 0) {
+        uint8_t b[8];
+        put_meta_u64(b, wal->jseq);
+        MDB_val k = {12, "journal_next"}, v = {8, b};
+        rc = mdb_put(txn, wal->dbi_meta, &k, &v, 0);
+    }
+    if (rc)
+        mdb_txn_abort(txn);
+    else
+        rc = mdb_txn_commit(txn);
+    if (rc == MDB_MAP_FULL && wal->jfd >= 0 &&
+        (map_grow(wal, false) == 0 || map_grow(wal, true) == 0)) {
+        /* Acknowledged batches need a home: grow (into retention's reserve
+         * if need be), fold them in from the journal, give the reserve back. */
+        rc = journal_recover(wal, NULL, 0);
+        if (wal->map_size > wal->opts.map_size_max)
+            (void)map_set(wal, wal->opts.map_size_max);
+    }
+    wal_append_t *list = wal->wait_head;
+    wal->wait_head = wal->wait_tail = NULL;
+    if (rc) {
+        fail_stop(wal);
+        __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+        complete_list(wal, list, WAL_EFATAL);
+        return rc;
+    }
+    wal->joff = 0;
+    wal->outer_batches = 0;
+    __atomic_add_fetch(&wal->st_applies, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&wal->st_apply_us_sum, (uint64_t)(mono_us() - t0), __ATOMIC_RELAXED);
+    complete_list(wal, list, 0);
+    notify_visible(wal);
+    return 0;
+}
+
+/* After a batch reached its durable point: complete the requests that may
+ * complete now; queue the others until wal->outer commits. */
+static void batch_finish(wal_t *wal, wal_append_t **reqs, size_t n, bool journaled)
+{
+    size_t now = 0;
+    for (size_t q = 0; q < n; q++) {
+        wal_append_t *r = reqs[q];
+        if (journaled && r->status == 0 && (!r->when_durable || r->n_cursors)) {
+            r->next = NULL;
+            if (wal->wait_tail)
+                wal->wait_tail->next = r;
+            else
+                wal->wait_head = r;
+            wal->wait_tail = r;
+            continue;
+        }
+        reqs[now++] = r;
+    }
+    complete_batch(wal, reqs, now, true, 0);
+}
+
+/*
+ * Write a batch, make it durable and complete it, handling map growth and
+ * splitting. With a journal the batch's durable point is its journal entry
+ * (one sequential write and fdatasync) and its LMDB writes join wal->outer,
+ * committed later by outer_commit; without one (or for a batch too large
+ * for the journal) wal->outer holds just this batch and commits now.
+ */
 static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
 {
+    bool direct = wal->jfd < 0;
+    if (!direct && map_near_full(wal)) {
+        /* Near map_size_max, "full" must be decided by the commit that
+         * acknowledges: no batch may be acknowledged that LMDB then has no
+         * room for. Fold the journal in and commit directly. */
+        direct = true;
+        if (outer_commit(wal)) {
+            complete_batch(wal, reqs, n, false, WAL_EFATAL);
+            return;
+        }
+    }
     for (;;) {
         uint64_t saved_seq = wal->next_seq;
         uint32_t saved_id = wal->next_stream_id;
         int64_t t0 = mono_us();
-        int rc = batch_write(wal, reqs, n);
+        MDB_txn *child = NULL;
+        wal->jrec = !direct;
+        wal->jbuf_len = 0;
+        int rc = direct ? 0 : jbuf_reserve(wal, WAL_JOURNAL_HDR);
+        wal->jbuf_len = WAL_JOURNAL_HDR;
+        if (!rc)
+            rc = batch_write(wal, reqs, n, &child);
+        wal->jrec = false;
+        bool journaled = false;
+        if (rc == 0 && !direct) {
+            uint64_t body = wal->jbuf_len - WAL_JOURNAL_HDR;
+            uint64_t size = wal_jentry_size(body);
+            if (size > wal->opts.journal_max || body > WAL_JOURNAL_BODY_MAX ||
+                wal->joff + size > wal->opts.journal_max) {
+                /* No room: fold the journal into LMDB, then retry (into an
+                 * empty journal, or straight into LMDB if it never fits). */
+                mdb_txn_abort(child);
+                batch_rollback(wal, saved_seq, saved_id);
+                if (size > wal->opts.journal_max || body > WAL_JOURNAL_BODY_MAX)
+                    direct = true;
+                if (outer_commit(wal)) {
+                    complete_batch(wal, reqs, n, false, WAL_EFATAL);
+                    return;
+                }
+                continue;
+            }
+            int fault = fault_take(wal);
+            rc = fault ? fault : journal_write(wal, size);
+            if (rc) {
+                /* The entry may be partly on disk: a torn tail that recovery
+                 * stops at. A real write or fdatasync error is fatal (we
+                 * cannot know what reached the disk). */
+                mdb_txn_abort(child);
+                batch_rollback(wal, saved_seq, saved_id);
+                __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+                int status = fault ? batch_status(wal, rc) : WAL_EFATAL;
+                if (!fault)
+                    fail_stop(wal);
+                complete_batch(wal, reqs, n, false, status);
+                return;
+            }
+            journaled = true;
+        }
+        if (rc == 0) {
+            rc = mdb_txn_commit(child); /* into wal->outer: no I/O */
+            if (rc && journaled) {
+                fail_stop(wal);
+                __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+                complete_batch(wal, reqs, n, false, WAL_EFATAL);
+                return;
+            }
+        }
+        if (rc == 0 && !journaled) {
+            MDB_txn *txn = wal->outer;
+            wal->outer = NULL;
+            int64_t ta = mono_us();
+            rc = txn_commit(wal, txn);
+            if (rc == 0) {
+                __atomic_add_fetch(&wal->st_applies, 1, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&wal->st_apply_us_sum, (uint64_t)(mono_us() - ta),
+                                   __ATOMIC_RELAXED);
+                notify_visible(wal);
+            }
+        }
         if (rc == 0) {
             batch_apply(wal);
+            if (journaled)
+                wal->outer_batches++;
             uint64_t msgs = 0;
             for (size_t q = 0; q < n; q++)
                 msgs += reqs[q]->status == 0 ? reqs[q]->n_msgs : 0;
@@ -1240,10 +1692,23 @@ static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
             hist_add(wal->st_batch, wal_batch_bounds, msgs);
             __atomic_add_fetch(&wal->st_commits, 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&wal->st_msgs, msgs, __ATOMIC_RELAXED);
-            complete_batch(wal, reqs, n, true, 0);
+            batch_finish(wal, reqs, n, journaled);
             return;
         }
         batch_rollback(wal, saved_seq, saved_id);
+        if (wal->outer && wal->outer_batches > 0 && (rc == MDB_MAP_FULL || rc == MDB_TXN_FULL)) {
+            /* The journaled batches waiting in wal->outer take room: fold
+             * them into LMDB, then retry this batch alone. */
+            if (outer_commit(wal)) {
+                complete_batch(wal, reqs, n, false, WAL_EFATAL);
+                return;
+            }
+            continue;
+        }
+        if (wal->outer && wal->outer_batches == 0) {
+            mdb_txn_abort(wal->outer); /* begun for this batch only */
+            wal->outer = NULL;
+        }
         if (rc == MDB_MAP_FULL && map_grow(wal, false) == 0)
             continue; /* retried: not a failed commit */
         if (rc == MDB_TXN_FULL && n > 1) {
@@ -1253,18 +1718,7 @@ static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
             return;
         }
         __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
-        int status;
-        if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
-            status = WAL_EFULL;
-        else if (rc == MDB_TXN_FULL || rc == MDB_BAD_VALSIZE || rc == EINVAL)
-            status = WAL_EINVAL; /* one request too large for a txn */
-        else if (rc == ENOMEM)
-            status = WAL_ENOMEM;
-        else {
-            fail_stop(wal);
-            status = WAL_EFATAL;
-        }
-        complete_batch(wal, reqs, n, false, status);
+        complete_batch(wal, reqs, n, false, batch_status(wal, rc));
         return;
     }
 }
@@ -1408,9 +1862,39 @@ static void *writer_main(void *arg)
 
     pthread_mutex_lock(&wal->mu);
     for (;;) {
-        while (!wal->q_head && !wal->retain && !wal->closing)
-            pthread_cond_wait(&wal->cond, &wal->mu);
+        while (!wal->q_head && !wal->retain && !wal->closing) {
+            if (!wal->outer) {
+                pthread_cond_wait(&wal->cond, &wal->mu);
+                continue;
+            }
+            /* Journaled batches wait in wal->outer: fold them into LMDB
+             * once no new work came for apply_idle_us. */
+            struct timespec dl;
+            clock_gettime(CLOCK_REALTIME, &dl);
+            dl.tv_nsec += (long)wal->opts.apply_idle_us * 1000;
+            dl.tv_sec += dl.tv_nsec / 1000000000;
+            dl.tv_nsec %= 1000000000;
+            int w = pthread_cond_timedwait(&wal->cond, &wal->mu, &dl);
+            if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
+                break;
+            if (w == ETIMEDOUT && !wal->q_head) {
+                pthread_mutex_unlock(&wal->mu);
+                (void)outer_commit(wal);
+                pthread_mutex_lock(&wal->mu);
+                wal->writer_busy = false;
+            }
+        }
         if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE)) {
+            if (wal->outer) {
+                /* Journaled batches stay in the journal for the next open. */
+                mdb_txn_abort(wal->outer);
+                wal->outer = NULL;
+                wal_append_t *waiting = wal->wait_head;
+                wal->wait_head = wal->wait_tail = NULL;
+                pthread_mutex_unlock(&wal->mu);
+                complete_list(wal, waiting, WAL_EFATAL);
+                pthread_mutex_lock(&wal->mu);
+            }
             wal_append_t *list;
             fail_queue_locked(wal, &list);
             if (wal->retain) {
@@ -1428,6 +1912,13 @@ static void *writer_main(void *arg)
             pthread_mutex_lock(&wal->mu);
             if (wal->closing && !wal->q_head)
                 break;
+            continue;
+        }
+        if (!wal->q_head && (wal->retain || wal->closing) && wal->outer) {
+            pthread_mutex_unlock(&wal->mu);
+            (void)outer_commit(wal); /* before retention or exit */
+            pthread_mutex_lock(&wal->mu);
+            wal->writer_busy = false;
             continue;
         }
         if (!wal->q_head && wal->retain) {
@@ -1493,9 +1984,11 @@ static void *writer_main(void *arg)
             nanosleep(&ts, NULL);
         } else {
             batch_run(wal, batch, n);
+            if (wal->outer && mono_us() - wal->outer_t0 >= (int64_t)wal->opts.apply_us)
+                (void)outer_commit(wal);
         }
         pthread_mutex_lock(&wal->mu);
-        wal->writer_busy = false;
+        wal->writer_busy = wal->outer != NULL; /* restores wait for the fold */
     }
     pthread_mutex_unlock(&wal->mu);
     free(batch);
@@ -1657,6 +2150,16 @@ static int check_version(wal_t *wal, MDB_txn *txn, bool create, char *errbuf, si
         errf(errbuf, errlen, "'%s': format version 0 is invalid", wal->dir);
         return WAL_ECORRUPT;
     }
+    if (ver < WAL_FORMAT_VERSION && create) {
+        /* Version 1 had no journal. A writer of this build may leave
+         * acknowledged batches in the journal alone, which a version-1
+         * build would not read: mark the WAL so that such a build refuses
+         * it instead of losing them. */
+        uint8_t buf[4];
+        wal_put_le32(buf, WAL_FORMAT_VERSION);
+        MDB_val nv = {4, buf};
+        return map_mdb(mdb_put(txn, wal->dbi_meta, &k, &nv, 0));
+    }
     return 0;
 }
 
@@ -1714,6 +2217,165 @@ static int load_heads(wal_t *wal, MDB_txn *txn, char *errbuf, size_t errlen)
     return 0;
 }
 
+/* ---- journal: open and recovery ------------------------------------------ */
+
+/* Open (creating) the journal and lock it. Another process that has this
+ * WAL open for writing holds the lock: we then commit every batch to LMDB
+ * directly and leave its journal alone. */
+static int journal_open(wal_t *wal, char *errbuf, size_t errlen)
+{
+    size_t plen = strlen(wal->dir) + sizeof("/journal");
+    char *path = malloc(plen);
+    if (!path)
+        return WAL_ENOMEM;
+    snprintf(path, plen, "%s/journal", wal->dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        errf(errbuf, errlen, "cannot open journal '%s': %s", path, strerror(errno));
+        free(path);
+        return WAL_EIO;
+    }
+    free(path);
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        close(fd);
+        return 0;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        errf(errbuf, errlen, "journal: %s", strerror(errno));
+        close(fd);
+        return WAL_EIO;
+    }
+    wal->jfd = fd;
+    wal->jfile = (uint64_t)st.st_size;
+    if (st.st_size == 0) {
+        /* A new file: its directory entry must be durable before any
+         * entry in it is acknowledged. */
+        int dfd = open(wal->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            (void)fsync(dfd);
+            close(dfd);
+        }
+    }
+    return 0;
+}
+
+static int journal_apply_op(wal_t *wal, MDB_txn *txn, const wal_jop_t *op)
+{
+    MDB_dbi dbi = jdb_dbi(wal, op->db);
+    MDB_val k = {op->key_len, (void *)op->key};
+    if (op->kind == WAL_JOP_PUT) {
+        MDB_val v = {op->val_len, (void *)op->val};
+        return mdb_put(txn, dbi, &k, &v, 0);
+    }
+    if (op->kind == WAL_JOP_DEL) {
+        int rc = mdb_del(txn, dbi, &k, NULL);
+        return rc == MDB_NOTFOUND ? 0 : rc;
+    }
+    return del_prefix(txn, dbi, op->key, op->key_len);
+}
+
+/*
+ * Fold into LMDB, in one durable transaction, every journal entry that
+ * LMDB does not hold yet: the entries from offset 0 that form an unbroken
+ * run of sequence numbers with valid checksums, from meta "journal_next"
+ * on. The run ends at zeroes, a torn or stale entry (an older lap of the
+ * file) or the end of the file. Sets wal->jseq; the journal restarts at 0.
+ */
+static int journal_recover(wal_t *wal, char *errbuf, size_t errlen)
+{
+    uint8_t hdr[WAL_JOURNAL_HDR];
+    uint8_t *body = NULL;
+    size_t body_cap = 0;
+    int rc;
+    for (;;) {
+        MDB_txn *txn;
+        rc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+        if (rc)
+            break;
+        uint64_t next = 0, expect = 0, off = 0, applied = 0;
+        bool have = false;
+        MDB_val mk = {12, "journal_next"}, mv;
+        if (mdb_get(txn, wal->dbi_meta, &mk, &mv) == 0 && mv.mv_size == 8)
+            next = wal_get_le64(mv.mv_data);
+        while (!rc && off + WAL_JOURNAL_HDR <= wal->jfile) {
+            ssize_t got = pread(wal->jfd, hdr, sizeof(hdr), (off_t)off);
+            wal_jentry_t e;
+            if (got != (ssize_t)sizeof(hdr) ||
+                wal_jentry_decode_header(hdr, wal->jfile - off, &e) != 0 ||
+                (have && e.jseq != expect))
+                break;
+            if (e.body_len > body_cap) {
+                uint8_t *nb = realloc(body, e.body_len);
+                if (!nb) {
+                    rc = ENOMEM;
+                    break;
+                }
+                body = nb;
+                body_cap = e.body_len;
+            }
+            if (e.body_len && pread(wal->jfd, body, e.body_len, (off_t)(off + WAL_JOURNAL_HDR)) !=
+                                  (ssize_t)e.body_len)
+                break;
+            e.body = body;
+            if (wal_jentry_verify(hdr, &e) != 0)
+                break;
+            if (e.jseq >= next) {
+                size_t pos = 0;
+                wal_jop_t op;
+                int g;
+                while (!rc && (g = wal_jop_next(e.body, e.body_len, &pos, &op)) == 1)
+                    rc = journal_apply_op(wal, txn, &op);
+                if (!rc && g < 0) {
+                    errf(errbuf, errlen, "journal entry %llu at byte %llu: malformed op",
+                         (unsigned long long)e.jseq, (unsigned long long)off);
+                    rc = MDB_CORRUPTED;
+                }
+                applied++;
+            }
+            have = true;
+            expect = e.jseq + 1;
+            off += e.size;
+        }
+        uint64_t last = have && expect > next ? expect : next;
+        if (!rc && last == next) {
+            mdb_txn_abort(txn); /* nothing to fold in: write nothing */
+            wal->jseq = last;
+            wal->joff = 0;
+            break;
+        }
+        if (!rc) {
+            uint8_t b[8];
+            put_meta_u64(b, last);
+            MDB_val v = {8, b};
+            rc = mdb_put(txn, wal->dbi_meta, &mk, &v, 0);
+        }
+        if (rc) {
+            mdb_txn_abort(txn);
+            if (rc == MDB_MAP_FULL && (map_grow(wal, false) == 0 || map_grow(wal, true) == 0)) {
+                rc = 0;
+                continue;
+            }
+            break;
+        }
+        rc = mdb_txn_commit(txn);
+        if (rc == MDB_MAP_FULL && (map_grow(wal, false) == 0 || map_grow(wal, true) == 0)) {
+            rc = 0;
+            continue;
+        }
+        if (!rc) {
+            wal->jseq = last;
+            wal->joff = 0;
+            __atomic_add_fetch(&wal->st_recovered, applied, __ATOMIC_RELAXED);
+        }
+        break;
+    }
+    free(body);
+    if (rc && rc != MDB_CORRUPTED)
+        errf(errbuf, errlen, "journal recovery in '%s': %s", wal->dir, mdb_strerror(rc));
+    return rc == MDB_CORRUPTED ? WAL_ECORRUPT : rc ? map_mdb(rc) : 0;
+}
+
 static void opts_defaults(wal_options_t *o)
 {
     if (!o->map_size)
@@ -1732,6 +2394,15 @@ static void opts_defaults(wal_options_t *o)
         o->max_readers = DEF_MAX_READERS;
     if (!o->max_record_bytes)
         o->max_record_bytes = DEF_MAX_RECORD;
+    if (!o->journal_max)
+        o->journal_max = DEF_JOURNAL_MAX;
+    o->journal_max = o->journal_max / WAL_JOURNAL_ALIGN * WAL_JOURNAL_ALIGN;
+    if (o->journal_max < 2 * JOURNAL_CHUNK)
+        o->journal_max = 2 * JOURNAL_CHUNK;
+    if (!o->apply_us)
+        o->apply_us = DEF_APPLY_US;
+    if (!o->apply_idle_us)
+        o->apply_idle_us = DEF_APPLY_IDLE;
 }
 
 static void wal_free(wal_t *wal)
@@ -1741,6 +2412,9 @@ static void wal_free(wal_t *wal)
     if (wal->done_ev)
         event_free(wal->done_ev);
     heads_free(wal);
+    if (wal->jfd >= 0)
+        close(wal->jfd); /* releases the flock */
+    free(wal->jbuf);
     pthread_rwlock_destroy(&wal->map_lock);
     pthread_mutex_destroy(&wal->mu);
     pthread_cond_destroy(&wal->cond);
@@ -1769,6 +2443,7 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
     wal->dir = strdup(opts->dir);
     wal->read_only = opts->read_only != 0;
     wal->base = wal->read_only ? NULL : base;
+    wal->jfd = -1;
     /* Prefer the writer: a stream of short reads must not starve a resize. */
     pthread_rwlockattr_t rwa;
     pthread_rwlockattr_init(&rwa);
@@ -1837,6 +2512,26 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
     rc = check_version(wal, txn, !wal->read_only, errbuf, errlen);
     if (rc)
         goto fail;
+    if (!wal->read_only && !wal->opts.no_journal && wal->opts.sync == WAL_SYNC_FULL) {
+        /* Create the DBs for good, then fold in what the journal holds. */
+        mrc = mdb_txn_commit(txn);
+        txn = NULL;
+        if (mrc) {
+            errf(errbuf, errlen, "initial commit in '%s': %s", wal->dir, mdb_strerror(mrc));
+            rc = map_mdb(mrc);
+            goto fail;
+        }
+        rc = journal_open(wal, errbuf, errlen);
+        if (!rc && wal->jfd >= 0)
+            rc = journal_recover(wal, errbuf, errlen);
+        if (rc)
+            goto fail;
+        mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+        if (mrc) {
+            rc = map_mdb(mrc);
+            goto fail;
+        }
+    }
     if (!wal->read_only) {
         rc = load_heads(wal, txn, errbuf, errlen);
         if (rc)
@@ -1893,6 +2588,35 @@ void wal_close(wal_t *wal)
     if (wal->base)
         done_run(wal); /* completions the loop has not run yet */
     wal_free(wal);
+}
+
+int wal_fold_journal(const char *dir, uint64_t *ret_entries, char *errbuf, size_t errlen)
+{
+    *ret_entries = 0;
+    if (!dir || !*dir)
+        return WAL_EINVAL;
+    size_t plen = strlen(dir) + sizeof("/journal");
+    char *path = malloc(plen);
+    if (!path)
+        return WAL_ENOMEM;
+    snprintf(path, plen, "%s/journal", dir);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    free(path);
+    if (fd < 0)
+        return 0; /* no journal (or not ours to read): nothing to fold */
+    struct stat st;
+    bool idle = fstat(fd, &st) == 0 && st.st_size > 0 && flock(fd, LOCK_EX | LOCK_NB) == 0;
+    close(fd);
+    if (!idle)
+        return 0;
+    wal_options_t o = {.dir = dir};
+    wal_t *wal;
+    int rc = wal_open(&o, NULL, &wal, errbuf, errlen);
+    if (rc)
+        return rc;
+    *ret_entries = __atomic_load_n(&wal->st_recovered, __ATOMIC_RELAXED);
+    wal_close(wal);
+    return 0;
 }
 
 int wal_is_failed(const wal_t *wal)
@@ -2315,6 +3039,10 @@ int wal_stats_get(wal_t *wal, wal_stats_t *ret)
         s.batch_buckets[i] = __atomic_load_n(&wal->st_batch[i], __ATOMIC_RELAXED);
     }
     s.commit_us_sum = __atomic_load_n(&wal->st_commit_us_sum, __ATOMIC_RELAXED);
+    s.applies = __atomic_load_n(&wal->st_applies, __ATOMIC_RELAXED);
+    s.apply_us_sum = __atomic_load_n(&wal->st_apply_us_sum, __ATOMIC_RELAXED);
+    s.recovered_entries = __atomic_load_n(&wal->st_recovered, __ATOMIC_RELAXED);
+    s.journal = wal->jfd >= 0;
     *ret = s;
     return 0;
 }

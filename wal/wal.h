@@ -71,6 +71,15 @@ typedef struct wal_options {
     uint32_t retain_chunk;     /* retention: records dropped per txn (0: 20000) */
     uint32_t max_readers;      /* LMDB reader slots (0: 512) */
     uint64_t max_record_bytes; /* largest payload accepted (0: 64 MiB) */
+    /* Journal (docs/wal-format.md): a batch is durable once its entry is
+     * appended and fdatasynced to <dir>/journal; its LMDB writes join a
+     * transaction committed (folded in) after apply_us, or once no work
+     * came for apply_idle_us. Off with no_journal (and with WAL_SYNC_NONE):
+     * every batch is then its own synced LMDB commit. */
+    int no_journal;
+    uint64_t journal_max;   /* journal file size limit (0: 64 MiB) */
+    uint32_t apply_us;      /* fold the journal into LMDB at least this often (0: 2000) */
+    uint32_t apply_idle_us; /* ... or after this long without work (0: 200) */
 } wal_options_t;
 
 typedef struct wal wal_t;
@@ -103,6 +112,15 @@ void wal_close(wal_t *wal);
 
 /* A fatal error stopped the WAL (fail-stop after an fsync/write error). */
 int wal_is_failed(const wal_t *wal);
+
+/*
+ * For read-only tools: if dir holds a journal with entries LMDB lacks (a
+ * writer stopped without folding it, e.g. a crash) and no process writes
+ * the WAL now, fold them into LMDB (a brief read-write open). Does nothing
+ * when there is no journal or a writer holds it (that writer folds).
+ * *ret_entries: entries folded. Returns 0 or a WAL_E* code.
+ */
+int wal_fold_journal(const char *dir, uint64_t *ret_entries, char *errbuf, size_t errlen);
 
 /* ---- appends ----------------------------------------------------------- */
 
@@ -182,6 +200,24 @@ int wal_append_del_session(wal_append_t *req, const void *session, size_t sessio
  * max_record_bytes.
  */
 int wal_append_submit(wal_t *wal, wal_append_t *req);
+
+/*
+ * Complete this request as soon as it is durable (its journal entry is
+ * fdatasynced) instead of once LMDB readers can see its records: a publish
+ * may be acknowledged and its record handed to live subscribers from
+ * memory before wal_stream_read returns it (opts.visible_cb says when it
+ * does). Requests with cursor or session writes complete when readable.
+ * Call before wal_append_submit.
+ */
+void wal_append_when_durable(wal_append_t *req);
+
+/*
+ * cb(arg) runs on the event loop (the base given to wal_open) after an LMDB
+ * commit made new records readable through wal_stream_read and friends:
+ * for readers that wait for records acknowledged earlier through
+ * wal_append_when_durable. Set it before submitting appends.
+ */
+void wal_on_visible(wal_t *wal, void (*cb)(void *arg), void *arg);
 
 /* In the callback: 0, or the error that failed the whole request
  * (WAL_EFULL, WAL_EFATAL, WAL_EIO, WAL_ENOTFOUND for a cursor on an
@@ -314,6 +350,12 @@ typedef struct wal_stats {
     uint64_t commit_us_buckets[WAL_HIST_BUCKETS]; /* upper bounds: wal_commit_us_bounds */
     uint64_t commit_us_sum;
     uint64_t batch_buckets[WAL_HIST_BUCKETS]; /* messages per commit: wal_batch_bounds */
+    /* "commits" above are durable points (journal entries, or direct LMDB
+     * commits); applies are LMDB commits (folds of the journal included) */
+    uint64_t applies;
+    uint64_t apply_us_sum;
+    uint64_t recovered_entries; /* journal entries folded in at open */
+    int journal;                /* this handle writes a journal */
 } wal_stats_t;
 /* Bucket upper bounds (WAL_HIST_BUCKETS - 1 finite ones; then +Inf). */
 extern const uint64_t wal_commit_us_bounds[WAL_HIST_BUCKETS - 1];

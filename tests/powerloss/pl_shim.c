@@ -1,6 +1,7 @@
 /*
- * pl_shim.c - LD_PRELOAD power-loss simulator for LMDB's data file (tests
- * only). Writes to a file named data.mdb that was opened without O_DSYNC are
+ * pl_shim.c - LD_PRELOAD power-loss simulator for the WAL's files (tests
+ * only). Writes to a file named data.mdb (LMDB) or journal (the WAL's
+ * journal, written with pwrite + fdatasync) that was opened without O_DSYNC are
  * held in memory and reach the file only when the process fsyncs it, as in a
  * page cache that a power cut empties. O_DSYNC writes (LMDB's meta page fd)
  * go straight to the file. At the N-th write/sync event (ARQ_PL_CRASH_AT=N)
@@ -29,6 +30,7 @@
 #define MAX_FD 4096
 
 struct pending {
+    int fd; /* the buffered fd of data.mdb or of the journal */
     off_t off;
     size_t len;
     unsigned char *data;
@@ -90,7 +92,8 @@ static uint64_t next_rand(void)
 static int is_data_file(const char *path)
 {
     size_t n = strlen(path);
-    return n >= 8 && strcmp(path + n - 8, "data.mdb") == 0;
+    return (n >= 8 && strcmp(path + n - 8, "data.mdb") == 0) ||
+           (n >= 8 && strcmp(path + n - 8, "/journal") == 0);
 }
 
 static void track(int fd, const char *path, int flags)
@@ -126,8 +129,9 @@ static void crash(int fd)
         size_t len = pend[i].len;
         if (r == 2 && len > 512)
             len = 512 * (1 + next_rand() % (len / 512)); /* torn */
-        apply(fd, &pend[i], len);
+        apply(pend[i].fd, &pend[i], len);
     }
+    (void)fd;
     _exit(86);
 }
 
@@ -139,7 +143,7 @@ static void tick(int fd)
         crash(fd);
 }
 
-static void buffer(const void *buf, size_t n, off_t off)
+static void buffer(int fd, const void *buf, size_t n, off_t off)
 {
     if (n_pend == cap_pend) {
         cap_pend = cap_pend ? cap_pend * 2 : 64;
@@ -151,16 +155,21 @@ static void buffer(const void *buf, size_t n, off_t off)
     if (!d)
         _exit(88);
     memcpy(d, buf, n);
-    pend[n_pend++] = (struct pending){off, n, d};
+    pend[n_pend++] = (struct pending){fd, off, n, d};
 }
 
 static void flush_pending(int fd)
 {
+    size_t keep = 0;
     for (size_t i = 0; i < n_pend; i++) {
+        if (pend[i].fd != fd) {
+            pend[keep++] = pend[i];
+            continue;
+        }
         apply(fd, &pend[i], pend[i].len);
         free(pend[i].data);
     }
-    n_pend = 0;
+    n_pend = keep;
 }
 
 int open(const char *path, int flags, ...)
@@ -219,7 +228,7 @@ ssize_t pwrite(int fd, const void *buf, size_t n, off_t off)
     if (tracked[fd] == 2)
         rc = r_pwrite(fd, buf, n, off); /* O_DSYNC: durable on return */
     else
-        buffer(buf, n, off);
+        buffer(fd, buf, n, off);
     pthread_mutex_unlock(&mu);
     return rc;
 }
@@ -267,6 +276,8 @@ ssize_t pread(int fd, void *buf, size_t n, off_t off)
         return rc;
     pthread_mutex_lock(&mu);
     for (size_t i = 0; i < n_pend; i++) { /* overlay, oldest first */
+        if (pend[i].fd != fd)
+            continue;
         off_t a = pend[i].off > off ? pend[i].off : off;
         off_t e1 = pend[i].off + (off_t)pend[i].len, e2 = off + (off_t)n;
         off_t b = e1 < e2 ? e1 : e2;
@@ -279,6 +290,17 @@ ssize_t pread(int fd, void *buf, size_t n, off_t off)
     }
     pthread_mutex_unlock(&mu);
     return rc;
+}
+
+/* The WAL's own code is built with _FILE_OFFSET_BITS=64 and calls these. */
+ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off)
+{
+    return pwrite(fd, buf, n, off);
+}
+
+ssize_t pread64(int fd, void *buf, size_t n, off_t off)
+{
+    return pread(fd, buf, n, off);
 }
 
 static int do_sync(int fd, int data_only)
