@@ -46,6 +46,10 @@ struct brk_stream {
     brk_frame_t **cache;
     uint64_t cache_first;
     brk_stream_t *hnext;
+    /* A subscriber waits for records acknowledged but not yet readable from
+     * the WAL (behind the tail cache): woken by brk_visible. */
+    bool stalled;
+    brk_stream_t *next_stalled;
 };
 
 struct brk_client {
@@ -82,7 +86,8 @@ struct brk {
     brk_options_t o;
     brk_stream_t **buckets;
     size_t n_buckets, n_streams;
-    brk_client_t *dirty; /* clients with acks to persist */
+    brk_stream_t *stalled; /* streams waiting for the WAL's next LMDB commit */
+    brk_client_t *dirty;   /* clients with acks to persist */
     struct event *flush_ev;
     brk_client_t **sess; /* live durable sessions by id (chained) */
     size_t n_sess_buckets;
@@ -364,6 +369,13 @@ static uint32_t deliver_sub(brk_sub_t *sub, uint32_t budget)
             continue;
         }
         if (rc != RPL_OK || cc.sent == 0) {
+            if ((rc == RPL_OK || rc == RPL_ENOSTREAM) && cc.sent == 0 && !s->stalled) {
+                /* Acknowledged (durable in the WAL's journal) but not yet
+                 * readable: retry when the WAL says it is. */
+                s->stalled = true;
+                s->next_stalled = b->stalled;
+                b->stalled = s;
+            }
             if (rc == RPL_EREAD) {
                 /* Never skip it, never retry it in a loop: this subscription
                  * stops here (the operator's arq-replay verify finds the
@@ -407,6 +419,21 @@ static void wake_stream(brk_stream_t *s)
 {
     for (brk_sub_t *sub = s->subs; sub; sub = sub->next_in_stream)
         deliver_sub(sub, DELIVER_BUDGET);
+}
+
+/* The WAL made more records readable: retry the subscribers that waited. */
+static void brk_visible(void *arg)
+{
+    brk_t *b = arg;
+    brk_stream_t *s = b->stalled;
+    b->stalled = NULL;
+    while (s) {
+        brk_stream_t *next = s->next_stalled;
+        s->stalled = false;
+        s->next_stalled = NULL;
+        wake_stream(s);
+        s = next;
+    }
 }
 
 /* ---- clients ----------------------------------------------------------- */
@@ -1124,6 +1151,8 @@ static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *st
         free(p);
         return rc;
     }
+    /* puback, and live delivery from the tail cache, at the durable point */
+    wal_append_when_durable(req);
     wal_msg_t m = {
         .stream = stream,
         .stream_len = stream_len,
@@ -1311,6 +1340,8 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
     b->base = base;
     b->wal = wal;
     b->o = *opts;
+    if (wal)
+        wal_on_visible(wal, brk_visible, b);
     if (!b->o.max_payload)
         b->o.max_payload = 1u << 20;
     if (!b->o.max_subscriptions)
@@ -1357,6 +1388,8 @@ void brk_free(brk_t *b)
 {
     if (!b)
         return;
+    if (b->wal)
+        wal_on_visible(b->wal, NULL, NULL);
     event_free(b->flush_ev);
     event_free(b->expire_ev);
     free(b->sess);

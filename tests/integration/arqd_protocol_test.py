@@ -332,6 +332,10 @@ def scenario_http(d):
           and "arq_connections" in text, "/metrics content")
     m = re.search(r"^arq_publishes_total (\d+)$", text, re.M)
     check(m and int(m.group(1)) >= 10, "publish counter")
+    # publishes go through the WAL's journal; its folds are LMDB commits
+    check(re.search(r"^arq_wal_journal 1$", text, re.M), "the journal is in use")
+    m = re.search(r"^arq_wal_folds_total (\d+)$", text, re.M)
+    check(m and int(m.group(1)) >= 1, "journal folds counted")
 
 
 async def read_inbox(d):
