@@ -93,6 +93,7 @@ struct key_def {
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
 static const char *const log_formats[] = {"logfmt", "json", NULL};
 static const char *const sync_modes[] = {"full", "none", NULL};
+static const char *const on_off[] = {"on", "off", NULL};
 
 #define FIELD(f) .offset = offsetof(arq_config_t, f), .width = sizeof(((arq_config_t *)NULL)->f)
 
@@ -133,6 +134,9 @@ static const struct key_def keys[] = {
     {"wal", "retain_every_ms", NULL, KT_UINT, FIELD(retain_every_ms), .min = 10, .max = 3600000},
     {"wal", "batch_max_msgs", NULL, KT_UINT, FIELD(batch_max_msgs), .min = 1, .max = 1048576},
     {"wal", "batch_wait_us", NULL, KT_UINT, FIELD(batch_wait_us), .min = 0, .max = 1000000},
+    {"wal", "journal", NULL, KT_ENUM, FIELD(journal), .choices = on_off, .choices_text = "on, off"},
+    {"wal", "apply_us", NULL, KT_UINT, FIELD(apply_us), .min = 100, .max = 1000000},
+    {"wal", "apply_idle_us", NULL, KT_UINT, FIELD(apply_idle_us), .min = 10, .max = 1000000},
     {"database", "url", "DATABASE_URL", KT_URL, FIELD(database_url)},
     {"database", "batch_rows", NULL, KT_UINT, FIELD(sync_batch_rows), .min = 1, .max = 100000},
     {"database", "batch_wait_ms", NULL, KT_UINT, FIELD(sync_batch_wait_ms), .min = 1, .max = 60000},
@@ -772,8 +776,11 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->retain_every_ms = 5000;
     cfg->batch_max_msgs = 8192;
     cfg->batch_wait_us = 0;
+    cfg->journal = strdup("on");
+    cfg->apply_us = 2000;
+    cfg->apply_idle_us = 200;
     if (cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
-        cfg->log_format == NULL || cfg->sync == NULL) {
+        cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL) {
         arq_config_free(cfg);
         return -1;
     }
@@ -1057,6 +1064,7 @@ void arq_config_free(arq_config_t *cfg)
     free(cfg->api_key);
     free_origins(cfg->origins, cfg->n_origins);
     free(cfg->sync);
+    free(cfg->journal);
     free(cfg->database_url);
     memset(cfg, 0, sizeof(*cfg));
 }

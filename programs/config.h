@@ -41,6 +41,9 @@ typedef struct arq_config {
     uint32_t retain_every_ms; /* how often retention runs, default 5000 */
     uint32_t batch_max_msgs;  /* default 8192 */
     uint32_t batch_wait_us;   /* default 0 */
+    char *journal;            /* "on" (default) | "off": group commits through <data>/journal */
+    uint32_t apply_us;        /* fold the journal into LMDB at least this often, default 2000 */
+    uint32_t apply_idle_us;   /* ... or after this long idle, default 200 */
     /* [database] */
     char *database_url;          /* DATABASE_URL; NULL: WAL-only */
     uint32_t sync_batch_rows;    /* rows per MySQL sync transaction, default 1000 */
