@@ -206,9 +206,21 @@ int rp_open_wal(const rp_opts_t *o, wal_t **ret)
         rp_err("no data directory: give --data-dir DIR (or set ARQ_DATA_DIR)");
         return RP_USAGE;
     }
-    wal_options_t wo = {.dir = o->data_dir, .read_only = 1};
     char err[512] = "";
-    int rc = wal_open(&wo, NULL, ret, err, sizeof(err));
+    uint64_t folded = 0;
+    int rc = wal_fold_journal(o->data_dir, &folded, err, sizeof(err));
+    if (rc) {
+        rp_err("cannot fold the journal of '%s' into LMDB (%s): reading without the batches it "
+               "holds",
+               o->data_dir, err[0] ? err : wal_strerror(rc));
+        err[0] = 0;
+    } else if (folded) {
+        rp_err("note: '%s/journal' held %llu acknowledged batches not yet in LMDB (arqd did not "
+               "stop cleanly): folded them in first",
+               o->data_dir, (unsigned long long)folded);
+    }
+    wal_options_t wo = {.dir = o->data_dir, .read_only = 1};
+    rc = wal_open(&wo, NULL, ret, err, sizeof(err));
     if (rc) {
         rp_err("cannot open the WAL in '%s': %s", o->data_dir, err[0] ? err : wal_strerror(rc));
         return RP_PROBLEMS;
