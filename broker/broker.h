@@ -72,6 +72,8 @@ typedef struct brk_stats {
     uint64_t read_errors; /* subscriptions stopped by a failed read (corrupt record) */
 } brk_stats_t;
 
+/* Registers the broker for the WAL's visible callback (wal_on_visible): close
+ * the WAL before brk_free, or stop running the loop. */
 int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret);
 /* Serve offsets the WAL dropped from MySQL (sync_cold_open); NULL: gaps. */
 struct sync_cold;
