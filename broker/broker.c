@@ -162,6 +162,10 @@ static void send_buf(brk_client_t *c, proto_buf_t *pb)
 {
     if (c->closed || !pb->len)
         return;
+    if (c->ops->send_bytes) {
+        c->ops->send_bytes(c->conn, pb->data, pb->len);
+        return;
+    }
     brk_frame_t *f = frame_new(pb->data, pb->len);
     if (!f)
         return;
@@ -1018,11 +1022,11 @@ struct pub_ctx {
     brk_t *b;
     brk_client_t *c; /* NULL for the server API */
     uint64_t id;
-    char *stream;
     size_t stream_len;
     int64_t ts;
     brk_api_cb api_cb;
     void *api_arg;
+    char stream[]; /* one allocation per publish: the name lives here */
 };
 
 static int64_t now_us(void)
@@ -1117,7 +1121,6 @@ static void pub_done(wal_append_t *req, void *arg)
             p->c->ops->on_drain(p->c->conn);
         client_unref(p->c);
     }
-    free(p->stream);
     free(p);
     wal_append_free(req);
 }
@@ -1128,7 +1131,7 @@ static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *st
                           const uint8_t *headers, size_t headers_len, enum wal_direction dir,
                           brk_api_cb cb, void *arg)
 {
-    struct pub_ctx *p = calloc(1, sizeof(*p));
+    struct pub_ctx *p = malloc(sizeof(*p) + stream_len);
     if (!p)
         return WAL_ENOMEM;
     p->b = b;
@@ -1137,17 +1140,11 @@ static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *st
     p->ts = now_us();
     p->api_cb = cb;
     p->api_arg = arg;
-    p->stream = malloc(stream_len);
-    if (!p->stream) {
-        free(p);
-        return WAL_ENOMEM;
-    }
     memcpy(p->stream, stream, stream_len);
     p->stream_len = stream_len;
     wal_append_t *req;
     int rc = wal_append_new(pub_done, p, &req);
     if (rc) {
-        free(p->stream);
         free(p);
         return rc;
     }
@@ -1177,7 +1174,6 @@ static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *st
         rc = wal_append_submit(b->wal, req);
     if (rc) {
         wal_append_free(req);
-        free(p->stream);
         free(p);
         return rc;
     }

@@ -47,6 +47,10 @@ typedef struct brk_client_ops {
      * brk_client_close as usual. Must not free the connection inside the
      * call. */
     void (*kick)(void *conn);
+    /* Optional: queue data[0..len) as one binary message, copied (replies
+     * such as puback, built once for one connection: no frame allocation).
+     * Without it the broker wraps the bytes in a frame for send. */
+    void (*send_bytes)(void *conn, const void *data, size_t len);
 } brk_client_ops_t;
 
 typedef struct brk_options {

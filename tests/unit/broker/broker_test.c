@@ -47,7 +47,7 @@ static void rec_kick(void *conn)
     ((rec_conn_t *)conn)->kicked++;
 }
 
-static const brk_client_ops_t rec_ops = {rec_send, rec_pending, NULL, rec_kick};
+static const brk_client_ops_t rec_ops = {rec_send, rec_pending, NULL, rec_kick, NULL};
 
 static void rec_clear(rec_conn_t *r)
 {
