@@ -777,8 +777,8 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->batch_max_msgs = 8192;
     cfg->batch_wait_us = 0;
     cfg->journal = strdup("on");
-    cfg->apply_us = 2000;
-    cfg->apply_idle_us = 200;
+    cfg->apply_us = 10000;
+    cfg->apply_idle_us = 1000;
     if (cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
         cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL) {
         arq_config_free(cfg);

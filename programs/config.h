@@ -42,8 +42,8 @@ typedef struct arq_config {
     uint32_t batch_max_msgs;  /* default 8192 */
     uint32_t batch_wait_us;   /* default 0 */
     char *journal;            /* "on" (default) | "off": group commits through <data>/journal */
-    uint32_t apply_us;        /* fold the journal into LMDB at least this often, default 2000 */
-    uint32_t apply_idle_us;   /* ... or after this long idle, default 200 */
+    uint32_t apply_us;        /* fold the journal into LMDB at least this often, default 10000 */
+    uint32_t apply_idle_us;   /* ... or after this long idle, default 1000 */
     /* [database] */
     char *database_url;          /* DATABASE_URL; NULL: WAL-only */
     uint32_t sync_batch_rows;    /* rows per MySQL sync transaction, default 1000 */

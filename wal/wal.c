@@ -57,6 +57,7 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,8 +80,8 @@
 #define DEF_MAX_READERS  512u
 #define DEF_MAX_RECORD   (64ull << 20)
 #define DEF_JOURNAL_MAX  (64ull << 20)
-#define DEF_APPLY_US     2000u
-#define DEF_APPLY_IDLE   200u
+#define DEF_APPLY_US     10000u
+#define DEF_APPLY_IDLE   1000u
 #define JOURNAL_CHUNK    (1ull << 20) /* the file grows by zero-filled chunks */
 
 /* ---- requests ---------------------------------------------------------- */
@@ -524,9 +525,27 @@ static int head_for_write(wal_t *wal, const char *name, size_t len, int64_t now,
 
 /* ---- append requests --------------------------------------------------- */
 
+/* Freed requests kept for reuse (a publish allocates one, and its inline
+ * room is what most publishes need): process-wide, so that requests freed
+ * on another thread than the one that made them come back too. */
+#define REQ_CACHE_MAX 256
+static pthread_mutex_t req_cache_mu = PTHREAD_MUTEX_INITIALIZER;
+static wal_append_t *req_cache;
+static unsigned req_cached;
+
 int wal_append_new(wal_append_cb cb, void *arg, wal_append_t **ret_req)
 {
-    wal_append_t *r = calloc(1, sizeof(*r));
+    pthread_mutex_lock(&req_cache_mu);
+    wal_append_t *r = req_cache;
+    if (r) {
+        req_cache = r->next;
+        req_cached--;
+    }
+    pthread_mutex_unlock(&req_cache_mu);
+    if (r)
+        memset(r, 0, offsetof(wal_append_t, inline_buf));
+    else
+        r = calloc(1, sizeof(*r));
     if (!r)
         return WAL_ENOMEM;
     r->cb = cb;
@@ -546,6 +565,14 @@ void wal_append_free(wal_append_t *req)
     free(req->cursors);
     if (req->buf != req->inline_buf)
         free(req->buf);
+    pthread_mutex_lock(&req_cache_mu);
+    if (req_cached < REQ_CACHE_MAX) {
+        req->next = req_cache;
+        req_cache = req;
+        req_cached++;
+        req = NULL;
+    }
+    pthread_mutex_unlock(&req_cache_mu);
     free(req);
 }
 

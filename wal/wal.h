@@ -78,8 +78,8 @@ typedef struct wal_options {
      * every batch is then its own synced LMDB commit. */
     int no_journal;
     uint64_t journal_max;   /* journal file size limit (0: 64 MiB) */
-    uint32_t apply_us;      /* fold the journal into LMDB at least this often (0: 2000) */
-    uint32_t apply_idle_us; /* ... or after this long without work (0: 200) */
+    uint32_t apply_us;      /* fold the journal into LMDB at least this often (0: 10000) */
+    uint32_t apply_idle_us; /* ... or after this long without work (0: 1000) */
 } wal_options_t;
 
 typedef struct wal wal_t;
