@@ -64,6 +64,9 @@ struct conn {
     char peer[64];
     char session[SESSION_ID_MAX + 1];
     conn_t *prev, *next;
+    /* output written directly at the end of the loop turn (flush_cb) */
+    bool flush_queued;
+    conn_t *flush_prev, *flush_next;
 };
 
 struct api_server {
@@ -75,6 +78,8 @@ struct api_server {
     uint16_t port;
     conn_t *conns;
     size_t n_conns;
+    conn_t *flush_head; /* connections with output to write this turn */
+    struct event *flush_ev;
     bool shutting_down;
     proto_limits_t limits;
     brk_client_ops_t ops;
@@ -635,9 +640,82 @@ static void ping_cb(evutil_socket_t fd, short what, void *arg)
 
 /* ---- connections ------------------------------------------------------- */
 
+/*
+ * Output. A connection's bufferevent keeps EV_WRITE disabled while its
+ * output is empty: whatever is added during a loop turn is written with one
+ * writev at the end of the turn (flush_cb), and only a remainder (a full
+ * socket buffer) enables EV_WRITE until it drains. Letting the bufferevent
+ * schedule every write instead costs two epoll_ctl calls per reply on top
+ * of the writev — at 50 publishers x 1 in flight, 40% of arqd's syscalls.
+ */
+static void write_cb(struct bufferevent *bev, void *arg);
+
+static void flush_unlink(conn_t *c)
+{
+    if (!c->flush_queued)
+        return;
+    if (c->flush_prev)
+        c->flush_prev->flush_next = c->flush_next;
+    else
+        c->srv->flush_head = c->flush_next;
+    if (c->flush_next)
+        c->flush_next->flush_prev = c->flush_prev;
+    c->flush_prev = c->flush_next = NULL;
+    c->flush_queued = false;
+}
+
+static void out_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+    (void)buf;
+    conn_t *c = arg;
+    if (!info->n_added || c->flush_queued || (bufferevent_get_enabled(c->bev) & EV_WRITE))
+        return;
+    api_server_t *s = c->srv;
+    if (!s->flush_head)
+        event_active(s->flush_ev, EV_WRITE, 0);
+    c->flush_queued = true;
+    c->flush_prev = NULL;
+    c->flush_next = s->flush_head;
+    if (s->flush_head)
+        s->flush_head->flush_prev = c;
+    s->flush_head = c;
+}
+
+static void conn_flush(conn_t *c)
+{
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    if (evbuffer_get_length(out) == 0 || (bufferevent_get_enabled(c->bev) & EV_WRITE))
+        return;
+    /* A socket bufferevent freezes its output's start; its own write path
+     * unfreezes it around the write, and so do we. */
+    evbuffer_unfreeze(out, 1);
+    int n = evbuffer_write(out, bufferevent_getfd(c->bev));
+    evbuffer_freeze(out, 1);
+    if (evbuffer_get_length(out) > 0 || n < 0) {
+        /* The rest (or the error, which the bufferevent reports through
+         * event_cb) is the bufferevent's. */
+        bufferevent_enable(c->bev, EV_WRITE);
+        return;
+    }
+    write_cb(c->bev, c); /* drained: as the bufferevent would call it */
+}
+
+static void flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    api_server_t *s = arg;
+    while (s->flush_head) {
+        conn_t *c = s->flush_head;
+        flush_unlink(c);
+        conn_flush(c); /* may free c, queue others */
+    }
+}
+
 static void conn_free(conn_t *c)
 {
     api_server_t *s = c->srv;
+    flush_unlink(c);
     if (c->client)
         brk_client_close(c->client);
     if (c->pub)
@@ -984,9 +1062,12 @@ static void read_cb(struct bufferevent *bev, void *arg)
 static void write_cb(struct bufferevent *bev, void *arg)
 {
     conn_t *c = arg;
-    if (evbuffer_get_length(bufferevent_get_output(bev)) == 0 && c->close_after_write) {
-        conn_free(c);
-        return;
+    if (evbuffer_get_length(bufferevent_get_output(bev)) == 0) {
+        if (c->close_after_write) {
+            conn_free(c);
+            return;
+        }
+        bufferevent_disable(bev, EV_WRITE); /* direct writes again (flush_cb) */
     }
     if (c->state == C_WS && c->client)
         brk_client_writable(c->client);
@@ -1056,7 +1137,9 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
     s->conns_total++;
     bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
     bufferevent_setwatermark(c->bev, EV_WRITE, s->o.max_output_bytes / 2, 0);
-    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    evbuffer_add_cb(bufferevent_get_output(c->bev), out_cb, c);
+    bufferevent_disable(c->bev, EV_WRITE); /* enabled by default: see flush_cb */
+    bufferevent_enable(c->bev, EV_READ);
     struct timeval tv = ms_tv(s->o.handshake_timeout_ms);
     event_add(c->timer, &tv);
 }
@@ -1216,6 +1299,12 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     s->brk = brk;
     s->wal = wal;
     s->o = *opts;
+    s->flush_ev = event_new(base, -1, 0, flush_cb, s);
+    if (!s->flush_ev) {
+        snprintf(errbuf, errlen, "out of memory");
+        free(s);
+        return -1;
+    }
     /* The frame limit bounds memory; the payload limit is the broker's, so
      * that an oversized pub gets a nack carrying its request id. */
     s->limits.max_payload = opts->max_frame_bytes;
@@ -1229,6 +1318,7 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     sin.sin_port = htons(opts->port);
     if (inet_pton(AF_INET, opts->host, &sin.sin_addr) != 1) {
         snprintf(errbuf, errlen, "listen address '%s' is not an IPv4 address", opts->host);
+        event_free(s->flush_ev);
         free(s);
         return -1;
     }
@@ -1240,6 +1330,7 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     if (!s->lis) {
         snprintf(errbuf, errlen, "cannot listen on %s:%u: %s", opts->host, opts->port,
                  strerror(errno));
+        event_free(s->flush_ev);
         free(s);
         return -1;
     }
@@ -1289,5 +1380,7 @@ void api_server_free(api_server_t *s)
         evconnlistener_free(s->lis);
     while (s->conns)
         conn_free(s->conns);
+    if (s->flush_ev)
+        event_free(s->flush_ev);
     free(s);
 }
