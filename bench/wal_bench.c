@@ -859,8 +859,10 @@ static void print_table(FILE *f, const struct bench *b)
                                          : "");
 
     if (o->n_batches > 0) {
-        fprintf(f, "\n(a) one submitter, B messages per wal_append_sync (one commit per batch)%s\n",
-                o->sync_none ? " UNSAFE" : "");
+        fprintf(
+            f,
+            "\n(a) one submitter, B messages per append_durable (one group commit per batch)%s\n",
+            o->sync_none ? " UNSAFE" : "");
         fprintf(f, "    vs plain LMDB doing the same puts, one %scommit per batch\n",
                 o->sync_none ? "unsynced " : "synced ");
         fprintf(f, "%7s %13s %13s %9s %7s %11s %8s  %s\n", "batch", "WAL rec/s", "LMDB rec/s",
@@ -886,7 +888,7 @@ static void print_table(FILE *f, const struct bench *b)
         }
     }
     if (o->n_threads > 0 && o->only != BENCH_ONLY_LMDB) {
-        fprintf(f, "\n(b) group commit: T threads, 1 message per wal_append_sync%s\n",
+        fprintf(f, "\n(b) group commit: T threads, 1 message per append_durable%s\n",
                 o->sync_none ? " UNSAFE" : "");
         fprintf(f, "%7s %13s %13s %9s %11s %11s\n", "threads", "rec/s", "commits/s", "msg/cmt",
                 "p50 us", "p99 us");
