@@ -901,41 +901,8 @@ static void complete(wal_t *wal, wal_append_t *r, int status)
     event_active(wal->done_ev, EV_READ, 0);
 }
 
-/*
- * Complete a whole batch with one lock and one wake-up of the loop: per
- * request, event_active() costs a futex wake and an eventfd write on the
- * writer thread, between commits. own_status: each keeps its r->status.
- */
-static void complete_batch(wal_t *wal, wal_append_t **reqs, size_t n, bool own_status, int status)
-{
-    wal_append_t *head = NULL, *tail = NULL;
-    for (size_t q = 0; q < n; q++) {
-        wal_append_t *r = reqs[q];
-        r->status = own_status ? r->status : status;
-        r->next = NULL;
-        if (r->direct || !wal->base) {
-            r->cb(r, r->arg);
-            continue;
-        }
-        if (tail)
-            tail->next = r;
-        else
-            head = r;
-        tail = r;
-    }
-    if (!head)
-        return;
-    pthread_mutex_lock(&wal->done_mu);
-    if (wal->done_tail)
-        wal->done_tail->next = head;
-    else
-        wal->done_head = head;
-    wal->done_tail = tail;
-    pthread_mutex_unlock(&wal->done_mu);
-    event_active(wal->done_ev, EV_READ, 0);
-}
-
-/* Complete a linked list of requests (the ones waiting for an LMDB commit). */
+/* Complete a linked list of requests (status: set on each, or 0 to keep
+ * theirs) with one lock and one wake-up of the loop. */
 static void complete_list(wal_t *wal, wal_append_t *list, int status)
 {
     wal_append_t *head = NULL, *tail = NULL;
@@ -965,6 +932,24 @@ static void complete_list(wal_t *wal, wal_append_t *list, int status)
     wal->done_tail = tail;
     pthread_mutex_unlock(&wal->done_mu);
     event_active(wal->done_ev, EV_READ, 0);
+}
+
+/*
+ * Complete a whole batch with one lock and one wake-up of the loop: per
+ * request, event_active() costs a futex wake and an eventfd write on the
+ * writer thread, between commits. own_status: each keeps its r->status.
+ */
+static void complete_batch(wal_t *wal, wal_append_t **reqs, size_t n, bool own_status, int status)
+{
+    wal_append_t *head = NULL, **tail = &head;
+    for (size_t q = 0; q < n; q++) {
+        if (!own_status)
+            reqs[q]->status = status;
+        *tail = reqs[q];
+        tail = &reqs[q]->next;
+    }
+    *tail = NULL;
+    complete_list(wal, head, 0);
 }
 
 /* ---- the writer -------------------------------------------------------- */
