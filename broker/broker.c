@@ -87,6 +87,7 @@ struct brk {
     brk_stream_t **buckets;
     size_t n_buckets, n_streams;
     brk_stream_t *stalled; /* streams waiting for the WAL's next LMDB commit */
+    proto_buf_t reply;     /* pub_done's puback/nack, reused (send_buf copies it) */
     brk_client_t *dirty;   /* clients with acks to persist */
     struct event *flush_ev;
     brk_client_t **sess; /* live durable sessions by id (chained) */
@@ -127,14 +128,39 @@ static void pack_cstr(msgpack_packer *pk, const char *s)
 }
 
 /* The `msg` frame for one record. Encoded once per message; shared. */
+/* A msgpack writer into a buffer of known room (frame_msg's frame). */
+struct fixed_out {
+    uint8_t *p;
+    size_t len, cap;
+    bool overflow;
+};
+
+static int fixed_write(void *data, const char *buf, size_t len)
+{
+    struct fixed_out *o = data;
+    if (len > o->cap - o->len) {
+        o->overflow = true;
+        return -1;
+    }
+    memcpy(o->p + o->len, buf, len);
+    o->len += len;
+    return 0;
+}
+
+/* The msg frame, encoded straight into its own allocation: its size is
+ * bounded by the lengths (the fixed part is at most 68 bytes). */
 static brk_frame_t *frame_msg(const char *stream, size_t stream_len, uint64_t offset, int64_t ts,
                               const uint8_t *headers, size_t headers_len, const uint8_t *payload,
                               size_t payload_len)
 {
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
+    size_t cap = 96 + stream_len + payload_len + headers_len;
+    brk_frame_t *f = malloc(sizeof(*f) + cap);
+    if (!f)
+        return NULL;
+    f->refs = 1;
+    struct fixed_out sb = {f->data, 0, cap, false};
     msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_packer_init(&pk, &sb, fixed_write);
     msgpack_pack_map(&pk, headers_len ? 6 : 5);
     pack_cstr(&pk, "t");
     pack_cstr(&pk, "msg");
@@ -151,10 +177,13 @@ static brk_frame_t *frame_msg(const char *stream, size_t stream_len, uint64_t of
     if (headers_len) {
         /* Headers are stored as the msgpack map the publisher sent. */
         pack_cstr(&pk, "headers");
-        msgpack_sbuffer_write(&sb, (const char *)headers, headers_len);
+        fixed_write(&sb, (const char *)headers, headers_len);
     }
-    brk_frame_t *f = sb.data ? frame_new(sb.data, sb.size) : NULL;
-    msgpack_sbuffer_destroy(&sb);
+    if (sb.overflow) {
+        free(f);
+        return NULL;
+    }
+    f->len = sb.len;
     return f;
 }
 
@@ -1099,14 +1128,13 @@ static void pub_done(wal_append_t *req, void *arg)
         b->st.publish_errors++;
     }
     if (p->c && !p->c->closed) {
-        proto_buf_t pb = {0};
-        if (r)
-            proto_enc_puback(&pb, p->id, (const uint8_t *)p->stream, p->stream_len, r->offset,
-                             r->duplicate);
-        else
-            proto_enc_nack(&pb, p->id, wal_code(status), wal_reason(status));
-        send_buf(p->c, &pb);
-        proto_buf_free(&pb);
+        proto_buf_t *pb = &b->reply;
+        proto_buf_reset(pb);
+        int erc = r ? proto_enc_puback(pb, p->id, (const uint8_t *)p->stream, p->stream_len,
+                                       r->offset, r->duplicate)
+                    : proto_enc_nack(pb, p->id, wal_code(status), wal_reason(status));
+        if (erc == 0)
+            send_buf(p->c, pb);
     }
     if (p->api_cb)
         p->api_cb(status, r ? r->offset : 0, r ? r->duplicate : 0, p->api_arg);
@@ -1386,6 +1414,7 @@ void brk_free(brk_t *b)
         return;
     /* The WAL's visible callback points here: callers close the WAL first
      * (its completions may still need the broker). */
+    proto_buf_free(&b->reply);
     event_free(b->flush_ev);
     event_free(b->expire_ev);
     free(b->sess);
