@@ -5,11 +5,10 @@
  * Two tables (docs/benchmarks.md explains how to read them):
  *
  * Appends complete at their durable point, as arqd acknowledges publishes
- * (wal_append_when_durable: the batch's journal entry is fdatasynced; LMDB
- * takes it in a later fold; docs/wal-format.md "Journal"). append_durable()
- * below is wal_append_sync() with that one difference.
+ * (wal_append_sync_durable: the batch's journal entry is fdatasynced; LMDB
+ * takes it in a later fold; docs/wal-format.md "Journal").
  *
- *  (a) One submitter calls append_durable() with B 128-byte messages per
+ *  (a) One submitter calls wal_append_sync_durable() with B 128-byte messages per
  *      call (one commit per batch), spread round-robin over 8 streams, for
  *      B = 1, 10, 100, 1000. In the same run, alternating with it, a plain
  *      LMDB loop in its own fresh environment does per message what the WAL
@@ -20,7 +19,7 @@
  *      mdb_txn_commit per batch (env flags MDB_NOTLS only, same map size).
  *      The ratio WAL/LMDB per batch size is the figure of merit (goal: >= 0.8).
  *
- *  (b) Group commit: T threads (1, 8, 64) each calling append_durable() with
+ *  (b) Group commit: T threads (1, 8, 64) each calling wal_append_sync_durable() with
  *      one message at a time: many single publishes in flight at once, as the
  *      broker's event loop will submit them. Records/s, commits/s, messages
  *      per commit (wal_stats) and the latency of one wal_append_sync call,
@@ -297,50 +296,6 @@ static int wal_stats_or_fail(wal_t *w, wal_stats_t *st)
     return rc;
 }
 
-struct durable_wait {
-    pthread_mutex_t mu;
-    pthread_cond_t cond;
-    int done;
-};
-
-static void durable_cb(wal_append_t *req, void *arg)
-{
-    (void)req;
-    struct durable_wait *w = arg;
-    pthread_mutex_lock(&w->mu);
-    w->done = 1;
-    pthread_cond_signal(&w->cond);
-    pthread_mutex_unlock(&w->mu);
-}
-
-/* wal_append_sync, completing at the durable point (see the top). */
-static int append_durable(wal_t *wal, const wal_msg_t *msgs, size_t n)
-{
-    struct durable_wait w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
-    wal_append_t *req;
-    int rc = wal_append_new(durable_cb, &w, &req);
-    if (rc)
-        return rc;
-    rc = wal_append_reserve(req, n, n * (BENCH_PAYLOAD + 16));
-    for (size_t i = 0; i < n && !rc; i++)
-        rc = wal_append_add_msg(req, &msgs[i]);
-    if (!rc) {
-        wal_append_when_durable(req);
-        rc = wal_append_submit(wal, req);
-    }
-    if (rc) {
-        wal_append_free(req);
-        return rc;
-    }
-    pthread_mutex_lock(&w.mu);
-    while (!w.done)
-        pthread_cond_wait(&w.cond, &w.mu);
-    pthread_mutex_unlock(&w.mu);
-    rc = wal_append_status(req);
-    wal_append_free(req);
-    return rc;
-}
-
 static int run_wal_batch(const struct bench_opts *o, const char *dir, size_t batch,
                          struct run_result *res)
 {
@@ -363,7 +318,7 @@ static int run_wal_batch(const struct bench_opts *o, const char *dir, size_t bat
     uint64_t n = 0, k = 0, t0 = bench_now_ns(), t = t0;
     uint64_t deadline = t0 + (uint64_t)(o->seconds * 1e9);
     while (t < deadline && !g_interrupted) {
-        rc = append_durable(w, &msgs[k], batch);
+        rc = wal_append_sync_durable(w, &msgs[k], batch, NULL);
         if (rc != 0) {
             fprintf(stderr, "arq-wal-bench: wal_append_sync (batch %zu): %s\n", batch,
                     wal_strerror(rc));
@@ -567,7 +522,7 @@ static void *worker_main(void *arg)
     pthread_mutex_unlock(&g->lock);
     while (!atomic_load_explicit(&g->stop, memory_order_relaxed)) {
         uint64_t t0 = bench_now_ns();
-        int rc = append_durable(g->wal, &msg, 1);
+        int rc = wal_append_sync_durable(g->wal, &msg, 1, NULL);
         if (rc != 0) {
             wk->err = rc;
             atomic_store(&g->stop, 1);
@@ -859,10 +814,10 @@ static void print_table(FILE *f, const struct bench *b)
                                          : "");
 
     if (o->n_batches > 0) {
-        fprintf(
-            f,
-            "\n(a) one submitter, B messages per append_durable (one group commit per batch)%s\n",
-            o->sync_none ? " UNSAFE" : "");
+        fprintf(f,
+                "\n(a) one submitter, B messages per wal_append_sync_durable (one group commit per "
+                "batch)%s\n",
+                o->sync_none ? " UNSAFE" : "");
         fprintf(f, "    vs plain LMDB doing the same puts, one %scommit per batch\n",
                 o->sync_none ? "unsynced " : "synced ");
         fprintf(f, "%7s %13s %13s %9s %7s %11s %8s  %s\n", "batch", "WAL rec/s", "LMDB rec/s",
@@ -888,7 +843,7 @@ static void print_table(FILE *f, const struct bench *b)
         }
     }
     if (o->n_threads > 0 && o->only != BENCH_ONLY_LMDB) {
-        fprintf(f, "\n(b) group commit: T threads, 1 message per append_durable%s\n",
+        fprintf(f, "\n(b) group commit: T threads, 1 message per wal_append_sync_durable%s\n",
                 o->sync_none ? " UNSAFE" : "");
         fprintf(f, "%7s %13s %13s %9s %11s %11s\n", "threads", "rec/s", "commits/s", "msg/cmt",
                 "p50 us", "p99 us");

@@ -2033,7 +2033,8 @@ static void sync_cb(wal_append_t *req, void *arg)
     pthread_mutex_unlock(&w->mu);
 }
 
-int wal_append_sync(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *results)
+static int append_sync(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *results,
+                       bool when_durable)
 {
     struct sync_wait w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false};
     wal_append_t *req;
@@ -2041,6 +2042,7 @@ int wal_append_sync(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *r
     if (rc)
         return rc;
     req->direct = true;
+    req->when_durable = when_durable;
     /* Size the request once: growing it by doubling costs more than the
      * append itself for large batches (realloc, and glibc trimming it). */
     size_t bytes = 0;
@@ -2067,6 +2069,16 @@ int wal_append_sync(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *r
     pthread_cond_destroy(&w.cond);
     pthread_mutex_destroy(&w.mu);
     return rc;
+}
+
+int wal_append_sync(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *results)
+{
+    return append_sync(wal, msgs, n, results, false);
+}
+
+int wal_append_sync_durable(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *results)
+{
+    return append_sync(wal, msgs, n, results, true);
 }
 
 int wal_retain(wal_t *wal, uint64_t upto_seq, uint64_t *ret_dropped)

@@ -240,6 +240,9 @@ void wal_append_free(wal_append_t *req);
  * to wal_open; concurrent callers are group-committed together.
  */
 int wal_append_sync(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *results);
+/* The same, returning at the durable point (wal_append_when_durable), as
+ * arqd acknowledges publishes: the records may not be readable yet. */
+int wal_append_sync_durable(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *results);
 
 /* ---- reads ------------------------------------------------------------- */
 

@@ -18,7 +18,6 @@
  */
 #include <setjmp.h>
 #include <stdarg.h>
-#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -78,51 +77,6 @@ static void stream_name(uint32_t s, char *buf)
 
 /* ---- child ------------------------------------------------------------- */
 
-/* Append and wait for the durable-point completion (on the writer thread). */
-struct durable_wait {
-    pthread_mutex_t mu;
-    pthread_cond_t cond;
-    bool done;
-};
-
-static void durable_cb(wal_append_t *req, void *arg)
-{
-    (void)req;
-    struct durable_wait *w = arg;
-    pthread_mutex_lock(&w->mu);
-    w->done = true;
-    pthread_cond_signal(&w->cond);
-    pthread_mutex_unlock(&w->mu);
-}
-
-static int append_durable(wal_t *wal, const wal_msg_t *msgs, size_t n, wal_result_t *res)
-{
-    struct durable_wait w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false};
-    wal_append_t *req;
-    int rc = wal_append_new(durable_cb, &w, &req);
-    for (size_t i = 0; i < n && !rc; i++)
-        rc = wal_append_add_msg(req, &msgs[i]);
-    if (rc) {
-        wal_append_free(req);
-        return rc;
-    }
-    wal_append_when_durable(req);
-    rc = wal_append_submit(wal, req);
-    if (rc) {
-        wal_append_free(req);
-        return rc;
-    }
-    pthread_mutex_lock(&w.mu);
-    while (!w.done)
-        pthread_cond_wait(&w.cond, &w.mu);
-    pthread_mutex_unlock(&w.mu);
-    rc = wal_append_status(req);
-    for (size_t i = 0; i < n && !rc; i++)
-        res[i] = *wal_append_result(req, i);
-    wal_append_free(req);
-    return rc;
-}
-
 struct child_ctx {
     wal_t *wal;
     unsigned batches;
@@ -153,7 +107,7 @@ static void *child_thread(void *arg)
                 .stream = name, .stream_len = strlen(name), .payload = bufs[i], .payload_len = len};
         }
         wal_result_t res[8];
-        int rc = append_durable(c->wal, msgs, n, res);
+        int rc = wal_append_sync_durable(c->wal, msgs, n, res);
         if (rc != 0)
             _exit(20);
         for (size_t i = 0; i < n; i++) {
