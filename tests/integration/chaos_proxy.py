@@ -34,10 +34,15 @@ what the WAL holds).
 """
 import asyncio
 import json
+import os
 import random
+import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -480,3 +485,104 @@ def session_counts(d):
     m = arqd_metrics(d)
     return {k: int(m.get(f"arq_sessions_{k}", -1))
             for k in ("created_total", "resumed_total", "taken_over_total", "live")}
+
+
+class ChaosRun:
+    """What the replay_*_test.py scripts share around their own steps: the
+    SIGTERM handler (meson's timeout: clean up as on a failure), the seed
+    (ARQ_CHAOS_SEED repeats a run's choices), a temporary directory under
+    /var/tmp with arqd's log, and, whatever happens, the cleanup of the arqd,
+    proxy and arq-chaos they set on it (ARQ_CHAOS_KEEP=1 keeps the
+    directory). Use as a context manager, then call finish().
+
+        run = ChaosRun("crash", "arq-crash-", run_tag="k")
+        with run:
+            run.d = harness.Arqd(..., log=run.arqd_log)
+            ...
+        run.finish()
+    """
+
+    def __init__(self, name, prefix, run_tag, log_mode="w"):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM (timeout?)"))
+        self.name = name
+        self.seed = int(os.environ.get("ARQ_CHAOS_SEED")
+                        or random.SystemRandom().randrange(1 << 30))
+        self.rng = random.Random(self.seed)
+        self.run_id = f"{run_tag}{self.seed}"
+        print(f"seed {self.seed} (ARQ_CHAOS_SEED={self.seed} to repeat the choices)",
+              flush=True)
+        self.tmp = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
+        self.log_path = os.path.join(self.tmp, "arqd.log")
+        self.arqd_log = open(self.log_path, log_mode)
+        self.d = self.proxy = self.chaos = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        from harness import failures
+        if self.chaos is not None:
+            self.chaos.kill()
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.d is not None:
+            self.d.kill_if_running()
+        self.arqd_log.close()
+        if failures:
+            with open(self.log_path) as f:
+                print("arqd log (tail):\n" + "".join(f.readlines()[-40:]), flush=True)
+        if os.environ.get("ARQ_CHAOS_KEEP"):
+            print(f"kept {self.tmp}", flush=True)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+    def finish(self):
+        from harness import failures
+        if failures:
+            print(f"{len(failures)} check(s) failed (seed {self.seed})", flush=True)
+            sys.exit(1)
+        print(f"replay {self.name} checks passed", flush=True)
+
+
+def check_chaos_verdict(check, rc, summary, out):
+    """arq-chaos's own verdict: exit 0, no violations."""
+    check(rc == 0, f"arq-chaos exits 0: {rc} {out!r}")
+    check(summary is not None and summary.get("violations") == 0,
+          f"arq-chaos: no violations: {summary}")
+
+
+def check_chaos_acked(check, summary, publishers, messages):
+    """Every publish of every publisher was acknowledged."""
+    check(summary is not None and summary.get("acked") == publishers * messages,
+          f"every publish acked: {summary and summary.get('acked')}")
+
+
+def check_sessions_kept(check, d, at_ready, summary):
+    """From arqd's /metrics: no session created after arq-chaos got ready (each
+    would be a resume that failed), and every reconnection resumed."""
+    sessions = session_counts(d)
+    print(f"arqd sessions: {sessions}", flush=True)
+    # every client had its session when arq-chaos got ready: any session
+    # created later is a resume that failed
+    check(sessions["created_total"] == at_ready["created_total"],
+          f"no new session after ready (no failed resume): {at_ready['created_total']} "
+          f"at ready, {sessions['created_total']} at the end")
+    # (>=: a welcome can be lost in a cut before the client counts it)
+    check(summary is not None and sessions["resumed_total"] >= summary.get("reconnects", 0),
+          f"every reconnection resumed its session: {sessions['resumed_total']} resumed, "
+          f"{summary and summary.get('reconnects')} reconnects")
+
+
+def read_back_and_stop(check, run, n_streams, publishers, messages):
+    """The end of every replay test: arq-chaos's stderr if something failed,
+    the independent read-back of every stream, arqd's clean stop."""
+    from harness import failures
+    if failures:
+        print("arq-chaos stderr (tail):\n" + run.chaos.tail(), flush=True)
+    if run.d is None:
+        return
+    print("read back: " + check_streams(check, run.d.url, run.run_id, n_streams, publishers,
+                                        messages), flush=True)
+    rc = run.d.stop()
+    check(rc == 0, f"arqd stops cleanly: {rc}")

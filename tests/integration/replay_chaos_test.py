@@ -20,19 +20,16 @@ ARQ_CHAOS_SEED=N repeats a run's choices (the timing is not repeatable);
 ARQ_CHAOS_KEEP=1 keeps the temporary directory (data dir and logs).
 """
 import os
-import random
-import shutil
-import signal
 import sys
-import tempfile
 import time
 
 ARQD, ARQ, ARQ_CHAOS = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from chaos_proxy import ArqChaos, ChaosProxy, check_streams, session_counts  # noqa: E402
-from harness import failures  # noqa: E402
+from chaos_proxy import (ArqChaos, ChaosProxy, ChaosRun, check_chaos_acked,  # noqa: E402
+                         check_chaos_verdict, check_sessions_kept, read_back_and_stop,
+                         session_counts)
 
 STREAMS, PUBLISHERS, SUBSCRIBERS = 6, 4, 4
 MESSAGES, PUB_RATE = 600, 25  # each publisher: at least 24 s of load
@@ -44,22 +41,17 @@ def check(cond, what):
 
 
 def main():
-    # meson's timeout sends SIGTERM: clean up (finally:) as on a failure
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM (timeout?)"))
-    seed = int(os.environ.get("ARQ_CHAOS_SEED") or random.SystemRandom().randrange(1 << 30))
-    rng = random.Random(seed)
-    run_id = f"c{seed}"
-    print(f"seed {seed} (ARQ_CHAOS_SEED={seed} to repeat the choices)", flush=True)
-    tmp = tempfile.mkdtemp(prefix="arq-chaos-", dir="/var/tmp")
-    arqd_log = open(os.path.join(tmp, "arqd.log"), "w")
-    d = proxy = chaos = None
-    try:
-        d = harness.Arqd(ARQD, os.path.join(tmp, "data"), "--set", "server.ping_interval_ms=100",
-                         "--set", "server.pong_timeout_ms=300", log=arqd_log)
-        proxy = ChaosProxy("127.0.0.1", d.port, seed=seed).start()
-        chaos = ArqChaos(ARQ_CHAOS, proxy.url, os.path.join(tmp, "arq-chaos.log"),
-                         streams=STREAMS, publishers=PUBLISHERS, subscribers=SUBSCRIBERS,
-                         messages=MESSAGES, pub_rate=PUB_RATE, run_id=run_id, timeout=150)
+    run = ChaosRun("chaos", "arq-chaos-", run_tag="c")
+    rng, tmp = run.rng, run.tmp
+    with run:
+        d = run.d = harness.Arqd(ARQD, os.path.join(tmp, "data"), "--set",
+                                 "server.ping_interval_ms=100", "--set",
+                                 "server.pong_timeout_ms=300", log=run.arqd_log)
+        proxy = run.proxy = ChaosProxy("127.0.0.1", d.port, seed=run.seed).start()
+        chaos = run.chaos = ArqChaos(ARQ_CHAOS, proxy.url, os.path.join(tmp, "arq-chaos.log"),
+                                     streams=STREAMS, publishers=PUBLISHERS,
+                                     subscribers=SUBSCRIBERS, messages=MESSAGES,
+                                     pub_rate=PUB_RATE, run_id=run.run_id, timeout=150)
         ready = check(chaos.ready.wait(60), "arq-chaos gets ready")
         t0 = time.monotonic()
         at_ready = session_counts(d)
@@ -75,49 +67,13 @@ def main():
         rc, summary, out = chaos.wait(180 if ready else 1)
         print(f"arq-chaos: exit {rc}, {time.monotonic() - t0:.1f} s after ready: {summary}",
               flush=True)
-        check(rc == 0, f"arq-chaos exits 0: {rc} {out!r}")
-        check(summary is not None and summary.get("violations") == 0,
-              f"arq-chaos: no violations: {summary}")
+        check_chaos_verdict(check, rc, summary, out)
         check(summary is not None and summary.get("reconnects", 0) > 0,
               "arq-chaos reconnected")
-        check(summary is not None and summary.get("acked") == PUBLISHERS * MESSAGES,
-              f"every publish acked: {summary and summary.get('acked')}")
-        sessions = session_counts(d)
-        print(f"arqd sessions: {sessions}", flush=True)
-        # every client had its session when arq-chaos got ready: any session
-        # created later is a resume that failed
-        check(sessions["created_total"] == at_ready["created_total"],
-              f"no new session after ready (no failed resume): {at_ready['created_total']} "
-              f"at ready, {sessions['created_total']} at the end")
-        # (>=: a welcome can be lost in a cut before the client counts it)
-        check(summary is not None and sessions["resumed_total"] >= summary.get("reconnects", 0),
-              f"every reconnection resumed its session: {sessions['resumed_total']} resumed, "
-              f"{summary and summary.get('reconnects')} reconnects")
-        if failures:
-            print("arq-chaos stderr (tail):\n" + chaos.tail(), flush=True)
-        print("read back: " + check_streams(check, d.url, run_id, STREAMS, PUBLISHERS,
-                                            MESSAGES), flush=True)
-        rc = d.stop()
-        check(rc == 0, f"arqd stops cleanly: {rc}")
-    finally:
-        if chaos is not None:
-            chaos.kill()
-        if proxy is not None:
-            proxy.stop()
-        if d is not None:
-            d.kill_if_running()
-        arqd_log.close()
-        if failures:
-            with open(os.path.join(tmp, "arqd.log")) as f:
-                print("arqd log (tail):\n" + "".join(f.readlines()[-40:]), flush=True)
-        if os.environ.get("ARQ_CHAOS_KEEP"):
-            print(f"kept {tmp}", flush=True)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        print(f"{len(failures)} check(s) failed (seed {seed})", flush=True)
-        sys.exit(1)
-    print("replay chaos checks passed", flush=True)
+        check_chaos_acked(check, summary, PUBLISHERS, MESSAGES)
+        check_sessions_kept(check, d, at_ready, summary)
+        read_back_and_stop(check, run, STREAMS, PUBLISHERS, MESSAGES)
+    run.finish()
 
 
 main()

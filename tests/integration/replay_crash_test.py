@@ -20,19 +20,16 @@ ARQ_CHAOS_SEED=N repeats a run's choices (the timing is not repeatable);
 ARQ_CHAOS_KEEP=1 keeps the temporary directory (data dir and logs).
 """
 import os
-import random
-import shutil
 import signal
 import sys
-import tempfile
 import time
 
 ARQD, ARQ, ARQ_CHAOS = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from chaos_proxy import ArqChaos, check_streams  # noqa: E402
-from harness import failures  # noqa: E402
+from chaos_proxy import (ArqChaos, ChaosRun, check_chaos_acked,  # noqa: E402
+                         check_chaos_verdict, read_back_and_stop)
 
 STREAMS, PUBLISHERS, SUBSCRIBERS = 5, 4, 3
 MESSAGES, PUB_RATE = 800, 25  # each publisher: at least 32 s of load
@@ -44,23 +41,17 @@ def check(cond, what):
 
 
 def main():
-    # meson's timeout sends SIGTERM: clean up (finally:) as on a failure
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("SIGTERM (timeout?)"))
-    seed = int(os.environ.get("ARQ_CHAOS_SEED") or random.SystemRandom().randrange(1 << 30))
-    rng = random.Random(seed)
-    run_id = f"k{seed}"
-    print(f"seed {seed} (ARQ_CHAOS_SEED={seed} to repeat the choices)", flush=True)
-    tmp = tempfile.mkdtemp(prefix="arq-crash-", dir="/var/tmp")
+    run = ChaosRun("crash", "arq-crash-", run_tag="k", log_mode="a")
+    rng, tmp, arqd_log = run.rng, run.tmp, run.arqd_log
     data = os.path.join(tmp, "data")
-    arqd_log = open(os.path.join(tmp, "arqd.log"), "a")
-    d = chaos = None
     kills = 0
-    try:
-        d = harness.Arqd(ARQD, data, "--log-level", "debug", log=arqd_log)
+    with run:
+        d = run.d = harness.Arqd(ARQD, data, "--log-level", "debug", log=arqd_log)
         port = d.port
-        chaos = ArqChaos(ARQ_CHAOS, d.url, os.path.join(tmp, "arq-chaos.log"),
-                         streams=STREAMS, publishers=PUBLISHERS, subscribers=SUBSCRIBERS,
-                         messages=MESSAGES, pub_rate=PUB_RATE, run_id=run_id, timeout=150)
+        chaos = run.chaos = ArqChaos(ARQ_CHAOS, d.url, os.path.join(tmp, "arq-chaos.log"),
+                                     streams=STREAMS, publishers=PUBLISHERS,
+                                     subscribers=SUBSCRIBERS, messages=MESSAGES,
+                                     pub_rate=PUB_RATE, run_id=run.run_id, timeout=150)
         ready = check(chaos.ready.wait(60), "arq-chaos gets ready")
         t0 = time.monotonic()
         while ready and chaos.running() and kills < MIN_KILLS:
@@ -78,10 +69,11 @@ def main():
             if rng.random() < 0.25:
                 time.sleep(rng.uniform(0.1, 1.0))  # down for a while: connects are refused
             try:
-                d = harness.Arqd(ARQD, data, "--log-level", "debug", port=port, log=arqd_log)
+                d = run.d = harness.Arqd(ARQD, data, "--log-level", "debug", port=port,
+                                         log=arqd_log)
             except SystemExit as e:
                 check(False, f"arqd restarts on port {port} after kill #{kills}: {e}")
-                d = None
+                d = run.d = None
                 break
         kill_s = time.monotonic() - t0
         print(f"{kills} kills in {kill_s:.1f} s", flush=True)
@@ -89,18 +81,15 @@ def main():
         rc, summary, out = chaos.wait(180 if ready and d is not None else 1)
         print(f"arq-chaos: exit {rc}, {time.monotonic() - t0:.1f} s after ready: {summary}",
               flush=True)
-        check(rc == 0, f"arq-chaos exits 0: {rc} {out!r}")
-        check(summary is not None and summary.get("violations") == 0,
-              f"arq-chaos: no violations: {summary}")
+        check_chaos_verdict(check, rc, summary, out)
         check(summary is not None and summary.get("reconnects", 0) > 0,
               "arq-chaos reconnected")
-        check(summary is not None and summary.get("acked") == PUBLISHERS * MESSAGES,
-              f"every publish acked: {summary and summary.get('acked')}")
+        check_chaos_acked(check, summary, PUBLISHERS, MESSAGES)
         # arqd logs every hello (at debug level): after the first connections,
         # every session must come back, however often arqd was killed
         # (every client had its session when arq-chaos got ready, before the
         # first kill: any session created later is a resume that failed)
-        with open(os.path.join(tmp, "arqd.log")) as f:
+        with open(run.log_path) as f:
             log = f.read()
         before, _, after = log.partition("--- test: SIGKILL #1 ")
         new_before, new_after = (sum(1 for ln in part.splitlines()
@@ -114,30 +103,8 @@ def main():
         check(summary is not None and resumed >= summary.get("reconnects", 0),
               f"every reconnection resumed its session: {resumed} resumed, "
               f"{summary and summary.get('reconnects')} reconnects")
-        if failures:
-            print("arq-chaos stderr (tail):\n" + chaos.tail(), flush=True)
-        if d is not None:
-            print("read back: " + check_streams(check, d.url, run_id, STREAMS, PUBLISHERS,
-                                                MESSAGES), flush=True)
-            rc = d.stop()
-            check(rc == 0, f"arqd stops cleanly: {rc}")
-    finally:
-        if chaos is not None:
-            chaos.kill()
-        if d is not None:
-            d.kill_if_running()
-        arqd_log.close()
-        if failures:
-            with open(os.path.join(tmp, "arqd.log")) as f:
-                print("arqd log (tail):\n" + "".join(f.readlines()[-40:]), flush=True)
-        if os.environ.get("ARQ_CHAOS_KEEP"):
-            print(f"kept {tmp}", flush=True)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        print(f"{len(failures)} check(s) failed (seed {seed})", flush=True)
-        sys.exit(1)
-    print("replay crash checks passed", flush=True)
+        read_back_and_stop(check, run, STREAMS, PUBLISHERS, MESSAGES)
+    run.finish()
 
 
 main()
