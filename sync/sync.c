@@ -831,7 +831,9 @@ static void update_lag(sync_t *s)
     if (wal_stats_get(s->wal, &ws) != 0)
         return;
     pthread_mutex_lock(&s->mu);
-    s->st.wal_next = ws.next_seq;
+    /* acknowledged appends count even before the journal's next fold makes
+     * them readable: "lag 0" must mean every acked message is in MySQL */
+    s->st.wal_next = ws.acked_next_seq;
     s->st.lag_seconds = s->oldest_unsynced_ts && s->st.watermark + 1 < ws.next_seq
                             ? (double)(wall_us() - s->oldest_unsynced_ts) / 1e6
                             : 0;
@@ -1001,4 +1003,9 @@ void sync_stats_get(sync_t *s, sync_stats_t *ret)
     pthread_mutex_lock(&s->mu);
     *ret = s->st;
     pthread_mutex_unlock(&s->mu);
+    /* fresh, not as of the drain's last turn: a publish acknowledged a
+     * moment ago counts in the lag at once */
+    uint64_t acked = wal_acked_next_seq(s->wal);
+    if (acked > ret->wal_next)
+        ret->wal_next = acked;
 }

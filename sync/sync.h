@@ -84,7 +84,8 @@ enum sync_state {
 typedef struct sync_stats {
     enum sync_state state;
     uint64_t watermark; /* last sequence known to be in MySQL */
-    uint64_t wal_next;  /* the WAL's next sequence (lag = wal_next - 1 - watermark) */
+    uint64_t wal_next;  /* the WAL's next sequence, acknowledged appends counted
+                           (lag = wal_next - 1 - watermark) */
     double lag_seconds; /* age of the oldest record not yet in MySQL (0 if none) */
     uint64_t rows, batches, errors, reconnects, cursors;
     uint64_t retained; /* WAL records dropped by retention (all already in MySQL) */

@@ -208,6 +208,7 @@ struct wal {
 
     /* statistics (atomics) */
     uint64_t st_applies, st_apply_us_sum, st_recovered;
+    uint64_t st_acked_next; /* next_seq after the last durable batch (journal included) */
     uint64_t st_commits, st_msgs, st_failed, st_grows;
     uint64_t st_commit_us[WAL_HIST_BUCKETS], st_commit_us_sum, st_batch[WAL_HIST_BUCKETS];
 };
@@ -1693,6 +1694,7 @@ static void batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
         }
         if (rc == 0) {
             batch_apply(wal);
+            __atomic_store_n(&wal->st_acked_next, wal->next_seq, __ATOMIC_RELEASE);
             if (journaled)
                 wal->outer_batches++;
             uint64_t msgs = 0;
@@ -2560,6 +2562,7 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
         rc = load_heads(wal, txn, errbuf, errlen);
         if (rc)
             goto fail;
+        wal->st_acked_next = wal->next_seq;
         mrc = mdb_txn_commit(txn);
         txn = NULL;
         if (mrc) {
@@ -2641,6 +2644,11 @@ int wal_fold_journal(const char *dir, uint64_t *ret_entries, char *errbuf, size_
     *ret_entries = __atomic_load_n(&wal->st_recovered, __ATOMIC_RELAXED);
     wal_close(wal);
     return 0;
+}
+
+uint64_t wal_acked_next_seq(wal_t *wal)
+{
+    return __atomic_load_n(&wal->st_acked_next, __ATOMIC_ACQUIRE);
 }
 
 int wal_is_failed(const wal_t *wal)
@@ -3066,6 +3074,9 @@ int wal_stats_get(wal_t *wal, wal_stats_t *ret)
     s.applies = __atomic_load_n(&wal->st_applies, __ATOMIC_RELAXED);
     s.apply_us_sum = __atomic_load_n(&wal->st_apply_us_sum, __ATOMIC_RELAXED);
     s.recovered_entries = __atomic_load_n(&wal->st_recovered, __ATOMIC_RELAXED);
+    s.acked_next_seq = __atomic_load_n(&wal->st_acked_next, __ATOMIC_ACQUIRE);
+    if (s.acked_next_seq < s.next_seq)
+        s.acked_next_seq = s.next_seq;
     s.journal = wal->jfd >= 0;
     *ret = s;
     return 0;

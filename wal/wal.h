@@ -113,6 +113,11 @@ void wal_close(wal_t *wal);
 /* A fatal error stopped the WAL (fail-stop after an fsync/write error). */
 int wal_is_failed(const wal_t *wal);
 
+/* The sequence after the last acknowledged append of this (read-write)
+ * handle, those still only in the journal included; a cheap atomic read.
+ * wal_stats_t.acked_next_seq is the same, or LMDB's next_seq if higher. */
+uint64_t wal_acked_next_seq(wal_t *wal);
+
 /*
  * For read-only tools: if dir holds a journal with entries LMDB lacks (a
  * writer stopped without folding it, e.g. a crash) and no process writes
@@ -358,7 +363,10 @@ typedef struct wal_stats {
     uint64_t applies;
     uint64_t apply_us_sum;
     uint64_t recovered_entries; /* journal entries folded in at open */
-    int journal;                /* this handle writes a journal */
+    /* next_seq counting every acknowledged append, also those still only in
+     * the journal (next_seq is what LMDB, and so every reader, holds) */
+    uint64_t acked_next_seq;
+    int journal; /* this handle writes a journal */
 } wal_stats_t;
 /* Bucket upper bounds (WAL_HIST_BUCKETS - 1 finite ones; then +Inf). */
 extern const uint64_t wal_commit_us_bounds[WAL_HIST_BUCKETS - 1];

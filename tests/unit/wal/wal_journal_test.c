@@ -292,6 +292,12 @@ static void test_fold_skipped_while_writer_runs(void **state)
     wal_t *w = open_wal(dir, 0, 60000000); /* folds the dead writer's entries, holds the lock */
     wal_result_t res[8];
     assert_int_equal(append_batch(w, 0, 5, 5, res), 0);
+    /* acknowledged, not folded: readers (and LMDB's next_seq) do not have
+     * them yet, the acknowledged count does (the MySQL sync's lag uses it) */
+    wal_stats_t st;
+    assert_int_equal(wal_stats_get(w, &st), 0);
+    assert_int_equal(st.acked_next_seq, st.next_seq + 5);
+    assert_int_equal(wal_acked_next_seq(w), st.acked_next_seq);
     uint64_t n = 99;
     char err[256] = "";
     assert_int_equal(wal_fold_journal(dir, &n, err, sizeof(err)), 0);
