@@ -213,6 +213,8 @@ struct bench {
     uint64_t pubacks_total, deliveries_total;
     struct hist puback_lat, deliv_lat;
     struct rusage ru0, ru1;
+    bench_stall_probe_t *stall_probe; /* runs during the window */
+    bench_stalls_t stalls;
     double srv_cpu0, srv_cpu1;
     struct metrics m0, m1;
     double load_before[3], load_after[3];
@@ -966,6 +968,7 @@ static void on_measure(evutil_socket_t fd, short what, void *arg)
         metrics_get(&b->o, &b->m0);
     b->srv_cpu0 = proc_cpu_sec(b->o.server_pid);
     getrusage(RUSAGE_SELF, &b->ru0);
+    b->stall_probe = bench_stall_start();
     b->phase = PH_MEASURE;
     b->t_meas = bench_now_ns();
 }
@@ -977,6 +980,8 @@ static void on_end(evutil_socket_t fd, short what, void *arg)
     struct bench *b = arg;
     b->t_end = bench_now_ns();
     b->phase = PH_DONE;
+    bench_stall_stop(b->stall_probe, &b->stalls);
+    b->stall_probe = NULL;
     getrusage(RUSAGE_SELF, &b->ru1);
     b->srv_cpu1 = proc_cpu_sec(b->o.server_pid);
     if (b->o.metrics)
@@ -1196,6 +1201,11 @@ static void print_text(FILE *f, const struct bench *b, const struct results *r)
     if (r->srv_cpu >= 0)
         fprintf(f, ", arqd (pid %ld) %.0f%%", o->server_pid, r->srv_cpu * 100);
     fputc('\n', f);
+    fprintf(f,
+            "machine stalls: %llu (a 1 ms sleep woke > %.0f ms late), %.0f ms of the window, "
+            "longest %.1f ms\n",
+            (unsigned long long)b->stalls.stalls, BENCH_STALL_NS / 1e6, b->stalls.stalled_ms,
+            b->stalls.max_ms);
     if (b->m0.ok && b->m1.ok) {
         fprintf(
             f, "arqd WAL (/metrics, window): %s commits/s, %.1f msgs/commit, mean commit %.3f ms\n",
@@ -1245,6 +1255,8 @@ static void print_json(FILE *f, const struct bench *b, const struct results *r)
             (unsigned long long)b->nacks);
     json_lat(f, "puback_latency", &b->puback_lat);
     json_lat(f, "delivery_latency", &b->deliv_lat);
+    fprintf(f, ",\"stalls\":{\"count\":%llu,\"ms\":%.1f,\"max_ms\":%.1f}",
+            (unsigned long long)b->stalls.stalls, b->stalls.stalled_ms, b->stalls.max_ms);
     fprintf(f, ",\"bench_cpu\":%.3f,\"server_cpu\":", r->bench_cpu);
     if (r->srv_cpu >= 0)
         fprintf(f, "%.3f", r->srv_cpu);
@@ -2887,6 +2899,10 @@ cleanup:
     free(b->st_target);
     if (b->tick != NULL)
         event_free(b->tick);
+    if (b->stall_probe != NULL) { /* the run ended before its window did */
+        bench_stalls_t unused;
+        bench_stall_stop(b->stall_probe, &unused);
+    }
     event_free(sig);
     event_free(sig2);
     event_base_free(b->base);

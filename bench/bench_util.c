@@ -1,6 +1,10 @@
 /* bench_util.c - see bench_util.h. */
 #include "bench_util.h"
 
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 uint64_t bench_now_ns(void)
@@ -56,4 +60,51 @@ void bench_json_str(FILE *f, const char *s)
             fputc(c, f);
     }
     fputc('"', f);
+}
+
+struct bench_stall_probe {
+    pthread_t thread;
+    bool stop; /* atomic */
+    bench_stalls_t st;
+};
+
+static void *stall_main(void *arg)
+{
+    bench_stall_probe_t *p = arg;
+    const struct timespec d = {0, (long)BENCH_STALL_SLEEP_NS};
+    while (!__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE)) {
+        uint64_t t0 = bench_now_ns();
+        nanosleep(&d, NULL);
+        uint64_t dt = bench_now_ns() - t0;
+        uint64_t late = dt > BENCH_STALL_SLEEP_NS ? dt - BENCH_STALL_SLEEP_NS : 0;
+        p->st.wakes++;
+        if (late > BENCH_STALL_NS) {
+            p->st.stalls++;
+            p->st.stalled_ms += (double)late / 1e6;
+        }
+        if ((double)late / 1e6 > p->st.max_ms)
+            p->st.max_ms = (double)late / 1e6;
+    }
+    return NULL;
+}
+
+bench_stall_probe_t *bench_stall_start(void)
+{
+    bench_stall_probe_t *p = calloc(1, sizeof *p);
+    if (p && pthread_create(&p->thread, NULL, stall_main, p) != 0) {
+        free(p);
+        p = NULL;
+    }
+    return p;
+}
+
+void bench_stall_stop(bench_stall_probe_t *p, bench_stalls_t *ret)
+{
+    memset(ret, 0, sizeof *ret);
+    if (!p)
+        return;
+    __atomic_store_n(&p->stop, true, __ATOMIC_RELEASE);
+    pthread_join(p->thread, NULL);
+    *ret = p->st;
+    free(p);
 }

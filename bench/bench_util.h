@@ -21,4 +21,27 @@ const char *bench_fmt_count(char *buf, size_t len, double v);
 /* s as a JSON string literal. */
 void bench_json_str(FILE *f, const char *s);
 
+/* Machine stalls: a thread that sleeps BENCH_STALL_SLEEP_NS at a time and
+ * counts the wakes that came more than BENCH_STALL_NS late, i.e. the moments
+ * nothing on the machine ran it for that long. On this project's VMs those
+ * are the host pausing every vCPU at once (docs/benchmarks.md, "Machine
+ * stalls"); a latency figure taken across them says as much about the host
+ * as about the program measured. */
+#define BENCH_STALL_SLEEP_NS 1000000ull
+#define BENCH_STALL_NS       4000000ull
+
+typedef struct bench_stalls {
+    uint64_t wakes;    /* sleeps completed */
+    uint64_t stalls;   /* of them, late by more than BENCH_STALL_NS */
+    double stalled_ms; /* lateness of those, summed */
+    double max_ms;     /* the latest wake */
+} bench_stalls_t;
+
+typedef struct bench_stall_probe bench_stall_probe_t;
+
+/* Starts the probe thread; NULL if it could not be started. */
+bench_stall_probe_t *bench_stall_start(void);
+/* Stops it and returns what it saw; p may be NULL (all zero). */
+void bench_stall_stop(bench_stall_probe_t *p, bench_stalls_t *ret);
+
 #endif

@@ -196,6 +196,8 @@ latency_row() { # NAME TEXT
         "$2" "$(jqf .publishes_per_s "$1")" "$(jqf '.delivery_latency.p50_us / 1000' "$1")" \
         "$(jqf '.delivery_latency.p99_us / 1000' "$1")" "$(jqf '.delivery_latency.p999_us / 1000' "$1")"
     printf ' puback p99 %.2f ms\n' "$(jqf '.puback_latency.p99_us / 1000' "$1")"
+    printf '  machine stalls in the window (a 1 ms sleep > 4 ms late): %s, %s ms in all\n' \
+        "$(jqf '.stalls.count // "?"' "$1")" "$(jqf '.stalls.ms // "?"' "$1")"
 }
 D99=$(jqf '.delivery_latency.p99_us / 1000' arq_half)
 printf 'Peak with %s subscribers (%s x 16): %.0f publishes/s (publish-only peak %.0f/s)\n' \
@@ -204,11 +206,12 @@ latency_row arq_half "Latency at half of that peak: $HALF publishes/s open loop,
 printf '  goal delivery p99 <= 2 ms: %s\n' "$(awk -v d="$D99" 'BEGIN { print (d <= 2 ? "met" : "MISSED") }')"
 latency_row arq_half0 "For reference, half of the publish-only peak: $HALF0 publishes/s, $SUBS subscribers"
 echo
-echo "arqd group commit per run (from /metrics; msgs/commit, mean commit ms, arqd CPU):"
+echo "arqd group commit per run (from /metrics; msgs/commit, mean commit ms, arqd CPU, stalls):"
 for n in arq_w1 arq_w16 arq_peak_s arq_half arq_half0; do
-    printf '  %-9s %7.1f msgs/commit  %6.3f ms/commit  %4.0f%% CPU (arq-bench %.0f%%)\n' "$n" \
-        "$(jqf '.wal.msgs_per_commit // 0' "$n")" "$(jqf '.wal.mean_commit_ms // 0' "$n")" \
-        "$(jqf '(.server_cpu // 0) * 100' "$n")" "$(jqf '.bench_cpu * 100' "$n")"
+    printf '  %-9s %7.1f msgs/commit  %6.3f ms/commit  %4.0f%% CPU (arq-bench %.0f%%)  %s stalls, %s ms\n' \
+        "$n" "$(jqf '.wal.msgs_per_commit // 0' "$n")" "$(jqf '.wal.mean_commit_ms // 0' "$n")" \
+        "$(jqf '(.server_cpu // 0) * 100' "$n")" "$(jqf '.bench_cpu * 100' "$n")" \
+        "$(jqf '.stalls.count // "?"' "$n")" "$(jqf '.stalls.ms // "?"' "$n")"
 done
 disk_check after
 echo
