@@ -2038,10 +2038,36 @@ static int valid_stream(const char *s)
     return n >= 1 && n <= 200;
 }
 
+/* One msgpack map of str -> str filling raw[0..len) exactly. */
+static int headers_ok(const uint8_t *raw, size_t len)
+{
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    size_t off = 0;
+    int ok = msgpack_unpack_next(&u, (const char *)raw, len, &off) == MSGPACK_UNPACK_SUCCESS &&
+             off == len && u.data.type == MSGPACK_OBJECT_MAP;
+    for (uint32_t i = 0; ok && i < u.data.via.map.size; i++)
+        ok = u.data.via.map.ptr[i].key.type == MSGPACK_OBJECT_STR &&
+             u.data.via.map.ptr[i].val.type == MSGPACK_OBJECT_STR;
+    msgpack_unpacked_destroy(&u);
+    return ok;
+}
+
 int arq_publish(arq_client_t *c, const char *stream, const void *payload, size_t len,
                 const char *msgid, arq_publish_cb cb, void *arg)
 {
+    return arq_publish_headers(c, stream, payload, len, msgid, NULL, 0, cb, arg);
+}
+
+int arq_publish_headers(arq_client_t *c, const char *stream, const void *payload, size_t len,
+                        const char *msgid, const uint8_t *headers, size_t headers_len,
+                        arq_publish_cb cb, void *arg)
+{
     if (!valid_stream(stream) || (len && !payload))
+        return ARQ_EINVAL;
+    if (!headers)
+        headers_len = 0;
+    if (headers_len && (headers_len > ARQ_MAX_FRAME || !headers_ok(headers, headers_len)))
         return ARQ_EINVAL;
     if (msgid && (msgid[0] == '\0' || strlen(msgid) > ARQ_MSGID_MAX))
         return ARQ_EINVAL;
@@ -2068,7 +2094,7 @@ int arq_publish(arq_client_t *c, const char *stream, const void *payload, size_t
     msgpack_packer pk;
     c->out.size = 0;
     msgpack_packer_init(&pk, &c->out, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 5);
+    msgpack_pack_map(&pk, headers_len ? 6 : 5);
     pack_kv_str(&pk, "t", "pub");
     pack_str(&pk, "id");
     msgpack_pack_uint64(&pk, p->id);
@@ -2077,6 +2103,14 @@ int arq_publish(arq_client_t *c, const char *stream, const void *payload, size_t
     msgpack_pack_bin(&pk, len);
     msgpack_pack_bin_body(&pk, payload, len);
     pack_kv_str(&pk, "msgid", msgid);
+    if (headers_len) {
+        pack_str(&pk, "headers");
+        /* one str -> str map (checked above), appended as it is */
+        if (msgpack_sbuffer_write(&c->out, (const char *)headers, headers_len) != 0) {
+            free(p);
+            return ARQ_ENOMEM;
+        }
+    }
     if (c->out.size > ARQ_MAX_FRAME) {
         free(p);
         return ARQ_ETOOBIG;

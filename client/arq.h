@@ -250,6 +250,18 @@ typedef void (*arq_publish_cb)(arq_client_t *client, int status, uint64_t offset
 int arq_publish(arq_client_t *client, const char *stream, const void *payload, size_t len,
                 const char *msgid, arq_publish_cb cb, void *arg);
 
+/*
+ * arq_publish() with headers: headers[0..headers_len) is one msgpack map of
+ * str -> str (the form arq_message_t.headers is delivered in, so a consumer
+ * can pass a message's headers on as they are); NULL or 0 bytes for none.
+ * It is copied. ARQ_EINVAL unless it is exactly one map whose keys and values
+ * are all strings; the broker checks the rest (UTF-8, at most 32 entries and
+ * 8 KiB, docs/protocol.md) and refuses with -400 / -413 in cb.
+ */
+int arq_publish_headers(arq_client_t *client, const char *stream, const void *payload, size_t len,
+                        const char *msgid, const uint8_t *headers, size_t headers_len,
+                        arq_publish_cb cb, void *arg);
+
 enum arq_from { ARQ_FROM_EARLIEST = 1, ARQ_FROM_LATEST, ARQ_FROM_OFFSET };
 
 #define ARQ_EPOCH_ANY UINT64_MAX /* arq_subscribe(): send no epoch */

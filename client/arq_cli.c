@@ -18,6 +18,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <msgpack.h>
 #include <openssl/evp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -53,6 +54,8 @@ static void usage(FILE *f)
             "                           ws://127.0.0.1:8000/ws)\n"
             "  -t, --token JWT          access token (HS256 JWT)\n"
             "      --msgid-prefix P     pub: message ids P0, P1, ... (idempotent retries)\n"
+            "  -H, --header K=V         pub: a header on every message (repeatable; K is\n"
+            "                           up to the first '=')\n"
             "      --from WHERE         sub: earliest (default), latest, or an offset >= 1\n"
             "      --count N            sub: exit 0 after N messages\n"
             "      --state FILE         sub: keep the position in FILE (JSON: stream, epoch,\n"
@@ -76,6 +79,24 @@ static void usage(FILE *f)
             RETRIES_DEFAULT);
 }
 
+/* pub --header: the encoded map, of at most HDR_MAX bytes (the broker's own
+ * limit is 8 KiB of keys and values; it answers a larger map with 413). */
+#define HDR_MAX 16384
+struct hdrbuf {
+    size_t size;
+    char data[HDR_MAX];
+};
+
+static int hdrbuf_write(void *data, const char *buf, size_t len)
+{
+    struct hdrbuf *h = data;
+    if (len > HDR_MAX - h->size)
+        return -1;
+    memcpy(h->data + h->size, buf, len);
+    h->size += len;
+    return 0;
+}
+
 struct cli {
     struct event_base *base;
     arq_client_t *client;
@@ -86,6 +107,7 @@ struct cli {
     /* pub */
     const char *data; /* NULL: stdin */
     const char *msgid_prefix;
+    struct hdrbuf headers; /* pub --header K=V...: one msgpack map, or empty */
     uint64_t seq_next, seq_printed;
     int inflight;
     int have[MAX_INFLIGHT];
@@ -234,7 +256,9 @@ static int pub_one(struct cli *c, const char *data, size_t len)
     }
     pa->cli = c;
     pa->seq = c->seq_next;
-    int rc = arq_publish(c->client, c->stream, data, len, mid, on_puback_seq, pa);
+    int rc =
+        arq_publish_headers(c->client, c->stream, data, len, mid, (const uint8_t *)c->headers.data,
+                            c->headers.size, on_puback_seq, pa);
     if (rc != 0) {
         free(pa);
         fprintf(stderr, "error: cannot publish: %s\n", arq_strerror(rc));
@@ -513,6 +537,33 @@ static void state_advance(struct cli *c, uint64_t offset)
     }
 }
 
+/* A delivered message's headers (a msgpack map of str -> str, checked by the
+ * broker) as a JSON object; NULL if it is not one. */
+static json_t *headers_json(const uint8_t *raw, size_t len)
+{
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    size_t off = 0;
+    json_t *o = NULL;
+    if (msgpack_unpack_next(&u, (const char *)raw, len, &off) == MSGPACK_UNPACK_SUCCESS &&
+        u.data.type == MSGPACK_OBJECT_MAP && (o = json_object()) != NULL) {
+        for (uint32_t i = 0; i < u.data.via.map.size; i++) {
+            const msgpack_object *k = &u.data.via.map.ptr[i].key, *v = &u.data.via.map.ptr[i].val;
+            json_t *val = k->type == MSGPACK_OBJECT_STR && v->type == MSGPACK_OBJECT_STR
+                              ? json_stringn(v->via.str.ptr, v->via.str.size)
+                              : NULL;
+            /* json_object_setn_new refuses a key that is not UTF-8 (and frees val) */
+            if (!val || json_object_setn_new(o, k->via.str.ptr, k->via.str.size, val) != 0) {
+                json_decref(o);
+                o = NULL;
+                break;
+            }
+        }
+    }
+    msgpack_unpacked_destroy(&u);
+    return o;
+}
+
 static void on_msg(arq_client_t *client, const arq_message_t *m, void *arg)
 {
     struct cli *c = arg;
@@ -527,6 +578,10 @@ static void on_msg(arq_client_t *client, const arq_message_t *m, void *arg)
     int ok = o && json_object_set_new(o, "stream", json_string(m->stream)) == 0 &&
              json_object_set_new(o, "offset", json_integer((json_int_t)m->offset)) == 0 &&
              json_object_set_new(o, "ts", json_integer((json_int_t)m->ts_us)) == 0;
+    if (ok && m->headers && m->headers_len) {
+        json_t *h = headers_json(m->headers, m->headers_len);
+        ok = h && json_object_set_new(o, "headers", h) == 0;
+    }
     if (ok && payload) {
         ok = json_object_set_new(o, "payload", payload) == 0;
     } else if (ok) {
@@ -659,10 +714,12 @@ static void on_connect(arq_client_t *client, int status, void *arg)
 int main(int argc, char **argv)
 {
     enum { OPT_MSGID = 256, OPT_FROM, OPT_COUNT, OPT_TIMEOUT, OPT_STATE, OPT_NORECON, OPT_RETRIES };
+    enum { MAX_HEADERS = 64 };
     static const struct option longopts[] = {
         {"url", required_argument, NULL, 'u'},
         {"token", required_argument, NULL, 't'},
         {"msgid-prefix", required_argument, NULL, OPT_MSGID},
+        {"header", required_argument, NULL, 'H'},
         {"from", required_argument, NULL, OPT_FROM},
         {"count", required_argument, NULL, OPT_COUNT},
         {"timeout", required_argument, NULL, OPT_TIMEOUT},
@@ -677,12 +734,14 @@ int main(int argc, char **argv)
     const char *url = getenv("ARQ_URL");
     const char *token = NULL, *from = NULL;
     int have_count = 0, no_reconnect = 0, have_retries = 0;
+    const char *hdr[MAX_HEADERS];
+    size_t n_hdr = 0;
     uint64_t timeout = 0, retries = RETRIES_DEFAULT;
     if (!url || !*url)
         url = "ws://127.0.0.1:8000/ws";
 
     int opt;
-    while ((opt = getopt_long(argc, argv, "u:t:Vh", longopts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "u:t:H:Vh", longopts, NULL)) != -1) {
         switch (opt) {
         case 'u':
             url = optarg;
@@ -692,6 +751,17 @@ int main(int argc, char **argv)
             break;
         case OPT_MSGID:
             cli.msgid_prefix = optarg;
+            break;
+        case 'H':
+            if (!strchr(optarg, '=') || optarg[0] == '=') {
+                fprintf(stderr, "arq: --header needs KEY=VALUE\n");
+                return 2;
+            }
+            if (n_hdr == MAX_HEADERS) {
+                fprintf(stderr, "arq: at most %d --header\n", MAX_HEADERS);
+                return 2;
+            }
+            hdr[n_hdr++] = optarg;
             break;
         case OPT_FROM:
             from = optarg;
@@ -747,7 +817,8 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "pub") == 0) {
         is_pub = 1;
         if (npos != 3 || from || have_count || cli.state_path) {
-            fprintf(stderr, "arq: usage: arq [options] pub STREAM DATA|- [--msgid-prefix P]\n");
+            fprintf(stderr, "arq: usage: arq [options] pub STREAM DATA|- [--msgid-prefix P] "
+                            "[--header K=V]...\n");
             return 2;
         }
         cli.data = strcmp(argv[optind + 2], "-") == 0 ? NULL : argv[optind + 2];
@@ -757,7 +828,7 @@ int main(int argc, char **argv)
             return 2;
         }
     } else if (strcmp(cmd, "sub") == 0) {
-        if (npos != 2 || cli.msgid_prefix) {
+        if (npos != 2 || cli.msgid_prefix || n_hdr) {
             fprintf(stderr, "arq: usage: arq [options] sub STREAM [--from earliest|latest|N] "
                             "[--count N] [--state FILE]\n");
             return 2;
@@ -776,6 +847,20 @@ int main(int argc, char **argv)
         fprintf(stderr, "arq: unknown command '%s'\n", cmd);
         usage(stderr);
         return 2;
+    }
+    if (n_hdr) {
+        msgpack_packer pk;
+        msgpack_packer_init(&pk, &cli.headers, hdrbuf_write);
+        int bad = msgpack_pack_map(&pk, n_hdr);
+        for (size_t i = 0; i < n_hdr && !bad; i++) {
+            size_t kl = (size_t)(strchr(hdr[i], '=') - hdr[i]);
+            bad = msgpack_pack_str_with_body(&pk, hdr[i], kl) ||
+                  msgpack_pack_str_with_body(&pk, hdr[i] + kl + 1, strlen(hdr[i] + kl + 1));
+        }
+        if (bad) {
+            fprintf(stderr, "arq: the headers are over %d bytes\n", HDR_MAX);
+            return 2;
+        }
     }
     if (strlen(cli.stream) == 0 || strlen(cli.stream) > 200) {
         fprintf(stderr, "arq: a stream name is 1 to 200 bytes\n");

@@ -32,9 +32,9 @@ static const char republish_usage[] =
     "\n"
     "Publish the records of STREAM from A to B (default: all) again through a\n"
     "running broker, to STREAM itself or to X, in offset order. Offsets the WAL no\n"
-    "longer holds are read from MySQL (with a database URL). Payloads are sent as\n"
-    "stored; headers, producer and the original timestamp are not (the broker\n"
-    "stamps a new time; headers are not part of libarq's publish yet).\n"
+    "longer holds are read from MySQL (with a database URL). Payloads and headers\n"
+    "are sent as stored; the producer and the original timestamp are not (the\n"
+    "producer is the token's subject, and the broker stamps a new time).\n"
     "\n"
     "Each message carries a message id made from (STREAM, its epoch, offset, X):\n"
     "the broker deduplicates it per producer (the token's subject), so running\n"
@@ -254,7 +254,8 @@ static void pump(rpb_t *r)
         p->offset = rec->offset;
         char msgid[64];
         make_msgid(r, rec->offset, msgid);
-        int rc = arq_publish(r->c, r->target, rec->payload, rec->payload_len, msgid, pub_cb, p);
+        int rc = arq_publish_headers(r->c, r->target, rec->payload, rec->payload_len, msgid,
+                                     rec->headers, rec->headers_len, pub_cb, p);
         if (rc) {
             free(p);
             r->failed++;

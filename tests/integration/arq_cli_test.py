@@ -122,6 +122,22 @@ def scenario_anonymous(d):
           and base64.b64decode(rows[0].get("payload", "")) == blob,
           f"binary payload comes out base64: {rc} {out!r} {err}")
 
+    # pub --header: every message of the run carries them; sub prints them as an object
+    rc, out, err = arq("--url", url, "pub", "cli.h", "-H", "a=1", "--header", "b=x=y", "one")
+    check(rc == 0 and out == "1\n", f"pub --header: {rc} {out!r} {err!r}")
+    rc, out, err = arq("--url", url, "pub", "cli.h", "two")
+    rc2, out2, err2 = arq("--url", url, "pub", "cli.h", "-H", "k=", "-", input=b"l1\nl2\n")
+    check(rc == 0 and rc2 == 0 and out2 == "3\n4\n", f"pub - --header: {rc2} {out2!r} {err2!r}")
+    rc, out, err = arq("--url", url, "sub", "cli.h", "--count", "4")
+    rows = json_lines(out)
+    check(rc == 0 and [r.get("headers") for r in rows] ==
+          [{"a": "1", "b": "x=y"}, None, {"k": ""}, {"k": ""}]
+          and [r.get("payload") for r in rows] == ["one", "two", "l1", "l2"],
+          f"sub prints the headers as published: {rc} {out!r} {err}")
+    r = asyncio.run(py_publish(url, "cli.h", b"five"))
+    rc, out, err = arq("--url", url, "sub", "cli.h", "--from", "5", "--count", "1")
+    check(rc == 0 and "headers" not in json_lines(out)[0], f"no headers, no key: {out!r}")
+
     # sub --from latest started before a publish receives it
     p = subprocess.Popen([ARQ, "--url", url, "sub", "cli.live", "--from", "latest", "--count",
                           "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -171,7 +187,9 @@ def scenario_anonymous(d):
 
     # usage
     for args in (["pub"], ["pub", "s"], ["frob", "s"], ["sub", "s", "--from", "0"],
-                 ["sub", "s", "--count", "x"], ["pub", "s", "x", "--count", "1"], ["--bogus"]):
+                 ["sub", "s", "--count", "x"], ["pub", "s", "x", "--count", "1"], ["--bogus"],
+                 ["pub", "s", "x", "-H", "novalue"], ["pub", "s", "x", "-H", "=v"],
+                 ["sub", "s", "-H", "a=b"]):
         rc, out, err = arq("--url", url, *args)
         check(rc == 2 and err, f"usage error {args}: {rc} {err!r}")
     rc, out, err = arq("--help")

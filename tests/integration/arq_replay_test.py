@@ -258,6 +258,10 @@ def run(tmp, db, url, data, log, env, rp, a):
     rc2, r2, err2 = rp.json(*R2)
     check(rc == 0 and rc2 == 0 and r["published"] == 50 and r2["duplicates"] == 50,
           f"republish with --token twice: {r} {r2} {err} {err2}")
+    msgs, _, _ = subscribe(a.url, "rp.copy2", 1, 50, TOKEN, timeout=5)
+    check([(o, p, h) for o, p, h in msgs] ==
+          [(i + 1, binary[i], {"k": f"v{i}"} if i % 2 == 0 else None) for i in range(50)],
+          f"rp.copy2 carries rp.b's payloads and headers: {msgs[:2]}")
     rc, r, err = rp.json("republish", "--url", a.url, *W, "rp.a", "--to-stream", "other",
                          "--range", "1..2", "--token", tok)
     check(rc == 1 and r["failed"] == 2, f"a target the token may not publish to: exit 1 {r}")
