@@ -184,12 +184,10 @@ int sync_cold_open(const sync_url_t *u, struct event_base *base, sync_cold_t **r
     sync_cold_t *c = calloc(1, sizeof(*c));
     if (!c)
         return SYNC_ENOMEM;
-    c->url = *u;
-    c->url.user = u->user ? strdup(u->user) : NULL;
-    c->url.password = u->password ? strdup(u->password) : NULL;
-    c->url.host = u->host ? strdup(u->host) : NULL;
-    c->url.db = u->db ? strdup(u->db) : NULL;
-    c->url.socket = u->socket ? strdup(u->socket) : NULL;
+    if (sync_url_copy(&c->url, u) != 0) {
+        free(c);
+        return SYNC_ENOMEM;
+    }
     c->base = base;
     c->done_ev = event_new(base, -1, 0, done_cb, c);
     pthread_mutex_init(&c->mu, NULL);

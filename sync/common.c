@@ -37,6 +37,12 @@ MYSQL *sync_mysql_connect(const sync_url_t *u, char *err, size_t errlen)
         my_bool on = 1;
         mysql_optionsv(m, MYSQL_OPT_SSL_ENFORCE, &on);
     }
+    if (u->tls_ca) {
+        /* Trust only these CAs, and check the certificate names the host. */
+        my_bool on = 1;
+        mysql_optionsv(m, MYSQL_OPT_SSL_CA, u->tls_ca);
+        mysql_optionsv(m, MYSQL_OPT_SSL_VERIFY_SERVER_CERT, &on);
+    }
     if (!mysql_real_connect(m, u->socket ? "localhost" : u->host, u->user, u->password, u->db,
                             u->socket ? 0 : u->port, u->socket, 0)) {
         sync_errf(err, errlen, "cannot connect to MySQL at %s:%u/%s as %s: %s",

@@ -931,11 +931,6 @@ static void *sync_main(void *arg)
     return NULL;
 }
 
-static char *dup_or_null(const char *p)
-{
-    return p ? strdup(p) : NULL;
-}
-
 int sync_start(wal_t *wal, const sync_options_t *opts, sync_t **ret)
 {
     sync_t *s = calloc(1, sizeof(*s));
@@ -957,13 +952,10 @@ int sync_start(wal_t *wal, const sync_options_t *opts, sync_t **ret)
         s->o.cursor_every_ms = 1000;
     if (!s->o.retain_every_ms)
         s->o.retain_every_ms = 5000;
-    const sync_url_t *u = opts->url;
-    s->url = *u;
-    s->url.user = dup_or_null(u->user);
-    s->url.password = dup_or_null(u->password);
-    s->url.host = dup_or_null(u->host);
-    s->url.db = dup_or_null(u->db);
-    s->url.socket = dup_or_null(u->socket);
+    if (sync_url_copy(&s->url, opts->url) != 0) {
+        free(s);
+        return SYNC_ENOMEM;
+    }
     s->o.url = &s->url;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cond, NULL);

@@ -25,16 +25,21 @@
 /* mysql://USER[:PASSWORD]@HOST[:PORT]/DB[?OPTIONS] with OPTIONS
  * socket=PATH (connect through a unix socket; HOST is then ignored, use
  * "localhost"), connect_timeout=S, read_timeout=S, write_timeout=S (1..3600,
- * defaults 5/30/30), tls=0|1 (require TLS; default 0). USER, PASSWORD and
- * PATH may be percent-encoded. */
+ * defaults 5/30/30), tls=0|1 (require TLS, encrypted but the server not
+ * authenticated; default 0), tls_ca=PATH (require TLS and verify the
+ * server's certificate, and that it names HOST, against the CA certificates
+ * in PATH). USER, PASSWORD and the PATHs may be percent-encoded. */
 typedef struct sync_url {
     char *user, *password, *host, *db, *socket;
+    char *tls_ca;  /* NULL: no verification */
     unsigned port; /* default 3306 */
     unsigned connect_timeout_s, read_timeout_s, write_timeout_s;
-    int tls;
+    int tls; /* 1 also when tls_ca is set */
 } sync_url_t;
 /* 0, or -1 with a one-line reason in err (never containing the password). */
 int sync_url_parse(const char *url, sync_url_t *out, char *err, size_t errlen);
+/* A deep copy of src into *dst: 0, or SYNC_ENOMEM with *dst all NULL. */
+int sync_url_copy(sync_url_t *dst, const sync_url_t *src);
 void sync_url_free(sync_url_t *u);
 
 /*

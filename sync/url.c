@@ -77,6 +77,25 @@ static int parse_uint(const char *p, size_t n, unsigned lo, unsigned hi, unsigne
     return 0;
 }
 
+static int dup_field(char **dst, const char *src)
+{
+    *dst = src ? strdup(src) : NULL;
+    return src && !*dst ? -1 : 0;
+}
+
+int sync_url_copy(sync_url_t *dst, const sync_url_t *src)
+{
+    *dst = *src;
+    dst->user = dst->password = dst->host = dst->db = dst->socket = dst->tls_ca = NULL;
+    if (dup_field(&dst->user, src->user) || dup_field(&dst->password, src->password) ||
+        dup_field(&dst->host, src->host) || dup_field(&dst->db, src->db) ||
+        dup_field(&dst->socket, src->socket) || dup_field(&dst->tls_ca, src->tls_ca)) {
+        sync_url_free(dst);
+        return SYNC_ENOMEM;
+    }
+    return 0;
+}
+
 void sync_url_free(sync_url_t *u)
 {
     if (!u)
@@ -86,6 +105,7 @@ void sync_url_free(sync_url_t *u)
     free(u->host);
     free(u->db);
     free(u->socket);
+    free(u->tls_ca);
     memset(u, 0, sizeof(*u));
 }
 
@@ -124,6 +144,13 @@ static int parse_option(sync_url_t *u, const char *p, size_t n, char *err, size_
             return -1;
         }
         u->tls = (int)x;
+    } else if (KEY("tls_ca")) {
+        free(u->tls_ca);
+        u->tls_ca = decode(v, vn);
+        if (!u->tls_ca || u->tls_ca[0] != '/') {
+            errf(err, errlen, "DATABASE_URL tls_ca= must be an absolute path");
+            return -1;
+        }
     } else {
         errf(err, errlen, "DATABASE_URL: unknown option '%.*s'", (int)(kn > 40 ? 40 : kn), p);
         return -1;
@@ -240,6 +267,8 @@ int sync_url_parse(const char *url, sync_url_t *out, char *err, size_t errlen)
             p = amp ? amp + 1 : end;
         }
     }
+    if (u.tls_ca)
+        u.tls = 1; /* verifying the server is TLS */
     *out = u;
     return 0;
 fail:

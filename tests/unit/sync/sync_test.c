@@ -137,6 +137,25 @@ static void test_url(void **state)
     assert_string_equal(u.host, "::1");
     assert_int_equal(u.port, 3307);
     sync_url_free(&u);
+    assert_int_equal(sync_url_parse("mysql://a@h/d", &u, err, sizeof(err)), 0);
+    assert_int_equal(u.tls, 0);
+    assert_null(u.tls_ca);
+    sync_url_free(&u);
+    /* tls_ca= verifies the server, which means TLS (even after tls=0) */
+    assert_int_equal(
+        sync_url_parse("mysql://a@h/d?tls=0&tls_ca=/etc/arq/db%20ca.pem", &u, err, sizeof(err)), 0);
+    assert_string_equal(u.tls_ca, "/etc/arq/db ca.pem");
+    assert_int_equal(u.tls, 1);
+    /* a copy owns every string (the drain and the cold tier each keep one) */
+    sync_url_t c;
+    assert_int_equal(sync_url_copy(&c, &u), 0);
+    sync_url_free(&u);
+    assert_string_equal(c.tls_ca, "/etc/arq/db ca.pem");
+    assert_string_equal(c.user, "a");
+    assert_string_equal(c.host, "h");
+    assert_null(c.socket);
+    assert_int_equal(c.tls, 1);
+    sync_url_free(&c);
     const char *bad[] = {"",
                          "postgres://a@b/c",
                          "mysql://b/c",
@@ -147,6 +166,8 @@ static void test_url(void **state)
                          "mysql://a@b/c?x=1",
                          "mysql://a@b/c?socket=rel",
                          "mysql://a@b/c?tls=2",
+                         "mysql://a@b/c?tls_ca=ca.pem",
+                         "mysql://a@b/c?tls_ca=",
                          "mysql://a@b/c d",
                          "mysql://a:%4@b/c",
                          "mysql://a:%00@b/c",
