@@ -670,11 +670,40 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
 
 /* ---- cursors ----------------------------------------------------------- */
 
+#define CURSOR_ROWS_PER_INSERT 5000
+
+static const char cursor_upsert_tail[] =
+    " ON DUPLICATE KEY UPDATE `offset` = IF(VALUES(updated_us) >= updated_us, "
+    "VALUES(`offset`), `offset`), updated_us = GREATEST(updated_us, VALUES(updated_us))";
+
 struct cursor_ctx {
     sync_t *s;
-    int n;
+    int n;         /* rows in the statement being built */
+    uint64_t rows; /* rows in all of them */
     int64_t hwm;
+    size_t *ends; /* where each finished statement ends in s->sb */
+    size_t n_ends, cap_ends;
+    int err; /* set when the scan was stopped by an error */
 };
+
+static int cursor_end_statement(struct cursor_ctx *x)
+{
+    sync_t *s = x->s;
+    sync_sb_adds(&s->sb, cursor_upsert_tail);
+    if (build_err(s))
+        return build_err(s);
+    if (x->n_ends == x->cap_ends) {
+        size_t cap = x->cap_ends ? x->cap_ends * 2 : 8;
+        size_t *e = realloc(x->ends, cap * sizeof(*e));
+        if (!e)
+            return SYNC_ENOMEM;
+        x->ends = e;
+        x->cap_ends = cap;
+    }
+    x->ends[x->n_ends++] = s->sb.len;
+    x->n = 0;
+    return 0;
+}
 
 static int cursor_row_cb(const char *session, size_t session_len, const char *stream,
                          size_t stream_len, uint64_t offset, int64_t updated_us, void *arg)
@@ -694,30 +723,38 @@ static int cursor_row_cb(const char *session, size_t session_len, const char *st
     sync_sb_hex(&s->sb, stream, stream_len);
     sync_sb_addf(&s->sb, ",%" PRIu64 ",%" PRId64 ")", offset, updated_us);
     x->n++;
-    return x->n >= 5000 || build_err(s);
+    x->rows++;
+    if (x->n == CURSOR_ROWS_PER_INSERT)
+        x->err = cursor_end_statement(x);
+    if (!x->err)
+        x->err = build_err(s);
+    return x->err != 0; /* stop the scan */
 }
 
-/* Latest value wins: upsert cursors changed since the last pass. */
+/* Latest value wins: upsert every cursor changed since the last pass, in
+ * statements of CURSOR_ROWS_PER_INSERT rows. The high-water mark moves only
+ * once all of them went in: a pass that stopped part-way would otherwise
+ * skip, for good, the rows after the cut whose updated_us is below the
+ * newest one it saw (the scan is in key order, not time order). */
 static int sync_cursors(sync_t *s, char *err, size_t errlen)
 {
     sync_sb_reset(&s->sb);
     s->sql_err = 0;
-    struct cursor_ctx x = {s, 0, s->cursor_hwm_us};
-    int rc = wal_cursor_list(s->wal, cursor_row_cb, &x);
-    if (rc || build_err(s) || x.n == 0)
-        return rc ? SYNC_ESQL : build_err(s);
-    sync_sb_adds(
-        &s->sb,
-        " ON DUPLICATE KEY UPDATE `offset` = IF(VALUES(updated_us) >= updated_us, "
-        "VALUES(`offset`), `offset`), updated_us = GREATEST(updated_us, VALUES(updated_us))");
-    if (build_err(s))
-        return build_err(s);
-    rc = db_exec(s->m, s->sb.p, s->sb.len, err, errlen);
+    struct cursor_ctx x = {.s = s, .hwm = s->cursor_hwm_us};
+    int rc = wal_cursor_list(s->wal, cursor_row_cb, &x) != 0 ? SYNC_ESQL : x.err;
+    if (!rc && x.n > 0)
+        rc = cursor_end_statement(&x);
+    size_t from = 0;
+    for (size_t i = 0; i < x.n_ends && !rc; i++) {
+        rc = db_exec(s->m, s->sb.p + from, x.ends[i] - from, err, errlen);
+        from = x.ends[i];
+    }
+    free(x.ends);
     if (rc)
         return rc;
     s->cursor_hwm_us = x.hwm;
     pthread_mutex_lock(&s->mu);
-    s->st.cursors += (uint64_t)x.n;
+    s->st.cursors += x.rows;
     pthread_mutex_unlock(&s->mu);
     return 0;
 }

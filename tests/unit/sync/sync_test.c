@@ -292,6 +292,27 @@ static void waiter_cb(wal_append_t *req, void *arg)
     pthread_mutex_unlock(&w->mu);
 }
 
+/* n cursors (sessions PREFIX-00000...) on stream s.1 in one request: one
+ * commit, so they share their updated_us. */
+static void put_cursors(wal_t *wal, const char *prefix, int n, uint64_t off)
+{
+    struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+    wal_append_t *req;
+    assert_int_equal(wal_append_new(waiter_cb, &w, &req), 0);
+    for (int i = 0; i < n; i++) {
+        char sess[64];
+        int len = snprintf(sess, sizeof(sess), "%s-%05d", prefix, i);
+        assert_int_equal(wal_append_add_cursor(req, sess, (size_t)len, "s.1", 3, off), 0);
+    }
+    assert_int_equal(wal_append_submit(wal, req), 0);
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cond, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    assert_int_equal(w.status, 0);
+    wal_append_free(req);
+}
+
 static void put_cursor(wal_t *wal, const char *session, const char *stream, uint64_t off)
 {
     struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
@@ -385,6 +406,12 @@ static void test_drain(void **state)
     for (int i = 0; i < 300 && q_u64(m, "SELECT `offset` FROM arq_cursors") != 9; i++)
         usleep(10000);
     assert_int_equal(q_u64(m, "SELECT `offset` FROM arq_cursors"), 9);
+    /* More changed cursors than one INSERT takes (5,000): all of them arrive,
+     * not just the first statement's worth. */
+    put_cursors(wal, "bulk", 6200, 3);
+    for (int i = 0; i < 500 && q_u64(m, "SELECT COUNT(*) FROM arq_cursors") != 6201; i++)
+        usleep(10000);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_cursors WHERE `offset` = 3"), 6200);
 
     /* connection lost: kill the drain's connection, keep appending */
     q(m, "SELECT 1");
