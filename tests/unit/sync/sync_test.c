@@ -292,6 +292,19 @@ static void waiter_cb(wal_append_t *req, void *arg)
     pthread_mutex_unlock(&w->mu);
 }
 
+/* Submit req (made with waiter_cb and w) and wait for it to complete
+ * successfully; frees it. */
+static void submit_wait(wal_t *wal, wal_append_t *req, struct waiter *w)
+{
+    assert_int_equal(wal_append_submit(wal, req), 0);
+    pthread_mutex_lock(&w->mu);
+    while (!w->done)
+        pthread_cond_wait(&w->cond, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+    assert_int_equal(w->status, 0);
+    wal_append_free(req);
+}
+
 /* n cursors (sessions PREFIX-00000...) on stream s.1 in one request: one
  * commit, so they share their updated_us. */
 static void put_cursors(wal_t *wal, const char *prefix, int n, uint64_t off)
@@ -304,13 +317,7 @@ static void put_cursors(wal_t *wal, const char *prefix, int n, uint64_t off)
         int len = snprintf(sess, sizeof(sess), "%s-%05d", prefix, i);
         assert_int_equal(wal_append_add_cursor(req, sess, (size_t)len, "s.1", 3, off), 0);
     }
-    assert_int_equal(wal_append_submit(wal, req), 0);
-    pthread_mutex_lock(&w.mu);
-    while (!w.done)
-        pthread_cond_wait(&w.cond, &w.mu);
-    pthread_mutex_unlock(&w.mu);
-    assert_int_equal(w.status, 0);
-    wal_append_free(req);
+    submit_wait(wal, req, &w);
 }
 
 static void put_cursor(wal_t *wal, const char *session, const char *stream, uint64_t off)
@@ -320,13 +327,7 @@ static void put_cursor(wal_t *wal, const char *session, const char *stream, uint
     assert_int_equal(wal_append_new(waiter_cb, &w, &req), 0);
     assert_int_equal(
         wal_append_add_cursor(req, session, strlen(session), stream, strlen(stream), off), 0);
-    assert_int_equal(wal_append_submit(wal, req), 0);
-    pthread_mutex_lock(&w.mu);
-    while (!w.done)
-        pthread_cond_wait(&w.cond, &w.mu);
-    pthread_mutex_unlock(&w.mu);
-    assert_int_equal(w.status, 0);
-    wal_append_free(req);
+    submit_wait(wal, req, &w);
 }
 
 static void wait_watermark(sync_t *s, uint64_t want)
