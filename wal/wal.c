@@ -884,24 +884,6 @@ static void notify_visible(wal_t *wal)
     event_active(wal->done_ev, EV_READ, 0);
 }
 
-static void complete(wal_t *wal, wal_append_t *r, int status)
-{
-    r->status = status;
-    r->next = NULL;
-    if (r->direct || !wal->base) {
-        r->cb(r, r->arg);
-        return;
-    }
-    pthread_mutex_lock(&wal->done_mu);
-    if (wal->done_tail)
-        wal->done_tail->next = r;
-    else
-        wal->done_head = r;
-    wal->done_tail = r;
-    pthread_mutex_unlock(&wal->done_mu);
-    event_active(wal->done_ev, EV_READ, 0);
-}
-
 /* Complete a linked list of requests (status: set on each, or 0 to keep
  * theirs) with one lock and one wake-up of the loop. */
 static void complete_list(wal_t *wal, wal_append_t *list, int status)
@@ -933,6 +915,13 @@ static void complete_list(wal_t *wal, wal_append_t *list, int status)
     wal->done_tail = tail;
     pthread_mutex_unlock(&wal->done_mu);
     event_active(wal->done_ev, EV_READ, 0);
+}
+
+static void complete(wal_t *wal, wal_append_t *r, int status)
+{
+    r->status = status;
+    r->next = NULL;
+    complete_list(wal, r, 0);
 }
 
 /*
