@@ -96,6 +96,8 @@ static void metrics_sync(void *arg, struct evbuffer *out)
     M("arq_sync_errors_total", "counter", "Sync errors (each followed by a reconnect).", st.errors);
     M("arq_sync_reconnects_total", "counter", "Reconnects to MySQL after errors.", st.reconnects);
     M("arq_sync_cursors_total", "counter", "Cursor rows upserted into MySQL.", st.cursors);
+    M("arq_sync_cursors_deleted_total", "counter",
+      "Cursor rows deleted from MySQL because the WAL deleted them.", st.cursors_deleted);
 #undef M
     evbuffer_add_printf(out,
                         "# HELP arq_sync_lag_seconds Age of the oldest record not yet in MySQL.\n"

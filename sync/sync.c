@@ -217,6 +217,7 @@ struct sync {
     size_t n_pending, cap_pending;
     int64_t cursor_hwm_us; /* newest cursor update already synced */
     int64_t next_cursor_us;
+    int64_t next_cursor_gc_us;
     int64_t next_retain_us;
     /* the batch, column by column (bulk binding), bytes in `arena` */
     MYSQL_STMT *ins; /* prepared INSERT, array-bound (MariaDB) */
@@ -759,6 +760,95 @@ static int sync_cursors(sync_t *s, char *err, size_t errlen)
     return 0;
 }
 
+/*
+ * Cursors the WAL deleted (an unsubscribe, an expired session) leave MySQL
+ * too. A row goes only if the WAL made it: updated at or after the WAL's
+ * creation (older rows come from an earlier WAL, e.g. the history a restore
+ * will read back, and are kept) and no longer in the WAL. The DELETE names
+ * the updated_us it saw, and the upserts run on this same thread, so a
+ * cursor written again meanwhile is upserted by the next pass.
+ */
+static int sync_cursor_gc(sync_t *s, char *err, size_t errlen)
+{
+    wal_stats_t ws;
+    if (wal_stats_get(s->wal, &ws) != 0 || ws.created_us <= 0)
+        return 0; /* no era to tell our rows by: keep everything */
+    uint8_t last_sess[256], last_stream[256];
+    unsigned long last_sess_len = 0, last_stream_len = 0;
+    bool first = true;
+    uint64_t deleted = 0;
+    for (;;) {
+        sync_sb_reset(&s->sb);
+        sync_sb_addf(&s->sb,
+                     "SELECT session, stream, updated_us FROM arq_cursors WHERE updated_us >= "
+                     "%" PRId64,
+                     ws.created_us);
+        if (!first) {
+            sync_sb_adds(&s->sb, " AND (session > ");
+            sync_sb_hex(&s->sb, (const char *)last_sess, last_sess_len);
+            sync_sb_adds(&s->sb, " OR (session = ");
+            sync_sb_hex(&s->sb, (const char *)last_sess, last_sess_len);
+            sync_sb_adds(&s->sb, " AND stream > ");
+            sync_sb_hex(&s->sb, (const char *)last_stream, last_stream_len);
+            sync_sb_adds(&s->sb, "))");
+        }
+        sync_sb_addf(&s->sb, " ORDER BY session, stream LIMIT %d", CURSOR_ROWS_PER_INSERT);
+        if (build_err(s))
+            return build_err(s);
+        if (mysql_real_query(s->m, s->sb.p, (unsigned long)s->sb.len) != 0) {
+            sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+            return SYNC_ESQL;
+        }
+        MYSQL_RES *res = mysql_store_result(s->m);
+        if (!res) {
+            sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+            return SYNC_ESQL;
+        }
+        sync_sb_reset(&s->sb);
+        int n = 0, gone = 0;
+        MYSQL_ROW row;
+        while ((row = mysql_fetch_row(res))) {
+            unsigned long *len = mysql_fetch_lengths(res);
+            n++;
+            if (!len || len[0] > sizeof last_sess || len[1] > sizeof last_stream || !row[2]) {
+                /* the schema allows neither; stop rather than page in place */
+                mysql_free_result(res);
+                sync_errf(err, errlen, "arq_cursors holds a row this build cannot page past");
+                return SYNC_ESQL;
+            }
+            memcpy(last_sess, row[0], len[0]);
+            last_sess_len = len[0];
+            memcpy(last_stream, row[1], len[1]);
+            last_stream_len = len[1];
+            uint64_t off;
+            if (wal_cursor_get(s->wal, row[0], len[0], row[1], len[1], &off) != WAL_ENOTFOUND)
+                continue;
+            sync_sb_adds(&s->sb, gone ? " OR (session = "
+                                      : "DELETE FROM arq_cursors WHERE "
+                                        "(session = ");
+            sync_sb_hex(&s->sb, row[0], len[0]);
+            sync_sb_adds(&s->sb, " AND stream = ");
+            sync_sb_hex(&s->sb, row[1], len[1]);
+            sync_sb_addf(&s->sb, " AND updated_us = %s)", row[2]);
+            gone++;
+        }
+        mysql_free_result(res);
+        first = false;
+        int rc = build_err(s);
+        if (!rc && gone)
+            rc = db_exec(s->m, s->sb.p, s->sb.len, err, errlen);
+        if (rc)
+            return rc;
+        deleted += (uint64_t)gone;
+        if (n < CURSOR_ROWS_PER_INSERT)
+            break;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->st.cursors_deleted += deleted;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
 /* ---- retention --------------------------------------------------------- */
 
 struct ts_ctx {
@@ -928,6 +1018,10 @@ static void *sync_main(void *arg)
             crc = sync_cursors(s, err, sizeof(err));
             s->next_cursor_us = wall_us() + (int64_t)s->o.cursor_every_ms * 1000;
         }
+        if (n >= 0 && !crc && wall_us() >= s->next_cursor_gc_us) {
+            crc = sync_cursor_gc(s, err, sizeof(err));
+            s->next_cursor_gc_us = wall_us() + (int64_t)s->o.cursor_gc_every_ms * 1000;
+        }
         update_lag(s);
         if (n >= 0 && !crc && (s->o.retain_age_s || s->o.retain_bytes) &&
             wall_us() >= s->next_retain_us) {
@@ -989,6 +1083,8 @@ int sync_start(wal_t *wal, const sync_options_t *opts, sync_t **ret)
         s->o.cursor_every_ms = 1000;
     if (!s->o.retain_every_ms)
         s->o.retain_every_ms = 5000;
+    if (!s->o.cursor_gc_every_ms)
+        s->o.cursor_gc_every_ms = 60000;
     if (sync_url_copy(&s->url, opts->url) != 0) {
         free(s);
         return SYNC_ENOMEM;

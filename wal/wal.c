@@ -3042,6 +3042,9 @@ int wal_stats_get(wal_t *wal, wal_stats_t *ret)
     s.next_seq = 1;
     if (mdb_get(txn, wal->dbi_meta, &k, &v) == 0 && v.mv_size == 8)
         s.next_seq = wal_get_le64(v.mv_data);
+    MDB_val ck = {10, "created_us"};
+    if (mdb_get(txn, wal->dbi_meta, &ck, &v) == 0 && v.mv_size == 8)
+        s.created_us = (int64_t)wal_get_le64(v.mv_data);
     MDB_cursor *cur;
     s.first_seq = s.next_seq;
     if (mdb_cursor_open(txn, wal->dbi_log, &cur) == 0) {

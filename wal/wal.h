@@ -366,7 +366,8 @@ typedef struct wal_stats {
     /* next_seq counting every acknowledged append, also those still only in
      * the journal (next_seq is what LMDB, and so every reader, holds) */
     uint64_t acked_next_seq;
-    int journal; /* this handle writes a journal */
+    int journal;        /* this handle writes a journal */
+    int64_t created_us; /* when this WAL was created (meta "created_us"; 0: not recorded) */
 } wal_stats_t;
 /* Bucket upper bounds (WAL_HIST_BUCKETS - 1 finite ones; then +Inf). */
 extern const uint64_t wal_commit_us_bounds[WAL_HIST_BUCKETS - 1];
