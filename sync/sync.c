@@ -829,17 +829,20 @@ static int sync_cursor_gc(sync_t *s, char *err, size_t errlen)
             sync_sb_hex(&s->sb, row[0], len[0]);
             sync_sb_adds(&s->sb, " AND stream = ");
             sync_sb_hex(&s->sb, row[1], len[1]);
-            sync_sb_addf(&s->sb, " AND updated_us = %s)", row[2]);
+            sync_sb_addf(&s->sb, " AND updated_us = %" PRId64 ")",
+                         (int64_t)strtoll(row[2], NULL, 10));
             gone++;
         }
         mysql_free_result(res);
         first = false;
         int rc = build_err(s);
-        if (!rc && gone)
+        if (!rc && gone) {
             rc = db_exec(s->m, s->sb.p, s->sb.len, err, errlen);
+            if (!rc) /* rows written again since the SELECT are not among them */
+                deleted += (uint64_t)mysql_affected_rows(s->m);
+        }
         if (rc)
             return rc;
-        deleted += (uint64_t)gone;
         if (n < CURSOR_ROWS_PER_INSERT)
             break;
     }
