@@ -59,6 +59,7 @@ struct conn {
     wslay_event_context_ptr ws;
     brk_client_t *client;
     bool hello_done;
+    bool hold_out; /* a new session's welcome waits until the session is durable */
     bool close_after_write;
     bool kicked;             /* its session was resumed elsewhere: free on the next turn */
     struct api_pub_ctx *pub; /* pending server API publish */
@@ -466,6 +467,10 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         return;
     }
     c->hello_done = true;
+    /* A new session's welcome (and whatever follows it) stays in the output
+     * until the session is durable (conn_session_durable): a resume token
+     * the client holds must survive a crash of arqd. */
+    c->hold_out = !resumed;
     struct welcome_subs ws = {0};
     if (resumed)
         brk_client_subs(c->client, welcome_sub_cb, &ws);
@@ -690,11 +695,9 @@ static void flush_unlink(conn_t *c)
     c->flush_queued = false;
 }
 
-static void out_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+static void queue_flush(conn_t *c)
 {
-    (void)buf;
-    conn_t *c = arg;
-    if (!info->n_added || c->flush_queued || (bufferevent_get_enabled(c->bev) & EV_WRITE))
+    if (c->flush_queued || (bufferevent_get_enabled(c->bev) & EV_WRITE))
         return;
     api_server_t *s = c->srv;
     if (!s->flush_head)
@@ -707,10 +710,18 @@ static void out_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, vo
     s->flush_head = c;
 }
 
+static void out_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+    (void)buf;
+    if (info->n_added)
+        queue_flush(arg);
+}
+
 static void conn_flush(conn_t *c)
 {
     struct evbuffer *out = bufferevent_get_output(c->bev);
-    if (evbuffer_get_length(out) == 0 || (bufferevent_get_enabled(c->bev) & EV_WRITE))
+    if (c->hold_out || evbuffer_get_length(out) == 0 ||
+        (bufferevent_get_enabled(c->bev) & EV_WRITE))
         return;
     /* A socket bufferevent freezes its output's start; its own write path
      * unfreezes it around the write, and so do we. */
@@ -822,6 +833,27 @@ static void upgrade(conn_t *c, const http_request_t *req)
         event_add(c->ping_timer, &tv);
     }
     arq_log(ARQ_LOG_DEBUG, "ws_open", "peer", c->peer, "session", c->session, NULL);
+}
+
+/* The new session of this connection is durable (status 0): its welcome may
+ * go. If it could not be stored, the welcome (and anything queued after it)
+ * is dropped unsent and the client is refused. */
+static void conn_session_durable(void *conn, int status)
+{
+    conn_t *c = conn;
+    if (!c->hold_out)
+        return;
+    c->hold_out = false;
+    if (status != 0) {
+        struct evbuffer *out = bufferevent_get_output(c->bev);
+        evbuffer_unfreeze(out, 1); /* as in conn_flush */
+        evbuffer_drain(out, evbuffer_get_length(out));
+        evbuffer_freeze(out, 1);
+        arq_log(ARQ_LOG_WARN, "session_not_stored", "peer", c->peer, "reason", wal_strerror(status),
+                NULL);
+        send_error_close(c, PROTO_CODE_UNAVAILABLE, "session could not be stored", 1011);
+    }
+    queue_flush(c);
 }
 
 /* The broker gave this connection's session to another one: say so with
@@ -1386,6 +1418,7 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     s->ops.on_drain = conn_on_drain;
     s->ops.kick = conn_kick;
     s->ops.send_bytes = conn_send_bytes;
+    s->ops.session_durable = conn_session_durable;
     struct sockaddr_in sin = {0};
     sin.sin_family = AF_INET;
     sin.sin_port = htons(opts->port);

@@ -768,12 +768,37 @@ static void session_record(brk_client_t *c)
     cursor_submit(c->b, req, n);
 }
 
+static void session_created(wal_append_t *req, void *arg)
+{
+    brk_client_t *c = arg;
+    int status = wal_append_status(req);
+    if (status == 0)
+        c->b->st.cursor_commits++;
+    else
+        c->b->st.cursor_errors++;
+    wal_append_free(req);
+    if (!c->closed && c->ops->session_durable)
+        c->ops->session_durable(c->conn, status);
+    client_unref(c);
+}
+
 int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret, size_t secret_len)
 {
     if (session_adopt(c, owner, secret, secret_len, wall_us()) != 0)
         return -1;
     c->b->st.sessions_created++;
-    session_record(c);
+    /* Complete at the durable point (the journal's sync), not at the fold. */
+    wal_append_t *req;
+    if (wal_append_new(session_created, c, &req) != 0)
+        return -1;
+    wal_append_when_durable(req);
+    if (session_put(c, req, wall_us()) != 0 || wal_append_submit(c->b->wal, req) != 0) {
+        c->b->st.cursor_errors++;
+        wal_append_free(req);
+        return -1;
+    }
+    c->b->st.cursors_persisted++;
+    c->refs++;
     return 0;
 }
 

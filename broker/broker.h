@@ -51,6 +51,11 @@ typedef struct brk_client_ops {
      * such as puback, built once for one connection: no frame allocation).
      * Without it the broker wraps the bytes in a frame for send. */
     void (*send_bytes)(void *conn, const void *data, size_t len);
+    /* Optional: the session brk_session_create recorded is durable
+     * (status 0), or could not be stored (a WAL status). The api holds the
+     * welcome back until then, so that a resume token a client got always
+     * survives a crash. Not called once the client is closed. */
+    void (*session_durable)(void *conn, int status);
 } brk_client_ops_t;
 
 typedef struct brk_options {
@@ -121,7 +126,8 @@ size_t brk_client_pending(const brk_client_t *c);
  * expired, and owner and secret match. */
 int brk_session_resumable(brk_t *b, const char *id, const char *owner, const uint8_t *secret,
                           size_t secret_len);
-/* Make c's session (the id given to brk_client_new) a new durable one. */
+/* Make c's session (the id given to brk_client_new) a new durable one;
+ * ops->session_durable tells when it is. */
 int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret,
                        size_t secret_len);
 /* Resume c's session (brk_session_resumable said yes): a connection still

@@ -4,6 +4,7 @@
  * flow control stops at max_inflight, acks become durable cursors (timer,
  * close, flush), ack beyond delivered is refused.
  */
+#include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,6 +20,7 @@
 
 #include "broker.h"
 #include "wal.h"
+#include "wal_testing.h"
 
 #define MAX_FRAMES 4096
 
@@ -26,6 +28,7 @@ typedef struct rec_conn {
     brk_frame_t *frames[MAX_FRAMES];
     size_t n;
     int kicked;
+    int durable_calls, durable_status;
 } rec_conn_t;
 
 static void rec_send(void *conn, brk_frame_t *f)
@@ -47,7 +50,14 @@ static void rec_kick(void *conn)
     ((rec_conn_t *)conn)->kicked++;
 }
 
-static const brk_client_ops_t rec_ops = {rec_send, rec_pending, NULL, rec_kick, NULL};
+static void rec_durable(void *conn, int status)
+{
+    rec_conn_t *r = conn;
+    r->durable_calls++;
+    r->durable_status = status;
+}
+
+static const brk_client_ops_t rec_ops = {rec_send, rec_pending, NULL, rec_kick, NULL, rec_durable};
 
 static void rec_clear(rec_conn_t *r)
 {
@@ -427,6 +437,45 @@ static void test_session_record_and_expiry(void **state)
     rec_clear(&r1);
 }
 
+/* brk_session_create tells when the session is durable (the api sends the
+ * welcome then), and that it is not when the WAL could not store it. */
+static void test_session_durable_callback(void **state)
+{
+    fixture_t *f = *state;
+    rec_conn_t r1 = {0}, r2 = {0};
+    brk_client_t *c1, *c2;
+    assert_int_equal(brk_client_new(f->brk, &rec_ops, &r1, "sess-d1", "sess-d1", NULL, (size_t)-1,
+                                    NULL, (size_t)-1, &c1),
+                     0);
+    assert_int_equal(brk_session_create(c1, "", SECRET, sizeof(SECRET)), 0);
+    assert_int_equal(r1.durable_calls, 0); /* not before the WAL has it */
+    for (int i = 0; i < 1000 && !r1.durable_calls; i++)
+        event_base_loop(f->base, EVLOOP_ONCE);
+    assert_int_equal(r1.durable_calls, 1);
+    assert_int_equal(r1.durable_status, 0);
+    wal_session_t ws;
+    for (int i = 0; i < 200 && wal_session_get(f->wal, "sess-d1", 7, &ws) != 0; i++) {
+        struct timeval tv = {0, 5000};
+        event_base_loopexit(f->base, &tv);
+        event_base_dispatch(f->base);
+    }
+    assert_int_equal(wal_session_get(f->wal, "sess-d1", 7, &ws), 0);
+
+    wal_testing_fail_commits(f->wal, ENOSPC, 1);
+    assert_int_equal(brk_client_new(f->brk, &rec_ops, &r2, "sess-d2", "sess-d2", NULL, (size_t)-1,
+                                    NULL, (size_t)-1, &c2),
+                     0);
+    assert_int_equal(brk_session_create(c2, "", SECRET, sizeof(SECRET)), 0);
+    for (int i = 0; i < 1000 && !r2.durable_calls; i++)
+        event_base_loop(f->base, EVLOOP_ONCE);
+    assert_int_equal(r2.durable_calls, 1);
+    assert_int_equal(r2.durable_status, WAL_EFULL);
+    brk_client_close(c1);
+    brk_client_close(c2);
+    rec_clear(&r1);
+    rec_clear(&r2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -435,6 +484,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_gap_and_catchup_from_wal, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_resume, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_record_and_expiry, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_session_durable_callback, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
