@@ -1388,6 +1388,16 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
               ws.commit_us_buckets, wal_commit_us_bounds, 1e-6, ws.commit_us_sum, 1);
     histogram(b, "arq_wal_batch_messages", "Messages per WAL commit.", ws.batch_buckets,
               wal_batch_bounds, 1.0, 0, 0);
+    histogram(b, "arq_publish_seconds",
+              "Acknowledged publishes: decoded to puback queued (inside arqd).", bs.pub_total_us,
+              brk_pub_us_bounds, 1e-6, bs.pub_total_us_sum, 1);
+    histogram(b, "arq_publish_wait_seconds",
+              "Acknowledged publishes: decoded to taken into a WAL batch by the writer.",
+              bs.pub_wait_us, brk_pub_us_bounds, 1e-6, bs.pub_wait_us_sum, 1);
+    histogram(b, "arq_publish_dispatch_seconds",
+              "Acknowledged publishes: WAL batch durable to its completion run on the event "
+              "loop.",
+              bs.pub_dispatch_us, brk_pub_us_bounds, 1e-6, bs.pub_dispatch_us_sum, 1);
     if (s->o.metrics_extra)
         s->o.metrics_extra(s->o.extra_arg, b);
 }

@@ -1077,7 +1077,8 @@ struct pub_ctx {
     brk_client_t *c; /* NULL for the server API */
     uint64_t id;
     size_t stream_len;
-    int64_t ts;
+    int64_t ts;      /* CLOCK_REALTIME: the record's time stamp */
+    int64_t t0_mono; /* CLOCK_MONOTONIC: for the latency histograms */
     brk_api_cb api_cb;
     void *api_arg;
     char stream[]; /* one allocation per publish: the name lives here */
@@ -1088,6 +1089,38 @@ static int64_t now_us(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+const uint64_t brk_pub_us_bounds[WAL_HIST_BUCKETS - 1] = {25,   50,   100,   250,   500,   1000,
+                                                          2500, 5000, 10000, 25000, 100000};
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void pub_hist(uint64_t *buckets, uint64_t *sum, int64_t us)
+{
+    uint64_t v = us > 0 ? (uint64_t)us : 0;
+    size_t i = 0;
+    while (i < WAL_HIST_BUCKETS - 1 && v > brk_pub_us_bounds[i])
+        i++;
+    buckets[i]++;
+    *sum += v;
+}
+
+/* Where an acknowledged publish spent its time in arqd (brk_stats_t). */
+static void pub_times(brk_t *b, const struct pub_ctx *p, const wal_append_t *req)
+{
+    int64_t taken, done, now = mono_us();
+    wal_append_times(req, &taken, &done);
+    if (!taken || !done)
+        return;
+    pub_hist(b->st.pub_wait_us, &b->st.pub_wait_us_sum, taken - p->t0_mono);
+    pub_hist(b->st.pub_dispatch_us, &b->st.pub_dispatch_us_sum, now - done);
+    pub_hist(b->st.pub_total_us, &b->st.pub_total_us_sum, now - p->t0_mono);
 }
 
 static int wal_code(int status)
@@ -1127,6 +1160,7 @@ static void pub_done(wal_append_t *req, void *arg)
     int status = wal_append_status(req);
     const wal_result_t *r = status == 0 ? wal_append_result(req, 0) : NULL;
     if (status == 0 && r) {
+        pub_times(b, p, req);
         if (r->duplicate) {
             b->st.publish_dups++;
         } else {
@@ -1191,6 +1225,7 @@ static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *st
     p->c = c;
     p->id = id;
     p->ts = now_us();
+    p->t0_mono = mono_us();
     p->api_cb = cb;
     p->api_arg = arg;
     memcpy(p->stream, stream, stream_len);

@@ -79,7 +79,16 @@ typedef struct brk_stats {
     uint64_t sessions_live;
     uint64_t cold_reads, cold_records, cold_errors; /* catch-up served from MySQL */
     uint64_t read_errors; /* subscriptions stopped by a failed read (corrupt record) */
+    /* Publish latency inside arqd, per acknowledged publish (microseconds,
+     * buckets by brk_pub_us_bounds, the last one +Inf): wait = decoded ->
+     * the WAL writer took it into a batch; dispatch = the batch durable ->
+     * the loop ran its completion; total = decoded -> puback queued. */
+    uint64_t pub_wait_us[WAL_HIST_BUCKETS], pub_dispatch_us[WAL_HIST_BUCKETS],
+        pub_total_us[WAL_HIST_BUCKETS];
+    uint64_t pub_wait_us_sum, pub_dispatch_us_sum, pub_total_us_sum;
 } brk_stats_t;
+
+extern const uint64_t brk_pub_us_bounds[WAL_HIST_BUCKETS - 1];
 
 /* Registers the broker for the WAL's visible callback (wal_on_visible): close
  * the WAL before brk_free, or stop running the loop. */

@@ -118,6 +118,7 @@ struct wal_append {
     uint8_t *buf;
     size_t buf_len, buf_cap;
     uint64_t max_payload;
+    int64_t taken_us, done_us; /* CLOCK_MONOTONIC: batch taken, completed */
     struct wal_append *next;
     /* Inline room for the common request (one small message): no
      * allocation besides the request itself. */
@@ -555,6 +556,12 @@ int wal_append_new(wal_append_cb cb, void *arg, wal_append_t **ret_req)
     return 0;
 }
 
+void wal_append_times(const wal_append_t *req, int64_t *ret_taken_us, int64_t *ret_done_us)
+{
+    *ret_taken_us = req->taken_us;
+    *ret_done_us = req->done_us;
+}
+
 void wal_append_free(wal_append_t *req)
 {
     if (!req)
@@ -889,11 +896,13 @@ static void notify_visible(wal_t *wal)
 static void complete_list(wal_t *wal, wal_append_t *list, int status)
 {
     wal_append_t *head = NULL, *tail = NULL;
+    int64_t t = list ? mono_us() : 0;
     while (list) {
         wal_append_t *r = list, *next = list->next;
         list = next;
         if (status)
             r->status = status;
+        r->done_us = t;
         r->next = NULL;
         if (r->direct || !wal->base) {
             r->cb(r, r->arg);
@@ -1958,6 +1967,7 @@ static void *writer_main(void *arg)
         /* Take whole requests up to the batch limits (at least one). */
         size_t n = 0;
         uint64_t msgs = 0, bytes = 0;
+        int64_t taken = mono_us();
         while (wal->q_head) {
             wal_append_t *r = wal->q_head;
             if (n > 0 && (msgs + r->n_msgs + r->n_cursors > wal->opts.batch_max_msgs ||
@@ -1975,6 +1985,7 @@ static void *writer_main(void *arg)
             if (!wal->q_head)
                 wal->q_tail = NULL;
             r->next = NULL;
+            r->taken_us = taken;
             batch[n++] = r;
             msgs += r->n_msgs + r->n_cursors;
             bytes += r->buf_len;

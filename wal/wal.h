@@ -236,6 +236,10 @@ const wal_result_t *wal_append_result(const wal_append_t *req, size_t i);
 int wal_append_msg_data(const wal_append_t *req, size_t i, const uint8_t **ret_headers,
                         size_t *ret_headers_len, const uint8_t **ret_payload,
                         size_t *ret_payload_len);
+/* In the callback: when the writer took the request into a batch and when
+ * it completed it (CLOCK_MONOTONIC, microseconds; 0 if it never got that
+ * far, e.g. failed at submit). For latency breakdowns (/metrics). */
+void wal_append_times(const wal_append_t *req, int64_t *ret_taken_us, int64_t *ret_done_us);
 void wal_append_free(wal_append_t *req);
 
 /*

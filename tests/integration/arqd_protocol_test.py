@@ -336,6 +336,21 @@ def scenario_http(d):
     check(re.search(r"^arq_wal_journal 1$", text, re.M), "the journal is in use")
     m = re.search(r"^arq_wal_folds_total (\d+)$", text, re.M)
     check(m and int(m.group(1)) >= 1, "journal folds counted")
+    # publish time inside arqd: one sample per acknowledged publish (new or
+    # duplicate) in each of the three histograms, cumulative buckets
+    acked = sum(int(re.search(rf"^{n} (\d+)$", text, re.M).group(1))
+                for n in ("arq_publishes_total", "arq_publish_duplicates_total"))
+    for h in ("arq_publish_seconds", "arq_publish_wait_seconds", "arq_publish_dispatch_seconds"):
+        counts = [int(v) for v in re.findall(rf"^{h}_bucket{{le=\"[^\"]+\"}} (\d+)$", text, re.M)]
+        m = re.search(rf"^{h}_count (\d+)$", text, re.M)
+        check(len(counts) == 12 and counts == sorted(counts) and m
+              and counts[-1] == int(m.group(1)) == acked, f"{h}: {counts} against {acked}")
+        m = re.search(rf"^{h}_sum (\S+)$", text, re.M)
+        check(m and float(m.group(1)) >= 0, f"{h}_sum")
+    tot = float(re.search(r"^arq_publish_seconds_sum (\S+)$", text, re.M).group(1))
+    parts = sum(float(re.search(rf"^{h}_sum (\S+)$", text, re.M).group(1))
+                for h in ("arq_publish_wait_seconds", "arq_publish_dispatch_seconds"))
+    check(tot >= parts * 0.999, f"publish time {tot} s holds its parts {parts} s")
 
 
 async def read_inbox(d):

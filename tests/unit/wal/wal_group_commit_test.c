@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include <cmocka.h>
 
@@ -77,7 +78,15 @@ typedef struct async_run {
 typedef struct async_req {
     async_run_t *run;
     unsigned idx;
+    int64_t submitted_us; /* CLOCK_MONOTONIC, before wal_append_submit */
 } async_req_t;
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
 
 static async_req_t async_reqs[NASYNC];
 
@@ -96,6 +105,13 @@ static void async_cb(wal_append_t *req, void *arg)
         run->offset[ar->idx] = wal_append_result(req, 0)->offset;
         run->seq[ar->idx] = wal_append_result(req, 0)->seq;
     }
+    /* the writer's time stamps: taken after the submit, completed after
+     * that, and the completion runs after both */
+    int64_t taken = 0, done = 0;
+    wal_append_times(req, &taken, &done);
+    TU_CHECK(taken >= ar->submitted_us && done >= taken && mono_us() >= done,
+             "request %u: submitted %" PRId64 ", taken %" PRId64 ", done %" PRId64, ar->idx,
+             ar->submitted_us, taken, done);
     wal_append_free(req);
     run->completed++;
     run->busy--;
@@ -108,7 +124,7 @@ static void async_submit(async_run_t *run)
 {
     while (run->busy < ASYNC_INFLIGHT && run->submitted < run->total) {
         unsigned i = run->submitted++;
-        async_reqs[i] = (async_req_t){run, i};
+        async_reqs[i] = (async_req_t){run, i, 0};
         wal_append_t *req = NULL;
         int rc = wal_append_new(async_cb, &async_reqs[i], &req);
         TU_CHECK(rc == 0, "wal_append_new");
@@ -117,6 +133,10 @@ static void async_submit(async_run_t *run)
         wal_msg_t m = tu_msg(run->stream, payload, strlen(payload));
         rc = wal_append_add_msg(req, &m);
         TU_CHECK(rc == 0, "wal_append_add_msg");
+        int64_t t0 = 0, t1 = 0;
+        wal_append_times(req, &t0, &t1);
+        TU_CHECK(t0 == 0 && t1 == 0, "times before submit");
+        async_reqs[i].submitted_us = mono_us();
         rc = wal_append_submit(run->wal, req);
         TU_CHECK(rc == 0, "wal_append_submit: %s", wal_strerror(rc));
         if (rc) {
