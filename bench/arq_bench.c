@@ -78,7 +78,7 @@
 #define AB_RING          65536u /* per-connection slots for send times of pending pubs */
 #define AB_MAX_STREAMS   64u
 #define AB_MAX_CONNS     10000u
-#define AB_TICK_US       200u /* open-loop pacing timer */
+#define AB_TICK_US       200u /* open-loop pacing timer (default of --tick-us) */
 #define AB_MAX_BUCKETS   24u  /* arq_wal_batch_messages buckets kept */
 #define AB_NACK_REPORTS  5u
 #define AB_SETUP_TIMEOUT 10.0    /* seconds for all connections to be ready */
@@ -105,6 +105,7 @@ struct opts {
     char port[16];
     char path[256];
     unsigned conns, depth, subs, streams;
+    unsigned tick_us; /* open loop: pacing interval */
     double seconds, warmup, rate;
     unsigned size;
     int json;
@@ -124,6 +125,19 @@ struct opts {
     double settle;           /* seconds between the last ack and the drop */
 };
 
+/* A histogram of arqd's /metrics: bucket bounds and cumulative counts. */
+struct mhist {
+    double sum;
+    unsigned n;
+    double le[AB_MAX_BUCKETS];
+    double cum[AB_MAX_BUCKETS];
+};
+
+/* arqd's publish-time histograms (api/server.c), in this order */
+enum { MH_TOTAL, MH_WAIT, MH_DISPATCH, MH_N };
+static const char *const mh_names[MH_N] = {"arq_publish_seconds", "arq_publish_wait_seconds",
+                                           "arq_publish_dispatch_seconds"};
+
 struct metrics {
     int ok;
     double commits, committed_msgs, commit_sec_sum, commit_sec_count;
@@ -131,6 +145,7 @@ struct metrics {
     unsigned n_buckets;
     double le[AB_MAX_BUCKETS];
     double cum[AB_MAX_BUCKETS];
+    struct mhist pub[MH_N];
 };
 
 struct bench;
@@ -212,6 +227,10 @@ struct bench {
     uint64_t pubacks, nacks, deliveries, pubs_sent;
     uint64_t pubacks_total, deliveries_total;
     struct hist puback_lat, deliv_lat;
+    /* delivery latency split at the record's time stamp ("ts": arqd's
+     * CLOCK_REALTIME when its loop decoded the publish) */
+    struct hist to_srv_lat, from_srv_lat;
+    int64_t real_minus_mono_ns; /* CLOCK_REALTIME - CLOCK_MONOTONIC at start */
     struct rusage ru0, ru1;
     bench_stall_probe_t *stall_probe; /* runs during the window */
     bench_stalls_t stalls;
@@ -359,9 +378,35 @@ static int write_all(int fd, const char *p, size_t n)
     return 0;
 }
 
+/* "NAME_bucket{le=\"X\"} N" or "NAME_sum V" into h; 1 if it was one. */
+static int mhist_parse_line(struct mhist *h, const char *name, const char *line)
+{
+    size_t nl = strlen(name);
+    if (strncmp(line, name, nl) != 0)
+        return 0;
+    const char *p = line + nl;
+    if (strncmp(p, "_sum ", 5) == 0) {
+        h->sum = strtod(p + 5, NULL);
+        return 1;
+    }
+    if (strncmp(p, "_bucket{le=\"", 12) != 0 || h->n >= AB_MAX_BUCKETS)
+        return 0;
+    p += 12;
+    const char *sp = strrchr(line, ' ');
+    if (sp == NULL)
+        return 0;
+    h->le[h->n] = strncmp(p, "+Inf", 4) == 0 ? INFINITY : strtod(p, NULL);
+    h->cum[h->n] = strtod(sp + 1, NULL);
+    h->n++;
+    return 1;
+}
+
 static void metrics_parse_line(struct metrics *m, const char *line)
 {
     double v;
+    for (unsigned i = 0; i < MH_N; i++)
+        if (mhist_parse_line(&m->pub[i], mh_names[i], line))
+            return;
     if (sscanf(line, "arq_wal_commits_total %lf", &v) == 1)
         m->commits = v;
     else if (sscanf(line, "arq_wal_committed_messages_total %lf", &v) == 1)
@@ -701,8 +746,12 @@ static void start_publishing(struct bench *b)
 {
     b->phase = PH_WARMUP;
     b->t_start = bench_now_ns();
+    struct timespec rt;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    b->real_minus_mono_ns = (int64_t)rt.tv_sec * 1000000000 + rt.tv_nsec - (int64_t)bench_now_ns();
     if (b->o.rate > 0) {
-        struct timeval tv = {0, AB_TICK_US};
+        struct timeval tv = {(time_t)(b->o.tick_us / 1000000),
+                             (suseconds_t)(b->o.tick_us % 1000000)};
         b->tick = event_new(b->base, -1, EV_PERSIST, on_tick, b);
         event_add(b->tick, &tv);
         return;
@@ -834,6 +883,14 @@ static void on_delivery(struct conn *c, const msgpack_object *map)
     uint64_t t = bench_now_ns();
     b->deliveries++;
     hist_add(&b->deliv_lat, t > sent ? t - sent : 0);
+    uint64_t ts_us = obj_u64(map_get(map, "ts"));
+    if (ts_us > 0) {
+        /* the stamp on the monotonic clock; the two clocks only drift by
+         * NTP slewing over a run, far below the buckets' resolution */
+        int64_t dec = (int64_t)(ts_us * 1000) - b->real_minus_mono_ns;
+        hist_add(&b->to_srv_lat, dec > (int64_t)sent ? (uint64_t)(dec - (int64_t)sent) : 0);
+        hist_add(&b->from_srv_lat, (int64_t)t > dec ? (uint64_t)((int64_t)t - dec) : 0);
+    }
 }
 
 static void cu_handle(struct conn *c, const msgpack_object *map, const msgpack_object *t);
@@ -1122,7 +1179,20 @@ struct results {
     double commits_ps, msgs_per_commit, commit_ms;
     double bucket_le[AB_MAX_BUCKETS], bucket_n[AB_MAX_BUCKETS];
     unsigned n_buckets;
+    /* arqd's publish time over the window (ms): mean, and the upper bound
+     * of the bucket holding the p50 / p99 (INFINITY past the last bound);
+     * pub_n[i] == 0: not reported */
+    double pub_n[MH_N], pub_mean_ms[MH_N], pub_p50_ms[MH_N], pub_p99_ms[MH_N];
 };
+
+/* The bound (ms) of the first bucket whose window count reaches q of all. */
+static double mhist_q_ms(const struct mhist *h0, const struct mhist *h1, double n, double q)
+{
+    for (unsigned i = 0; i < h1->n; i++)
+        if (h1->cum[i] - h0->cum[i] >= q * n)
+            return h1->le[i] * 1e3;
+    return INFINITY;
+}
 
 static void compute(const struct bench *b, struct results *r)
 {
@@ -1153,6 +1223,18 @@ static void compute(const struct bench *b, struct results *r)
             }
             r->n_buckets = b->m1.n_buckets;
         }
+        for (unsigned i = 0; i < MH_N; i++) {
+            const struct mhist *h0 = &b->m0.pub[i], *h1 = &b->m1.pub[i];
+            if (h1->n == 0 || h0->n != h1->n)
+                continue;
+            double n = h1->cum[h1->n - 1] - h0->cum[h0->n - 1];
+            if (n <= 0)
+                continue;
+            r->pub_n[i] = n;
+            r->pub_mean_ms[i] = (h1->sum - h0->sum) / n * 1e3;
+            r->pub_p50_ms[i] = mhist_q_ms(h0, h1, n, 0.50);
+            r->pub_p99_ms[i] = mhist_q_ms(h0, h1, n, 0.99);
+        }
     }
 }
 
@@ -1178,8 +1260,8 @@ static void print_text(FILE *f, const struct bench *b, const struct results *r)
             b->load_before[1], b->load_before[2], b->load_after[0], b->load_after[1],
             b->load_after[2]);
     if (o->rate > 0)
-        fprintf(f, "load: %u publishers, open loop at %s msg/s in aggregate", o->conns,
-                bench_fmt_count(c1, sizeof c1, o->rate));
+        fprintf(f, "load: %u publishers, open loop at %s msg/s in aggregate (sent every %u us)",
+                o->conns, bench_fmt_count(c1, sizeof c1, o->rate), o->tick_us);
     else
         fprintf(f, "load: %u publishers x %u in flight", o->conns, o->depth);
     fprintf(f,
@@ -1195,6 +1277,10 @@ static void print_text(FILE *f, const struct bench *b, const struct results *r)
         fprintf(f, "deliveries/s:          %s  (all subscribers together)\n",
                 bench_fmt_count(c1, sizeof c1, r->deliv_rate));
         print_lat(f, "delivery latency:", &b->deliv_lat);
+        if (b->to_srv_lat.n > 0) {
+            print_lat(f, "  sent -> arqd decoded:", &b->to_srv_lat);
+            print_lat(f, "  decoded -> delivered:", &b->from_srv_lat);
+        }
     }
     fprintf(f, "nacks: %llu\n", (unsigned long long)b->nacks);
     fprintf(f, "CPU: arq-bench %.0f%% of one core", r->bench_cpu * 100);
@@ -1215,6 +1301,14 @@ static void print_text(FILE *f, const struct bench *b, const struct results *r)
             if (r->bucket_n[i] > 0)
                 fprintf(f, " le%g:%.0f", r->bucket_le[i], r->bucket_n[i]);
         fputc('\n', f);
+        static const char *const what[MH_N] = {"decoded -> puback", "decoded -> in a batch",
+                                               "durable -> loop ran it"};
+        if (r->pub_n[MH_TOTAL] > 0)
+            fprintf(f, "arqd publish time (/metrics, window; p50/p99 as bucket bounds):\n");
+        for (unsigned i = 0; i < MH_N; i++)
+            if (r->pub_n[i] > 0)
+                fprintf(f, "  %-24s mean %7.3f ms   p50 <= %g ms   p99 <= %g ms\n", what[i],
+                        r->pub_mean_ms[i], r->pub_p50_ms[i], r->pub_p99_ms[i]);
     }
 }
 
@@ -1245,9 +1339,9 @@ static void print_json(FILE *f, const struct bench *b, const struct results *r)
             b->load_after[1], b->load_after[2]);
     fprintf(f,
             ",\"config\":{\"conns\":%u,\"depth\":%u,\"subscribers\":%u,\"streams\":%u,"
-            "\"payload_bytes\":%u,\"seconds\":%g,\"warmup\":%g,\"rate\":%g}",
+            "\"payload_bytes\":%u,\"seconds\":%g,\"warmup\":%g,\"rate\":%g,\"tick_us\":%u}",
             o->conns, o->rate > 0 ? 0 : o->depth, o->subs, o->streams, o->size, o->seconds,
-            o->warmup, o->rate);
+            o->warmup, o->rate, o->tick_us);
     fprintf(f,
             ",\"window_s\":%.3f,\"publishes_per_s\":%.1f,\"sent_per_s\":%.1f,\"not_sent\":%llu,"
             "\"deliveries_per_s\":%.1f,\"nacks\":%llu",
@@ -1255,6 +1349,8 @@ static void print_json(FILE *f, const struct bench *b, const struct results *r)
             (unsigned long long)b->nacks);
     json_lat(f, "puback_latency", &b->puback_lat);
     json_lat(f, "delivery_latency", &b->deliv_lat);
+    json_lat(f, "sent_to_decoded", &b->to_srv_lat);
+    json_lat(f, "decoded_to_delivered", &b->from_srv_lat);
     fprintf(f, ",\"stalls\":{\"count\":%llu,\"ms\":%.1f,\"max_ms\":%.1f}",
             (unsigned long long)b->stalls.stalls, b->stalls.stalled_ms, b->stalls.max_ms);
     fprintf(f, ",\"bench_cpu\":%.3f,\"server_cpu\":", r->bench_cpu);
@@ -1277,6 +1373,28 @@ static void print_json(FILE *f, const struct bench *b, const struct results *r)
         fprintf(f, "]}");
     } else {
         fprintf(f, ",\"wal\":null");
+    }
+    /* arqd's own publish time (null: not in its /metrics); an upper bound
+     * past the last bucket is written as null */
+    static const char *const key[MH_N] = {"total", "wait", "dispatch"};
+    fprintf(f, ",\"arqd_publish_ms\":");
+    if (r->pub_n[MH_TOTAL] > 0) {
+        fputc('{', f);
+        for (unsigned i = 0; i < MH_N; i++) {
+            fprintf(f, "%s\"%s\":{\"mean\":%.3f", i ? "," : "", key[i], r->pub_mean_ms[i]);
+            const double q[2] = {r->pub_p50_ms[i], r->pub_p99_ms[i]};
+            const char *qn[2] = {"p50_le", "p99_le"};
+            for (unsigned j = 0; j < 2; j++) {
+                if (isinf(q[j]))
+                    fprintf(f, ",\"%s\":null", qn[j]);
+                else
+                    fprintf(f, ",\"%s\":%g", qn[j], q[j]);
+            }
+            fputc('}', f);
+        }
+        fputc('}', f);
+    } else {
+        fprintf(f, "null");
     }
     fprintf(f, "}\n");
 }
@@ -2542,7 +2660,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: arq-bench --url ws://HOST:PORT/ws [-c CONNS] [-w DEPTH] [-s SUBSCRIBERS]\n"
-            "                 [--rate R] [--seconds S] [--warmup S] [--size BYTES]\n"
+            "                 [--rate R [--tick-us US]] [--seconds S] [--warmup S] [--size BYTES]\n"
             "                 [--streams N] [--server-pid PID] [--no-metrics] [--json]\n"
             "       arq-bench --url URL --catchup N [--data-dir DIR] [--reps R] [-c C] [-w W]\n"
             "       arq-bench --url URL --storm C [--streams K] [--before M] [--during M]\n"
@@ -2555,6 +2673,8 @@ static void usage(FILE *f)
             "  -w, --depth W      publishes in flight per publisher (default 1)\n"
             "  -s, --subscribers S  subscriber connections, each on every stream (default 0)\n"
             "  --rate R           open loop: R publishes/s in aggregate (-w is then ignored)\n"
+            "  --tick-us US       open loop: send what is due every US microseconds, round-\n"
+            "                     robin over the publishers (default 200)\n"
             "  --seconds S        measurement window (default 5)\n"
             "  --warmup S         warm-up before the window (default 1)\n"
             "  --size BYTES       payload size, >= 8 (default 128)\n"
@@ -2624,6 +2744,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
         {"depth", required_argument, NULL, 'w'},
         {"subscribers", required_argument, NULL, 's'},
         {"rate", required_argument, NULL, 'r'},
+        {"tick-us", required_argument, NULL, 1010},
         {"seconds", required_argument, NULL, 'S'},
         {"warmup", required_argument, NULL, 'W'},
         {"size", required_argument, NULL, 'z'},
@@ -2656,6 +2777,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
     o->during = 5;
     o->resume = 1;
     o->settle = 0.5;
+    o->tick_us = AB_TICK_US;
     int have_url = 0, ch;
     unsigned pid, n;
     char *end;
@@ -2679,6 +2801,9 @@ static int parse_opts(int argc, char **argv, struct opts *o)
             break;
         case 'r':
             bad = parse_pos_double(optarg, &o->rate);
+            break;
+        case 1010:
+            bad = parse_uint(optarg, 10, 1000000, &o->tick_us);
             break;
         case 'S':
             bad = parse_pos_double(optarg, &o->seconds);

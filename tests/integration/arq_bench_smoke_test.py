@@ -1,0 +1,118 @@
+#!/usr/bin/python3
+"""arq-bench reports what it measured, consistently (docs/benchmarks.md).
+
+Usage: arq_bench_smoke_test.py PATH_TO_ARQD PATH_TO_ARQ_BENCH
+
+Short runs of the load generator against a real arqd: an open-loop run with
+subscribers and a closed-loop run, in JSON. No figure is compared with a
+speed (that is the benchmarks' job); what is checked is that the report holds
+together: every publish acknowledged and delivered to every subscriber, the
+two parts of the delivery latency each within the whole, arqd's publish-time
+histograms read from /metrics with their stages inside the total, and the
+options echoed back.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ARQD, BENCH = sys.argv[1], sys.argv[2]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import check, failures  # noqa: E402
+
+
+def bench(url, *args):
+    p = subprocess.run([BENCH, "--url", url, "--json", *args], capture_output=True, text=True,
+                       timeout=120)
+    check(p.returncode == 0, f"arq-bench {args}: exit {p.returncode}: {p.stderr[-2000:]}")
+    try:
+        return json.loads(p.stdout), p.stderr
+    except json.JSONDecodeError:
+        check(False, f"arq-bench {args}: not JSON: {p.stdout[:500]!r}")
+        return None, p.stderr
+
+
+def within(part, whole):
+    """part's quantile may not exceed whole's: per sample the part is at most
+    the whole (up to the histogram's ~3% buckets and the clock conversion)."""
+    return part <= whole * 1.05 + 50
+
+
+def open_loop(d):
+    r, text = bench(d.url, "-c", "4", "-s", "2", "--streams", "2", "--rate", "2000",
+                    "--tick-us", "1000", "--seconds", "1", "--warmup", "0.5",
+                    "--server-pid", str(d.proc.pid))
+    if r is None:
+        return
+    c = r["config"]
+    check(c["rate"] == 2000 and c["tick_us"] == 1000 and c["subscribers"] == 2
+          and c["conns"] == 4, f"config echoed: {c}")
+    check(r["nacks"] == 0 and r["not_sent"] == 0, f"no nacks, nothing unsent: {r}")
+    pub, dl = r["puback_latency"], r["delivery_latency"]
+    check(pub["samples"] > 0 and dl["samples"] > 0, f"samples: {pub} {dl}")
+    # each publish of the window reaches both subscribers; the window's edges
+    # may cut a few either way
+    check(abs(dl["samples"] - 2 * pub["samples"]) <= 0.05 * dl["samples"] + 20,
+          f"deliveries {dl['samples']} against 2 x pubacks {pub['samples']}")
+    for part in ("sent_to_decoded", "decoded_to_delivered"):
+        p = r[part]
+        check(p["samples"] == dl["samples"], f"{part}: a split of every delivery: {p}")
+        for q in ("p50_us", "p99_us"):
+            check(within(p[q], dl[q]), f"{part} {q} {p[q]} within the delivery's {dl[q]}")
+    a = r["arqd_publish_ms"]
+    check(a is not None, "arqd's publish-time histograms were read")
+    if a:
+        for k in ("total", "wait", "dispatch"):
+            check(a[k]["mean"] >= 0 and (a[k]["p99_le"] is None or a[k]["p99_le"] > 0)
+                  and (a[k]["p50_le"] is None or a[k]["p99_le"] is None
+                       or a[k]["p50_le"] <= a[k]["p99_le"]), f"{k}: {a[k]}")
+        # per publish total = wait + commit + dispatch, over the same publishes
+        check(a["total"]["mean"] * 1.01 + 0.001 >= a["wait"]["mean"] + a["dispatch"]["mean"],
+              f"stages within the total: {a}")
+    check(r["wal"] is not None and r["wal"]["commits_per_s"] > 0, f"WAL figures: {r['wal']}")
+    check(r["server_cpu"] is not None and r["server_cpu"] >= 0, "arqd's CPU read")
+    for line in ("sent -> arqd decoded:", "decoded -> delivered:", "arqd publish time",
+                 "durable -> loop ran it", "machine stalls:", "(sent every 1000 us)"):
+        check(line in text, f"text report has {line!r}")
+
+
+def closed_loop(d):
+    r, _ = bench(d.url, "-c", "3", "-w", "4", "--seconds", "0.5", "--warmup", "0.2")
+    if r is None:
+        return
+    check(r["config"]["depth"] == 4 and r["publishes_per_s"] > 0 and r["nacks"] == 0,
+          f"closed loop: {r['config']} {r['publishes_per_s']}")
+    # no subscribers: no delivery samples, and the split is empty too
+    check(r["delivery_latency"]["samples"] == 0 and r["sent_to_decoded"]["samples"] == 0,
+          "no deliveries without subscribers")
+
+
+def usage_errors():
+    for args in (["--tick-us", "5"], ["--tick-us", "x"], ["--rate", "0"]):
+        p = subprocess.run([BENCH, "--url", "ws://127.0.0.1:1/ws", *args], capture_output=True,
+                           text=True, timeout=30)
+        check(p.returncode == 2 and "bad value" in p.stderr, f"{args}: {p.returncode} {p.stderr}")
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="arq-bench-smoke-", dir="/var/tmp")
+    d = harness.Arqd(ARQD, os.path.join(tmp, "data"))
+    try:
+        open_loop(d)
+        closed_loop(d)
+        usage_errors()
+    finally:
+        rc = d.stop()
+        check(rc == 0, f"arqd exit {rc}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failures:
+        print(f"{len(failures)} check(s) failed", flush=True)
+        sys.exit(1)
+    print("arq-bench smoke: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
