@@ -386,6 +386,7 @@ int main(int argc, char **argv)
         .map_size_max = cfg.map_size_max,
         .batch_max_msgs = cfg.batch_max_msgs,
         .batch_wait_us = cfg.batch_wait_us,
+        .batch_wait_msgs = cfg.batch_wait_msgs,
         .no_journal = strcmp(cfg.journal, "off") == 0,
         .apply_us = cfg.apply_us,
         .apply_idle_us = cfg.apply_idle_us,

@@ -134,6 +134,7 @@ static const struct key_def keys[] = {
     {"wal", "retain_every_ms", NULL, KT_UINT, FIELD(retain_every_ms), .min = 10, .max = 3600000},
     {"wal", "batch_max_msgs", NULL, KT_UINT, FIELD(batch_max_msgs), .min = 1, .max = 1048576},
     {"wal", "batch_wait_us", NULL, KT_UINT, FIELD(batch_wait_us), .min = 0, .max = 1000000},
+    {"wal", "batch_wait_msgs", NULL, KT_UINT, FIELD(batch_wait_msgs), .min = 0, .max = 1048576},
     {"wal", "journal", NULL, KT_ENUM, FIELD(journal), .choices = on_off, .choices_text = "on, off"},
     {"wal", "apply_us", NULL, KT_UINT, FIELD(apply_us), .min = 100, .max = 1000000},
     {"wal", "apply_idle_us", NULL, KT_UINT, FIELD(apply_idle_us), .min = 10, .max = 1000000},
@@ -775,7 +776,8 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->retain_bytes = 0; /* 3/4 of map_size_max */
     cfg->retain_every_ms = 5000;
     cfg->batch_max_msgs = 8192;
-    cfg->batch_wait_us = 0;
+    cfg->batch_wait_us = 200;
+    cfg->batch_wait_msgs = 16;
     cfg->journal = strdup("on");
     cfg->apply_us = 10000;
     cfg->apply_idle_us = 1000;

@@ -40,7 +40,8 @@ typedef struct arq_config {
     uint64_t retain_bytes;    /* ... and while the WAL holds more (0: 3/4 of map_size_max) */
     uint32_t retain_every_ms; /* how often retention runs, default 5000 */
     uint32_t batch_max_msgs;  /* default 8192 */
-    uint32_t batch_wait_us;   /* default 0 */
+    uint32_t batch_wait_us;   /* default 200 */
+    uint32_t batch_wait_msgs; /* linger only while fewer are queued; default 16 (0: no limit) */
     char *journal;            /* "on" (default) | "off": group commits through <data>/journal */
     uint32_t apply_us;        /* fold the journal into LMDB at least this often, default 10000 */
     uint32_t apply_idle_us;   /* ... or after this long idle, default 1000 */

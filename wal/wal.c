@@ -1948,7 +1948,9 @@ static void *writer_main(void *arg)
             continue;
         }
         if (wal->opts.batch_wait_us && !wal->closing) {
-            /* Optionally linger for more appends to share this commit. */
+            /* Optionally linger for more appends to share this commit, while
+             * fewer than batch_wait_msgs are queued: a batch that is already
+             * that large does not wait. */
             struct timespec dl;
             clock_gettime(CLOCK_REALTIME, &dl);
             dl.tv_nsec += (long)wal->opts.batch_wait_us * 1000;
@@ -1958,7 +1960,7 @@ static void *writer_main(void *arg)
                 size_t msgs = 0;
                 for (wal_append_t *r = wal->q_head; r; r = r->next)
                     msgs += r->n_msgs + r->n_cursors;
-                if (msgs >= wal->opts.batch_max_msgs || wal->closing)
+                if (msgs >= wal->opts.batch_wait_msgs || wal->closing)
                     break;
                 if (pthread_cond_timedwait(&wal->cond, &wal->mu, &dl) == ETIMEDOUT)
                     break;
@@ -2412,6 +2414,8 @@ static void opts_defaults(wal_options_t *o)
         o->map_size_max = o->map_size;
     if (!o->batch_max_msgs)
         o->batch_max_msgs = DEF_BATCH_MSGS;
+    if (!o->batch_wait_msgs || o->batch_wait_msgs > o->batch_max_msgs)
+        o->batch_wait_msgs = o->batch_max_msgs;
     if (!o->batch_max_bytes)
         o->batch_max_bytes = DEF_BATCH_BYTES;
     if (!o->retain_chunk)

@@ -68,6 +68,7 @@ typedef struct wal_options {
     uint32_t batch_max_msgs;   /* group commit: max messages per txn (0: 8192) */
     uint64_t batch_max_bytes;  /* group commit: max payload bytes per txn (0: 32 MiB) */
     uint32_t batch_wait_us;    /* extra wait for more appends before a commit (0: none) */
+    uint32_t batch_wait_msgs;  /* ... only while fewer messages are queued (0: batch_max_msgs) */
     uint32_t retain_chunk;     /* retention: records dropped per txn (0: 20000) */
     uint32_t max_readers;      /* LMDB reader slots (0: 512) */
     uint64_t max_record_bytes; /* largest payload accepted (0: 64 MiB) */

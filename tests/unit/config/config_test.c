@@ -92,7 +92,8 @@ static void test_defaults(void **state)
     assert_string_equal(cfg.sync, "full");
     assert_true(cfg.map_size_max == 16ull << 30);
     assert_int_equal(cfg.batch_max_msgs, 8192);
-    assert_int_equal(cfg.batch_wait_us, 0);
+    assert_int_equal(cfg.batch_wait_us, 200);
+    assert_int_equal(cfg.batch_wait_msgs, 16);
     assert_string_equal(cfg.journal, "on");
     assert_int_equal(cfg.apply_us, 10000);
     assert_int_equal(cfg.apply_idle_us, 1000);
@@ -129,6 +130,7 @@ static const char full_ini[] = "; every key\n"
                                "map_size_max = 2G\n"
                                "batch_max_msgs = 100\n"
                                "batch_wait_us = 250\n"
+                               "batch_wait_msgs = 0\n"
                                "journal = off\n"
                                "apply_us = 5000\n"
                                "apply_idle_us = 300\n"
@@ -164,6 +166,7 @@ static void test_ini_every_key(void **state)
     assert_true(cfg.map_size_max == 2ull << 30);
     assert_int_equal(cfg.batch_max_msgs, 100);
     assert_int_equal(cfg.batch_wait_us, 250);
+    assert_int_equal(cfg.batch_wait_msgs, 0);
     assert_string_equal(cfg.journal, "off");
     assert_int_equal(cfg.apply_us, 5000);
     assert_int_equal(cfg.apply_idle_us, 300);
@@ -343,6 +346,7 @@ static const struct bad_case bad_ini[] = {
     {"[wal]\nmap_size_max = 16385G\n", {"line 2: wal.map_size_max", "16384G"}},
     {"[wal]\nbatch_max_msgs = 0\n", {"line 2: wal.batch_max_msgs"}},
     {"[wal]\nbatch_wait_us = 1000001\n", {"line 2: wal.batch_wait_us", "'1000001'"}},
+    {"[wal]\nbatch_wait_msgs = -1\n", {"line 2: wal.batch_wait_msgs", "'-1'"}},
     {"[wal]\njournal = maybe\n", {"line 2: wal.journal: invalid value 'maybe'", "on, off"}},
     {"[wal]\napply_us = 99\n", {"line 2: wal.apply_us", "'99'"}},
     {"[wal]\napply_idle_us = 0\n", {"line 2: wal.apply_idle_us", "'0'"}},

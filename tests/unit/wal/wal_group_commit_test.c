@@ -365,6 +365,53 @@ static void test_null_base_completions(void **state)
     wal_close(wal);
 }
 
+/* batch_wait_us lingers for more appends, but only while fewer than
+ * batch_wait_msgs are queued: with a linger of a minute and a threshold of
+ * 3, a request waits for two more and the three commit together at once. */
+static void test_linger_until_msgs(void **state)
+{
+    const char *dir = *state;
+    wal_options_t o = {.dir = dir, .batch_wait_us = 60u * 1000000, .batch_wait_msgs = 3};
+    wal_t *wal = open_wal(&o, NULL);
+    wt_t w = {
+        .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER, .same_thread = 1};
+    wal_stats_t st0, st1;
+    assert_int_equal(wal_stats_get(wal, &st0), 0);
+    wal_append_t *reqs[3];
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(wal_append_new(writer_thread_cb, &w, &reqs[i]), 0);
+        wal_msg_t m = tu_msg("linger", "z", 1);
+        assert_int_equal(wal_append_add_msg(reqs[i], &m), 0);
+        assert_int_equal(wal_append_submit(wal, reqs[i]), 0);
+        if (i == 0) {
+            /* give the writer time to take the first and start lingering:
+             * without the linger it would commit it alone (2 commits) */
+            struct timespec ts = {0, 50 * 1000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    /* a guard against waiting for the minute, not a speed limit */
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += 30;
+    pthread_mutex_lock(&w.lock);
+    int rc = 0;
+    while (w.done < 3 && rc == 0)
+        rc = pthread_cond_timedwait(&w.cond, &w.lock, &dl);
+    int done = w.done;
+    pthread_mutex_unlock(&w.lock);
+    assert_int_equal(done, 3);
+    assert_int_equal(w.bad, 0);
+    assert_int_equal(wal_stats_get(wal, &st1), 0);
+    assert_int_equal(st1.commits - st0.commits, 1);
+    assert_int_equal(st1.committed_msgs - st0.committed_msgs, 3);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(wal_append_result(reqs[i], 0)->offset, (uint64_t)i + 1);
+        wal_append_free(reqs[i]);
+    }
+    wal_close(wal);
+}
+
 typedef struct loop_batch {
     struct event_base *base;
     int remaining;
@@ -454,6 +501,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_close_delivers_pending, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_null_base_completions, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_batch_limits, tu_setup_dir, tu_teardown_dir),
+        cmocka_unit_test_setup_teardown(test_linger_until_msgs, tu_setup_dir, tu_teardown_dir),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
