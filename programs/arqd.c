@@ -447,7 +447,8 @@ int main(int argc, char **argv)
                              .batch_wait_ms = cfg.sync_batch_wait_ms,
                              .retain_age_s = cfg.retain_age_s,
                              .retain_bytes = retain_bytes,
-                             .retain_every_ms = cfg.retain_every_ms};
+                             .retain_every_ms = cfg.retain_every_ms,
+                             .cursor_ttl_s = cfg.session_ttl_s};
         if (sync_start(wal, &so, &sync) != 0) {
             arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "sync thread", NULL);
             return 1;

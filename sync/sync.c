@@ -762,11 +762,13 @@ static int sync_cursors(sync_t *s, char *err, size_t errlen)
 
 /*
  * Cursors the WAL deleted (an unsubscribe, an expired session) leave MySQL
- * too. A row goes only if the WAL made it: updated at or after the WAL's
- * creation (older rows come from an earlier WAL, e.g. the history a restore
- * will read back, and are kept) and no longer in the WAL. The DELETE names
- * the updated_us it saw, and the upserts run on this same thread, so a
- * cursor written again meanwhile is upserted by the next pass.
+ * too. A row goes only if the WAL no longer holds it and either the WAL made
+ * it (updated at or after the WAL's creation) or it is older than
+ * cursor_ttl_s. Rows of an earlier WAL (the evidence of acked offsets a
+ * restore reads back) are so kept for a session's lifetime, then dropped:
+ * a session idle that long has expired. The DELETE names the updated_us it
+ * saw, and the upserts run on this same thread, so a cursor written again
+ * meanwhile is upserted by the next pass.
  */
 static int sync_cursor_gc(sync_t *s, char *err, size_t errlen)
 {
@@ -780,9 +782,13 @@ static int sync_cursor_gc(sync_t *s, char *err, size_t errlen)
     for (;;) {
         sync_sb_reset(&s->sb);
         sync_sb_addf(&s->sb,
-                     "SELECT session, stream, updated_us FROM arq_cursors WHERE updated_us >= "
+                     "SELECT session, stream, updated_us FROM arq_cursors WHERE (updated_us >= "
                      "%" PRId64,
                      ws.created_us);
+        if (s->o.cursor_ttl_s)
+            sync_sb_addf(&s->sb, " OR updated_us < %" PRId64,
+                         wall_us() - (int64_t)s->o.cursor_ttl_s * 1000000);
+        sync_sb_adds(&s->sb, ")");
         if (!first) {
             sync_sb_adds(&s->sb, " AND (session > ");
             sync_sb_hex(&s->sb, (const char *)last_sess, last_sess_len);

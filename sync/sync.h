@@ -64,6 +64,11 @@ typedef struct sync_options {
     uint32_t cursor_every_ms; /* cursor sync period (default 1000) */
     /* how often cursors the WAL deleted are deleted from MySQL (default 60000) */
     uint32_t cursor_gc_every_ms;
+    /* rows of arq_cursors from before this WAL's creation (an earlier WAL's)
+     * that this WAL does not hold are deleted once they were not updated for
+     * this long: their sessions are gone (arqd passes server.session_ttl_s;
+     * 0 keeps them for good) */
+    uint64_t cursor_ttl_s;
     /* WAL retention, run by the drain thread every retain_every_ms (default
      * 5000): drop records older than retain_age_s and, while the WAL's data
      * exceeds retain_bytes, the oldest ones - but only records already in

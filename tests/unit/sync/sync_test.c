@@ -380,8 +380,11 @@ static void test_drain(void **state)
     append_n(wal, 2500, 0);
     put_cursor(wal, "sess-a", "s.1", 5);
 
-    sync_options_t so = {
-        .url = &u, .batch_rows = 700, .cursor_every_ms = 50, .cursor_gc_every_ms = 50};
+    sync_options_t so = {.url = &u,
+                         .batch_rows = 700,
+                         .cursor_every_ms = 50,
+                         .cursor_gc_every_ms = 50,
+                         .cursor_ttl_s = 3600};
     sync_t *s;
     assert_int_equal(sync_start(wal, &so, &s), 0);
     wait_watermark(s, 2500);
@@ -418,25 +421,34 @@ static void test_drain(void **state)
     /* Cursors the WAL deletes leave MySQL: an unsubscribe (one cursor) and an
      * expired session (all of its cursors). A row of this WAL's era that the
      * WAL does not hold goes too; a row from before the WAL was created (an
-     * earlier WAL's history, which a restore reads back) stays. */
+     * earlier WAL's history, which a restore reads back) stays while it is
+     * younger than cursor_ttl_s, and goes after. */
     struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
     wal_append_t *req;
     assert_int_equal(wal_append_new(waiter_cb, &w, &req), 0);
     assert_int_equal(wal_append_del_cursor(req, "bulk-00007", 10, "s.1", 3), 0);
     assert_int_equal(wal_append_del_session(req, "sess-a", 6), 0);
     submit_wait(wal, req, &w);
-    q(m, "INSERT INTO arq_cursors VALUES ('old-era', 's.1', 4, 1), "
-         "('ghost', 's.1', 4, UNIX_TIMESTAMP(NOW(6)) * 1000000)");
+    wal_stats_t ws;
+    assert_int_equal(wal_stats_get(wal, &ws), 0);
+    assert_true(ws.created_us > 0);
+    char ins[256];
+    snprintf(ins, sizeof ins,
+             "INSERT INTO arq_cursors VALUES ('old-era', 's.1', 4, %" PRId64 "), "
+             "('expired-era', 's.1', 4, 1), "
+             "('ghost', 's.1', 4, UNIX_TIMESTAMP(NOW(6)) * 1000000)",
+             ws.created_us - 1000000);
+    q(m, ins);
     for (int i = 0; i < 500 && q_u64(m, "SELECT COUNT(*) FROM arq_cursors") != 6200; i++)
         usleep(10000);
     assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_cursors"), 6200);
     assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_cursors WHERE session IN "
-                              "('bulk-00007', 'sess-a', 'ghost')"),
+                              "('bulk-00007', 'sess-a', 'ghost', 'expired-era')"),
                      0);
     assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_cursors WHERE session = 'old-era'"), 1);
     sync_stats_t gst;
     sync_stats_get(s, &gst);
-    assert_int_equal(gst.cursors_deleted, 3);
+    assert_int_equal(gst.cursors_deleted, 4);
 
     /* connection lost: kill the drain's connection, keep appending */
     q(m, "SELECT 1");
