@@ -15,7 +15,10 @@ it got in):
   - tls_ca=<the other CA> is refused, with a TLS error that says so;
 an arqd serving with tls_ca drains published messages into MySQL over that
 connection; and after a restart of MariaDB with a certificate of the same CA
-for another name, tls_ca refuses it while tls=1 still connects.
+for another name, tls_ca refuses it while tls=1 still connects. Last, with a
+chain (a root CA, an intermediate CA it signed, and a server certificate the
+intermediate signed, served together with the intermediate), tls_ca=<the root>
+connects, and so does a CA file holding the unrelated CA and the root.
 """
 import json
 import os
@@ -57,6 +60,36 @@ def make_pki(d):
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
             "-CAcreateserial", "-out", "other-name-cert.pem", "-days", "2", "-extfile",
             "other-name.ext", cwd=d)
+
+
+def make_chain(d):
+    """root-ca.pem signs inter-ca.pem (a CA), which signs chain-cert.pem (SAN
+    IP:127.0.0.1); chain.pem is the server certificate then the intermediate,
+    as a server sends them."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "root-ca-key.pem", "-out", "root-ca.pem",
+            "-days", "2", "-subj", "/CN=arq test root", cwd=d)
+    openssl("req", *ec, "-keyout", "inter-ca-key.pem", "-out", "inter-ca.csr",
+            "-subj", "/CN=arq test intermediate", cwd=d)
+    with open(os.path.join(d, "ca.ext"), "w") as f:
+        f.write("basicConstraints=critical,CA:TRUE,pathlen:0\n"
+                "keyUsage=critical,keyCertSign,cRLSign\n")
+    openssl("x509", "-req", "-in", "inter-ca.csr", "-CA", "root-ca.pem", "-CAkey",
+            "root-ca-key.pem", "-CAcreateserial", "-out", "inter-ca.pem", "-days", "2",
+            "-extfile", "ca.ext", cwd=d)
+    openssl("req", *ec, "-keyout", "chain-key.pem", "-out", "chain.csr",
+            "-subj", "/CN=127.0.0.1", cwd=d)
+    openssl("x509", "-req", "-in", "chain.csr", "-CA", "inter-ca.pem", "-CAkey",
+            "inter-ca-key.pem", "-CAcreateserial", "-out", "chain-cert.pem", "-days", "2",
+            "-extfile", "san.ext", cwd=d)
+    with open(os.path.join(d, "chain.pem"), "w") as out:
+        for name in ("chain-cert.pem", "inter-ca.pem"):
+            with open(os.path.join(d, name)) as f:
+                out.write(f.read())
+    with open(os.path.join(d, "bundle.pem"), "w") as out:
+        for name in ("other-ca.pem", "root-ca.pem"):
+            with open(os.path.join(d, name)) as f:
+                out.write(f.read())
 
 
 def migrate(url):
@@ -152,6 +185,24 @@ def main():
         check(rc == 0, f"tls=1 does not look at the name: {rc} {text[-300:]!r}")
         rc, text = migrate(base + "&tls_ca=" + ca)
         check(rc != 0, f"tls_ca= refuses a certificate for another name: {rc} {text[-300:]!r}")
+
+        # A certificate chain: the server sends its certificate and the
+        # intermediate; the client trusts the root only.
+        make_chain(pki)
+        subprocess.run([MARIADB, "stop", mdb], check=True, capture_output=True)
+        env["MARIADBD_ARGS"] = (f"--ssl-ca={pki}/root-ca.pem --ssl-cert={pki}/chain.pem "
+                                f"--ssl-key={pki}/chain-key.pem")
+        subprocess.run([MARIADB, "start", mdb, hostport.rsplit(":", 1)[1]], check=True,
+                       capture_output=True, env=env)
+        root = urllib.parse.quote(f"{pki}/root-ca.pem")
+        bundle = urllib.parse.quote(f"{pki}/bundle.pem")
+        rc, text = migrate(base + "&tls_ca=" + root)
+        check(rc == 0, f"tls_ca=<root> verifies root -> intermediate -> server: "
+                       f"{rc} {text[-300:]!r}")
+        rc, text = migrate(base + "&tls_ca=" + bundle)
+        check(rc == 0, f"tls_ca=<a file of two CAs, the root among them>: {rc} {text[-300:]!r}")
+        rc, text = migrate(base + "&tls_ca=" + other)
+        check(rc != 0, f"tls_ca=<the unrelated CA> refuses the chain: {rc} {text[-300:]!r}")
     finally:
         if a is not None:
             a.kill_if_running()
