@@ -3,8 +3,8 @@
 
 Usage: arq_bench_smoke_test.py PATH_TO_ARQD PATH_TO_ARQ_BENCH
 
-Short runs of the load generator against a real arqd: an open-loop run with
-subscribers and a closed-loop run, in JSON. No figure is compared with a
+Short runs of the load generator against a real arqd, in JSON: an open-loop
+run with subscribers, a closed-loop run, a catch-up and a reconnection storm. No figure is compared with a
 speed (that is the benchmarks' job); what is checked is that the report holds
 together: every publish acknowledged and delivered to every subscriber, the
 two parts of the delivery latency each within the whole, arqd's publish-time
@@ -90,6 +90,34 @@ def closed_loop(d):
           "no deliveries without subscribers")
 
 
+def catchup(d, data_dir):
+    r, _ = bench(d.url, "--catchup", "2000", "-c", "4", "-w", "8", "--data-dir", data_dir)
+    if r is None:
+        return
+    check(r["mode"] == "catchup" and r["config"]["messages"] == 2000, f"catch-up config: {r}")
+    reps = r["catchup"]
+    check(len(reps) == 1 and reps[0]["msgs"] == 2000 and reps[0]["first_msg_ms"] >= 0
+          and reps[0]["wire_bytes"] > 2000 * 128, f"one catch-up of all 2,000: {reps}")
+    # the same records read straight from LMDB (read-only, beside arqd), four ways
+    check(len(r["raw"]) == 4, f"four LMDB reads: {list(r['raw'])}")
+    for k, v in r["raw"].items():
+        check(v is not None and v["value_bytes"] >= 2000 * 128 and v["records_per_s"] > 0,
+              f"LMDB read {k} read the catch-up's records: {v}")
+    check(isinstance(r["goal_500k"], bool), "the goal is reported, whatever it is")
+
+
+def storm(d):
+    r, _ = bench(d.url, "--storm", "20", "--streams", "4")
+    if r is None:
+        return
+    c, re_ = r["connect"], r["reconnect"]
+    check(c["welcomed"] == 20 and c["holes"] == 0, f"storm: all 20 welcomed first: {c}")
+    check(re_["welcomed"] == 20 and re_["resumed"] == 20 and re_["fresh"] == 0
+          and re_["redelivered"] == 0 and re_["holes"] == 0,
+          f"storm: all 20 resumed their sessions, nothing lost or twice: {re_}")
+    check(r["errors"] == 0 and r["server_closes"] == 0, f"storm errors: {r['errors']}")
+
+
 def usage_errors():
     for args in (["--tick-us", "5"], ["--tick-us", "x"], ["--rate", "0"]):
         p = subprocess.run([BENCH, "--url", "ws://127.0.0.1:1/ws", *args], capture_output=True,
@@ -103,6 +131,8 @@ def main():
     try:
         open_loop(d)
         closed_loop(d)
+        catchup(d, os.path.join(tmp, "data"))
+        storm(d)
         usage_errors()
     finally:
         rc = d.stop()
