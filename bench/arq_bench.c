@@ -95,11 +95,6 @@ enum cstate { CS_IDLE, CS_CONNECTING, CS_UPGRADE, CS_WS };
 /* --storm phases */
 enum sphase { SP_CONNECT, SP_BEFORE, SP_DOWN, SP_RECONNECT };
 
-struct hist {
-    uint64_t n;
-    uint64_t b[BENCH_LAT_BUCKETS];
-};
-
 struct opts {
     char host[256];
     char port[16];
@@ -204,7 +199,7 @@ struct st_times {
     unsigned n_connected, n_welcomed, n_resumed, n_fresh, n_nosub, n_subscribed, n_caught;
     uint64_t retries, dups, holes;
     double bench_cpu, srv_cpu;
-    struct hist welcome_lat, caught_lat;
+    bench_hist_t welcome_lat, caught_lat;
     /* the kernel's counters over the phase (whole machine, /proc/net) */
     int64_t listen_overflows, listen_drops, retrans_segs;
 };
@@ -226,10 +221,10 @@ struct bench {
     /* counters over the window */
     uint64_t pubacks, nacks, deliveries, pubs_sent;
     uint64_t pubacks_total, deliveries_total;
-    struct hist puback_lat, deliv_lat;
+    bench_hist_t puback_lat, deliv_lat;
     /* delivery latency split at the record's time stamp ("ts": arqd's
      * CLOCK_REALTIME when its loop decoded the publish) */
-    struct hist to_srv_lat, from_srv_lat;
+    bench_hist_t to_srv_lat, from_srv_lat;
     int64_t real_minus_mono_ns; /* CLOCK_REALTIME - CLOCK_MONOTONIC at start */
     struct rusage ru0, ru1;
     bench_stall_probe_t *stall_probe; /* runs during the window */
@@ -264,31 +259,6 @@ struct bench {
 
 static struct bench g_b;
 
-/* ---- histogram (bench_util.h buckets) ------------------------------------ */
-
-static void hist_add(struct hist *h, uint64_t ns)
-{
-    h->b[bench_lat_bucket(ns)]++;
-    h->n++;
-}
-
-/* The q-quantile in microseconds; 0 if empty. */
-static double hist_q_us(const struct hist *h, double q)
-{
-    if (h->n == 0)
-        return 0;
-    uint64_t rank = (uint64_t)(q * (double)h->n);
-    if (rank < 1)
-        rank = 1;
-    uint64_t seen = 0;
-    for (unsigned b = 0; b < BENCH_LAT_BUCKETS; b++) {
-        seen += h->b[b];
-        if (seen >= rank)
-            return bench_lat_bucket_mid_ns(b) / 1e3;
-    }
-    return bench_lat_bucket_mid_ns(BENCH_LAT_BUCKETS - 1) / 1e3;
-}
-
 __attribute__((format(printf, 2, 3))) static void fail(struct bench *b, const char *fmt, ...)
 {
     va_list ap;
@@ -308,31 +278,6 @@ static double rusage_sec(const struct rusage *r)
 {
     return (double)r->ru_utime.tv_sec + (double)r->ru_utime.tv_usec / 1e6 +
            (double)r->ru_stime.tv_sec + (double)r->ru_stime.tv_usec / 1e6;
-}
-
-/* utime + stime of a process in seconds, or -1. */
-static double proc_cpu_sec(long pid)
-{
-    if (pid <= 0)
-        return -1;
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    char *p = strrchr(buf, ')'); /* after the command name, which may hold spaces */
-    if (p == NULL)
-        return -1;
-    unsigned long long ut = 0, st = 0;
-    /* fields 3..15: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-     * utime stime */
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
-        return -1;
-    long hz = sysconf(_SC_CLK_TCK);
-    return (double)(ut + st) / (double)(hz > 0 ? hz : 100);
 }
 
 /* ---- /metrics (a blocking HTTP GET; taken at the window's edges) -------- */
@@ -858,7 +803,7 @@ static void on_puback(struct conn *c, const msgpack_object *map, int nack)
         b->pubacks_total++;
         if (b->phase == PH_MEASURE) {
             b->pubacks++;
-            hist_add(&b->puback_lat, t - c->sent_ns[id & (AB_RING - 1)]);
+            bench_hist_add(&b->puback_lat, t - c->sent_ns[id & (AB_RING - 1)]);
         }
     }
     if (b->o.rate <= 0 && (b->phase == PH_WARMUP || b->phase == PH_MEASURE))
@@ -882,14 +827,14 @@ static void on_delivery(struct conn *c, const msgpack_object *map)
         sent |= (uint64_t)(uint8_t)payload->via.bin.ptr[i] << (8 * i);
     uint64_t t = bench_now_ns();
     b->deliveries++;
-    hist_add(&b->deliv_lat, t > sent ? t - sent : 0);
+    bench_hist_add(&b->deliv_lat, t > sent ? t - sent : 0);
     uint64_t ts_us = obj_u64(map_get(map, "ts"));
     if (ts_us > 0) {
         /* the stamp on the monotonic clock; the two clocks only drift by
          * NTP slewing over a run, far below the buckets' resolution */
         int64_t dec = (int64_t)(ts_us * 1000) - b->real_minus_mono_ns;
-        hist_add(&b->to_srv_lat, dec > (int64_t)sent ? (uint64_t)(dec - (int64_t)sent) : 0);
-        hist_add(&b->from_srv_lat, (int64_t)t > dec ? (uint64_t)((int64_t)t - dec) : 0);
+        bench_hist_add(&b->to_srv_lat, dec > (int64_t)sent ? (uint64_t)(dec - (int64_t)sent) : 0);
+        bench_hist_add(&b->from_srv_lat, (int64_t)t > dec ? (uint64_t)((int64_t)t - dec) : 0);
     }
 }
 
@@ -1023,7 +968,7 @@ static void on_measure(evutil_socket_t fd, short what, void *arg)
     struct bench *b = arg;
     if (b->o.metrics)
         metrics_get(&b->o, &b->m0);
-    b->srv_cpu0 = proc_cpu_sec(b->o.server_pid);
+    b->srv_cpu0 = bench_proc_cpu_sec(b->o.server_pid);
     getrusage(RUSAGE_SELF, &b->ru0);
     b->stall_probe = bench_stall_start();
     b->phase = PH_MEASURE;
@@ -1040,7 +985,7 @@ static void on_end(evutil_socket_t fd, short what, void *arg)
     bench_stall_stop(b->stall_probe, &b->stalls);
     b->stall_probe = NULL;
     getrusage(RUSAGE_SELF, &b->ru1);
-    b->srv_cpu1 = proc_cpu_sec(b->o.server_pid);
+    b->srv_cpu1 = bench_proc_cpu_sec(b->o.server_pid);
     if (b->o.metrics)
         metrics_get(&b->o, &b->m1);
     event_base_loopbreak(b->base);
@@ -1238,10 +1183,10 @@ static void compute(const struct bench *b, struct results *r)
     }
 }
 
-static void print_lat(FILE *f, const char *name, const struct hist *h)
+static void print_lat(FILE *f, const char *name, const bench_hist_t *h)
 {
     fprintf(f, "%-22s p50 %8.3f ms   p99 %8.3f ms   p99.9 %8.3f ms   (%llu samples)\n", name,
-            hist_q_us(h, 0.50) / 1e3, hist_q_us(h, 0.99) / 1e3, hist_q_us(h, 0.999) / 1e3,
+            bench_hist_q_us(h, 0.50) / 1e3, bench_hist_q_us(h, 0.99) / 1e3, bench_hist_q_us(h, 0.999) / 1e3,
             (unsigned long long)h->n);
 }
 
@@ -1312,10 +1257,10 @@ static void print_text(FILE *f, const struct bench *b, const struct results *r)
     }
 }
 
-static void json_lat(FILE *f, const char *name, const struct hist *h)
+static void json_lat(FILE *f, const char *name, const bench_hist_t *h)
 {
     fprintf(f, ",\"%s\":{\"samples\":%llu,\"p50_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f}", name,
-            (unsigned long long)h->n, hist_q_us(h, 0.50), hist_q_us(h, 0.99), hist_q_us(h, 0.999));
+            (unsigned long long)h->n, bench_hist_q_us(h, 0.50), bench_hist_q_us(h, 0.99), bench_hist_q_us(h, 0.999));
 }
 
 static void print_json(FILE *f, const struct bench *b, const struct results *r)
@@ -1574,7 +1519,7 @@ static void cu_on_welcome(struct conn *c, const msgpack_object *map)
     stream_name(b, 0, name, sizeof name);
     pack_sub(c, name, 1, 0);
     b->cu_cpu0 = cpu_now();
-    b->cu_srv0 = proc_cpu_sec(b->o.server_pid);
+    b->cu_srv0 = bench_proc_cpu_sec(b->o.server_pid);
     b->cu_t0 = bench_now_ns();
     c->rx_bytes = 0;
 }
@@ -1602,7 +1547,7 @@ static void cu_on_msg(struct conn *c, const msgpack_object *map)
     if (off >= b->o.catchup_n && b->cu_t1 == 0) {
         b->cu_t1 = now;
         r->bench_cpu = cpu_now() - b->cu_cpu0;
-        double s1 = proc_cpu_sec(b->o.server_pid);
+        double s1 = bench_proc_cpu_sec(b->o.server_pid);
         r->srv_cpu = b->cu_srv0 >= 0 && s1 >= 0 ? s1 - b->cu_srv0 : -1;
         r->wire_bytes = c->rx_bytes;
         c->ack_due = 1;
@@ -2159,7 +2104,7 @@ static void st_check_caught(struct conn *c)
     uint64_t now = bench_now_ns();
     c->caught = 1;
     c->t_caught = now;
-    hist_add(&t->caught_lat, st_ms_since(t, now));
+    bench_hist_add(&t->caught_lat, st_ms_since(t, now));
     if (++t->n_caught == b->st_n)
         t->caught = st_ms_since(t, now);
 }
@@ -2212,7 +2157,7 @@ static void st_on_welcome(struct conn *c, const msgpack_object *map)
     if (first) {
         c->welcomed = 1;
         c->t_welcome = now;
-        hist_add(&t->welcome_lat, st_ms_since(t, now));
+        bench_hist_add(&t->welcome_lat, st_ms_since(t, now));
         if (++t->n_welcomed == b->st_n)
             t->welcomed = st_ms_since(t, now);
     }
@@ -2390,7 +2335,7 @@ static void st_phase_begin(struct bench *b, struct st_times *t, enum sphase ph)
         c->retries = 0;
     }
     b->st_cpu0 = cpu_now();
-    b->st_srv0 = proc_cpu_sec(b->o.server_pid);
+    b->st_srv0 = bench_proc_cpu_sec(b->o.server_pid);
     kernel_tcp(&t->listen_overflows, &t->listen_drops, &t->retrans_segs);
     t->start = bench_now_ns();
 }
@@ -2398,7 +2343,7 @@ static void st_phase_begin(struct bench *b, struct st_times *t, enum sphase ph)
 static void st_phase_end(struct bench *b, struct st_times *t)
 {
     double s = (double)(bench_now_ns() - t->start) / 1e9;
-    double s1 = proc_cpu_sec(b->o.server_pid);
+    double s1 = bench_proc_cpu_sec(b->o.server_pid);
     t->bench_cpu = (cpu_now() - b->st_cpu0) / s;
     t->srv_cpu = b->st_srv0 >= 0 && s1 >= 0 ? (s1 - b->st_srv0) / s : -1;
     int64_t o, d, r;
@@ -2510,10 +2455,10 @@ static double ms(uint64_t ns)
     return (double)ns / 1e6;
 }
 
-static void st_print_lat(FILE *f, const char *what, const struct hist *h)
+static void st_print_lat(FILE *f, const char *what, const bench_hist_t *h)
 {
     fprintf(f, "    %-26s p50 %8.1f ms   p99 %8.1f ms   max %8.1f ms\n", what,
-            hist_q_us(h, 0.50) / 1e3, hist_q_us(h, 0.99) / 1e3, hist_q_us(h, 1.0) / 1e3);
+            bench_hist_q_us(h, 0.50) / 1e3, bench_hist_q_us(h, 0.99) / 1e3, bench_hist_q_us(h, 1.0) / 1e3);
 }
 
 static void st_print_cpu(FILE *f, const struct bench *b, const struct st_times *t)
@@ -2555,9 +2500,9 @@ static void st_json_times(FILE *f, const char *name, const struct st_times *t)
             "\"listen_drops\":%lld,\"tcp_retransmits\":%lld,\"bench_cpu\":%.3f,\"server_cpu\":",
             t->n_welcomed, t->n_resumed, t->n_fresh, t->n_nosub, (unsigned long long)t->retries,
             (unsigned long long)t->dups, (unsigned long long)t->holes,
-            hist_q_us(&t->welcome_lat, 0.5) / 1e3, hist_q_us(&t->welcome_lat, 0.99) / 1e3,
-            hist_q_us(&t->welcome_lat, 1.0) / 1e3, hist_q_us(&t->caught_lat, 0.5) / 1e3,
-            hist_q_us(&t->caught_lat, 0.99) / 1e3, hist_q_us(&t->caught_lat, 1.0) / 1e3,
+            bench_hist_q_us(&t->welcome_lat, 0.5) / 1e3, bench_hist_q_us(&t->welcome_lat, 0.99) / 1e3,
+            bench_hist_q_us(&t->welcome_lat, 1.0) / 1e3, bench_hist_q_us(&t->caught_lat, 0.5) / 1e3,
+            bench_hist_q_us(&t->caught_lat, 0.99) / 1e3, bench_hist_q_us(&t->caught_lat, 1.0) / 1e3,
             (long long)t->listen_overflows, (long long)t->listen_drops, (long long)t->retrans_segs,
             t->bench_cpu);
     if (t->srv_cpu >= 0)

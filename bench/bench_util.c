@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 uint64_t bench_now_ns(void)
 {
@@ -107,4 +108,57 @@ void bench_stall_stop(bench_stall_probe_t *p, bench_stalls_t *ret)
     pthread_join(p->thread, NULL);
     *ret = p->st;
     free(p);
+}
+
+void bench_hist_add(bench_hist_t *h, uint64_t ns)
+{
+    h->b[bench_lat_bucket(ns)]++;
+    h->n++;
+}
+
+void bench_hist_merge(bench_hist_t *dst, const bench_hist_t *src)
+{
+    for (unsigned b = 0; b < BENCH_LAT_BUCKETS; b++)
+        dst->b[b] += src->b[b];
+    dst->n += src->n;
+}
+
+double bench_hist_q_us(const bench_hist_t *h, double q)
+{
+    if (h->n == 0)
+        return 0;
+    uint64_t rank = (uint64_t)(q * (double)h->n);
+    if (rank < 1)
+        rank = 1;
+    uint64_t seen = 0;
+    for (unsigned b = 0; b < BENCH_LAT_BUCKETS; b++) {
+        seen += h->b[b];
+        if (seen >= rank)
+            return bench_lat_bucket_mid_ns(b) / 1e3;
+    }
+    return bench_lat_bucket_mid_ns(BENCH_LAT_BUCKETS - 1) / 1e3;
+}
+
+double bench_proc_cpu_sec(long pid)
+{
+    if (pid <= 0)
+        return -1;
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')'); /* after the command name, which may hold spaces */
+    if (p == NULL)
+        return -1;
+    unsigned long long ut = 0, st = 0;
+    /* fields 3..15: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+     * utime stime */
+    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    long hz = sysconf(_SC_CLK_TCK);
+    return (double)(ut + st) / (double)(hz > 0 ? hz : 100);
 }

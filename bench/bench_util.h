@@ -16,6 +16,18 @@
 uint64_t bench_now_ns(void); /* CLOCK_MONOTONIC */
 unsigned bench_lat_bucket(uint64_t ns);
 double bench_lat_bucket_mid_ns(unsigned bucket);
+/* A latency histogram in those buckets. */
+typedef struct bench_hist {
+    uint64_t n;
+    uint64_t b[BENCH_LAT_BUCKETS];
+} bench_hist_t;
+void bench_hist_add(bench_hist_t *h, uint64_t ns);
+/* Adds every sample of src to dst. */
+void bench_hist_merge(bench_hist_t *dst, const bench_hist_t *src);
+/* The q-quantile in microseconds (its bucket's middle); 0 if empty. */
+double bench_hist_q_us(const bench_hist_t *h, double q);
+/* utime + stime of a process in seconds (/proc/PID/stat), or -1. */
+double bench_proc_cpu_sec(long pid);
 /* 1234567.8 -> "1,234,568" (into buf, returned) */
 const char *bench_fmt_count(char *buf, size_t len, double v);
 /* s as a JSON string literal. */
