@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # bench/peers.sh - durable publishes: ARQ (arqd + arq-bench) against Redis 7
-# Streams (XADD, appendonly yes, appendfsync always) at the same connection
-# counts and pipeline depths, then ARQ's publish -> delivery latency at half
+# Streams (XADD, appendonly yes, appendfsync always) and NATS JetStream (file
+# store; Debian's 2.9.10 cannot sync before it acks, so its acks are not
+# durable) at the same connection counts and depths, then ARQ's publish ->
+# delivery latency at half
 # of its peak rate measured with the same subscribers attached (and, for
 # reference, at half of the publish-only 50x16 peak). See docs/benchmarks.md
 # ("Peers").
 #
-# Starts its own arqd and redis-server on loopback with data directories
-# under /var/tmp (not tmpfs, so fsync is real), stops exactly those two
+# Starts its own arqd, redis-server and nats-server on loopback with data
+# directories under /var/tmp (not tmpfs, so fsync is real), stops exactly those
 # processes (by PID) and removes the directories on exit and on Ctrl-C.
+# Without nats-server (or arq-nats-bench) the NATS rows are skipped.
 #
 # Usage: bench/peers.sh [BUILD_DIR]     (default: build; ~1.5 minutes)
 # Environment: SECONDS_PER_RUN (5), CONNS (50), SUBS (2, latency row),
@@ -20,6 +23,7 @@ cd "$(dirname "$0")/.."
 BUILD=${1:-build}
 ARQD=$BUILD/programs/arqd
 BENCH=$BUILD/bench/arq-bench
+NATS_BENCH=$BUILD/bench/arq-nats-bench
 RUN_S=${SECONDS_PER_RUN:-5}
 CONNS=${CONNS:-50}
 SUBS=${SUBS:-2}
@@ -41,14 +45,15 @@ done
 TMP=$(mktemp -d /var/tmp/arq-peers.XXXXXX)
 ARQD_PID=
 REDIS_PID=
+NATS_PID=
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    for pid in $ARQD_PID $REDIS_PID; do
+    for pid in $ARQD_PID $REDIS_PID $NATS_PID; do
         kill "$pid" 2>/dev/null || true
     done
-    for pid in $ARQD_PID $REDIS_PID; do
+    for pid in $ARQD_PID $REDIS_PID $NATS_PID; do
         wait "$pid" 2>/dev/null || true
     done
     if [ "${KEEP:-0}" = 1 ]; then
@@ -120,6 +125,38 @@ fi
 echo "peers.sh: redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT" \
     "(appendonly yes, appendfsync $(redis-cli -p "$REDIS_PORT" config get appendfsync | tail -1))"
 
+# ---- nats-server (JetStream) ------------------------------------------------
+NATS_URL=
+if command -v nats-server >/dev/null && [ -x "$NATS_BENCH" ]; then
+    NATS_PORT=$(free_port)
+    mkdir "$TMP/nats"
+    nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$TMP/nats" >"$TMP/nats.log" 2>&1 &
+    NATS_PID=$!
+    for _ in $(seq 100); do
+        grep -q "Server is ready" "$TMP/nats.log" 2>/dev/null && break
+        kill -0 "$NATS_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if grep -q "Server is ready" "$TMP/nats.log"; then
+        NATS_URL=nats://127.0.0.1:$NATS_PORT
+        echo "peers.sh: $(nats-server --version) pid $NATS_PID at $NATS_URL" \
+            "(JetStream file store, default sync: not before the ack)"
+    else
+        echo "peers.sh: nats-server did not start; NATS rows skipped:" >&2
+        cat "$TMP/nats.log" >&2
+    fi
+else
+    echo "peers.sh: no nats-server or $NATS_BENCH: NATS rows skipped"
+fi
+
+# nats_run NAME DEPTH: arq-nats-bench, JSON in $TMP/NAME.json
+nats_run() {
+    echo
+    echo "== arq-nats-bench -c $CONNS -w $2 (load $(load))"
+    "$NATS_BENCH" --url "$NATS_URL" -c "$CONNS" -w "$2" --seconds "$RUN_S" \
+        --server-pid "$NATS_PID" --json >"$TMP/$1.json"
+}
+
 # arq_run NAME ARGS...: one arq-bench run; its text goes to the terminal, its JSON to $TMP/NAME.json
 arq_run() {
     local name=$1
@@ -155,6 +192,10 @@ arq_run arq_w1 -c "$CONNS" -w 1 >&2
 redis_run redis_p1 1
 arq_run arq_w16 -c "$CONNS" -w 16 >&2
 redis_run redis_p16 16
+if [ -n "$NATS_URL" ]; then
+    nats_run nats_w1 1 >&2
+    nats_run nats_w16 16 >&2
+fi
 
 # The latency goal is at half of "our peak rate": the peak of the same
 # configuration, i.e. with the $SUBS subscribers attached (each delivery is
@@ -191,6 +232,31 @@ echo
 echo "(ARQ: pubacks/s over a ${RUN_S} s window after 1 s warm-up, -w = publishes in flight per"
 echo " connection; Redis: redis-benchmark -P = pipeline depth per connection, p99 in ms.)"
 echo
+if [ -n "$NATS_URL" ]; then
+    echo "Against NATS JetStream (file store; its acks come before any fsync):"
+    echo
+    printf '| %-7s | %14s | %11s | %13s | %11s | %9s |\n' \
+        "c x w" "ARQ publ./s" "ARQ p99 ms" "NATS acks/s" "NATS p99 ms" "ARQ/NATS"
+    printf '|%s|%s:|%s:|%s:|%s:|%s:|\n' "---------" "---------------" "------------" \
+        "--------------" "------------" "----------"
+    while read -r depth arq nats; do
+        a=$(jqf .publishes_per_s "$arq")
+        ap=$(jqf '.puback_latency.p99_us / 1000' "$arq")
+        nr=$(jqf .publishes_per_s "$nats")
+        np=$(jqf '.ack_latency.p99_us / 1000' "$nats")
+        printf '| %-7s | %14.0f | %11.2f | %13.0f | %11.2f | %9.2f |\n' "$CONNS x $depth" "$a" \
+            "$ap" "$nr" "$np" "$(awk -v a="$a" -v r="$nr" 'BEGIN { print a / r }')"
+    done <<'ROWS'
+1 arq_w1 nats_w1
+16 arq_w16 nats_w16
+ROWS
+    echo
+    echo "(NATS: arq-nats-bench, JetStream publishes acknowledged per second, same window;"
+    printf ' nats-server CPU %.0f%% / %.0f%%, arq-nats-bench %.0f%% / %.0f%% at -w 1 / -w 16.)\n' \
+        "$(jqf '(.server_cpu // 0) * 100' nats_w1)" "$(jqf '(.server_cpu // 0) * 100' nats_w16)" \
+        "$(jqf '.bench_cpu * 100' nats_w1)" "$(jqf '.bench_cpu * 100' nats_w16)"
+    echo
+fi
 latency_row() { # NAME TEXT
     printf '%s:\n  achieved %.0f publishes/s; delivery p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms;' \
         "$2" "$(jqf .publishes_per_s "$1")" "$(jqf '.delivery_latency.p50_us / 1000' "$1")" \
@@ -214,5 +280,3 @@ for n in arq_w1 arq_w16 arq_peak_s arq_half arq_half0; do
         "$(jqf '.stalls.count // "?"' "$n")" "$(jqf '.stalls.ms // "?"' "$n")"
 done
 disk_check after
-echo
-echo "NATS JetStream: not measured (no 'nats' CLI / 'nats bench' packaged in Debian; see docs)."

@@ -1,0 +1,719 @@
+/*
+ * nats_bench.c - arq-nats-bench: acknowledged publishes to NATS JetStream,
+ * the second peer of docs/benchmarks.md ("Peers"), measured like arq-bench's
+ * closed loop: C connections, each with W publishes in flight, 128-byte
+ * payloads, acknowledgements per second over a window after a warm-up, and
+ * the publish -> acknowledgement latency.
+ *
+ * A JetStream publish is a core NATS message, with a reply subject, on a
+ * subject a stream captures; the server stores it and answers on the reply
+ * subject with a PubAck ({"stream":..,"seq":N}). This speaks the NATS client
+ * protocol itself (INFO / CONNECT / SUB / PUB / MSG / PING / PONG: text lines
+ * plus sized payloads) on one libevent loop, as arq-bench speaks arq.v1.
+ * Debian's libnats was tried first: its threads per connection (reader,
+ * flusher, delivery) cost ~37 us of futex wake-ups per message on this VM,
+ * so the generator used 1.2 cores and was the bottleneck, not the server
+ * (docs/benchmarks.md).
+ *
+ * Each message's reply subject is _INBOX.<run>.<conn>.<id>; one wildcard
+ * subscription per connection receives the acks, and <id> finds the send
+ * time. Subjects arqbench.0 .. arqbench.7 (as arq-bench's 8 streams), one
+ * file-storage stream capturing them, created if missing.
+ *
+ * Debian's nats-server 2.9.10 fsyncs its file store on a timer (2 minutes by
+ * default) and cannot be told to sync before acknowledging, so these acks
+ * are not durable: see docs/benchmarks.md.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <event2/event.h>
+#include <getopt.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bench_util.h"
+
+#define NB_MAX_CONNS 1000u
+#define NB_SUBJECTS  8u
+#define NB_RING      65536u /* send times per connection, by id; a power of two */
+#define NB_IN_MAX    (1u << 20)
+
+enum { PH_WARMUP, PH_MEASURE, PH_STOP };
+
+struct opts {
+    char host[256], port[16];
+    const char *stream;
+    unsigned conns, depth, size;
+    double seconds, warmup;
+    long server_pid;
+    int json;
+};
+
+struct conn {
+    unsigned idx;
+    int fd;
+    struct event *rev, *wev;
+    uint8_t *in;
+    size_t in_len;
+    uint8_t *out;
+    size_t out_len, out_off, out_cap;
+    unsigned inflight;
+    uint64_t next_id;
+    uint64_t *sent_ns; /* NB_RING */
+    char subj[32];
+};
+
+static struct opts g_o;
+static struct event_base *g_base;
+static struct conn *g_cs;
+static int g_phase = PH_WARMUP, g_failed;
+static unsigned g_run; /* this run's id in the reply subjects */
+static uint64_t g_acks, g_errors, g_inflight_total;
+static bench_hist_t g_lat;
+static uint8_t *g_payload;
+
+__attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "arq-nats-bench: ");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    g_failed = 1;
+    if (g_base != NULL)
+        event_base_loopbreak(g_base);
+}
+
+/* ---- output --------------------------------------------------------------- */
+
+static int out_reserve(struct conn *c, size_t n)
+{
+    if (c->out_len + n <= c->out_cap)
+        return 0;
+    size_t cap = c->out_cap ? c->out_cap * 2 : 65536;
+    while (cap < c->out_len + n)
+        cap *= 2;
+    uint8_t *p = realloc(c->out, cap);
+    if (p == NULL)
+        return -1;
+    c->out = p;
+    c->out_cap = cap;
+    return 0;
+}
+
+static void out_add(struct conn *c, const void *p, size_t n)
+{
+    if (out_reserve(c, n) != 0) {
+        fail("out of memory");
+        return;
+    }
+    memcpy(c->out + c->out_len, p, n);
+    c->out_len += n;
+}
+
+static void flush(struct conn *c)
+{
+    while (c->out_off < c->out_len) {
+        ssize_t w = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
+        if (w > 0) {
+            c->out_off += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            event_add(c->wev, NULL);
+            return;
+        }
+        fail("send on connection %u: %s", c->idx, strerror(errno));
+        return;
+    }
+    c->out_off = c->out_len = 0;
+}
+
+static void send_pub(struct conn *c)
+{
+    uint64_t id = c->next_id++;
+    uint64_t t = bench_now_ns();
+    for (unsigned i = 0; i < 8; i++)
+        g_payload[i] = (uint8_t)(t >> (8 * i));
+    char hdr[128];
+    int n = snprintf(hdr, sizeof hdr, "PUB %s _INBOX.%u.%u.%llu %u\r\n", c->subj, g_run, c->idx,
+                     (unsigned long long)id, g_o.size);
+    out_add(c, hdr, (size_t)n);
+    out_add(c, g_payload, g_o.size);
+    out_add(c, "\r\n", 2);
+    c->sent_ns[id & (NB_RING - 1)] = t;
+    c->inflight++;
+    g_inflight_total++;
+}
+
+/* ---- input: the server's protocol lines ----------------------------------- */
+
+/* An ack arrived for id on c: payload is the PubAck JSON. */
+static void on_ack(struct conn *c, uint64_t id, const uint8_t *p, size_t n)
+{
+    uint64_t t = bench_now_ns();
+    if (c->inflight > 0) {
+        c->inflight--;
+        g_inflight_total--;
+    }
+    /* {"stream":"ARQBENCH","seq":N} or {"error":{...}} */
+    bool ok = memmem(p, n, "\"seq\"", 5) != NULL && memmem(p, n, "\"error\"", 7) == NULL;
+    if (!ok) {
+        if (g_errors++ < 5)
+            fprintf(stderr, "arq-nats-bench: publish refused: %.*s\n", (int)(n > 300 ? 300 : n),
+                    (const char *)p);
+    } else if (g_phase == PH_MEASURE) {
+        g_acks++;
+        uint64_t s = c->sent_ns[id & (NB_RING - 1)];
+        bench_hist_add(&g_lat, t > s ? t - s : 0);
+    }
+    if (g_phase != PH_STOP)
+        send_pub(c);
+}
+
+/* Parses what is in c->in; returns bytes consumed, or -1 on a protocol error. */
+static long parse(struct conn *c)
+{
+    size_t off = 0;
+    while (off < c->in_len) {
+        const uint8_t *line = c->in + off;
+        const uint8_t *eol = memmem(line, c->in_len - off, "\r\n", 2);
+        if (eol == NULL)
+            break;
+        size_t ll = (size_t)(eol - line);
+        if (ll >= 3 && memcmp(line, "MSG", 3) == 0) {
+            /* MSG <subject> <sid> [reply-to] <#bytes> */
+            char buf[512];
+            if (ll >= sizeof buf)
+                return -1;
+            memcpy(buf, line, ll);
+            buf[ll] = '\0';
+            char *f[5];
+            int nf = 0;
+            for (char *tok = strtok(buf, " "); tok && nf < 5; tok = strtok(NULL, " "))
+                f[nf++] = tok;
+            if (nf < 4)
+                return -1;
+            char *end;
+            unsigned long long len = strtoull(f[nf - 1], &end, 10);
+            if (*end || len > NB_IN_MAX)
+                return -1;
+            size_t need = ll + 2 + (size_t)len + 2;
+            if (c->in_len - off < need)
+                break; /* the payload is not all here yet */
+            const uint8_t *payload = eol + 2;
+            /* _INBOX.<run>.<conn>.<id> */
+            unsigned run, ci;
+            unsigned long long id;
+            if (sscanf(f[1], "_INBOX.%u.%u.%llu", &run, &ci, &id) == 3 && run == g_run &&
+                ci == c->idx)
+                on_ack(c, id, payload, (size_t)len);
+            off += need;
+            continue;
+        }
+        if (ll == 4 && memcmp(line, "PING", 4) == 0)
+            out_add(c, "PONG\r\n", 6);
+        else if (ll >= 4 && memcmp(line, "-ERR", 4) == 0) {
+            fail("server error on connection %u: %.*s", c->idx, (int)ll, (const char *)line);
+            return -1;
+        }
+        /* INFO, PONG, +OK: nothing to do */
+        off += ll + 2;
+    }
+    return (long)off;
+}
+
+static void on_read(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct conn *c = arg;
+    for (;;) {
+        if (c->in_len == NB_IN_MAX) {
+            fail("connection %u: a protocol line over %u bytes", c->idx, NB_IN_MAX);
+            return;
+        }
+        ssize_t r = recv(c->fd, c->in + c->in_len, NB_IN_MAX - c->in_len, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        if (r <= 0) {
+            fail("connection %u closed by the server", c->idx);
+            return;
+        }
+        c->in_len += (size_t)r;
+        long used = parse(c);
+        if (used < 0) {
+            if (!g_failed)
+                fail("connection %u: protocol error", c->idx);
+            return;
+        }
+        memmove(c->in, c->in + used, c->in_len - (size_t)used);
+        c->in_len -= (size_t)used;
+        if ((size_t)r < 16384)
+            break;
+    }
+    flush(c);
+    if (g_phase == PH_STOP && g_inflight_total == 0)
+        event_base_loopbreak(g_base);
+}
+
+static void on_write(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    flush(arg);
+}
+
+/* ---- set-up ---------------------------------------------------------------- */
+
+static int tcp_connect(void)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
+    if (getaddrinfo(g_o.host, g_o.port, &hints, &ai) != 0)
+        return -1;
+    int fd = socket(ai->ai_family, SOCK_STREAM, 0);
+    if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(ai);
+    if (fd >= 0) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    return fd;
+}
+
+/* Blocking: read until a line starting with want (skipping INFO, +OK and
+ * PINGs, which get their PONG); copies the line (and, for MSG, its payload)
+ * into buf. */
+static int read_until(struct conn *c, const char *want, char *buf, size_t cap)
+{
+    for (;;) {
+        uint8_t *eol = memmem(c->in, c->in_len, "\r\n", 2);
+        if (eol != NULL) {
+            size_t ll = (size_t)(eol - c->in), take = ll + 2;
+            if (ll >= 3 && memcmp(c->in, "MSG", 3) == 0) {
+                const uint8_t *sp = eol;
+                while (sp > c->in && sp[-1] != ' ')
+                    sp--;
+                size_t plen = strtoul((const char *)sp, NULL, 10);
+                if (c->in_len < take + plen + 2)
+                    goto more;
+                take += plen + 2;
+            }
+            bool match = ll >= strlen(want) && memcmp(c->in, want, strlen(want)) == 0;
+            bool ping = ll == 4 && memcmp(c->in, "PING", 4) == 0;
+            bool err = ll >= 4 && memcmp(c->in, "-ERR", 4) == 0;
+            if (match || err) {
+                size_t n = take < cap ? take : cap - 1;
+                memcpy(buf, c->in, n);
+                buf[n] = '\0';
+            }
+            memmove(c->in, c->in + take, c->in_len - take);
+            c->in_len -= take;
+            if (ping && write(c->fd, "PONG\r\n", 6) != 6)
+                return -1;
+            if (err)
+                return -1;
+            if (match)
+                return 0;
+            continue;
+        }
+    more:
+        if (c->in_len == NB_IN_MAX)
+            return -1;
+        ssize_t r = recv(c->fd, c->in + c->in_len, NB_IN_MAX - c->in_len, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -1;
+        c->in_len += (size_t)r;
+    }
+}
+
+static int send_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int connect_one(struct conn *c)
+{
+    c->in = malloc(NB_IN_MAX);
+    c->sent_ns = calloc(NB_RING, sizeof *c->sent_ns);
+    if (c->in == NULL || c->sent_ns == NULL)
+        return -1;
+    c->fd = tcp_connect();
+    if (c->fd < 0) {
+        fprintf(stderr, "arq-nats-bench: connect %s:%s: %s\n", g_o.host, g_o.port, strerror(errno));
+        return -1;
+    }
+    char line[4096], hello[512];
+    if (read_until(c, "INFO", line, sizeof line) != 0) {
+        fprintf(stderr, "arq-nats-bench: no INFO from %s:%s\n", g_o.host, g_o.port);
+        return -1;
+    }
+    int n = snprintf(hello, sizeof hello,
+                     "CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":false,"
+                     "\"protocol\":1,\"name\":\"arq-nats-bench\",\"lang\":\"c\","
+                     "\"version\":\"0\"}\r\nSUB _INBOX.%u.%u.* 1\r\nPING\r\n",
+                     g_run, c->idx);
+    if (send_all(c->fd, hello, (size_t)n) != 0 || read_until(c, "PONG", line, sizeof line)) {
+        fprintf(stderr, "arq-nats-bench: CONNECT refused: %s\n", line);
+        return -1;
+    }
+    snprintf(c->subj, sizeof c->subj, "arqbench.%u", c->idx % NB_SUBJECTS);
+    return 0;
+}
+
+/* The stream capturing arqbench.*, created through the JetStream API on
+ * connection c (before it goes non-blocking); an existing one is used. */
+static int ensure_stream(struct conn *c)
+{
+    char body[512], req[768], line[4096];
+    int bn = snprintf(body, sizeof body,
+                      "{\"name\":\"%s\",\"subjects\":[\"arqbench.*\"],\"storage\":\"file\","
+                      "\"retention\":\"limits\",\"num_replicas\":1}",
+                      g_o.stream);
+    int rn =
+        snprintf(req, sizeof req, "PUB $JS.API.STREAM.CREATE.%s _INBOX.%u.%u.create %d\r\n%s\r\n",
+                 g_o.stream, g_run, c->idx, bn, body);
+    if (send_all(c->fd, req, (size_t)rn) != 0 || read_until(c, "MSG", line, sizeof line) != 0) {
+        fprintf(stderr, "arq-nats-bench: no answer to the stream creation (JetStream on?)\n");
+        return -1;
+    }
+    /* {"type":"io.nats.jetstream.api.v1.stream_create_response","config":..} or an error;
+     * 10058: "stream name already in use" */
+    if (strstr(line, "\"error\"") != NULL && strstr(line, "10058") == NULL) {
+        fprintf(stderr, "arq-nats-bench: creating stream %s: %s\n", g_o.stream, line);
+        return -1;
+    }
+    return 0;
+}
+
+static double rusage_now(void)
+{
+    struct rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return (double)r.ru_utime.tv_sec + (double)r.ru_utime.tv_usec / 1e6 +
+           (double)r.ru_stime.tv_sec + (double)r.ru_stime.tv_usec / 1e6;
+}
+
+/* ---- the run ------------------------------------------------------------- */
+
+struct window {
+    uint64_t t0, t1;
+    double cpu0, cpu1, srv0, srv1;
+    bench_stall_probe_t *probe;
+    bench_stalls_t stalls;
+    struct event *ev, *drain;
+};
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct window *w = arg;
+    if (g_phase == PH_WARMUP) {
+        w->probe = bench_stall_start();
+        w->cpu0 = rusage_now();
+        w->srv0 = bench_proc_cpu_sec(g_o.server_pid);
+        w->t0 = bench_now_ns();
+        g_phase = PH_MEASURE;
+        struct timeval tv = {(time_t)g_o.seconds,
+                             (suseconds_t)((g_o.seconds - (double)(time_t)g_o.seconds) * 1e6)};
+        event_add(w->ev, &tv);
+        return;
+    }
+    w->t1 = bench_now_ns();
+    w->cpu1 = rusage_now();
+    w->srv1 = bench_proc_cpu_sec(g_o.server_pid);
+    bench_stall_stop(w->probe, &w->stalls);
+    w->probe = NULL;
+    g_phase = PH_STOP; /* no new publishes; the loop ends once the last acks are in */
+    if (g_inflight_total == 0)
+        event_base_loopbreak(g_base);
+    struct timeval tv = {10, 0}; /* the acks still out get this long */
+    event_add(w->drain, &tv);
+}
+
+static void on_drain_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    fail("%llu publishes were never acknowledged", (unsigned long long)g_inflight_total);
+}
+
+/* ---- options --------------------------------------------------------------- */
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: arq-nats-bench --url nats://HOST:PORT [-c CONNS] [-w DEPTH] [--seconds S]\n"
+               "                      [--warmup S] [--size BYTES] [--stream NAME]\n"
+               "                      [--server-pid PID] [--json]\n"
+               "\n"
+               "JetStream publishes acknowledged per second, like arq-bench's closed loop\n"
+               "(docs/benchmarks.md, \"Peers\"). Needs a nats-server with JetStream (-js).\n"
+               "\n"
+               "  -c, --conns C      connections (default 50)\n"
+               "  -w, --depth W      publishes in flight per connection (default 1)\n"
+               "  --seconds S        measurement window (default 5)\n"
+               "  --warmup S         warm-up before the window (default 1)\n"
+               "  --size BYTES       payload size, >= 8 (default 128)\n"
+               "  --stream NAME      the JetStream stream (default ARQBENCH; created if missing,\n"
+               "                     file storage, subjects arqbench.*)\n"
+               "  --server-pid PID   also report this process's CPU use (the server's)\n"
+               "  --json             one JSON object on stdout; the text goes to stderr\n");
+}
+
+static int parse_num(const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || !(v >= lo) || !(v <= hi))
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_url(const char *url)
+{
+    if (strncmp(url, "nats://", 7) != 0)
+        return -1;
+    const char *h = url + 7, *colon = strrchr(h, ':');
+    if (colon == NULL || colon == h || (size_t)(colon - h) >= sizeof g_o.host)
+        return -1;
+    snprintf(g_o.host, sizeof g_o.host, "%.*s", (int)(colon - h), h);
+    size_t pl = strlen(colon + 1);
+    if (pl == 0 || pl >= sizeof g_o.port || strspn(colon + 1, "0123456789") != pl)
+        return -1;
+    snprintf(g_o.port, sizeof g_o.port, "%s", colon + 1);
+    return 0;
+}
+
+static int parse_opts(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        {"url", required_argument, NULL, 'u'},
+        {"conns", required_argument, NULL, 'c'},
+        {"depth", required_argument, NULL, 'w'},
+        {"seconds", required_argument, NULL, 'S'},
+        {"warmup", required_argument, NULL, 'W'},
+        {"size", required_argument, NULL, 'z'},
+        {"stream", required_argument, NULL, 'n'},
+        {"server-pid", required_argument, NULL, 'p'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    g_o.stream = "ARQBENCH";
+    g_o.conns = 50;
+    g_o.depth = 1;
+    g_o.size = 128;
+    g_o.seconds = 5;
+    g_o.warmup = 1;
+    int ch, have_url = 0;
+    while ((ch = getopt_long(argc, argv, "c:w:h", lo, NULL)) != -1) {
+        double v = 0;
+        int bad = 0;
+        switch (ch) {
+        case 'u':
+            bad = parse_url(optarg);
+            have_url = !bad;
+            break;
+        case 'c':
+            bad = parse_num(optarg, 1, NB_MAX_CONNS, &v) || v != (unsigned)v;
+            g_o.conns = (unsigned)v;
+            break;
+        case 'w':
+            bad = parse_num(optarg, 1, NB_RING / 2, &v) || v != (unsigned)v;
+            g_o.depth = (unsigned)v;
+            break;
+        case 'S':
+            bad = parse_num(optarg, 0.1, 3600, &g_o.seconds);
+            break;
+        case 'W':
+            bad = parse_num(optarg, 0, 3600, &g_o.warmup);
+            break;
+        case 'z':
+            bad = parse_num(optarg, 8, 1 << 20, &v) || v != (unsigned)v;
+            g_o.size = (unsigned)v;
+            break;
+        case 'n':
+            g_o.stream = optarg;
+            bad = optarg[0] == '\0' || strlen(optarg) > 64 ||
+                  strspn(optarg,
+                         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-") !=
+                      strlen(optarg);
+            break;
+        case 'p':
+            bad = parse_num(optarg, 1, 1e9, &v) || v != (long)v;
+            g_o.server_pid = (long)v;
+            break;
+        case 'j':
+            g_o.json = 1;
+            break;
+        case 'h':
+            usage(stdout);
+            exit(0);
+        default:
+            usage(stderr);
+            return -1;
+        }
+        if (bad) {
+            fprintf(stderr, "arq-nats-bench: bad value for an option: '%s'\n", optarg);
+            return -1;
+        }
+    }
+    if (optind != argc || !have_url) {
+        usage(stderr);
+        return -1;
+    }
+    return 0;
+}
+
+static void report(FILE *out, const struct window *w)
+{
+    double win = (double)(w->t1 - w->t0) / 1e9, rate = (double)g_acks / win;
+    double bcpu = (w->cpu1 - w->cpu0) / win;
+    double scpu = w->srv0 >= 0 && w->srv1 >= 0 ? (w->srv1 - w->srv0) / win : -1;
+    char c1[32];
+    fprintf(out, "acknowledged publishes/s: %s  (acks in the window / window, %.2f s)\n",
+            bench_fmt_count(c1, sizeof c1, rate), win);
+    fprintf(out, "ack latency: p50 %8.3f ms   p99 %8.3f ms   p99.9 %8.3f ms   (%llu samples)\n",
+            bench_hist_q_us(&g_lat, 0.5) / 1e3, bench_hist_q_us(&g_lat, 0.99) / 1e3,
+            bench_hist_q_us(&g_lat, 0.999) / 1e3, (unsigned long long)g_lat.n);
+    fprintf(out, "errors: %llu\n", (unsigned long long)g_errors);
+    fprintf(out, "CPU: arq-nats-bench %.0f%% of one core", bcpu * 100);
+    if (scpu >= 0)
+        fprintf(out, ", nats-server (pid %ld) %.0f%%", g_o.server_pid, scpu * 100);
+    fprintf(out,
+            "\nmachine stalls: %llu (a 1 ms sleep woke > %.0f ms late), %.0f ms, longest %.1f ms\n",
+            (unsigned long long)w->stalls.stalls, BENCH_STALL_NS / 1e6, w->stalls.stalled_ms,
+            w->stalls.max_ms);
+    if (!g_o.json)
+        return;
+    printf("{\"tool\":\"arq-nats-bench\",\"config\":{\"conns\":%u,\"depth\":%u,"
+           "\"payload_bytes\":%u,\"seconds\":%g,\"warmup\":%g,\"stream\":",
+           g_o.conns, g_o.depth, g_o.size, g_o.seconds, g_o.warmup);
+    bench_json_str(stdout, g_o.stream);
+    printf("},\"window_s\":%.3f,\"publishes_per_s\":%.1f,\"errors\":%llu,"
+           "\"ack_latency\":{\"samples\":%llu,\"p50_us\":%.1f,\"p99_us\":%.1f,"
+           "\"p999_us\":%.1f},\"stalls\":{\"count\":%llu,\"ms\":%.1f,\"max_ms\":%.1f},"
+           "\"bench_cpu\":%.3f,\"server_cpu\":",
+           win, rate, (unsigned long long)g_errors, (unsigned long long)g_lat.n,
+           bench_hist_q_us(&g_lat, 0.5), bench_hist_q_us(&g_lat, 0.99),
+           bench_hist_q_us(&g_lat, 0.999), (unsigned long long)w->stalls.stalls,
+           w->stalls.stalled_ms, w->stalls.max_ms, bcpu);
+    if (scpu >= 0)
+        printf("%.3f}\n", scpu);
+    else
+        printf("null}\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (parse_opts(argc, argv) != 0)
+        return 2;
+    FILE *out = g_o.json ? stderr : stdout;
+    g_run = (unsigned)getpid();
+    g_cs = calloc(g_o.conns, sizeof *g_cs);
+    g_payload = malloc(g_o.size);
+    g_base = event_base_new();
+    if (g_cs == NULL || g_payload == NULL || g_base == NULL) {
+        fprintf(stderr, "arq-nats-bench: out of memory\n");
+        return 1;
+    }
+    memset(g_payload, 'x', g_o.size);
+    int rc = 1;
+    struct window w = {0};
+    unsigned n = 0;
+    for (; n < g_o.conns; n++) {
+        g_cs[n].idx = n;
+        g_cs[n].fd = -1;
+        if (connect_one(&g_cs[n]) != 0) {
+            n++;
+            goto out;
+        }
+    }
+    if (ensure_stream(&g_cs[0]) != 0)
+        goto out;
+    fprintf(out, "arq-nats-bench: %u connections x %u in flight, %u-byte payloads, stream %s\n",
+            g_o.conns, g_o.depth, g_o.size, g_o.stream);
+    for (unsigned i = 0; i < n; i++) {
+        struct conn *c = &g_cs[i];
+        evutil_make_socket_nonblocking(c->fd);
+        c->rev = event_new(g_base, c->fd, EV_READ | EV_PERSIST, on_read, c);
+        c->wev = event_new(g_base, c->fd, EV_WRITE, on_write, c);
+        if (c->rev == NULL || c->wev == NULL)
+            goto out;
+        event_add(c->rev, NULL);
+        for (unsigned k = 0; k < g_o.depth; k++)
+            send_pub(c);
+        flush(c);
+    }
+    w.ev = event_new(g_base, -1, 0, on_timer, &w);
+    w.drain = event_new(g_base, -1, 0, on_drain_timeout, NULL);
+    if (w.ev == NULL || w.drain == NULL)
+        goto out;
+    struct timeval tv = {(time_t)g_o.warmup,
+                         (suseconds_t)((g_o.warmup - (double)(time_t)g_o.warmup) * 1e6)};
+    event_add(w.ev, &tv);
+    event_base_dispatch(g_base);
+    if (w.probe != NULL)
+        bench_stall_stop(w.probe, &w.stalls);
+    if (w.t1 == 0) {
+        if (!g_failed)
+            fail("the run ended before its window");
+        goto out;
+    }
+    report(out, &w);
+    rc = g_errors == 0 && g_acks > 0 && !g_failed ? 0 : 1;
+out:
+    if (w.ev != NULL)
+        event_free(w.ev);
+    if (w.drain != NULL)
+        event_free(w.drain);
+    for (unsigned i = 0; i < n; i++) {
+        struct conn *c = &g_cs[i];
+        if (c->rev != NULL)
+            event_free(c->rev);
+        if (c->wev != NULL)
+            event_free(c->wev);
+        if (c->fd >= 0)
+            close(c->fd);
+        free(c->in);
+        free(c->out);
+        free(c->sent_ns);
+    }
+    event_base_free(g_base);
+    free(g_cs);
+    free(g_payload);
+    return rc;
+}
