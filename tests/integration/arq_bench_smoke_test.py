@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """arq-bench reports what it measured, consistently (docs/benchmarks.md).
 
-Usage: arq_bench_smoke_test.py PATH_TO_ARQD PATH_TO_ARQ_BENCH
+Usage: arq_bench_smoke_test.py PATH_TO_ARQD PATH_TO_ARQ_BENCH [PATH_TO_ARQ_NATS_BENCH]
 
 Short runs of the load generator against a real arqd, in JSON: an open-loop
 run with subscribers, a closed-loop run, a catch-up and a reconnection storm. No figure is compared with a
@@ -9,7 +9,8 @@ speed (that is the benchmarks' job); what is checked is that the report holds
 together: every publish acknowledged and delivered to every subscriber, the
 two parts of the delivery latency each within the whole, arqd's publish-time
 histograms read from /metrics with their stages inside the total, and the
-options echoed back.
+options echoed back. With arq-nats-bench (and nats-server on PATH), a short
+run against a private nats-server with JetStream: every publish acknowledged.
 """
 import json
 import os
@@ -17,8 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 ARQD, BENCH = sys.argv[1], sys.argv[2]
+NATS_BENCH = sys.argv[3] if len(sys.argv) > 3 else None
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import check, failures  # noqa: E402
@@ -118,6 +121,48 @@ def storm(d):
     check(r["errors"] == 0 and r["server_closes"] == 0, f"storm errors: {r['errors']}")
 
 
+def nats(tmp):
+    server = shutil.which("nats-server")
+    if not NATS_BENCH or not server:
+        print("arq-nats-bench or nats-server missing: NATS run skipped", flush=True)
+        return
+    import socket
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    log = open(os.path.join(tmp, "nats.log"), "w")
+    p = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
+                          os.path.join(tmp, "nats")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            with open(os.path.join(tmp, "nats.log")) as f:
+                if "Server is ready" in f.read():
+                    break
+            time.sleep(0.1)
+        r = subprocess.run([NATS_BENCH, "--url", f"nats://127.0.0.1:{port}", "-c", "4", "-w",
+                            "4", "--seconds", "0.5", "--warmup", "0.2", "--json",
+                            "--server-pid", str(p.pid)], capture_output=True, text=True,
+                           timeout=60)
+        check(r.returncode == 0, f"arq-nats-bench: exit {r.returncode}: {r.stderr[-1500:]}")
+        if r.returncode == 0:
+            j = json.loads(r.stdout)
+            check(j["errors"] == 0 and j["publishes_per_s"] > 0
+                  and j["ack_latency"]["samples"] > 0 and j["config"]["depth"] == 4
+                  and j["server_cpu"] is not None, f"arq-nats-bench report: {j}")
+            # a second run reuses the stream the first one created
+            r = subprocess.run([NATS_BENCH, "--url", f"nats://127.0.0.1:{port}", "-c", "2",
+                                "--seconds", "0.2", "--warmup", "0"], capture_output=True,
+                               text=True, timeout=60)
+            check(r.returncode == 0, f"arq-nats-bench again: {r.stderr[-800:]}")
+        r = subprocess.run([NATS_BENCH, "--url", "nats://127.0.0.1:1", "-c", "1"],
+                           capture_output=True, text=True, timeout=30)
+        check(r.returncode == 1 and "connect" in r.stderr, f"no server: {r.returncode} {r.stderr}")
+    finally:
+        p.terminate()
+        p.wait(timeout=20)
+        log.close()
+
+
 def usage_errors():
     for args in (["--tick-us", "5"], ["--tick-us", "x"], ["--rate", "0"]):
         p = subprocess.run([BENCH, "--url", "ws://127.0.0.1:1/ws", *args], capture_output=True,
@@ -133,6 +178,7 @@ def main():
         closed_loop(d)
         catchup(d, os.path.join(tmp, "data"))
         storm(d)
+        nats(tmp)
         usage_errors()
     finally:
         rc = d.stop()
