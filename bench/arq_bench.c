@@ -1186,8 +1186,8 @@ static void compute(const struct bench *b, struct results *r)
 static void print_lat(FILE *f, const char *name, const bench_hist_t *h)
 {
     fprintf(f, "%-22s p50 %8.3f ms   p99 %8.3f ms   p99.9 %8.3f ms   (%llu samples)\n", name,
-            bench_hist_q_us(h, 0.50) / 1e3, bench_hist_q_us(h, 0.99) / 1e3, bench_hist_q_us(h, 0.999) / 1e3,
-            (unsigned long long)h->n);
+            bench_hist_q_us(h, 0.50) / 1e3, bench_hist_q_us(h, 0.99) / 1e3,
+            bench_hist_q_us(h, 0.999) / 1e3, (unsigned long long)h->n);
 }
 
 static void print_text(FILE *f, const struct bench *b, const struct results *r)
@@ -1260,7 +1260,8 @@ static void print_text(FILE *f, const struct bench *b, const struct results *r)
 static void json_lat(FILE *f, const char *name, const bench_hist_t *h)
 {
     fprintf(f, ",\"%s\":{\"samples\":%llu,\"p50_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f}", name,
-            (unsigned long long)h->n, bench_hist_q_us(h, 0.50), bench_hist_q_us(h, 0.99), bench_hist_q_us(h, 0.999));
+            (unsigned long long)h->n, bench_hist_q_us(h, 0.50), bench_hist_q_us(h, 0.99),
+            bench_hist_q_us(h, 0.999));
 }
 
 static void print_json(FILE *f, const struct bench *b, const struct results *r)
@@ -2458,7 +2459,8 @@ static double ms(uint64_t ns)
 static void st_print_lat(FILE *f, const char *what, const bench_hist_t *h)
 {
     fprintf(f, "    %-26s p50 %8.1f ms   p99 %8.1f ms   max %8.1f ms\n", what,
-            bench_hist_q_us(h, 0.50) / 1e3, bench_hist_q_us(h, 0.99) / 1e3, bench_hist_q_us(h, 1.0) / 1e3);
+            bench_hist_q_us(h, 0.50) / 1e3, bench_hist_q_us(h, 0.99) / 1e3,
+            bench_hist_q_us(h, 1.0) / 1e3);
 }
 
 static void st_print_cpu(FILE *f, const struct bench *b, const struct st_times *t)
@@ -2500,7 +2502,8 @@ static void st_json_times(FILE *f, const char *name, const struct st_times *t)
             "\"listen_drops\":%lld,\"tcp_retransmits\":%lld,\"bench_cpu\":%.3f,\"server_cpu\":",
             t->n_welcomed, t->n_resumed, t->n_fresh, t->n_nosub, (unsigned long long)t->retries,
             (unsigned long long)t->dups, (unsigned long long)t->holes,
-            bench_hist_q_us(&t->welcome_lat, 0.5) / 1e3, bench_hist_q_us(&t->welcome_lat, 0.99) / 1e3,
+            bench_hist_q_us(&t->welcome_lat, 0.5) / 1e3,
+            bench_hist_q_us(&t->welcome_lat, 0.99) / 1e3,
             bench_hist_q_us(&t->welcome_lat, 1.0) / 1e3, bench_hist_q_us(&t->caught_lat, 0.5) / 1e3,
             bench_hist_q_us(&t->caught_lat, 0.99) / 1e3, bench_hist_q_us(&t->caught_lat, 1.0) / 1e3,
             (long long)t->listen_overflows, (long long)t->listen_drops, (long long)t->retrans_segs,
