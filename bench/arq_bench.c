@@ -107,20 +107,6 @@ static int tcp_connect(const struct opts *o)
     return fd;
 }
 
-static int write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* "NAME_bucket{le=\"X\"} N" or "NAME_sum V" into h; 1 if it was one. */
 static int mhist_parse_line(struct mhist *h, const char *name, const char *line)
 {
@@ -185,7 +171,7 @@ void metrics_get(const struct opts *o, struct metrics *m)
                      o->port);
     size_t cap = 1 << 16, len = 0;
     char *buf = malloc(cap);
-    if (buf == NULL || write_all(fd, req, (size_t)n) != 0)
+    if (buf == NULL || bench_send_all(fd, req, (size_t)n) != 0)
         goto out;
     for (;;) {
         if (len + 1 >= cap) {
@@ -830,7 +816,7 @@ int conn_open(struct bench *b, struct conn *c)
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     char req[1024];
     int n = upgrade_request(o, req, sizeof req);
-    if (write_all(c->fd, req, (size_t)n) != 0) {
+    if (bench_send_all(c->fd, req, (size_t)n) != 0) {
         fprintf(stderr, "arq-bench: sending the upgrade request: %s\n", strerror(errno));
         return -1;
     }

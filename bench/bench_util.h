@@ -26,6 +26,8 @@ void bench_hist_add(bench_hist_t *h, uint64_t ns);
 void bench_hist_merge(bench_hist_t *dst, const bench_hist_t *src);
 /* The q-quantile in microseconds (its bucket's middle); 0 if empty. */
 double bench_hist_q_us(const bench_hist_t *h, double q);
+/* Blocking send of all n bytes (retries EINTR, no SIGPIPE): 0, or -1. */
+int bench_send_all(int fd, const void *p, size_t n);
 /* utime + stime of a process in seconds (/proc/PID/stat), or -1. */
 double bench_proc_cpu_sec(long pid);
 /* 1234567.8 -> "1,234,568" (into buf, returned) */

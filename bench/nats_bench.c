@@ -347,20 +347,6 @@ static int read_until(struct conn *c, const char *want, char *buf, size_t cap)
     }
 }
 
-static int send_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 static int connect_one(struct conn *c)
 {
     c->in = malloc(NB_IN_MAX);
@@ -382,7 +368,7 @@ static int connect_one(struct conn *c)
                      "\"protocol\":1,\"name\":\"arq-nats-bench\",\"lang\":\"c\","
                      "\"version\":\"0\"}\r\nSUB _INBOX.%u.%u.* 1\r\nPING\r\n",
                      g_run, c->idx);
-    if (send_all(c->fd, hello, (size_t)n) != 0 || read_until(c, "PONG", line, sizeof line)) {
+    if (bench_send_all(c->fd, hello, (size_t)n) != 0 || read_until(c, "PONG", line, sizeof line)) {
         fprintf(stderr, "arq-nats-bench: CONNECT refused: %s\n", line);
         return -1;
     }
@@ -402,7 +388,8 @@ static int ensure_stream(struct conn *c)
     int rn =
         snprintf(req, sizeof req, "PUB $JS.API.STREAM.CREATE.%s _INBOX.%u.%u.create %d\r\n%s\r\n",
                  g_o.stream, g_run, c->idx, bn, body);
-    if (send_all(c->fd, req, (size_t)rn) != 0 || read_until(c, "MSG", line, sizeof line) != 0) {
+    if (bench_send_all(c->fd, req, (size_t)rn) != 0 ||
+        read_until(c, "MSG", line, sizeof line) != 0) {
         fprintf(stderr, "arq-nats-bench: no answer to the stream creation (JetStream on?)\n");
         return -1;
     }
