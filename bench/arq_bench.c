@@ -308,18 +308,12 @@ void conn_flush(struct conn *c)
         fail(c->b, "wslay_event_send failed on connection %s", c->is_sub ? "(sub)" : "(pub)");
         return;
     }
-    while (c->out_off < c->out_len) {
-        ssize_t w = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
-        if (w > 0) {
-            c->out_off += (size_t)w;
-            continue;
-        }
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            event_add(c->wev, NULL);
-            return;
-        }
+    int rc = bench_send_some(c->fd, c->out, c->out_len, &c->out_off);
+    if (rc == 1) {
+        event_add(c->wev, NULL);
+        return;
+    }
+    if (rc < 0) {
         if (c->role == ROLE_ST_SUB) {
             c->lost = 1;
             return;

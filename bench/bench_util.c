@@ -179,3 +179,20 @@ int bench_send_all(int fd, const void *p, size_t n)
     }
     return 0;
 }
+
+int bench_send_some(int fd, const uint8_t *p, size_t len, size_t *off)
+{
+    while (*off < len) {
+        ssize_t w = send(fd, p + *off, len - *off, MSG_NOSIGNAL);
+        if (w > 0) {
+            *off += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 1;
+        return -1;
+    }
+    return 0;
+}

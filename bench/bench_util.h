@@ -28,6 +28,10 @@ void bench_hist_merge(bench_hist_t *dst, const bench_hist_t *src);
 double bench_hist_q_us(const bench_hist_t *h, double q);
 /* Blocking send of all n bytes (retries EINTR, no SIGPIPE): 0, or -1. */
 int bench_send_all(int fd, const void *p, size_t n);
+/* Non-blocking send of p[*off..len) (retries EINTR, no SIGPIPE), advancing
+ * *off: 0 when all is sent, 1 when the socket is full (EAGAIN), -1 on an
+ * error (errno set). */
+int bench_send_some(int fd, const uint8_t *p, size_t len, size_t *off);
 /* utime + stime of a process in seconds (/proc/PID/stat), or -1. */
 double bench_proc_cpu_sec(long pid);
 /* 1234567.8 -> "1,234,568" (into buf, returned) */

@@ -124,18 +124,12 @@ static void out_add(struct conn *c, const void *p, size_t n)
 
 static void flush(struct conn *c)
 {
-    while (c->out_off < c->out_len) {
-        ssize_t w = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
-        if (w > 0) {
-            c->out_off += (size_t)w;
-            continue;
-        }
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            event_add(c->wev, NULL);
-            return;
-        }
+    int rc = bench_send_some(c->fd, c->out, c->out_len, &c->out_off);
+    if (rc == 1) {
+        event_add(c->wev, NULL);
+        return;
+    }
+    if (rc < 0) {
         fail("send on connection %u: %s", c->idx, strerror(errno));
         return;
     }
