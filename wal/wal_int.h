@@ -1,0 +1,221 @@
+/*
+ * wal_int.h - what the files of the WAL module share (not a public header:
+ * programs include wal.h). The module's design, on-disk layout and
+ * durability rules are described at the top of wal.c; the files are
+ *   wal.c          options, open (journal recovery), close, stats helpers, backup
+ *   wal_append.c   building and submitting append requests, completions
+ *   wal_writer.c   the writer thread: stream heads, batches, the journal's
+ *                  group commits, folds into LMDB, retention
+ *   wal_read.c     read transactions and every read of the WAL
+ *   wal_restore.c  restores (arq-replay restore)
+ */
+#ifndef ARQ_WAL_INT_H
+#define ARQ_WAL_INT_H
+
+#include "wal.h"
+
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "wal_journal.h"
+#include "wal_record.h"
+#include "wal_testing.h"
+
+#define DEF_MAP_SIZE     (64ull << 20)
+#define DEF_MAP_MAX      (16ull << 30)
+#define DEF_BATCH_MSGS   8192u
+#define DEF_BATCH_BYTES  (32ull << 20)
+#define DEF_RETAIN_CHUNK 20000u
+#define DEF_MAX_READERS  512u
+#define DEF_MAX_RECORD   (64ull << 20)
+#define DEF_JOURNAL_MAX  (64ull << 20)
+#define DEF_APPLY_US     10000u
+#define DEF_APPLY_IDLE   1000u
+#define JOURNAL_CHUNK    (1ull << 20) /* the file grows by zero-filled chunks */
+
+/* ---- requests ---------------------------------------------------------- */
+
+struct pmsg {
+    size_t stream, producer, msgid, headers, payload; /* offsets into buf */
+    uint32_t stream_len, producer_len, msgid_len, headers_len;
+    uint64_t payload_len;
+    uint8_t direction;
+    int64_t timestamp_us;
+};
+
+/* A small keyed write of a request: a cursor or session put/delete. */
+enum pc_kind { PC_CURSOR_PUT = 0, PC_CURSOR_DEL, PC_SESSION_PUT, PC_SESSION_DEL };
+
+struct pcursor {
+    size_t session, stream; /* offsets into buf (PC_SESSION_PUT: stream = the encoded value) */
+    uint32_t session_len, stream_len;
+    uint64_t offset;
+    uint8_t kind;
+};
+
+struct wal_append {
+    wal_append_cb cb;
+    void *arg;
+    int status;
+    bool direct;       /* complete on the writer thread even when a base is set */
+    bool when_durable; /* complete once journaled, before LMDB readers see it */
+    struct pmsg *msgs;
+    size_t n_msgs, cap_msgs;
+    wal_result_t *results;
+    struct pcursor *cursors;
+    size_t n_cursors, cap_cursors;
+    uint8_t *buf;
+    size_t buf_len, buf_cap;
+    uint64_t max_payload;
+    int64_t taken_us, done_us; /* CLOCK_MONOTONIC: batch taken, completed */
+    struct wal_append *next;
+    /* Inline room for the common request (one small message): no
+     * allocation besides the request itself. */
+    struct pmsg inline_msg;
+    wal_result_t inline_res;
+    uint8_t inline_buf[448];
+};
+
+/* ---- writer-private stream heads ---------------------------------------- */
+
+struct head {
+    char *name;
+    uint32_t name_len;
+    uint64_t hash;
+    bool committed;            /* false: created by a batch that has not committed */
+    uint32_t gen;              /* batch generation that last touched it */
+    wal_stream_meta_t meta;    /* committed state */
+    wal_stream_meta_t pending; /* state inside the current batch */
+};
+
+struct retain_job {
+    uint64_t upto;
+    uint64_t dropped;
+    uint32_t chunk;
+    int status;
+    bool done;
+};
+
+struct wal {
+    MDB_env *env;
+    MDB_dbi dbi_meta, dbi_log, dbi_index, dbi_streams, dbi_ids, dbi_cursors, dbi_dedup,
+        dbi_sessions;
+    wal_options_t opts;
+    char *dir;
+    bool read_only;
+    bool no_sessions; /* read-only and the WAL has no sessions DB yet */
+    pthread_rwlock_t map_lock;
+
+    /* queue, shared with submitters */
+    pthread_mutex_t mu;
+    pthread_cond_t cond;      /* writer waits for work */
+    pthread_cond_t done_cond; /* retention waiters */
+    wal_append_t *q_head, *q_tail;
+    struct retain_job *retain;
+    bool closing;
+    bool writer_busy; /* the writer is working on a batch or a retention chunk */
+    bool restoring;   /* a wal_restore_* call holds the writer's place */
+    int failed;       /* atomic: fail-stop */
+    int fault_err;
+    unsigned fault_count;
+    pthread_t writer;
+    bool writer_started;
+
+    /* completions for the event loop */
+    struct event_base *base;
+    struct event *done_ev;
+    pthread_mutex_t done_mu;
+    wal_append_t *done_head, *done_tail;
+
+    /* writer-private state */
+    struct head **slots; /* open addressing by name hash */
+    size_t slots_cap, n_heads;
+    struct head **by_id; /* index: stream id -> head */
+    size_t by_id_cap;
+    uint32_t next_stream_id;
+    uint64_t next_seq;
+    uint32_t gen;
+    struct head **touched;
+    size_t n_touched, cap_touched;
+    uint64_t map_size;
+    uint64_t page_size;
+
+    /* journal (docs/wal-format.md, "Journal"): writer-private after open */
+    int jfd;        /* -1: no journal: every batch commits LMDB itself */
+    uint64_t jfile; /* bytes of the file that exist (zero-filled past the entries) */
+    uint64_t joff;  /* where the next entry goes */
+    uint64_t jseq;  /* the next entry's sequence number */
+    uint8_t *jbuf;  /* room for the header, then the ops of the batch */
+    size_t jbuf_len, jbuf_cap;
+    bool jrec;      /* record LMDB writes into jbuf */
+    MDB_txn *outer; /* LMDB txn holding journaled batches, not yet committed */
+    int64_t outer_t0;
+    uint32_t outer_batches;
+    wal_append_t *wait_head, *wait_tail; /* complete when outer commits */
+    int visible_pending;                 /* atomic: an LMDB commit made records readable */
+    void (*visible_cb)(void *arg);
+    void *visible_arg;
+
+    /* statistics (atomics) */
+    uint64_t st_applies, st_apply_us_sum, st_recovered;
+    uint64_t st_acked_next; /* next_seq after the last durable batch (journal included) */
+    uint64_t st_commits, st_msgs, st_failed, st_grows;
+    uint64_t st_commit_us[WAL_HIST_BUCKETS], st_commit_us_sum, st_batch[WAL_HIST_BUCKETS];
+};
+
+/* wal.c: utilities, open and journal recovery, close, backup */
+void wal_hist_add(uint64_t *buckets, const uint64_t *bounds, uint64_t v);
+int wal_map_mdb(int rc);
+int64_t wal_mono_us(void);
+int64_t wal_now_us(void);
+int wal_journal_recover(wal_t *wal, char *errbuf, size_t errlen);
+
+/* wal_append.c: append requests and their completion */
+void wal_complete(wal_t *wal, wal_append_t *r, int status);
+void wal_complete_batch(wal_t *wal, wal_append_t **reqs, size_t n, bool own_status, int status);
+void wal_complete_list(wal_t *wal, wal_append_t *list, int status);
+void wal_done_ev_cb(evutil_socket_t fd, short what, void *arg);
+void wal_done_run(wal_t *wal);
+void wal_notify_visible(wal_t *wal);
+bool wal_session_ok(const void *session, size_t session_len);
+bool wal_stream_ok(const char *stream, size_t stream_len);
+
+/* wal_writer.c: stream heads, batches, the journal, folds, retention */
+void wal_batch_apply(wal_t *wal);
+void wal_batch_rollback(wal_t *wal, uint64_t saved_seq, uint32_t saved_id);
+void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n);
+int wal_del_prefix(MDB_txn *txn, MDB_dbi dbi, const uint8_t *prefix, size_t plen);
+void wal_fail_stop(wal_t *wal);
+struct head *wal_head_find(wal_t *wal, const char *name, size_t len, uint64_t h);
+int wal_head_insert(wal_t *wal, const char *name, size_t len, uint64_t h, struct head **ret);
+int wal_head_set_id(wal_t *wal, struct head *e);
+int wal_head_touch(wal_t *wal, struct head *e);
+void wal_heads_free(wal_t *wal);
+MDB_dbi wal_jdb_dbi(const wal_t *wal, uint8_t db);
+int wal_map_grow(wal_t *wal, bool for_retention);
+uint64_t wal_name_hash(const char *name, size_t len);
+uint64_t wal_pages_in_use(wal_t *wal, MDB_txn *txn);
+void wal_put_meta_u64(uint8_t *buf, uint64_t v);
+int wal_put_record(wal_t *wal, MDB_txn *txn, wal_rec_t *rec, unsigned log_flags,
+                   const uint8_t *dkey, size_t dkey_len, int64_t dedup_time_us);
+int wal_txn_commit(wal_t *wal, MDB_txn *txn);
+int wal_write_heads(wal_t *wal, MDB_txn *txn);
+int wal_write_next_seq(wal_t *wal, MDB_txn *txn);
+void *wal_writer_main(void *arg);
+
+#endif

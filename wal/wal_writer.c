@@ -1,0 +1,1233 @@
+/*
+ * wal_writer.c - stream heads, batches, the journal, folds, retention (see wal.c for the design).
+ */
+#include "wal_int.h"
+
+/* ---- heads ------------------------------------------------------------- */
+
+uint64_t wal_name_hash(const char *name, size_t len)
+{
+    return (uint64_t)XXH3_64bits(name, len);
+}
+
+struct head *wal_head_find(wal_t *wal, const char *name, size_t len, uint64_t h)
+{
+    if (!wal->slots_cap)
+        return NULL;
+    size_t mask = wal->slots_cap - 1;
+    for (size_t i = h & mask;; i = (i + 1) & mask) {
+        struct head *e = wal->slots[i];
+        if (!e)
+            return NULL;
+        if (e->hash == h && e->name_len == len && memcmp(e->name, name, len) == 0)
+            return e;
+    }
+}
+
+static int heads_grow(wal_t *wal)
+{
+    size_t ncap = wal->slots_cap ? wal->slots_cap * 2 : 64;
+    struct head **ns = calloc(ncap, sizeof(*ns));
+    if (!ns)
+        return WAL_ENOMEM;
+    for (size_t i = 0; i < wal->slots_cap; i++) {
+        struct head *e = wal->slots[i];
+        if (!e)
+            continue;
+        size_t j = e->hash & (ncap - 1);
+        while (ns[j])
+            j = (j + 1) & (ncap - 1);
+        ns[j] = e;
+    }
+    free(wal->slots);
+    wal->slots = ns;
+    wal->slots_cap = ncap;
+    return 0;
+}
+
+int wal_head_set_id(wal_t *wal, struct head *e)
+{
+    uint32_t id = e->pending.id;
+    if (id >= wal->by_id_cap) {
+        size_t ncap = wal->by_id_cap ? wal->by_id_cap : 64;
+        while (ncap <= id)
+            ncap *= 2;
+        struct head **nb = realloc(wal->by_id, ncap * sizeof(*nb));
+        if (!nb)
+            return WAL_ENOMEM;
+        memset(nb + wal->by_id_cap, 0, (ncap - wal->by_id_cap) * sizeof(*nb));
+        wal->by_id = nb;
+        wal->by_id_cap = ncap;
+    }
+    wal->by_id[id] = e;
+    return 0;
+}
+
+/* Insert a new head (not yet committed). */
+int wal_head_insert(wal_t *wal, const char *name, size_t len, uint64_t h, struct head **ret)
+{
+    if ((wal->n_heads + 1) * 4 > wal->slots_cap * 3) {
+        int rc = heads_grow(wal);
+        if (rc)
+            return rc;
+    }
+    struct head *e = calloc(1, sizeof(*e));
+    if (!e)
+        return WAL_ENOMEM;
+    e->name = malloc(len);
+    if (!e->name) {
+        free(e);
+        return WAL_ENOMEM;
+    }
+    memcpy(e->name, name, len);
+    e->name_len = (uint32_t)len;
+    e->hash = h;
+    size_t mask = wal->slots_cap - 1;
+    size_t i = h & mask;
+    while (wal->slots[i])
+        i = (i + 1) & mask;
+    wal->slots[i] = e;
+    wal->n_heads++;
+    *ret = e;
+    return 0;
+}
+
+void wal_heads_free(wal_t *wal)
+{
+    for (size_t i = 0; i < wal->slots_cap; i++) {
+        if (wal->slots[i]) {
+            free(wal->slots[i]->name);
+            free(wal->slots[i]);
+        }
+    }
+    free(wal->slots);
+    free(wal->by_id);
+    free(wal->touched);
+}
+
+static uint64_t random_epoch(void)
+{
+    uint64_t v = 0;
+    while (v == 0) {
+        if (getrandom(&v, sizeof(v), 0) != (ssize_t)sizeof(v))
+            v = (uint64_t)wal_now_us() ^ ((uint64_t)rand() << 32);
+    }
+    return v;
+}
+
+/* Mark a head as part of the current batch (snapshot its committed state). */
+int wal_head_touch(wal_t *wal, struct head *e)
+{
+    if (e->gen == wal->gen)
+        return 0;
+    if (wal->n_touched == wal->cap_touched) {
+        size_t ncap = wal->cap_touched ? wal->cap_touched * 2 : 64;
+        struct head **nt = realloc(wal->touched, ncap * sizeof(*nt));
+        if (!nt)
+            return WAL_ENOMEM;
+        wal->touched = nt;
+        wal->cap_touched = ncap;
+    }
+    wal->touched[wal->n_touched++] = e;
+    e->gen = wal->gen;
+    e->pending = e->meta;
+    return 0;
+}
+
+/* The head for a stream inside the current batch, created if needed. */
+static int head_for_write(wal_t *wal, const char *name, size_t len, int64_t now, struct head **ret)
+{
+    uint64_t h = wal_name_hash(name, len);
+    struct head *e = wal_head_find(wal, name, len, h);
+    int rc;
+    if (!e) {
+        rc = wal_head_insert(wal, name, len, h, &e);
+        if (rc)
+            return rc;
+    }
+    if (e->gen != wal->gen) {
+        rc = wal_head_touch(wal, e);
+        if (rc)
+            return rc;
+        if (!e->committed) {
+            /* New stream (or one whose creating batch failed: start over). */
+            e->pending.id = wal->next_stream_id++;
+            e->pending.epoch = random_epoch();
+            e->pending.first_offset = 1;
+            e->pending.next_offset = 1;
+            e->pending.created_us = now;
+            rc = wal_head_set_id(wal, e);
+            if (rc)
+                return rc;
+        }
+    }
+    *ret = e;
+    return 0;
+}
+
+/* ---- the writer -------------------------------------------------------- */
+
+void wal_put_meta_u64(uint8_t *buf, uint64_t v)
+{
+    wal_put_le64(buf, v);
+}
+
+/*
+ * Headroom above map_size_max that only retention may use: on a map that
+ * is completely full LMDB cannot even delete (copy-on-write needs free
+ * pages), so without it "storage full" could never be cleared by trimming.
+ */
+static uint64_t map_reserve(const wal_t *wal)
+{
+    uint64_t r = wal->opts.map_size_max / 32;
+    if (r < (2ull << 20))
+        r = 2ull << 20;
+    if (r > (256ull << 20))
+        r = 256ull << 20;
+    return r;
+}
+
+static int map_set(wal_t *wal, uint64_t size)
+{
+    pthread_rwlock_wrlock(&wal->map_lock);
+    int rc = mdb_env_set_mapsize(wal->env, (size_t)size);
+    MDB_envinfo info;
+    mdb_env_info(wal->env, &info);
+    wal->map_size = info.me_mapsize; /* LMDB never goes below the data in use */
+    pthread_rwlock_unlock(&wal->map_lock);
+    return rc ? wal_map_mdb(rc) : 0;
+}
+
+/* Grow the map after MDB_MAP_FULL, up to map_size_max for appends or into
+ * the reserve for retention. Returns 0 if it grew. */
+int wal_map_grow(wal_t *wal, bool for_retention)
+{
+    uint64_t limit = wal->opts.map_size_max + (for_retention ? map_reserve(wal) : 0);
+    if (wal->map_size >= limit)
+        return WAL_EFULL;
+    uint64_t nsize = wal->map_size * 2;
+    if (nsize > limit)
+        nsize = limit;
+    int rc = map_set(wal, nsize);
+    if (rc)
+        return rc;
+    __atomic_add_fetch(&wal->st_grows, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/*
+ * Pages in use in txn's snapshot: every B-tree (ours, LMDB's main and free
+ * DBs) plus the two meta pages; pages on the freelist do not count. Needed
+ * once retention has pushed the map above map_size_max: the map cannot
+ * shrink below its high-water mark, so LMDB alone would let appends fill
+ * the reserve.
+ */
+uint64_t wal_pages_in_use(wal_t *wal, MDB_txn *txn)
+{
+    MDB_dbi dbis[] = {0,
+                      1,
+                      wal->dbi_meta,
+                      wal->dbi_log,
+                      wal->dbi_index,
+                      wal->dbi_streams,
+                      wal->dbi_ids,
+                      wal->dbi_cursors,
+                      wal->dbi_dedup,
+                      wal->no_sessions ? wal->dbi_dedup : wal->dbi_sessions};
+    uint64_t pages = 2;
+    for (size_t i = 0; i < sizeof(dbis) / sizeof(dbis[0]); i++) {
+        MDB_stat st;
+        if (mdb_stat(txn, dbis[i], &st) == 0)
+            pages += st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages;
+    }
+    return pages;
+}
+
+/* Commit (or the injected fault). Returns an LMDB/errno code. */
+static int fault_take(wal_t *wal);
+
+int wal_txn_commit(wal_t *wal, MDB_txn *txn)
+{
+    int fault = fault_take(wal);
+    if (fault) {
+        mdb_txn_abort(txn);
+        return fault;
+    }
+    return mdb_txn_commit(txn);
+}
+
+void wal_batch_rollback(wal_t *wal, uint64_t saved_seq, uint32_t saved_id)
+{
+    wal->next_seq = saved_seq;
+    wal->next_stream_id = saved_id;
+    for (size_t i = 0; i < wal->n_touched; i++) {
+        struct head *e = wal->touched[i];
+        if (!e->committed && e->pending.id < wal->by_id_cap && wal->by_id[e->pending.id] == e)
+            wal->by_id[e->pending.id] = NULL;
+        e->gen = 0;
+    }
+    wal->n_touched = 0;
+}
+
+void wal_batch_apply(wal_t *wal)
+{
+    for (size_t i = 0; i < wal->n_touched; i++) {
+        struct head *e = wal->touched[i];
+        e->meta = e->pending;
+        e->committed = true;
+    }
+    wal->n_touched = 0;
+}
+
+/* ---- journal recording --------------------------------------------------- */
+
+static uint8_t jdb_code(const wal_t *wal, MDB_dbi dbi)
+{
+    if (dbi == wal->dbi_meta)
+        return WAL_JDB_META;
+    if (dbi == wal->dbi_log)
+        return WAL_JDB_LOG;
+    if (dbi == wal->dbi_index)
+        return WAL_JDB_INDEX;
+    if (dbi == wal->dbi_streams)
+        return WAL_JDB_STREAMS;
+    if (dbi == wal->dbi_ids)
+        return WAL_JDB_IDS;
+    if (dbi == wal->dbi_cursors)
+        return WAL_JDB_CURSORS;
+    if (dbi == wal->dbi_dedup)
+        return WAL_JDB_DEDUP;
+    return WAL_JDB_SESSIONS;
+}
+
+MDB_dbi wal_jdb_dbi(const wal_t *wal, uint8_t db)
+{
+    switch (db) {
+    case WAL_JDB_META:
+        return wal->dbi_meta;
+    case WAL_JDB_LOG:
+        return wal->dbi_log;
+    case WAL_JDB_INDEX:
+        return wal->dbi_index;
+    case WAL_JDB_STREAMS:
+        return wal->dbi_streams;
+    case WAL_JDB_IDS:
+        return wal->dbi_ids;
+    case WAL_JDB_CURSORS:
+        return wal->dbi_cursors;
+    case WAL_JDB_DEDUP:
+        return wal->dbi_dedup;
+    default:
+        return wal->dbi_sessions;
+    }
+}
+
+static int jbuf_reserve(wal_t *wal, size_t need)
+{
+    if (wal->jbuf_len + need <= wal->jbuf_cap)
+        return 0;
+    size_t ncap = wal->jbuf_cap ? wal->jbuf_cap * 2 : 65536;
+    while (ncap < wal->jbuf_len + need)
+        ncap *= 2;
+    uint8_t *nb = realloc(wal->jbuf, ncap);
+    if (!nb)
+        return ENOMEM;
+    wal->jbuf = nb;
+    wal->jbuf_cap = ncap;
+    return 0;
+}
+
+/* While a batch is written for the journal, note one LMDB write. */
+static int jrec_op(wal_t *wal, uint8_t kind, MDB_dbi dbi, const void *key, size_t klen,
+                   const void *val, size_t vlen)
+{
+    if (!wal->jrec)
+        return 0;
+    size_t need = wal_jop_size((uint32_t)klen, (uint32_t)vlen);
+    if (jbuf_reserve(wal, need))
+        return ENOMEM;
+    wal_jop_encode(wal->jbuf + wal->jbuf_len, kind, jdb_code(wal, dbi), key, (uint32_t)klen, val,
+                   (uint32_t)vlen);
+    wal->jbuf_len += need;
+    return 0;
+}
+
+static int jput(wal_t *wal, MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v)
+{
+    int rc = mdb_put(txn, dbi, k, v, 0);
+    return rc ? rc : jrec_op(wal, WAL_JOP_PUT, dbi, k->mv_data, k->mv_size, v->mv_data, v->mv_size);
+}
+
+/* Delete a key; MDB_NOTFOUND (nothing to note) is returned as is. */
+static int jdel(wal_t *wal, MDB_txn *txn, MDB_dbi dbi, MDB_val *k)
+{
+    int rc = mdb_del(txn, dbi, k, NULL);
+    return rc ? rc : jrec_op(wal, WAL_JOP_DEL, dbi, k->mv_data, k->mv_size, NULL, 0);
+}
+
+int wal_write_heads(wal_t *wal, MDB_txn *txn)
+{
+    for (size_t i = 0; i < wal->n_touched; i++) {
+        struct head *e = wal->touched[i];
+        uint8_t val[WAL_STREAM_META_SIZE];
+        wal_stream_meta_encode(&e->pending, val);
+        MDB_val k = {e->name_len, e->name}, v = {sizeof(val), val};
+        int rc = jput(wal, txn, wal->dbi_streams, &k, &v);
+        if (rc)
+            return rc;
+        if (!e->committed) {
+            uint8_t idk[4];
+            wal_put_be32(idk, e->pending.id);
+            MDB_val ik = {4, idk}, iv = {e->name_len, e->name};
+            rc = jput(wal, txn, wal->dbi_ids, &ik, &iv);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+int wal_write_next_seq(wal_t *wal, MDB_txn *txn)
+{
+    uint8_t buf[8];
+    wal_put_meta_u64(buf, wal->next_seq);
+    MDB_val k = {8, "next_seq"}, v = {8, buf};
+    return jput(wal, txn, wal->dbi_meta, &k, &v);
+}
+
+/* Check that every cursor of the request names a stream that exists,
+ * exists in this batch, or is created by a message of the request. */
+static bool req_cursors_valid(wal_t *wal, const wal_append_t *r)
+{
+    for (size_t c = 0; c < r->n_cursors; c++) {
+        const struct pcursor *pc = &r->cursors[c];
+        if (pc->kind != PC_CURSOR_PUT)
+            continue;
+        const char *name = (const char *)r->buf + pc->stream;
+        struct head *e =
+            wal_head_find(wal, name, pc->stream_len, wal_name_hash(name, pc->stream_len));
+        if (e && (e->committed || e->gen == wal->gen))
+            continue;
+        bool found = false;
+        for (size_t i = 0; i < r->n_msgs && !found; i++)
+            found = r->msgs[i].stream_len == pc->stream_len &&
+                    memcmp(r->buf + r->msgs[i].stream, name, pc->stream_len) == 0;
+        if (!found)
+            return false;
+    }
+    return true;
+}
+
+/* Store one record: the log entry (encoded straight into the page LMDB
+ * reserves: no staging copy), its (stream, offset) index entry and, when
+ * dkey_len, its dedup entry. log_flags: MDB_APPEND for appends in sequence
+ * order, MDB_NOOVERWRITE for restores. */
+int wal_put_record(wal_t *wal, MDB_txn *txn, wal_rec_t *rec, unsigned log_flags,
+                   const uint8_t *dkey, size_t dkey_len, int64_t dedup_time_us)
+{
+    uint8_t seqk[8];
+    wal_put_be64(seqk, rec->seq);
+    MDB_val k = {8, seqk}, v = {wal_rec_size(rec), NULL};
+    int rc = mdb_put(txn, wal->dbi_log, &k, &v, MDB_RESERVE | log_flags);
+    if (rc)
+        return rc;
+    wal_rec_encode(rec, v.mv_data, v.mv_size);
+    rc = jrec_op(wal, WAL_JOP_PUT, wal->dbi_log, seqk, 8, v.mv_data, v.mv_size);
+    if (rc)
+        return rc;
+
+    uint8_t ik[12];
+    wal_put_be32(ik, rec->stream_id);
+    wal_put_be64(ik + 4, rec->offset);
+    MDB_val ikv = {12, ik}, iv = {8, seqk};
+    rc = jput(wal, txn, wal->dbi_index, &ikv, &iv);
+    if (rc || !dkey_len)
+        return rc;
+    uint8_t dval[WAL_DEDUP_VAL_SIZE];
+    wal_dedup_val_t dv = {
+        .stream_id = rec->stream_id, .offset = rec->offset, .time_us = dedup_time_us};
+    wal_dedup_val_encode(&dv, dval);
+    MDB_val dk = {dkey_len, (void *)dkey}, dvv = {sizeof(dval), dval};
+    return jput(wal, txn, wal->dbi_dedup, &dk, &dvv);
+}
+
+static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_t now)
+{
+    const struct pmsg *pm = &r->msgs[i];
+    wal_result_t *res = &r->results[i];
+    const char *name = (const char *)r->buf + pm->stream;
+    uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+    size_t dkey_len = 0;
+    int rc;
+
+    if (pm->msgid_len) {
+        dkey[0] = (uint8_t)pm->producer_len;
+        memcpy(dkey + 1, r->buf + pm->producer, pm->producer_len);
+        memcpy(dkey + 1 + pm->producer_len, r->buf + pm->msgid, pm->msgid_len);
+        dkey_len = 1 + pm->producer_len + pm->msgid_len;
+        MDB_val k = {dkey_len, dkey}, v;
+        rc = mdb_get(txn, wal->dbi_dedup, &k, &v);
+        if (rc == 0) {
+            wal_dedup_val_t dv;
+            if (wal_dedup_val_decode(v.mv_data, v.mv_size, &dv) == 0) {
+                struct head *e = dv.stream_id < wal->by_id_cap ? wal->by_id[dv.stream_id] : NULL;
+                res->offset = dv.offset;
+                res->seq = 0;
+                res->epoch = e ? (e->gen == wal->gen ? e->pending.epoch : e->meta.epoch) : 0;
+                res->duplicate = 1;
+                return 0;
+            }
+            /* A corrupt dedup entry must not block publishing: overwrite. */
+        } else if (rc != MDB_NOTFOUND) {
+            return rc;
+        }
+    }
+
+    struct head *e;
+    rc = head_for_write(wal, name, pm->stream_len, now, &e);
+    if (rc)
+        return rc == WAL_ENOMEM ? ENOMEM : EINVAL;
+    wal_rec_t rec = {
+        .flags = pm->direction == WAL_DIR_OUT ? WAL_REC_FLAG_OUT : 0,
+        .stream_id = e->pending.id,
+        .seq = wal->next_seq,
+        .offset = e->pending.next_offset,
+        .timestamp_us = pm->timestamp_us ? pm->timestamp_us : now,
+        .producer = r->buf + pm->producer,
+        .producer_len = (uint16_t)pm->producer_len,
+        .msgid = r->buf + pm->msgid,
+        .msgid_len = (uint16_t)pm->msgid_len,
+        .headers = r->buf + pm->headers,
+        .headers_len = (uint16_t)pm->headers_len,
+        .payload = r->buf + pm->payload,
+        .payload_len = (uint32_t)pm->payload_len,
+    };
+    rc = wal_put_record(wal, txn, &rec, MDB_APPEND, dkey, dkey_len, now);
+    if (rc)
+        return rc;
+    res->offset = rec.offset;
+    res->seq = rec.seq;
+    res->epoch = e->pending.epoch;
+    res->duplicate = 0;
+    e->pending.next_offset++;
+    wal->next_seq++;
+    return 0;
+}
+
+/* Delete every key of dbi that starts with prefix (a session's cursors:
+ * keys prefixed by the session's length and id). */
+int wal_del_prefix(MDB_txn *txn, MDB_dbi dbi, const uint8_t *prefix, size_t plen)
+{
+    MDB_cursor *cur;
+    int rc = mdb_cursor_open(txn, dbi, &cur);
+    if (rc)
+        return rc;
+    for (;;) {
+        MDB_val k = {plen, (void *)prefix}, v;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+        if (rc || k.mv_size < plen || memcmp(k.mv_data, prefix, plen) != 0)
+            break;
+        rc = mdb_cursor_del(cur, 0);
+        if (rc)
+            break;
+    }
+    mdb_cursor_close(cur);
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+static int del_session_cursors(wal_t *wal, MDB_txn *txn, const uint8_t *prefix, size_t plen)
+{
+    int rc = wal_del_prefix(txn, wal->dbi_cursors, prefix, plen);
+    return rc ? rc : jrec_op(wal, WAL_JOP_DEL_PREFIX, wal->dbi_cursors, prefix, plen, NULL, 0);
+}
+
+static int write_cursor(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t c, int64_t now)
+{
+    const struct pcursor *pc = &r->cursors[c];
+    uint8_t key[1 + WAL_SESSION_MAX + 4];
+    key[0] = (uint8_t)pc->session_len;
+    memcpy(key + 1, r->buf + pc->session, pc->session_len);
+    if (pc->kind == PC_SESSION_PUT || pc->kind == PC_SESSION_DEL) {
+        MDB_val sk = {pc->session_len, r->buf + pc->session};
+        if (pc->kind == PC_SESSION_PUT) {
+            MDB_val sv = {pc->stream_len, r->buf + pc->stream};
+            return jput(wal, txn, wal->dbi_sessions, &sk, &sv);
+        }
+        int rc = jdel(wal, txn, wal->dbi_sessions, &sk);
+        if (rc && rc != MDB_NOTFOUND)
+            return rc;
+        return del_session_cursors(wal, txn, key, 1 + pc->session_len);
+    }
+    const char *name = (const char *)r->buf + pc->stream;
+    struct head *e = wal_head_find(wal, name, pc->stream_len, wal_name_hash(name, pc->stream_len));
+    if (!e || (!e->committed && e->gen != wal->gen)) {
+        if (pc->kind == PC_CURSOR_DEL)
+            return 0;  /* no such stream: no such cursor */
+        return EINVAL; /* validated before: cannot happen */
+    }
+    uint32_t id = e->gen == wal->gen ? e->pending.id : e->meta.id;
+    wal_put_be32(key + 1 + pc->session_len, id);
+    if (pc->kind == PC_CURSOR_DEL) {
+        MDB_val k = {1 + pc->session_len + 4, key};
+        int rc = jdel(wal, txn, wal->dbi_cursors, &k);
+        return rc == MDB_NOTFOUND ? 0 : rc;
+    }
+    uint8_t val[WAL_CURSOR_VAL_SIZE];
+    wal_cursor_val_t cv = {.offset = pc->offset, .updated_us = now};
+    wal_cursor_val_encode(&cv, val);
+    MDB_val k = {1 + pc->session_len + 4, key}, v = {sizeof(val), val};
+    return jput(wal, txn, wal->dbi_cursors, &k, &v);
+}
+
+/*
+ * Write reqs[0..n) in a child transaction of wal->outer (begun if needed),
+ * returned in *ret_txn, not committed. Returns an LMDB/errno code (the
+ * child is then aborted); on success every request that passed validation
+ * has results. Requests failing validation get their own status and are
+ * skipped.
+ */
+static int batch_write(wal_t *wal, wal_append_t **reqs, size_t n, MDB_txn **ret_txn)
+{
+    MDB_txn *txn;
+    int64_t now = wal_now_us();
+    int rc = 0;
+    if (!wal->outer) {
+        rc = mdb_txn_begin(wal->env, NULL, 0, &wal->outer);
+        if (rc) {
+            wal->outer = NULL;
+            return rc;
+        }
+        wal->outer_t0 = wal_mono_us();
+        wal->outer_batches = 0;
+    }
+    rc = mdb_txn_begin(wal->env, wal->outer, 0, &txn);
+    if (rc)
+        return rc;
+    wal->gen++;
+    if (wal->gen == 0)
+        wal->gen = 1;
+    wal->n_touched = 0;
+    for (size_t q = 0; q < n && !rc; q++) {
+        wal_append_t *r = reqs[q];
+        r->status = 0;
+        if (!req_cursors_valid(wal, r)) {
+            r->status = WAL_ENOTFOUND;
+            continue;
+        }
+        for (size_t i = 0; i < r->n_msgs && !rc; i++)
+            rc = write_msg(wal, txn, r, i, now);
+        for (size_t c = 0; c < r->n_cursors && !rc; c++)
+            rc = write_cursor(wal, txn, r, c, now);
+    }
+    if (!rc)
+        rc = wal_write_heads(wal, txn);
+    if (!rc)
+        rc = wal_write_next_seq(wal, txn);
+    if (!rc && wal->map_size > wal->opts.map_size_max &&
+        wal_pages_in_use(wal, txn) * wal->page_size > wal->opts.map_size_max)
+        rc = MDB_MAP_FULL; /* the reserve above the limit is retention's */
+    if (rc) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    *ret_txn = txn;
+    return 0;
+}
+
+void wal_fail_stop(wal_t *wal)
+{
+    __atomic_store_n(&wal->failed, 1, __ATOMIC_RELEASE);
+}
+
+/* The status a failed batch reports for an LMDB/errno code. */
+static int batch_status(wal_t *wal, int rc)
+{
+    if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
+        return WAL_EFULL;
+    if (rc == MDB_TXN_FULL || rc == MDB_BAD_VALSIZE || rc == EINVAL)
+        return WAL_EINVAL; /* one request too large for a txn */
+    if (rc == ENOMEM)
+        return WAL_ENOMEM;
+    wal_fail_stop(wal);
+    return WAL_EFATAL;
+}
+
+/* An injected fault (wal_testing_fail_commits) for the next durable point. */
+static int fault_take(wal_t *wal)
+{
+    pthread_mutex_lock(&wal->mu);
+    int fault = 0;
+    if (wal->fault_count) {
+        wal->fault_count--;
+        fault = wal->fault_err;
+    }
+    pthread_mutex_unlock(&wal->mu);
+    return fault;
+}
+
+/* ---- journal I/O ---------------------------------------------------------- */
+
+static int pwrite_all(int fd, const uint8_t *p, size_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t w = pwrite(fd, p, len, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (w == 0)
+            return EIO;
+        p += w;
+        len -= (size_t)w;
+        off += (uint64_t)w;
+    }
+    return 0;
+}
+
+/* Extend the journal file with zeroes to at least upto bytes and make the
+ * new size durable: entries later overwrite allocated blocks in place, so
+ * their fdatasync has no file metadata to write. */
+static int journal_extend(wal_t *wal, uint64_t upto)
+{
+    static const uint8_t zero[65536];
+    uint64_t target = (upto + JOURNAL_CHUNK - 1) / JOURNAL_CHUNK * JOURNAL_CHUNK;
+    if (target > wal->opts.journal_max)
+        target = wal->opts.journal_max;
+    for (uint64_t off = wal->jfile; off < target;) {
+        size_t n = target - off < sizeof(zero) ? (size_t)(target - off) : sizeof(zero);
+        int rc = pwrite_all(wal->jfd, zero, n, off);
+        if (rc)
+            return rc;
+        off += n;
+    }
+    if (fdatasync(wal->jfd) != 0)
+        return errno;
+    wal->jfile = target;
+    return 0;
+}
+
+/* Append the batch in jbuf as one entry at joff and make it durable. */
+static int journal_write(wal_t *wal, uint64_t size)
+{
+    uint32_t body_len = (uint32_t)(wal->jbuf_len - WAL_JOURNAL_HDR);
+    if (jbuf_reserve(wal, size - wal->jbuf_len))
+        return ENOMEM;
+    memset(wal->jbuf + wal->jbuf_len, 0, size - wal->jbuf_len);
+    wal_jentry_header(wal->jbuf, wal->jseq, wal->jbuf + WAL_JOURNAL_HDR, body_len);
+    int rc = 0;
+    if (wal->joff + size > wal->jfile)
+        rc = journal_extend(wal, wal->joff + size);
+    if (!rc)
+        rc = pwrite_all(wal->jfd, wal->jbuf, (size_t)size, wal->joff);
+    if (!rc && fdatasync(wal->jfd) != 0)
+        rc = errno;
+    if (rc)
+        return rc;
+    wal->joff += size;
+    wal->jseq++;
+    return 0;
+}
+
+/* The map is at its maximum and its used pages are within a journal's worth
+ * (at most a quarter of the maximum) of it. */
+static bool map_near_full(wal_t *wal)
+{
+    if (wal->map_size < wal->opts.map_size_max)
+        return false;
+    MDB_envinfo info;
+    mdb_env_info(wal->env, &info);
+    uint64_t used = ((uint64_t)info.me_last_pgno + 1) * wal->page_size;
+    uint64_t room = wal->opts.map_size_max / 4;
+    if (room > wal->opts.journal_max)
+        room = wal->opts.journal_max;
+    return used + room > wal->opts.map_size_max;
+}
+
+/*
+ * Commit wal->outer: every journaled batch becomes part of LMDB (and
+ * readable), the journal restarts at offset 0, and the requests waiting for
+ * readability complete. A failure here leaves acknowledged batches only in
+ * the journal: the WAL fails-stop and the next open folds them in, except
+ * for "map full", where we grow the map and fold the journal in now.
+ */
+static int outer_commit(wal_t *wal)
+{
+    if (!wal->outer)
+        return 0;
+    MDB_txn *txn = wal->outer;
+    wal->outer = NULL;
+    int64_t t0 = wal_mono_us();
+    int rc = 0;
+    if (wal->jfd >= 0) {
+        uint8_t b[8];
+        wal_put_meta_u64(b, wal->jseq);
+        MDB_val k = {12, "journal_next"}, v = {8, b};
+        rc = mdb_put(txn, wal->dbi_meta, &k, &v, 0);
+    }
+    if (rc)
+        mdb_txn_abort(txn);
+    else
+        rc = mdb_txn_commit(txn);
+    if (rc == MDB_MAP_FULL && wal->jfd >= 0 &&
+        (wal_map_grow(wal, false) == 0 || wal_map_grow(wal, true) == 0)) {
+        /* Acknowledged batches need a home: grow (into retention's reserve
+         * if need be), fold them in from the journal, give the reserve back. */
+        rc = wal_journal_recover(wal, NULL, 0);
+        if (wal->map_size > wal->opts.map_size_max)
+            (void)map_set(wal, wal->opts.map_size_max);
+    }
+    wal_append_t *list = wal->wait_head;
+    wal->wait_head = wal->wait_tail = NULL;
+    if (rc) {
+        wal_fail_stop(wal);
+        __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+        wal_complete_list(wal, list, WAL_EFATAL);
+        return rc;
+    }
+    wal->joff = 0;
+    wal->outer_batches = 0;
+    __atomic_add_fetch(&wal->st_applies, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&wal->st_apply_us_sum, (uint64_t)(wal_mono_us() - t0), __ATOMIC_RELAXED);
+    wal_complete_list(wal, list, 0);
+    wal_notify_visible(wal);
+    return 0;
+}
+
+/* After a batch reached its durable point: complete the requests that may
+ * complete now; queue the others until wal->outer commits. */
+static void batch_finish(wal_t *wal, wal_append_t **reqs, size_t n, bool journaled)
+{
+    size_t now = 0;
+    for (size_t q = 0; q < n; q++) {
+        wal_append_t *r = reqs[q];
+        if (journaled && r->status == 0 && (!r->when_durable || r->n_cursors)) {
+            r->next = NULL;
+            if (wal->wait_tail)
+                wal->wait_tail->next = r;
+            else
+                wal->wait_head = r;
+            wal->wait_tail = r;
+            continue;
+        }
+        reqs[now++] = r;
+    }
+    wal_complete_batch(wal, reqs, now, true, 0);
+}
+
+/*
+ * Write a batch, make it durable and complete it, handling map growth and
+ * splitting. With a journal the batch's durable point is its journal entry
+ * (one sequential write and fdatasync) and its LMDB writes join wal->outer,
+ * committed later by outer_commit; without one (or for a batch too large
+ * for the journal) wal->outer holds just this batch and commits now.
+ */
+void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
+{
+    bool direct = wal->jfd < 0;
+    if (!direct && map_near_full(wal)) {
+        /* Near map_size_max, "full" must be decided by the commit that
+         * acknowledges: no batch may be acknowledged that LMDB then has no
+         * room for. Fold the journal in and commit directly. */
+        direct = true;
+        if (outer_commit(wal)) {
+            wal_complete_batch(wal, reqs, n, false, WAL_EFATAL);
+            return;
+        }
+    }
+    for (;;) {
+        uint64_t saved_seq = wal->next_seq;
+        uint32_t saved_id = wal->next_stream_id;
+        int64_t t0 = wal_mono_us();
+        MDB_txn *child = NULL;
+        wal->jrec = !direct;
+        wal->jbuf_len = 0;
+        int rc = direct ? 0 : jbuf_reserve(wal, WAL_JOURNAL_HDR);
+        wal->jbuf_len = WAL_JOURNAL_HDR;
+        if (!rc)
+            rc = batch_write(wal, reqs, n, &child);
+        wal->jrec = false;
+        bool journaled = false;
+        if (rc == 0 && !direct) {
+            uint64_t body = wal->jbuf_len - WAL_JOURNAL_HDR;
+            uint64_t size = wal_jentry_size(body);
+            if (size > wal->opts.journal_max || body > WAL_JOURNAL_BODY_MAX ||
+                wal->joff + size > wal->opts.journal_max) {
+                /* No room: fold the journal into LMDB, then retry (into an
+                 * empty journal, or straight into LMDB if it never fits). */
+                mdb_txn_abort(child);
+                wal_batch_rollback(wal, saved_seq, saved_id);
+                if (size > wal->opts.journal_max || body > WAL_JOURNAL_BODY_MAX)
+                    direct = true;
+                if (outer_commit(wal)) {
+                    wal_complete_batch(wal, reqs, n, false, WAL_EFATAL);
+                    return;
+                }
+                continue;
+            }
+            int fault = fault_take(wal);
+            rc = fault ? fault : journal_write(wal, size);
+            if (rc) {
+                /* The entry may be partly on disk: a torn tail that recovery
+                 * stops at. A real write or fdatasync error is fatal (we
+                 * cannot know what reached the disk). */
+                mdb_txn_abort(child);
+                wal_batch_rollback(wal, saved_seq, saved_id);
+                __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+                int status = fault ? batch_status(wal, rc) : WAL_EFATAL;
+                if (!fault)
+                    wal_fail_stop(wal);
+                wal_complete_batch(wal, reqs, n, false, status);
+                return;
+            }
+            journaled = true;
+        }
+        if (rc == 0) {
+            rc = mdb_txn_commit(child); /* into wal->outer: no I/O */
+            if (rc && journaled) {
+                wal_fail_stop(wal);
+                __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+                wal_complete_batch(wal, reqs, n, false, WAL_EFATAL);
+                return;
+            }
+        }
+        if (rc == 0 && !journaled) {
+            MDB_txn *txn = wal->outer;
+            wal->outer = NULL;
+            int64_t ta = wal_mono_us();
+            rc = wal_txn_commit(wal, txn);
+            if (rc == 0) {
+                __atomic_add_fetch(&wal->st_applies, 1, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&wal->st_apply_us_sum, (uint64_t)(wal_mono_us() - ta),
+                                   __ATOMIC_RELAXED);
+                wal_notify_visible(wal);
+            }
+        }
+        if (rc == 0) {
+            wal_batch_apply(wal);
+            __atomic_store_n(&wal->st_acked_next, wal->next_seq, __ATOMIC_RELEASE);
+            if (journaled)
+                wal->outer_batches++;
+            uint64_t msgs = 0;
+            for (size_t q = 0; q < n; q++)
+                msgs += reqs[q]->status == 0 ? reqs[q]->n_msgs : 0;
+            uint64_t took = (uint64_t)(wal_mono_us() - t0);
+            wal_hist_add(wal->st_commit_us, wal_commit_us_bounds, took);
+            __atomic_add_fetch(&wal->st_commit_us_sum, took, __ATOMIC_RELAXED);
+            wal_hist_add(wal->st_batch, wal_batch_bounds, msgs);
+            __atomic_add_fetch(&wal->st_commits, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&wal->st_msgs, msgs, __ATOMIC_RELAXED);
+            batch_finish(wal, reqs, n, journaled);
+            return;
+        }
+        wal_batch_rollback(wal, saved_seq, saved_id);
+        if (wal->outer && wal->outer_batches > 0 && (rc == MDB_MAP_FULL || rc == MDB_TXN_FULL)) {
+            /* The journaled batches waiting in wal->outer take room: fold
+             * them into LMDB, then retry this batch alone. */
+            if (outer_commit(wal)) {
+                wal_complete_batch(wal, reqs, n, false, WAL_EFATAL);
+                return;
+            }
+            continue;
+        }
+        if (wal->outer && wal->outer_batches == 0) {
+            mdb_txn_abort(wal->outer); /* begun for this batch only */
+            wal->outer = NULL;
+        }
+        if (rc == MDB_MAP_FULL && wal_map_grow(wal, false) == 0)
+            continue; /* retried: not a failed commit */
+        if (rc == MDB_TXN_FULL && n > 1) {
+            /* Too many dirty pages for one txn: split the batch. */
+            wal_batch_run(wal, reqs, n / 2);
+            wal_batch_run(wal, reqs + n / 2, n - n / 2);
+            return;
+        }
+        __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+        wal_complete_batch(wal, reqs, n, false, batch_status(wal, rc));
+        return;
+    }
+}
+
+/* One chunk of retention. Returns 0 and sets *more if work remains. */
+static int retain_chunk(wal_t *wal, struct retain_job *job, bool *more)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    *more = false;
+    int rc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+    if (rc)
+        return rc;
+    rc = mdb_cursor_open(txn, wal->dbi_log, &cur);
+    if (rc) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    wal->gen++;
+    if (wal->gen == 0)
+        wal->gen = 1;
+    wal->n_touched = 0;
+    uint64_t dropped = 0;
+    MDB_val k, v;
+    int grc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+    while (grc == 0) {
+        uint64_t seq = wal_get_be64(k.mv_data);
+        if (seq > job->upto)
+            break;
+        if (dropped == job->chunk) {
+            *more = true;
+            break;
+        }
+        wal_rec_t rec;
+        if (wal_rec_decode(v.mv_data, v.mv_size, &rec) != 0 || rec.seq != seq) {
+            rc = MDB_CORRUPTED;
+            break;
+        }
+        uint8_t ik[12];
+        wal_put_be32(ik, rec.stream_id);
+        wal_put_be64(ik + 4, rec.offset);
+        MDB_val ikv = {12, ik};
+        rc = mdb_del(txn, wal->dbi_index, &ikv, NULL);
+        if (rc && rc != MDB_NOTFOUND)
+            break;
+        if (rec.msgid_len) {
+            uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+            dkey[0] = (uint8_t)rec.producer_len;
+            memcpy(dkey + 1, rec.producer, rec.producer_len);
+            memcpy(dkey + 1 + rec.producer_len, rec.msgid, rec.msgid_len);
+            MDB_val dk = {1u + rec.producer_len + rec.msgid_len, dkey}, dv;
+            wal_dedup_val_t d;
+            if (mdb_get(txn, wal->dbi_dedup, &dk, &dv) == 0 &&
+                wal_dedup_val_decode(dv.mv_data, dv.mv_size, &d) == 0 &&
+                d.stream_id == rec.stream_id && d.offset == rec.offset) {
+                rc = mdb_del(txn, wal->dbi_dedup, &dk, NULL);
+                if (rc)
+                    break;
+            }
+        }
+        struct head *e = rec.stream_id < wal->by_id_cap ? wal->by_id[rec.stream_id] : NULL;
+        if (e) {
+            rc = wal_head_touch(wal, e);
+            if (rc) {
+                rc = ENOMEM;
+                break;
+            }
+            if (rec.offset + 1 > e->pending.first_offset)
+                e->pending.first_offset = rec.offset + 1;
+        }
+        rc = mdb_cursor_del(cur, 0);
+        if (rc)
+            break;
+        dropped++;
+        rc = 0;
+        grc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); /* we always drop the head */
+    }
+    mdb_cursor_close(cur);
+    if (!rc && grc != 0 && grc != MDB_NOTFOUND)
+        rc = grc;
+    if (!rc)
+        rc = wal_write_heads(wal, txn);
+    if (rc) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    rc = wal_txn_commit(wal, txn);
+    if (rc == 0) {
+        wal_batch_apply(wal);
+        job->dropped += dropped;
+    }
+    return rc;
+}
+
+static void retain_step(wal_t *wal, struct retain_job *job)
+{
+    bool more = false;
+    int rc = retain_chunk(wal, job, &more);
+    if (rc) {
+        wal_batch_rollback(wal, wal->next_seq, wal->next_stream_id);
+        if (rc == MDB_MAP_FULL && wal_map_grow(wal, true) == 0)
+            return; /* retried on the next step */
+        if ((rc == MDB_MAP_FULL || rc == MDB_TXN_FULL) && job->chunk > 1) {
+            job->chunk /= 2; /* deletes need pages too: take smaller bites */
+            return;
+        }
+    }
+    int status = 0;
+    if (rc == MDB_CORRUPTED)
+        status = WAL_ECORRUPT;
+    else if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
+        status = WAL_EFULL;
+    else if (rc) {
+        wal_fail_stop(wal);
+        status = WAL_EFATAL;
+    }
+    if (rc || !more) {
+        /* Give the reserve back: appends stop at map_size_max again. */
+        if (wal->map_size > wal->opts.map_size_max)
+            (void)map_set(wal, wal->opts.map_size_max);
+        pthread_mutex_lock(&wal->mu);
+        job->status = status;
+        job->done = true;
+        wal->retain = NULL;
+        pthread_cond_broadcast(&wal->done_cond);
+        pthread_mutex_unlock(&wal->mu);
+    }
+}
+
+static void fail_queue_locked(wal_t *wal, wal_append_t **list)
+{
+    *list = wal->q_head;
+    wal->q_head = wal->q_tail = NULL;
+}
+
+void *wal_writer_main(void *arg)
+{
+    wal_t *wal = arg;
+    wal_append_t **batch = NULL;
+    size_t batch_cap = 0;
+
+    pthread_mutex_lock(&wal->mu);
+    for (;;) {
+        while (!wal->q_head && !wal->retain && !wal->closing) {
+            if (!wal->outer) {
+                pthread_cond_wait(&wal->cond, &wal->mu);
+                continue;
+            }
+            /* Journaled batches wait in wal->outer: fold them into LMDB
+             * once no new work came for apply_idle_us. */
+            struct timespec dl;
+            clock_gettime(CLOCK_REALTIME, &dl);
+            dl.tv_nsec += (long)wal->opts.apply_idle_us * 1000;
+            dl.tv_sec += dl.tv_nsec / 1000000000;
+            dl.tv_nsec %= 1000000000;
+            int w = pthread_cond_timedwait(&wal->cond, &wal->mu, &dl);
+            if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
+                break;
+            if (w == ETIMEDOUT && !wal->q_head) {
+                pthread_mutex_unlock(&wal->mu);
+                (void)outer_commit(wal);
+                pthread_mutex_lock(&wal->mu);
+                wal->writer_busy = false;
+            }
+        }
+        if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE)) {
+            if (wal->outer) {
+                /* Journaled batches stay in the journal for the next open. */
+                mdb_txn_abort(wal->outer);
+                wal->outer = NULL;
+                wal_append_t *waiting = wal->wait_head;
+                wal->wait_head = wal->wait_tail = NULL;
+                pthread_mutex_unlock(&wal->mu);
+                wal_complete_list(wal, waiting, WAL_EFATAL);
+                pthread_mutex_lock(&wal->mu);
+            }
+            wal_append_t *list;
+            fail_queue_locked(wal, &list);
+            if (wal->retain) {
+                wal->retain->status = WAL_EFATAL;
+                wal->retain->done = true;
+                wal->retain = NULL;
+                pthread_cond_broadcast(&wal->done_cond);
+            }
+            pthread_mutex_unlock(&wal->mu);
+            while (list) {
+                wal_append_t *next = list->next;
+                wal_complete(wal, list, WAL_EFATAL);
+                list = next;
+            }
+            pthread_mutex_lock(&wal->mu);
+            if (wal->closing && !wal->q_head)
+                break;
+            continue;
+        }
+        if (!wal->q_head && (wal->retain || wal->closing) && wal->outer) {
+            pthread_mutex_unlock(&wal->mu);
+            (void)outer_commit(wal); /* before retention or exit */
+            pthread_mutex_lock(&wal->mu);
+            wal->writer_busy = false;
+            continue;
+        }
+        if (!wal->q_head && wal->retain) {
+            struct retain_job *job = wal->retain;
+            wal->writer_busy = true;
+            pthread_mutex_unlock(&wal->mu);
+            retain_step(wal, job);
+            pthread_mutex_lock(&wal->mu);
+            wal->writer_busy = false;
+            continue;
+        }
+        if (!wal->q_head) {
+            if (wal->closing)
+                break;
+            continue;
+        }
+        if (wal->opts.batch_wait_us && !wal->closing) {
+            /* Optionally linger for more appends to share this commit, while
+             * fewer than batch_wait_msgs are queued: a batch that is already
+             * that large does not wait. */
+            struct timespec dl;
+            clock_gettime(CLOCK_REALTIME, &dl);
+            dl.tv_nsec += (long)wal->opts.batch_wait_us * 1000;
+            dl.tv_sec += dl.tv_nsec / 1000000000;
+            dl.tv_nsec %= 1000000000;
+            for (;;) {
+                size_t msgs = 0;
+                for (wal_append_t *r = wal->q_head; r; r = r->next)
+                    msgs += r->n_msgs + r->n_cursors;
+                if (msgs >= wal->opts.batch_wait_msgs || wal->closing)
+                    break;
+                if (pthread_cond_timedwait(&wal->cond, &wal->mu, &dl) == ETIMEDOUT)
+                    break;
+            }
+        }
+        /* Take whole requests up to the batch limits (at least one). */
+        size_t n = 0;
+        uint64_t msgs = 0, bytes = 0;
+        int64_t taken = wal_mono_us();
+        while (wal->q_head) {
+            wal_append_t *r = wal->q_head;
+            if (n > 0 && (msgs + r->n_msgs + r->n_cursors > wal->opts.batch_max_msgs ||
+                          bytes + r->buf_len > wal->opts.batch_max_bytes))
+                break;
+            if (n == batch_cap) {
+                size_t ncap = batch_cap ? batch_cap * 2 : 64;
+                wal_append_t **nb = realloc(batch, ncap * sizeof(*nb));
+                if (!nb)
+                    break;
+                batch = nb;
+                batch_cap = ncap;
+            }
+            wal->q_head = r->next;
+            if (!wal->q_head)
+                wal->q_tail = NULL;
+            r->next = NULL;
+            r->taken_us = taken;
+            batch[n++] = r;
+            msgs += r->n_msgs + r->n_cursors;
+            bytes += r->buf_len;
+        }
+        wal->writer_busy = true;
+        pthread_mutex_unlock(&wal->mu);
+        if (n == 0) {
+            /* Could not even allocate the batch array: back off briefly. */
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        } else {
+            wal_batch_run(wal, batch, n);
+            if (wal->outer && wal_mono_us() - wal->outer_t0 >= (int64_t)wal->opts.apply_us)
+                (void)outer_commit(wal);
+        }
+        pthread_mutex_lock(&wal->mu);
+        wal->writer_busy = wal->outer != NULL; /* restores wait for the fold */
+    }
+    pthread_mutex_unlock(&wal->mu);
+    free(batch);
+    return NULL;
+}
+
+void wal_testing_fail_commits(wal_t *wal, int err, unsigned count)
+{
+    pthread_mutex_lock(&wal->mu);
+    wal->fault_err = err;
+    wal->fault_count = count;
+    pthread_mutex_unlock(&wal->mu);
+}
