@@ -1171,8 +1171,9 @@ void *wal_writer_main(void *arg)
             dl.tv_nsec %= 1000000000;
             for (;;) {
                 size_t msgs = 0;
-                for (wal_append_t *r = wal->q_head; r; r = r->next)
-                    msgs += r->n_msgs + r->n_cursors;
+                for (wal_append_t *r = wal->q_head; r && msgs < wal->opts.batch_wait_msgs;
+                     r = r->next)
+                    msgs += r->n_msgs + r->n_cursors; /* count only up to the threshold */
                 if (msgs >= wal->opts.batch_wait_msgs || wal->closing)
                     break;
                 if (pthread_cond_timedwait(&wal->cond, &wal->mu, &dl) == ETIMEDOUT)
