@@ -304,6 +304,19 @@ int wal_append_msg_data(const wal_append_t *req, size_t i, const uint8_t **ret_h
     return 0;
 }
 
+/* Under wal->mu: whether the WAL takes new work now (0), or the code that
+ * refuses it: stopped after a fatal error, closing, or a restore running. */
+int wal_accepting_locked(wal_t *wal)
+{
+    if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
+        return WAL_EFATAL;
+    if (wal->closing)
+        return WAL_ECLOSED;
+    if (wal->restoring)
+        return WAL_EBUSY;
+    return 0;
+}
+
 int wal_append_submit(wal_t *wal, wal_append_t *req)
 {
     if (req->n_msgs == 0 && req->n_cursors == 0)
@@ -313,13 +326,7 @@ int wal_append_submit(wal_t *wal, wal_append_t *req)
     if (wal->read_only)
         return WAL_ECLOSED;
     pthread_mutex_lock(&wal->mu);
-    int rc = 0;
-    if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
-        rc = WAL_EFATAL;
-    else if (wal->closing)
-        rc = WAL_ECLOSED;
-    else if (wal->restoring)
-        rc = WAL_EBUSY;
+    int rc = wal_accepting_locked(wal);
     if (!rc) {
         req->status = 0;
         req->next = NULL;
@@ -504,13 +511,7 @@ int wal_retain(wal_t *wal, uint64_t upto_seq, uint64_t *ret_dropped)
     /* One retention job at a time; later callers wait their turn. */
     while (wal->retain && !wal->closing)
         pthread_cond_wait(&wal->done_cond, &wal->mu);
-    int rc = 0;
-    if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
-        rc = WAL_EFATAL;
-    else if (wal->closing)
-        rc = WAL_ECLOSED;
-    else if (wal->restoring)
-        rc = WAL_EBUSY;
+    int rc = wal_accepting_locked(wal);
     if (!rc) {
         wal->retain = &job;
         pthread_cond_signal(&wal->cond);

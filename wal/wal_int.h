@@ -186,6 +186,7 @@ int64_t wal_now_us(void);
 int wal_journal_recover(wal_t *wal, char *errbuf, size_t errlen);
 
 /* wal_append.c: append requests and their completion */
+int wal_accepting_locked(wal_t *wal);
 void wal_complete(wal_t *wal, wal_append_t *r, int status);
 void wal_complete_batch(wal_t *wal, wal_append_t **reqs, size_t n, bool own_status, int status);
 void wal_complete_list(wal_t *wal, wal_append_t *list, int status);

@@ -14,14 +14,10 @@ static int restore_enter(wal_t *wal)
     if (wal->read_only)
         return WAL_ECLOSED;
     pthread_mutex_lock(&wal->mu);
-    int rc = 0;
-    if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
-        rc = WAL_EFATAL;
-    else if (wal->closing)
-        rc = WAL_ECLOSED;
-    else if (wal->q_head || wal->retain || wal->writer_busy || wal->restoring)
+    int rc = wal_accepting_locked(wal);
+    if (!rc && (wal->q_head || wal->retain || wal->writer_busy))
         rc = WAL_EBUSY;
-    else
+    if (!rc)
         wal->restoring = true;
     pthread_mutex_unlock(&wal->mu);
     return rc;
