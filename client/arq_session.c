@@ -402,6 +402,21 @@ static void pub_complete(arq_client_t *c, struct pub *p, int status, uint64_t of
         cb(c, status, offset, dup, arg);
 }
 
+/* The stream's history was reset (a new epoch): the subscription starts
+ * over from the new epoch's earliest offset; old_epoch keeps the first
+ * epoch we lost, for the subok that tells the application. */
+static void sub_restart(struct sub *s)
+{
+    if (!s->old_epoch)
+        s->old_epoch = s->epoch;
+    s->epoch = 0;
+    s->pos = 0;
+    s->acked = 0;
+    s->floor = 0;
+    s->from = ARQ_FROM_EARLIEST;
+    s->want_epoch = ARQ_EPOCH_ANY;
+}
+
 /* A sub refused for good: gone, the application is told. */
 static void sub_refused(arq_client_t *c, struct sub *s, int status)
 {
@@ -446,14 +461,7 @@ static void on_refusal(arq_client_t *c, uint64_t id, int code)
     if (code == 409 && s->confirmed && s->sent_epoch) {
         /* The stream's history was reset: start over in the new epoch,
          * from its earliest offset; the subok tells the application. */
-        if (!s->old_epoch)
-            s->old_epoch = s->epoch;
-        s->epoch = 0;
-        s->pos = 0;
-        s->acked = 0;
-        s->floor = 0;
-        s->from = ARQ_FROM_EARLIEST;
-        s->want_epoch = ARQ_EPOCH_ANY;
+        sub_restart(s);
         (void)send_sub(c, s);
         return;
     }
@@ -466,14 +474,7 @@ static void on_subok(arq_client_t *c, struct sub *s, uint64_t epoch, uint64_t fi
         /* A re-subscription with our epoch passes the server's check only
          * when the stream does not exist (epoch 0): its history was reset
          * and it starts over at 1. Our offsets are meaningless there. */
-        if (!s->old_epoch)
-            s->old_epoch = s->epoch;
-        s->epoch = 0;
-        s->pos = 0;
-        s->acked = 0;
-        s->floor = 0;
-        s->from = ARQ_FROM_EARLIEST;
-        s->want_epoch = ARQ_EPOCH_ANY;
+        sub_restart(s);
     }
     uint64_t start;
     if (s->pos)
