@@ -614,15 +614,8 @@ static void conn_teardown(arq_client_t *c)
     /* Fail what waits for an answer, in order; callbacks may free the client
      * (but add nothing: the client is in a final state). */
     struct pub *p;
-    while ((p = TAILQ_FIRST(&c->pubs)) && !c->free_requested) {
-        TAILQ_REMOVE(&c->pubs, p, link);
-        c->n_pubs--;
-        arq_publish_cb cb = p->cb;
-        void *arg = p->arg;
-        arq_pub_free(p);
-        if (cb)
-            cb(c, status, 0, 0, arg);
-    }
+    while ((p = TAILQ_FIRST(&c->pubs)) && !c->free_requested)
+        arq_pub_complete(c, p, status, 0, 0);
     struct sub *s, *next;
     for (s = TAILQ_FIRST(&c->subs); s && !c->free_requested; s = next) {
         next = TAILQ_NEXT(s, link);

@@ -193,6 +193,7 @@ int arq_start_attempt(arq_client_t *c);
 /* arq_session.c: requests, replies and recovery after a reconnect; the public requests */
 void arq_send_hello(arq_client_t *c);
 void arq_resend_waiting(arq_client_t *c);
+void arq_pub_complete(arq_client_t *c, struct pub *p, int status, uint64_t offset, int dup);
 void arq_ws_msg_cb(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,
                    void *user);
 

@@ -221,13 +221,7 @@ static void resend_all(arq_client_t *c)
             continue;
         if (p->payload_len > c->max_payload) {
             /* queued before we knew the limit */
-            TAILQ_REMOVE(&c->pubs, p, link);
-            c->n_pubs--;
-            arq_publish_cb cb = p->cb;
-            void *arg = p->arg;
-            arq_pub_free(p);
-            if (cb)
-                cb(c, ARQ_ETOOBIG, 0, 0, arg);
+            arq_pub_complete(c, p, ARQ_ETOOBIG, 0, 0);
             if (c->free_requested || c->teardown_pending)
                 return;
             continue;
@@ -391,7 +385,9 @@ static struct sub *sub_by_req(arq_client_t *c, uint64_t id)
     return NULL;
 }
 
-static void pub_complete(arq_client_t *c, struct pub *p, int status, uint64_t offset, int dup)
+/* Take a publish off the list, free it, then tell its callback (which may
+ * free the client). */
+void arq_pub_complete(arq_client_t *c, struct pub *p, int status, uint64_t offset, int dup)
 {
     TAILQ_REMOVE(&c->pubs, p, link);
     c->n_pubs--;
@@ -445,7 +441,7 @@ static void on_refusal(arq_client_t *c, uint64_t id, int code)
             schedule_retry(c, p->retries++);
             return;
         }
-        pub_complete(c, p, -code, 0, 0);
+        arq_pub_complete(c, p, -code, 0, 0);
         return;
     }
     struct sub *s = sub_by_req(c, id);
@@ -645,7 +641,7 @@ static void handle_message(arq_client_t *c, const msgpack_object *m, msgpack_zon
             }
             const msgpack_object *dup = arq_mp_get(m, "dup");
             int d = dup && dup->type == MSGPACK_OBJECT_BOOLEAN && dup->via.boolean;
-            pub_complete(c, p, 0, off, d);
+            arq_pub_complete(c, p, 0, off, d);
             return;
         }
         struct sub *s = sub_by_req(c, id);
