@@ -3,17 +3,17 @@
 # Streams (XADD, appendonly yes, appendfsync always) and NATS JetStream (file
 # store; Debian's 2.9.10 cannot sync before it acks, so its acks are not
 # durable) at the same connection counts and depths, then ARQ's publish ->
-# delivery latency at half
-# of its peak rate measured with the same subscribers attached (and, for
-# reference, at half of the publish-only 50x16 peak). See docs/benchmarks.md
-# ("Peers").
+# delivery latency at half of its peak rate measured with the same subscribers
+# attached (and, for reference, at half of the publish-only 50x16 peak), and
+# Redis's (arq-redis-bench: XREAD BLOCK subscribers) at half of its own peak
+# and at ARQ's rate. See docs/benchmarks.md ("Peers").
 #
 # Starts its own arqd, redis-server and nats-server on loopback with data
 # directories under /var/tmp (not tmpfs, so fsync is real), stops exactly those
 # processes (by PID) and removes the directories on exit and on Ctrl-C.
 # Without nats-server (or arq-nats-bench) the NATS rows are skipped.
 #
-# Usage: bench/peers.sh [BUILD_DIR]     (default: build; ~1.5 minutes)
+# Usage: bench/peers.sh [BUILD_DIR]     (default: build; ~2 minutes)
 # Environment: SECONDS_PER_RUN (5), CONNS (50), SUBS (2, latency row),
 #              ROUNDS (1): the ARQ/Redis rows are run ROUNDS times, alternating,
 #              and judged by the median ratio (the machine's disk and CPU
@@ -27,6 +27,7 @@ BUILD=${1:-build}
 ARQD=$BUILD/programs/arqd
 BENCH=$BUILD/bench/arq-bench
 NATS_BENCH=$BUILD/bench/arq-nats-bench
+REDIS_BENCH=$BUILD/bench/arq-redis-bench
 RUN_S=${SECONDS_PER_RUN:-5}
 CONNS=${CONNS:-50}
 SUBS=${SUBS:-2}
@@ -38,7 +39,7 @@ case $ROUNDS in '' | *[!0-9]* | 0)
 esac
 PAYLOAD=$(printf '%*s' 128 '' | tr ' ' x) # 128-byte field value, like arq-bench's payload
 
-for tool in "$ARQD" "$BENCH"; do
+for tool in "$ARQD" "$BENCH" "$REDIS_BENCH"; do
     [ -x "$tool" ] || {
         echo "peers.sh: $tool not built (ninja -C $BUILD)" >&2
         exit 2
@@ -224,6 +225,26 @@ HALF0=$(awk -v p="$PEAK" 'BEGIN { printf "%d", p / 2 }')
 arq_run arq_half -c "$CONNS" -s "$SUBS" --rate "$HALF" >&2
 arq_run arq_half0 -c "$CONNS" -s "$SUBS" --rate "$HALF0" >&2
 
+# Redis with the same subscribers (arq-redis-bench: XADD publishers, XREAD
+# BLOCK readers): its own peak and half of it, and ARQ's half-peak rate. Its
+# AOF rewrites are turned off for these rows (each forks and stalls Redis for
+# tens of ms), so the peer is measured at its best.
+redis-cli -p "$REDIS_PORT" config set auto-aof-rewrite-percentage 0 >/dev/null
+redis_lat_run() { # NAME ARGS...
+    local name=$1
+    shift
+    echo
+    echo "== arq-redis-bench $* (load $(load))"
+    "$REDIS_BENCH" --url "redis://127.0.0.1:$REDIS_PORT" --seconds "$RUN_S" \
+        --server-pid "$REDIS_PID" --json "$@" >"$TMP/$name.json"
+}
+redis_lat_run redis_peak_s -c "$CONNS" -w 16 -s "$SUBS" >&2
+RPEAK_S=$(jqf .publishes_per_s redis_peak_s)
+RHALF=$(awk -v p="$RPEAK_S" 'BEGIN { printf "%d", p / 2 }')
+redis_lat_run redis_half -c "$CONNS" -s "$SUBS" --rate "$RHALF" >&2
+redis_lat_run redis_at_arq -c "$CONNS" -s "$SUBS" --rate "$HALF" >&2
+redis-cli -p "$REDIS_PORT" config set auto-aof-rewrite-percentage 100 >/dev/null
+
 # ---- summary -------------------------------------------------------------------
 echo
 echo "Durable publishes/s, 128-byte messages, $CONNS connections (load now $(load)):"
@@ -290,7 +311,9 @@ latency_row() { # NAME TEXT
     printf '%s:\n  achieved %.0f publishes/s; delivery p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms;' \
         "$2" "$(jqf .publishes_per_s "$1")" "$(jqf '.delivery_latency.p50_us / 1000' "$1")" \
         "$(jqf '.delivery_latency.p99_us / 1000' "$1")" "$(jqf '.delivery_latency.p999_us / 1000' "$1")"
-    printf ' puback p99 %.2f ms\n' "$(jqf '.puback_latency.p99_us / 1000' "$1")"
+    printf ' %s p99 %.2f ms\n' "${3:-puback}" "$(jqf '.puback_latency.p99_us / 1000' "$1")"
+    printf '  CPU: server %.0f%% of a core, load generator %.0f%%\n' \
+        "$(jqf '(.server_cpu // 0) * 100' "$1")" "$(jqf '.bench_cpu * 100' "$1")"
     printf '  machine stalls in the window (a 1 ms sleep > 4 ms late): %s, %s ms in all\n' \
         "$(jqf '.stalls.count // "?"' "$1")" "$(jqf '.stalls.ms // "?"' "$1")"
 }
@@ -300,6 +323,15 @@ printf 'Peak with %s subscribers (%s x 16): %.0f publishes/s (publish-only peak 
 latency_row arq_half "Latency at half of that peak: $HALF publishes/s open loop, $SUBS subscribers"
 printf '  goal delivery p99 <= 2 ms: %s\n' "$(awk -v d="$D99" 'BEGIN { print (d <= 2 ? "met" : "MISSED") }')"
 latency_row arq_half0 "For reference, half of the publish-only peak: $HALF0 publishes/s, $SUBS subscribers"
+echo
+printf 'Redis Streams, the same load (arq-redis-bench, XREAD BLOCK subscribers, AOF rewrites off):\n'
+printf 'Peak with %s subscribers (%s x 16): %.0f XADD/s\n' "$SUBS" "$CONNS" "$RPEAK_S"
+latency_row redis_half "Redis at half of its peak: $RHALF XADD/s open loop, $SUBS subscribers" "XADD reply"
+latency_row redis_at_arq "Redis at ARQ's half-peak rate: $HALF XADD/s open loop, $SUBS subscribers" \
+    "XADD reply"
+R99=$(jqf '.delivery_latency.p99_us / 1000' redis_at_arq)
+printf 'Delivery p99 at %s/s: ARQ %.2f ms, Redis %.2f ms; ARQ/Redis %.2f (below 1: ARQ lower)\n' \
+    "$HALF" "$D99" "$R99" "$(awk -v a="$D99" -v r="$R99" 'BEGIN { print (r > 0 ? a / r : 0) }')"
 echo
 echo "arqd group commit per run (from /metrics; msgs/commit, mean commit ms, arqd CPU, stalls):"
 for n in $(for r in $(seq "$ROUNDS"); do echo "arq_w1.$r arq_w16.$r"; done) arq_peak_s arq_half arq_half0; do

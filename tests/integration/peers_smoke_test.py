@@ -13,6 +13,8 @@ arithmetic and housekeeping:
   ratios, and "met" exactly when that median is >= 1;
 - the group-commit summary lists every round's ARQ run;
 - the NATS table is there exactly when nats-server is installed;
+- the Redis latency rows (arq-redis-bench) ran at half of Redis's printed
+  peak and at ARQ's half-peak rate, and the p99 comparison quotes them;
 - afterwards the servers it started are gone (by the PIDs it printed) and
   its data directory is removed.
 """
@@ -49,6 +51,42 @@ def alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def latency_row(out, head):
+    """(rate in the heading, achieved rate, delivery p99 ms) of a latency row."""
+    m = re.search(rf"^{head}: (\d+) \w+/s open loop.*:\n  achieved (\d+) publishes/s; "
+                  r"delivery p50 [\d.]+ ms, p99 ([\d.]+) ms", out, re.M)
+    return (int(m.group(1)), int(m.group(2)), float(m.group(3))) if m else None
+
+
+def check_redis_latency(out):
+    """The Redis latency rows: at half of Redis's printed peak and at ARQ's
+    half-peak rate, both run (deliveries came back), and the p99 comparison
+    quotes the two rows it names."""
+    peak = re.search(r"^Peak with 1 subscribers \(\d+ x 16\): (\d+) XADD/s$", out, re.M)
+    check(peak is not None, "Redis peak with subscribers printed")
+    arq = latency_row(out, "Latency at half of that peak")
+    half = latency_row(out, "Redis at half of its peak")
+    same = latency_row(out, "Redis at ARQ's half-peak rate")
+    check(arq is not None and half is not None and same is not None,
+          f"latency rows: ARQ {arq}, Redis half {half}, Redis at ARQ's rate {same}")
+    if not (peak and arq and half and same):
+        return
+    # the peak is printed rounded to units, the half is taken from the raw rate
+    check(abs(half[0] - int(peak.group(1)) / 2) <= 1,
+          f"Redis half {half[0]} is not half of its peak {peak.group(1)}")
+    check(same[0] == arq[0], f"Redis ran at {same[0]}/s, ARQ's half-peak rate is {arq[0]}/s")
+    check(half[1] > 0 and same[1] > 0, f"Redis rows achieved {half[1]}, {same[1]} XADD/s")
+    cmp = re.search(r"^Delivery p99 at (\d+)/s: ARQ ([\d.]+) ms, Redis ([\d.]+) ms; "
+                    r"ARQ/Redis ([\d.]+)", out, re.M)
+    check(cmp is not None, "p99 comparison printed")
+    if cmp:
+        a, r, ratio = float(cmp.group(2)), float(cmp.group(3)), float(cmp.group(4))
+        check(int(cmp.group(1)) == arq[0] and a == arq[2] and r == same[2],
+              f"comparison {cmp.group(0)!r} does not quote the rows ({arq}, {same})")
+        check(r > 0 and abs(ratio - a / r) <= 0.005 + 0.005 * a / r**2 + 0.005 / r,
+              f"ARQ/Redis {ratio} is not {a}/{r}")
 
 
 def main():
@@ -111,6 +149,7 @@ def main():
     check(("Against NATS JetStream" in out) == has_nats,
           f"NATS table present: {'Against NATS JetStream' in out}, nats-server: {has_nats}")
     check("goal delivery p99 <= 2 ms:" in out, "latency verdict printed")
+    check_redis_latency(out)
 
     pids = [int(x) for x in re.findall(r"\bpid (\d+)", out.split("\n==", 1)[0])]
     check(len(pids) >= 2 + has_nats, f"server PIDs printed: {pids}")
