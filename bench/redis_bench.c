@@ -717,7 +717,15 @@ int main(int argc, char **argv)
     unsigned total = g_o.conns + g_o.subs;
     g_cs = calloc(total, sizeof *g_cs);
     g_payload = malloc(g_o.size);
-    g_base = event_base_new();
+    /* As arq-bench: a timerfd, so that a 200 us tick is 200 us and not
+     * epoll_wait's millisecond (which would send the same load in 5x
+     * larger, 5x rarer bursts). */
+    struct event_config *cfg = event_config_new();
+    if (cfg != NULL)
+        event_config_set_flag(cfg, EVENT_BASE_FLAG_PRECISE_TIMER);
+    g_base = cfg ? event_base_new_with_config(cfg) : NULL;
+    if (cfg != NULL)
+        event_config_free(cfg);
     if (g_cs == NULL || g_payload == NULL || g_base == NULL) {
         fprintf(stderr, "arq-redis-bench: out of memory\n");
         return 1;
