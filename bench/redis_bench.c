@@ -498,29 +498,28 @@ static void on_drain_timeout(evutil_socket_t fd, short what, void *arg)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: arq-redis-bench --url redis://HOST:PORT [-c CONNS] [-w DEPTH]\n"
-            "                       [-s SUBSCRIBERS] [--rate R [--tick-us US]]\n"
-            "                       [--seconds S] [--warmup S] [--size BYTES]\n"
-            "                       [--count N] [--server-pid PID] [--json]\n"
-            "\n"
-            "Redis Streams measured like arq-bench: XADDs answered per second and, with\n"
-            "subscribers (XREAD BLOCK), publish -> delivery latency (docs/benchmarks.md,\n"
-            "\"Peers\"). Uses and first deletes the keys arqbench:0 .. arqbench:7.\n"
-            "\n"
-            "  -c, --conns C        publisher connections (default 50)\n"
-            "  -w, --depth W        XADDs in flight per publisher (default 1)\n"
-            "  -s, --subscribers S  subscriber connections, each reading every stream\n"
-            "                       (default 0)\n"
-            "  --rate R             open loop: R XADDs/s in aggregate (-w is then ignored)\n"
-            "  --tick-us US         open loop: send what is due every US microseconds,\n"
-            "                       round-robin over the publishers (default 200)\n"
-            "  --seconds S          measurement window (default 5)\n"
-            "  --warmup S           warm-up before the window (default 1)\n"
-            "  --size BYTES         payload size, >= 8 (default 128)\n"
-            "  --count N            XREAD COUNT: entries per stream per reply (default 1000)\n"
-            "  --server-pid PID     also report this process's CPU use (the server's)\n"
-            "  --json               one JSON object on stdout; the text goes to stderr\n");
+    fprintf(f, "usage: arq-redis-bench --url redis://HOST:PORT [-c CONNS] [-w DEPTH]\n"
+               "                       [-s SUBSCRIBERS] [--rate R [--tick-us US]]\n"
+               "                       [--seconds S] [--warmup S] [--size BYTES]\n"
+               "                       [--count N] [--server-pid PID] [--json]\n"
+               "\n"
+               "Redis Streams measured like arq-bench: XADDs answered per second and, with\n"
+               "subscribers (XREAD BLOCK), publish -> delivery latency (docs/benchmarks.md,\n"
+               "\"Peers\"). Uses and first deletes the keys arqbench:0 .. arqbench:7.\n"
+               "\n"
+               "  -c, --conns C        publisher connections (default 50)\n"
+               "  -w, --depth W        XADDs in flight per publisher (default 1)\n"
+               "  -s, --subscribers S  subscriber connections, each reading every stream\n"
+               "                       (default 0)\n"
+               "  --rate R             open loop: R XADDs/s in aggregate (-w is then ignored)\n"
+               "  --tick-us US         open loop: send what is due every US microseconds,\n"
+               "                       round-robin over the publishers (default 200)\n"
+               "  --seconds S          measurement window (default 5)\n"
+               "  --warmup S           warm-up before the window (default 1)\n"
+               "  --size BYTES         payload size, >= 8 (default 128)\n"
+               "  --count N            XREAD COUNT: entries per stream per reply (default 1000)\n"
+               "  --server-pid PID     also report this process's CPU use (the server's)\n"
+               "  --json               one JSON object on stdout; the text goes to stderr\n");
 }
 
 static int parse_num(const char *s, double lo, double hi, double *out)
@@ -552,20 +551,13 @@ static int parse_url(const char *url)
 static int parse_opts(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"url", required_argument, NULL, 'u'},
-        {"conns", required_argument, NULL, 'c'},
-        {"depth", required_argument, NULL, 'w'},
-        {"subscribers", required_argument, NULL, 's'},
-        {"rate", required_argument, NULL, 'r'},
-        {"tick-us", required_argument, NULL, 't'},
-        {"seconds", required_argument, NULL, 'S'},
-        {"warmup", required_argument, NULL, 'W'},
-        {"size", required_argument, NULL, 'z'},
-        {"server-pid", required_argument, NULL, 'p'},
-        {"count", required_argument, NULL, 'n'},
-        {"json", no_argument, NULL, 'j'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"url", required_argument, NULL, 'u'},     {"conns", required_argument, NULL, 'c'},
+        {"depth", required_argument, NULL, 'w'},   {"subscribers", required_argument, NULL, 's'},
+        {"rate", required_argument, NULL, 'r'},    {"tick-us", required_argument, NULL, 't'},
+        {"seconds", required_argument, NULL, 'S'}, {"warmup", required_argument, NULL, 'W'},
+        {"size", required_argument, NULL, 'z'},    {"server-pid", required_argument, NULL, 'p'},
+        {"count", required_argument, NULL, 'n'},   {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
     };
     snprintf(g_o.count, sizeof g_o.count, "1000");
     g_o.conns = 50;
@@ -693,8 +685,8 @@ static void report(FILE *out, const struct window *w)
     printf("{\"tool\":\"arq-redis-bench\",\"config\":{\"conns\":%u,\"depth\":%u,"
            "\"subscribers\":%u,\"streams\":%u,\"payload_bytes\":%u,\"seconds\":%g,"
            "\"warmup\":%g,\"rate\":%g,\"tick_us\":%u}",
-           g_o.conns, g_o.depth, g_o.subs, RB_STREAMS, g_o.size, g_o.seconds, g_o.warmup,
-           g_o.rate, g_o.tick_us);
+           g_o.conns, g_o.depth, g_o.subs, RB_STREAMS, g_o.size, g_o.seconds, g_o.warmup, g_o.rate,
+           g_o.tick_us);
     printf(",\"window_s\":%.3f,\"publishes_per_s\":%.1f,\"sent_per_s\":%.1f,\"not_sent\":%llu,"
            "\"deliveries_per_s\":%.1f,\"errors\":%llu",
            win, rate, sent, (unsigned long long)g_not_sent, deliv, (unsigned long long)g_errors);
@@ -764,8 +756,7 @@ int main(int argc, char **argv)
     }
     g_t_start = bench_now_ns();
     if (g_o.rate > 0) {
-        struct timeval tv = {(time_t)(g_o.tick_us / 1000000),
-                             (suseconds_t)(g_o.tick_us % 1000000)};
+        struct timeval tv = {(time_t)(g_o.tick_us / 1000000), (suseconds_t)(g_o.tick_us % 1000000)};
         tick = event_new(g_base, -1, EV_PERSIST, on_tick, NULL);
         if (tick == NULL)
             goto out;

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """arq-bench reports what it measured, consistently (docs/benchmarks.md).
 
-Usage: arq_bench_smoke_test.py PATH_TO_ARQD PATH_TO_ARQ_BENCH [PATH_TO_ARQ_NATS_BENCH]
+Usage: arq_bench_smoke_test.py PATH_TO_ARQD PATH_TO_ARQ_BENCH [PATH_TO_ARQ_NATS_BENCH
+                               [PATH_TO_ARQ_REDIS_BENCH]]
 
 Short runs of the load generator against a real arqd, in JSON: an open-loop
 run with subscribers, a closed-loop run, a catch-up and a reconnection storm. No figure is compared with a
@@ -11,6 +12,9 @@ two parts of the delivery latency each within the whole, arqd's publish-time
 histograms read from /metrics with their stages inside the total, and the
 options echoed back. With arq-nats-bench (and nats-server on PATH), a short
 run against a private nats-server with JetStream: every publish acknowledged.
+With arq-redis-bench (and redis-server on PATH), short runs against a private
+redis-server with appendfsync always: every XADD answered, each delivered to
+both subscribers exactly once per window (edges aside), the options echoed.
 """
 import json
 import os
@@ -22,6 +26,7 @@ import time
 
 ARQD, BENCH = sys.argv[1], sys.argv[2]
 NATS_BENCH = sys.argv[3] if len(sys.argv) > 3 else None
+REDIS_BENCH = sys.argv[4] if len(sys.argv) > 4 else None
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import check, failures  # noqa: E402
@@ -163,6 +168,69 @@ def nats(tmp):
         log.close()
 
 
+def redis(tmp):
+    server = shutil.which("redis-server")
+    if not REDIS_BENCH or not server:
+        print("arq-redis-bench or redis-server missing: Redis run skipped", flush=True)
+        return
+    import socket
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    os.mkdir(os.path.join(tmp, "redis"))
+    log = open(os.path.join(tmp, "redis.log"), "w")
+    p = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--appendonly",
+                          "yes", "--appendfsync", "always", "--save", "", "--dir",
+                          os.path.join(tmp, "redis")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}"
+
+    def run(*args):
+        r = subprocess.run([REDIS_BENCH, "--url", url, "--json", "--server-pid", str(p.pid),
+                            *args], capture_output=True, text=True, timeout=60)
+        check(r.returncode == 0, f"arq-redis-bench {args}: exit {r.returncode}: "
+                                 f"{r.stderr[-1500:]}")
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    try:
+        for _ in range(100):
+            with open(os.path.join(tmp, "redis.log")) as f:
+                if "Ready to accept connections" in f.read():
+                    break
+            time.sleep(0.1)
+        j = run("-c", "4", "-s", "2", "--rate", "2000", "--tick-us", "1000", "--seconds", "1",
+                "--warmup", "0.5", "--count", "50")
+        if j:
+            c = j["config"]
+            check(c["rate"] == 2000 and c["tick_us"] == 1000 and c["subscribers"] == 2
+                  and c["conns"] == 4 and j["server_cpu"] is not None, f"config echoed: {j}")
+            pub, dl = j["puback_latency"], j["delivery_latency"]
+            check(j["errors"] == 0 and j["not_sent"] == 0 and pub["samples"] > 0,
+                  f"every XADD answered: {j}")
+            check(abs(dl["samples"] - 2 * pub["samples"]) <= 0.05 * dl["samples"] + 20,
+                  f"deliveries {dl['samples']} against 2 x XADD replies {pub['samples']}")
+        # a second, closed-loop run starts from deleted streams: had it read the
+        # first run's ~3,000 entries from 0-0 (no warm-up: inside the window),
+        # the deliveries would outnumber the XADDs
+        j = run("-c", "3", "-w", "4", "-s", "1", "--seconds", "0.3", "--warmup", "0")
+        if j:
+            pub, dl = j["puback_latency"], j["delivery_latency"]
+            check(j["config"]["depth"] == 4 and j["publishes_per_s"] > 0,
+                  f"closed loop: {j['config']} {j['publishes_per_s']}")
+            check(dl["samples"] <= pub["samples"] * 1.05 + 20 and dl["samples"] > 0,
+                  f"closed loop: deliveries {dl['samples']} against XADDs {pub['samples']}")
+        r = subprocess.run([REDIS_BENCH, "--url", "redis://127.0.0.1:1", "-c", "1"],
+                           capture_output=True, text=True, timeout=30)
+        check(r.returncode == 1 and "connect" in r.stderr, f"no server: {r.returncode} {r.stderr}")
+        for args in (["--url", "nats://127.0.0.1:1"], ["--url", url, "--tick-us", "5"],
+                     ["--url", url, "-s", "x"]):
+            r = subprocess.run([REDIS_BENCH, *args], capture_output=True, text=True, timeout=30)
+            check(r.returncode == 2, f"{args}: {r.returncode} {r.stderr}")
+    finally:
+        p.terminate()
+        p.wait(timeout=20)
+        log.close()
+
+
 def usage_errors():
     for args in (["--tick-us", "5"], ["--tick-us", "x"], ["--rate", "0"]):
         p = subprocess.run([BENCH, "--url", "ws://127.0.0.1:1/ws", *args], capture_output=True,
@@ -179,6 +247,7 @@ def main():
         catchup(d, os.path.join(tmp, "data"))
         storm(d)
         nats(tmp)
+        redis(tmp)
         usage_errors()
     finally:
         rc = d.stop()
