@@ -2,10 +2,14 @@
 #include "bench_util.h"
 
 #include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -195,4 +199,123 @@ int bench_send_some(int fd, const uint8_t *p, size_t len, size_t *off)
         return -1;
     }
     return 0;
+}
+
+int bench_tcp_connect(const char *host, const char *port)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
+    if (getaddrinfo(host, port, &hints, &ai) != 0)
+        return -1;
+    int fd = socket(ai->ai_family, SOCK_STREAM, 0);
+    if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+        int e = errno;
+        close(fd);
+        fd = -1;
+        errno = e;
+    }
+    freeaddrinfo(ai);
+    if (fd >= 0) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    return fd;
+}
+
+int bench_parse_url(const char *url, const char *scheme, char *host, size_t host_cap, char *port,
+                    size_t port_cap)
+{
+    size_t sl = strlen(scheme);
+    if (strncmp(url, scheme, sl) != 0 || strncmp(url + sl, "://", 3) != 0)
+        return -1;
+    const char *h = url + sl + 3, *colon = strrchr(h, ':');
+    if (colon == NULL || colon == h || (size_t)(colon - h) >= host_cap)
+        return -1;
+    size_t pl = strlen(colon + 1);
+    if (pl == 0 || pl >= port_cap || strspn(colon + 1, "0123456789") != pl)
+        return -1;
+    snprintf(host, host_cap, "%.*s", (int)(colon - h), h);
+    snprintf(port, port_cap, "%s", colon + 1);
+    return 0;
+}
+
+int bench_parse_num(const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || !(v >= lo) || !(v <= hi))
+        return -1;
+    *out = v;
+    return 0;
+}
+
+int bench_out_add(bench_out_t *o, const void *p, size_t n)
+{
+    if (o->len + n > o->cap) {
+        size_t cap = o->cap ? o->cap * 2 : 65536;
+        while (cap < o->len + n)
+            cap *= 2;
+        uint8_t *q = realloc(o->p, cap);
+        if (q == NULL)
+            return -1;
+        o->p = q;
+        o->cap = cap;
+    }
+    memcpy(o->p + o->len, p, n);
+    o->len += n;
+    return 0;
+}
+
+int bench_out_flush(bench_out_t *o, int fd)
+{
+    int rc = bench_send_some(fd, o->p, o->len, &o->off);
+    if (rc == 0)
+        o->off = o->len = 0;
+    return rc;
+}
+
+void bench_out_free(bench_out_t *o)
+{
+    free(o->p);
+    *o = (bench_out_t){0};
+}
+
+double bench_self_cpu_sec(void)
+{
+    struct rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return (double)r.ru_utime.tv_sec + (double)r.ru_utime.tv_usec / 1e6 +
+           (double)r.ru_stime.tv_sec + (double)r.ru_stime.tv_usec / 1e6;
+}
+
+void bench_window_begin(bench_window_t *w, long server_pid)
+{
+    w->probe = bench_stall_start();
+    w->cpu0 = bench_self_cpu_sec();
+    w->srv0 = bench_proc_cpu_sec(server_pid);
+    w->t0 = bench_now_ns();
+}
+
+void bench_window_end(bench_window_t *w, long server_pid)
+{
+    w->t1 = bench_now_ns();
+    w->cpu1 = bench_self_cpu_sec();
+    w->srv1 = bench_proc_cpu_sec(server_pid);
+    bench_stall_stop(w->probe, &w->stalls);
+    w->probe = NULL;
+}
+
+double bench_window_s(const bench_window_t *w)
+{
+    return (double)(w->t1 - w->t0) / 1e9;
+}
+
+double bench_window_cpu(const bench_window_t *w)
+{
+    return (w->cpu1 - w->cpu0) / bench_window_s(w);
+}
+
+double bench_window_server_cpu(const bench_window_t *w)
+{
+    return w->srv0 >= 0 && w->srv1 >= 0 ? (w->srv1 - w->srv0) / bench_window_s(w) : -1;
 }

@@ -32,6 +32,29 @@ int bench_send_all(int fd, const void *p, size_t n);
  * *off: 0 when all is sent, 1 when the socket is full (EAGAIN), -1 on an
  * error (errno set). */
 int bench_send_some(int fd, const uint8_t *p, size_t len, size_t *off);
+/* Blocking TCP connect to host:port with TCP_NODELAY: the fd, or -1. */
+int bench_tcp_connect(const char *host, const char *port);
+/* scheme "://" host ":" port, e.g. "redis://127.0.0.1:6379", into host and
+ * port (NUL-terminated): 0, or -1 if url is not of that form or too long. */
+int bench_parse_url(const char *url, const char *scheme, char *host, size_t host_cap, char *port,
+                    size_t port_cap);
+/* s as a number in [lo, hi] (the whole string): 0, or -1. */
+int bench_parse_num(const char *s, double lo, double hi, double *out);
+
+/* An output buffer sent without blocking (arq-nats-bench, arq-redis-bench). */
+typedef struct bench_out {
+    uint8_t *p;
+    size_t len, off, cap; /* p[off..len) is still to send */
+} bench_out_t;
+/* Appends n bytes: 0, or -1 when out of memory. */
+int bench_out_add(bench_out_t *o, const void *p, size_t n);
+/* Sends what is queued: 0 when all is sent (the buffer is then empty), 1
+ * when the socket is full, -1 on an error (errno set). */
+int bench_out_flush(bench_out_t *o, int fd);
+void bench_out_free(bench_out_t *o);
+
+/* utime + stime of this process in seconds (getrusage). */
+double bench_self_cpu_sec(void);
 /* utime + stime of a process in seconds (/proc/PID/stat), or -1. */
 double bench_proc_cpu_sec(long pid);
 /* 1234567.8 -> "1,234,568" (into buf, returned) */
@@ -61,5 +84,20 @@ typedef struct bench_stall_probe bench_stall_probe_t;
 bench_stall_probe_t *bench_stall_start(void);
 /* Stops it and returns what it saw; p may be NULL (all zero). */
 void bench_stall_stop(bench_stall_probe_t *p, bench_stalls_t *ret);
+
+/* A measurement window: its times, this process's and the server's CPU
+ * (server_pid 0: none) and the machine stalls in between. */
+typedef struct bench_window {
+    uint64_t t0, t1;
+    double cpu0, cpu1, srv0, srv1;
+    bench_stall_probe_t *probe;
+    bench_stalls_t stalls;
+} bench_window_t;
+void bench_window_begin(bench_window_t *w, long server_pid);
+void bench_window_end(bench_window_t *w, long server_pid);
+/* Seconds, this process's CPU in cores, the server's (or -1). */
+double bench_window_s(const bench_window_t *w);
+double bench_window_cpu(const bench_window_t *w);
+double bench_window_server_cpu(const bench_window_t *w);
 
 #endif

@@ -28,15 +28,11 @@
 #include <stdarg.h>
 #include <event2/event.h>
 #include <getopt.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -65,8 +61,7 @@ struct conn {
     struct event *rev, *wev;
     uint8_t *in;
     size_t in_len;
-    uint8_t *out;
-    size_t out_len, out_off, out_cap;
+    bench_out_t out;
     unsigned inflight;
     uint64_t next_id;
     uint64_t *sent_ns; /* NB_RING */
@@ -97,43 +92,19 @@ __attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...)
 
 /* ---- output --------------------------------------------------------------- */
 
-static int out_reserve(struct conn *c, size_t n)
-{
-    if (c->out_len + n <= c->out_cap)
-        return 0;
-    size_t cap = c->out_cap ? c->out_cap * 2 : 65536;
-    while (cap < c->out_len + n)
-        cap *= 2;
-    uint8_t *p = realloc(c->out, cap);
-    if (p == NULL)
-        return -1;
-    c->out = p;
-    c->out_cap = cap;
-    return 0;
-}
-
 static void out_add(struct conn *c, const void *p, size_t n)
 {
-    if (out_reserve(c, n) != 0) {
+    if (bench_out_add(&c->out, p, n) != 0)
         fail("out of memory");
-        return;
-    }
-    memcpy(c->out + c->out_len, p, n);
-    c->out_len += n;
 }
 
 static void flush(struct conn *c)
 {
-    int rc = bench_send_some(c->fd, c->out, c->out_len, &c->out_off);
-    if (rc == 1) {
+    int rc = bench_out_flush(&c->out, c->fd);
+    if (rc == 1)
         event_add(c->wev, NULL);
-        return;
-    }
-    if (rc < 0) {
+    else if (rc < 0)
         fail("send on connection %u: %s", c->idx, strerror(errno));
-        return;
-    }
-    c->out_off = c->out_len = 0;
 }
 
 static void send_pub(struct conn *c)
@@ -275,24 +246,6 @@ static void on_write(evutil_socket_t fd, short what, void *arg)
 
 /* ---- set-up ---------------------------------------------------------------- */
 
-static int tcp_connect(void)
-{
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
-    if (getaddrinfo(g_o.host, g_o.port, &hints, &ai) != 0)
-        return -1;
-    int fd = socket(ai->ai_family, SOCK_STREAM, 0);
-    if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(ai);
-    if (fd >= 0) {
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    }
-    return fd;
-}
-
 /* Blocking: read until a line starting with want (skipping INFO, +OK and
  * PINGs, which get their PONG); copies the line (and, for MSG, its payload)
  * into buf. */
@@ -347,7 +300,7 @@ static int connect_one(struct conn *c)
     c->sent_ns = calloc(NB_RING, sizeof *c->sent_ns);
     if (c->in == NULL || c->sent_ns == NULL)
         return -1;
-    c->fd = tcp_connect();
+    c->fd = bench_tcp_connect(g_o.host, g_o.port);
     if (c->fd < 0) {
         fprintf(stderr, "arq-nats-bench: connect %s:%s: %s\n", g_o.host, g_o.port, strerror(errno));
         return -1;
@@ -396,21 +349,10 @@ static int ensure_stream(struct conn *c)
     return 0;
 }
 
-static double rusage_now(void)
-{
-    struct rusage r;
-    getrusage(RUSAGE_SELF, &r);
-    return (double)r.ru_utime.tv_sec + (double)r.ru_utime.tv_usec / 1e6 +
-           (double)r.ru_stime.tv_sec + (double)r.ru_stime.tv_usec / 1e6;
-}
-
 /* ---- the run ------------------------------------------------------------- */
 
 struct window {
-    uint64_t t0, t1;
-    double cpu0, cpu1, srv0, srv1;
-    bench_stall_probe_t *probe;
-    bench_stalls_t stalls;
+    bench_window_t m;
     struct event *ev, *drain;
 };
 
@@ -420,21 +362,14 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct window *w = arg;
     if (g_phase == PH_WARMUP) {
-        w->probe = bench_stall_start();
-        w->cpu0 = rusage_now();
-        w->srv0 = bench_proc_cpu_sec(g_o.server_pid);
-        w->t0 = bench_now_ns();
+        bench_window_begin(&w->m, g_o.server_pid);
         g_phase = PH_MEASURE;
         struct timeval tv = {(time_t)g_o.seconds,
                              (suseconds_t)((g_o.seconds - (double)(time_t)g_o.seconds) * 1e6)};
         event_add(w->ev, &tv);
         return;
     }
-    w->t1 = bench_now_ns();
-    w->cpu1 = rusage_now();
-    w->srv1 = bench_proc_cpu_sec(g_o.server_pid);
-    bench_stall_stop(w->probe, &w->stalls);
-    w->probe = NULL;
+    bench_window_end(&w->m, g_o.server_pid);
     g_phase = PH_STOP; /* no new publishes; the loop ends once the last acks are in */
     if (g_inflight_total == 0)
         event_base_loopbreak(g_base);
@@ -472,32 +407,6 @@ static void usage(FILE *f)
                "  --json             one JSON object on stdout; the text goes to stderr\n");
 }
 
-static int parse_num(const char *s, double lo, double hi, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || *end || end == s || !(v >= lo) || !(v <= hi))
-        return -1;
-    *out = v;
-    return 0;
-}
-
-static int parse_url(const char *url)
-{
-    if (strncmp(url, "nats://", 7) != 0)
-        return -1;
-    const char *h = url + 7, *colon = strrchr(h, ':');
-    if (colon == NULL || colon == h || (size_t)(colon - h) >= sizeof g_o.host)
-        return -1;
-    snprintf(g_o.host, sizeof g_o.host, "%.*s", (int)(colon - h), h);
-    size_t pl = strlen(colon + 1);
-    if (pl == 0 || pl >= sizeof g_o.port || strspn(colon + 1, "0123456789") != pl)
-        return -1;
-    snprintf(g_o.port, sizeof g_o.port, "%s", colon + 1);
-    return 0;
-}
-
 static int parse_opts(int argc, char **argv)
 {
     static const struct option lo[] = {
@@ -525,25 +434,26 @@ static int parse_opts(int argc, char **argv)
         int bad = 0;
         switch (ch) {
         case 'u':
-            bad = parse_url(optarg);
+            bad = bench_parse_url(optarg, "nats", g_o.host, sizeof g_o.host, g_o.port,
+                                  sizeof g_o.port);
             have_url = !bad;
             break;
         case 'c':
-            bad = parse_num(optarg, 1, NB_MAX_CONNS, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 1, NB_MAX_CONNS, &v) || v != (unsigned)v;
             g_o.conns = (unsigned)v;
             break;
         case 'w':
-            bad = parse_num(optarg, 1, NB_RING / 2, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 1, NB_RING / 2, &v) || v != (unsigned)v;
             g_o.depth = (unsigned)v;
             break;
         case 'S':
-            bad = parse_num(optarg, 0.1, 3600, &g_o.seconds);
+            bad = bench_parse_num(optarg, 0.1, 3600, &g_o.seconds);
             break;
         case 'W':
-            bad = parse_num(optarg, 0, 3600, &g_o.warmup);
+            bad = bench_parse_num(optarg, 0, 3600, &g_o.warmup);
             break;
         case 'z':
-            bad = parse_num(optarg, 8, 1 << 20, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 8, 1 << 20, &v) || v != (unsigned)v;
             g_o.size = (unsigned)v;
             break;
         case 'n':
@@ -554,7 +464,7 @@ static int parse_opts(int argc, char **argv)
                       strlen(optarg);
             break;
         case 'p':
-            bad = parse_num(optarg, 1, 1e9, &v) || v != (long)v;
+            bad = bench_parse_num(optarg, 1, 1e9, &v) || v != (long)v;
             g_o.server_pid = (long)v;
             break;
         case 'j':
@@ -579,11 +489,10 @@ static int parse_opts(int argc, char **argv)
     return 0;
 }
 
-static void report(FILE *out, const struct window *w)
+static void report(FILE *out, const bench_window_t *w)
 {
-    double win = (double)(w->t1 - w->t0) / 1e9, rate = (double)g_acks / win;
-    double bcpu = (w->cpu1 - w->cpu0) / win;
-    double scpu = w->srv0 >= 0 && w->srv1 >= 0 ? (w->srv1 - w->srv0) / win : -1;
+    double win = bench_window_s(w), rate = (double)g_acks / win;
+    double bcpu = bench_window_cpu(w), scpu = bench_window_server_cpu(w);
     char c1[32];
     fprintf(out, "acknowledged publishes/s: %s  (acks in the window / window, %.2f s)\n",
             bench_fmt_count(c1, sizeof c1, rate), win);
@@ -667,14 +576,14 @@ int main(int argc, char **argv)
                          (suseconds_t)((g_o.warmup - (double)(time_t)g_o.warmup) * 1e6)};
     event_add(w.ev, &tv);
     event_base_dispatch(g_base);
-    if (w.probe != NULL)
-        bench_stall_stop(w.probe, &w.stalls);
-    if (w.t1 == 0) {
+    if (w.m.probe != NULL)
+        bench_stall_stop(w.m.probe, &w.m.stalls);
+    if (w.m.t1 == 0) {
         if (!g_failed)
             fail("the run ended before its window");
         goto out;
     }
-    report(out, &w);
+    report(out, &w.m);
     rc = g_errors == 0 && g_acks > 0 && !g_failed ? 0 : 1;
 out:
     if (w.ev != NULL)
@@ -690,7 +599,7 @@ out:
         if (c->fd >= 0)
             close(c->fd);
         free(c->in);
-        free(c->out);
+        bench_out_free(&c->out);
         free(c->sent_ns);
     }
     event_base_free(g_base);

@@ -32,16 +32,12 @@
 #include <getopt.h>
 #include <hiredis/read.h>
 #include <hiredis/hiredis.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -70,8 +66,7 @@ struct conn {
     int fd;
     struct event *rev, *wev;
     redisReader *rd;
-    uint8_t *out;
-    size_t out_len, out_off, out_cap;
+    bench_out_t out;
     /* publishers: send times in order (Redis answers in order) */
     uint64_t *sent_ns;
     uint64_t head, tail; /* sent_ns[tail..head) are in flight */
@@ -108,20 +103,8 @@ __attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...)
 
 static void out_add(struct conn *c, const void *p, size_t n)
 {
-    if (c->out_len + n > c->out_cap) {
-        size_t cap = c->out_cap ? c->out_cap * 2 : 65536;
-        while (cap < c->out_len + n)
-            cap *= 2;
-        uint8_t *q = realloc(c->out, cap);
-        if (q == NULL) {
-            fail("out of memory");
-            return;
-        }
-        c->out = q;
-        c->out_cap = cap;
-    }
-    memcpy(c->out + c->out_len, p, n);
-    c->out_len += n;
+    if (bench_out_add(&c->out, p, n) != 0)
+        fail("out of memory");
 }
 
 static void out_bulk(struct conn *c, const void *p, size_t n)
@@ -144,16 +127,11 @@ static void out_cmd(struct conn *c, int argc, const char **argv)
 
 static void flush(struct conn *c)
 {
-    int rc = bench_send_some(c->fd, c->out, c->out_len, &c->out_off);
-    if (rc == 1) {
+    int rc = bench_out_flush(&c->out, c->fd);
+    if (rc == 1)
         event_add(c->wev, NULL);
-        return;
-    }
-    if (rc < 0) {
+    else if (rc < 0)
         fail("send on connection %u: %s", c->idx, strerror(errno));
-        return;
-    }
-    c->out_off = c->out_len = 0;
 }
 
 static void stream_name(unsigned i, char *buf, size_t cap)
@@ -315,7 +293,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
         if ((size_t)n < sizeof buf)
             break;
     }
-    if (c->out_len > c->out_off)
+    if (c->out.len > c->out.off)
         flush(c);
     if (g_phase == PH_STOP && g_inflight_total == 0)
         event_base_loopbreak(g_base);
@@ -356,30 +334,12 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ---- set-up ---------------------------------------------------------------- */
 
-static int tcp_connect(void)
-{
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
-    if (getaddrinfo(g_o.host, g_o.port, &hints, &ai) != 0)
-        return -1;
-    int fd = socket(ai->ai_family, SOCK_STREAM, 0);
-    if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(ai);
-    if (fd >= 0) {
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    }
-    return fd;
-}
-
 /* Blocking, before the loop: sends c's queued output and reads one reply. */
 static redisReply *roundtrip(struct conn *c)
 {
-    if (bench_send_all(c->fd, c->out, c->out_len) != 0)
+    if (bench_send_all(c->fd, c->out.p, c->out.len) != 0)
         return NULL;
-    c->out_len = 0;
+    c->out.len = 0;
     for (;;) {
         void *reply = NULL;
         if (redisReaderGetReply(c->rd, &reply) != REDIS_OK)
@@ -397,7 +357,7 @@ static redisReply *roundtrip(struct conn *c)
 
 static int connect_one(struct conn *c)
 {
-    c->fd = tcp_connect();
+    c->fd = bench_tcp_connect(g_o.host, g_o.port);
     c->rd = redisReaderCreate();
     c->sent_ns = c->sub ? NULL : calloc(RB_RING, sizeof *c->sent_ns);
     if (c->fd < 0 || c->rd == NULL || (!c->sub && c->sent_ns == NULL)) {
@@ -440,21 +400,10 @@ static int reset_streams(struct conn *c)
     return rc;
 }
 
-static double rusage_now(void)
-{
-    struct rusage r;
-    getrusage(RUSAGE_SELF, &r);
-    return (double)r.ru_utime.tv_sec + (double)r.ru_utime.tv_usec / 1e6 +
-           (double)r.ru_stime.tv_sec + (double)r.ru_stime.tv_usec / 1e6;
-}
-
 /* ---- the run ------------------------------------------------------------- */
 
 struct window {
-    uint64_t t0, t1;
-    double cpu0, cpu1, srv0, srv1;
-    bench_stall_probe_t *probe;
-    bench_stalls_t stalls;
+    bench_window_t m;
     struct event *ev, *drain;
 };
 
@@ -464,21 +413,14 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct window *w = arg;
     if (g_phase == PH_WARMUP) {
-        w->probe = bench_stall_start();
-        w->cpu0 = rusage_now();
-        w->srv0 = bench_proc_cpu_sec(g_o.server_pid);
-        w->t0 = bench_now_ns();
+        bench_window_begin(&w->m, g_o.server_pid);
         g_phase = PH_MEASURE;
         struct timeval tv = {(time_t)g_o.seconds,
                              (suseconds_t)((g_o.seconds - (double)(time_t)g_o.seconds) * 1e6)};
         event_add(w->ev, &tv);
         return;
     }
-    w->t1 = bench_now_ns();
-    w->cpu1 = rusage_now();
-    w->srv1 = bench_proc_cpu_sec(g_o.server_pid);
-    bench_stall_stop(w->probe, &w->stalls);
-    w->probe = NULL;
+    bench_window_end(&w->m, g_o.server_pid);
     g_phase = PH_STOP; /* no new requests; the loop ends once the last XADDs are answered */
     if (g_inflight_total == 0)
         event_base_loopbreak(g_base);
@@ -522,32 +464,6 @@ static void usage(FILE *f)
                "  --json               one JSON object on stdout; the text goes to stderr\n");
 }
 
-static int parse_num(const char *s, double lo, double hi, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || *end || end == s || !(v >= lo) || !(v <= hi))
-        return -1;
-    *out = v;
-    return 0;
-}
-
-static int parse_url(const char *url)
-{
-    if (strncmp(url, "redis://", 8) != 0)
-        return -1;
-    const char *h = url + 8, *colon = strrchr(h, ':');
-    if (colon == NULL || colon == h || (size_t)(colon - h) >= sizeof g_o.host)
-        return -1;
-    snprintf(g_o.host, sizeof g_o.host, "%.*s", (int)(colon - h), h);
-    size_t pl = strlen(colon + 1);
-    if (pl == 0 || pl >= sizeof g_o.port || strspn(colon + 1, "0123456789") != pl)
-        return -1;
-    snprintf(g_o.port, sizeof g_o.port, "%s", colon + 1);
-    return 0;
-}
-
 static int parse_opts(int argc, char **argv)
 {
     static const struct option lo[] = {
@@ -572,44 +488,45 @@ static int parse_opts(int argc, char **argv)
         int bad = 0;
         switch (ch) {
         case 'u':
-            bad = parse_url(optarg);
+            bad = bench_parse_url(optarg, "redis", g_o.host, sizeof g_o.host, g_o.port,
+                                  sizeof g_o.port);
             have_url = !bad;
             break;
         case 'c':
-            bad = parse_num(optarg, 1, RB_MAX_CONNS, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 1, RB_MAX_CONNS, &v) || v != (unsigned)v;
             g_o.conns = (unsigned)v;
             break;
         case 'w':
-            bad = parse_num(optarg, 1, RB_RING / 2, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 1, RB_RING / 2, &v) || v != (unsigned)v;
             g_o.depth = (unsigned)v;
             break;
         case 's':
-            bad = parse_num(optarg, 0, RB_MAX_SUBS, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 0, RB_MAX_SUBS, &v) || v != (unsigned)v;
             g_o.subs = (unsigned)v;
             break;
         case 'r':
-            bad = parse_num(optarg, 1, 1e8, &g_o.rate);
+            bad = bench_parse_num(optarg, 1, 1e8, &g_o.rate);
             break;
         case 't':
-            bad = parse_num(optarg, 10, 1000000, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 10, 1000000, &v) || v != (unsigned)v;
             g_o.tick_us = (unsigned)v;
             break;
         case 'S':
-            bad = parse_num(optarg, 0.1, 3600, &g_o.seconds);
+            bad = bench_parse_num(optarg, 0.1, 3600, &g_o.seconds);
             break;
         case 'W':
-            bad = parse_num(optarg, 0, 3600, &g_o.warmup);
+            bad = bench_parse_num(optarg, 0, 3600, &g_o.warmup);
             break;
         case 'z':
-            bad = parse_num(optarg, 8, 1 << 20, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 8, 1 << 20, &v) || v != (unsigned)v;
             g_o.size = (unsigned)v;
             break;
         case 'p':
-            bad = parse_num(optarg, 1, 1e9, &v) || v != (long)v;
+            bad = bench_parse_num(optarg, 1, 1e9, &v) || v != (long)v;
             g_o.server_pid = (long)v;
             break;
         case 'n':
-            bad = parse_num(optarg, 1, 1e6, &v) || v != (unsigned)v;
+            bad = bench_parse_num(optarg, 1, 1e6, &v) || v != (unsigned)v;
             snprintf(g_o.count, sizeof g_o.count, "%u", (unsigned)v);
             break;
         case 'j':
@@ -648,12 +565,11 @@ static void json_lat(const char *name, const bench_hist_t *h)
            bench_hist_q_us(h, 0.999));
 }
 
-static void report(FILE *out, const struct window *w)
+static void report(FILE *out, const bench_window_t *w)
 {
-    double win = (double)(w->t1 - w->t0) / 1e9, rate = (double)g_acks / win;
+    double win = bench_window_s(w), rate = (double)g_acks / win;
     double sent = (double)g_sent / win, deliv = (double)g_deliveries / win;
-    double bcpu = (w->cpu1 - w->cpu0) / win;
-    double scpu = w->srv0 >= 0 && w->srv1 >= 0 ? (w->srv1 - w->srv0) / win : -1;
+    double bcpu = bench_window_cpu(w), scpu = bench_window_server_cpu(w);
     char c1[32], c2[32];
     if (g_o.rate > 0)
         fprintf(out, "load: %u publishers, open loop at %s XADD/s (sent every %u us), ", g_o.conns,
@@ -776,14 +692,14 @@ int main(int argc, char **argv)
                          (suseconds_t)((g_o.warmup - (double)(time_t)g_o.warmup) * 1e6)};
     event_add(w.ev, &tv);
     event_base_dispatch(g_base);
-    if (w.probe != NULL)
-        bench_stall_stop(w.probe, &w.stalls);
-    if (w.t1 == 0) {
+    if (w.m.probe != NULL)
+        bench_stall_stop(w.m.probe, &w.m.stalls);
+    if (w.m.t1 == 0) {
         if (!g_failed)
             fail("the run ended before its window");
         goto out;
     }
-    report(out, &w);
+    report(out, &w.m);
     rc = g_errors == 0 && g_acks > 0 && (g_o.subs == 0 || g_deliveries > 0) && !g_failed ? 0 : 1;
 out:
     if (tick != NULL)
@@ -802,7 +718,7 @@ out:
             close(c->fd);
         if (c->rd != NULL)
             redisReaderFree(c->rd);
-        free(c->out);
+        bench_out_free(&c->out);
         free(c->sent_ns);
     }
     event_base_free(g_base);
