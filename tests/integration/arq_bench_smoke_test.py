@@ -16,8 +16,10 @@ With arq-redis-bench (and redis-server on PATH), short runs against a private
 redis-server with appendfsync always: every XADD answered, each delivered to
 both subscribers exactly once per window (edges aside), the options echoed.
 """
+import contextlib
 import json
 import os
+import socket
 import shutil
 import subprocess
 import sys
@@ -126,24 +128,39 @@ def storm(d):
     check(r["errors"] == 0 and r["server_closes"] == 0, f"storm errors: {r['errors']}")
 
 
+def free_port():
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return so.getsockname()[1]
+
+
+@contextlib.contextmanager
+def peer_server(tmp, name, argv, ready):
+    """Runs a peer's server (argv) with its output in TMP/NAME.log, waits (up
+    to 10 s) for the line READY, and stops it afterwards."""
+    path = os.path.join(tmp, f"{name}.log")
+    with open(path, "w") as log:
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            for _ in range(100):
+                with open(path) as f:
+                    if ready in f.read():
+                        break
+                time.sleep(0.1)
+            yield p
+        finally:
+            p.terminate()
+            p.wait(timeout=20)
+
+
 def nats(tmp):
     server = shutil.which("nats-server")
     if not NATS_BENCH or not server:
         print("arq-nats-bench or nats-server missing: NATS run skipped", flush=True)
         return
-    import socket
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
-    log = open(os.path.join(tmp, "nats.log"), "w")
-    p = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
-                          os.path.join(tmp, "nats")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(100):
-            with open(os.path.join(tmp, "nats.log")) as f:
-                if "Server is ready" in f.read():
-                    break
-            time.sleep(0.1)
+    port = free_port()
+    argv = [server, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", os.path.join(tmp, "nats")]
+    with peer_server(tmp, "nats", argv, "Server is ready") as p:
         r = subprocess.run([NATS_BENCH, "--url", f"nats://127.0.0.1:{port}", "-c", "4", "-w",
                             "4", "--seconds", "0.5", "--warmup", "0.2", "--json",
                             "--server-pid", str(p.pid)], capture_output=True, text=True,
@@ -162,10 +179,6 @@ def nats(tmp):
         r = subprocess.run([NATS_BENCH, "--url", "nats://127.0.0.1:1", "-c", "1"],
                            capture_output=True, text=True, timeout=30)
         check(r.returncode == 1 and "connect" in r.stderr, f"no server: {r.returncode} {r.stderr}")
-    finally:
-        p.terminate()
-        p.wait(timeout=20)
-        log.close()
 
 
 def redis(tmp):
@@ -173,62 +186,51 @@ def redis(tmp):
     if not REDIS_BENCH or not server:
         print("arq-redis-bench or redis-server missing: Redis run skipped", flush=True)
         return
-    import socket
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
-    os.mkdir(os.path.join(tmp, "redis"))
-    log = open(os.path.join(tmp, "redis.log"), "w")
-    p = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--appendonly",
-                          "yes", "--appendfsync", "always", "--save", "", "--dir",
-                          os.path.join(tmp, "redis")], stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
     url = f"redis://127.0.0.1:{port}"
+    os.mkdir(os.path.join(tmp, "redis"))
+    argv = [server, "--bind", "127.0.0.1", "--port", str(port), "--appendonly", "yes",
+            "--appendfsync", "always", "--save", "", "--dir", os.path.join(tmp, "redis")]
+    with peer_server(tmp, "redis", argv, "Ready to accept connections") as p:
+        redis_runs(url, p.pid)
 
+
+def redis_runs(url, pid):
     def run(*args):
-        r = subprocess.run([REDIS_BENCH, "--url", url, "--json", "--server-pid", str(p.pid),
+        r = subprocess.run([REDIS_BENCH, "--url", url, "--json", "--server-pid", str(pid),
                             *args], capture_output=True, text=True, timeout=60)
         check(r.returncode == 0, f"arq-redis-bench {args}: exit {r.returncode}: "
                                  f"{r.stderr[-1500:]}")
         return json.loads(r.stdout) if r.returncode == 0 else None
 
-    try:
-        for _ in range(100):
-            with open(os.path.join(tmp, "redis.log")) as f:
-                if "Ready to accept connections" in f.read():
-                    break
-            time.sleep(0.1)
-        j = run("-c", "4", "-s", "2", "--rate", "2000", "--tick-us", "1000", "--seconds", "1",
-                "--warmup", "0.5", "--count", "50")
-        if j:
-            c = j["config"]
-            check(c["rate"] == 2000 and c["tick_us"] == 1000 and c["subscribers"] == 2
-                  and c["conns"] == 4 and j["server_cpu"] is not None, f"config echoed: {j}")
-            pub, dl = j["puback_latency"], j["delivery_latency"]
-            check(j["errors"] == 0 and j["not_sent"] == 0 and pub["samples"] > 0,
-                  f"every XADD answered: {j}")
-            check(abs(dl["samples"] - 2 * pub["samples"]) <= 0.05 * dl["samples"] + 20,
-                  f"deliveries {dl['samples']} against 2 x XADD replies {pub['samples']}")
-        # a second, closed-loop run starts from deleted streams: had it read the
-        # first run's ~3,000 entries from 0-0 (no warm-up: inside the window),
-        # the deliveries would outnumber the XADDs
-        j = run("-c", "3", "-w", "4", "-s", "1", "--seconds", "0.3", "--warmup", "0")
-        if j:
-            pub, dl = j["puback_latency"], j["delivery_latency"]
-            check(j["config"]["depth"] == 4 and j["publishes_per_s"] > 0,
-                  f"closed loop: {j['config']} {j['publishes_per_s']}")
-            check(dl["samples"] <= pub["samples"] * 1.05 + 20 and dl["samples"] > 0,
-                  f"closed loop: deliveries {dl['samples']} against XADDs {pub['samples']}")
-        r = subprocess.run([REDIS_BENCH, "--url", "redis://127.0.0.1:1", "-c", "1"],
-                           capture_output=True, text=True, timeout=30)
-        check(r.returncode == 1 and "connect" in r.stderr, f"no server: {r.returncode} {r.stderr}")
-        for args in (["--url", "nats://127.0.0.1:1"], ["--url", url, "--tick-us", "5"],
-                     ["--url", url, "-s", "x"]):
-            r = subprocess.run([REDIS_BENCH, *args], capture_output=True, text=True, timeout=30)
-            check(r.returncode == 2, f"{args}: {r.returncode} {r.stderr}")
-    finally:
-        p.terminate()
-        p.wait(timeout=20)
-        log.close()
+    j = run("-c", "4", "-s", "2", "--rate", "2000", "--tick-us", "1000", "--seconds", "1",
+            "--warmup", "0.5", "--count", "50")
+    if j:
+        c = j["config"]
+        check(c["rate"] == 2000 and c["tick_us"] == 1000 and c["subscribers"] == 2
+              and c["conns"] == 4 and j["server_cpu"] is not None, f"config echoed: {j}")
+        pub, dl = j["puback_latency"], j["delivery_latency"]
+        check(j["errors"] == 0 and j["not_sent"] == 0 and pub["samples"] > 0,
+              f"every XADD answered: {j}")
+        check(abs(dl["samples"] - 2 * pub["samples"]) <= 0.05 * dl["samples"] + 20,
+              f"deliveries {dl['samples']} against 2 x XADD replies {pub['samples']}")
+    # a second, closed-loop run starts from deleted streams: had it read the
+    # first run's ~3,000 entries from 0-0 (no warm-up: inside the window),
+    # the deliveries would outnumber the XADDs
+    j = run("-c", "3", "-w", "4", "-s", "1", "--seconds", "0.3", "--warmup", "0")
+    if j:
+        pub, dl = j["puback_latency"], j["delivery_latency"]
+        check(j["config"]["depth"] == 4 and j["publishes_per_s"] > 0,
+              f"closed loop: {j['config']} {j['publishes_per_s']}")
+        check(dl["samples"] <= pub["samples"] * 1.05 + 20 and dl["samples"] > 0,
+              f"closed loop: deliveries {dl['samples']} against XADDs {pub['samples']}")
+    r = subprocess.run([REDIS_BENCH, "--url", "redis://127.0.0.1:1", "-c", "1"],
+                       capture_output=True, text=True, timeout=30)
+    check(r.returncode == 1 and "connect" in r.stderr, f"no server: {r.returncode} {r.stderr}")
+    for args in (["--url", "nats://127.0.0.1:1"], ["--url", url, "--tick-us", "5"],
+                 ["--url", url, "-s", "x"]):
+        r = subprocess.run([REDIS_BENCH, *args], capture_output=True, text=True, timeout=30)
+        check(r.returncode == 2, f"{args}: {r.returncode} {r.stderr}")
 
 
 def usage_errors():
