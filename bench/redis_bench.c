@@ -600,9 +600,9 @@ static void report(FILE *out, const bench_window_t *w)
         return;
     printf("{\"tool\":\"arq-redis-bench\",\"config\":{\"conns\":%u,\"depth\":%u,"
            "\"subscribers\":%u,\"streams\":%u,\"payload_bytes\":%u,\"seconds\":%g,"
-           "\"warmup\":%g,\"rate\":%g,\"tick_us\":%u}",
+           "\"warmup\":%g,\"rate\":%g,\"tick_us\":%u,\"xread_count\":%s}",
            g_o.conns, g_o.depth, g_o.subs, RB_STREAMS, g_o.size, g_o.seconds, g_o.warmup, g_o.rate,
-           g_o.tick_us);
+           g_o.tick_us, g_o.count);
     printf(",\"window_s\":%.3f,\"publishes_per_s\":%.1f,\"sent_per_s\":%.1f,\"not_sent\":%llu,"
            "\"deliveries_per_s\":%.1f,\"errors\":%llu",
            win, rate, sent, (unsigned long long)g_not_sent, deliv, (unsigned long long)g_errors);

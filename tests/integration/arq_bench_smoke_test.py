@@ -208,7 +208,8 @@ def redis_runs(url, pid):
     if j:
         c = j["config"]
         check(c["rate"] == 2000 and c["tick_us"] == 1000 and c["subscribers"] == 2
-              and c["conns"] == 4 and j["server_cpu"] is not None, f"config echoed: {j}")
+              and c["conns"] == 4 and c["xread_count"] == 50 and j["server_cpu"] is not None,
+              f"config echoed: {j}")
         pub, dl = j["puback_latency"], j["delivery_latency"]
         check(j["errors"] == 0 and j["not_sent"] == 0 and pub["samples"] > 0,
               f"every XADD answered: {j}")
