@@ -37,14 +37,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_run.h"
 #include "bench_util.h"
 
 #define NB_MAX_CONNS 1000u
 #define NB_SUBJECTS  8u
 #define NB_RING      65536u /* send times per connection, by id; a power of two */
 #define NB_IN_MAX    (1u << 20)
-
-enum { PH_WARMUP, PH_MEASURE, PH_STOP };
 
 struct opts {
     char host[256], port[16];
@@ -71,8 +70,9 @@ struct conn {
 static struct opts g_o;
 static struct event_base *g_base;
 static struct conn *g_cs;
-static int g_phase = PH_WARMUP, g_failed;
-static unsigned g_run; /* this run's id in the reply subjects */
+static int g_failed;
+static bench_run_t g_sched; /* warm-up, window, drain */
+static unsigned g_run;      /* this run's id in the reply subjects */
 static uint64_t g_acks, g_errors, g_inflight_total;
 static bench_hist_t g_lat;
 static uint8_t *g_payload;
@@ -140,12 +140,12 @@ static void on_ack(struct conn *c, uint64_t id, const uint8_t *p, size_t n)
         if (g_errors++ < 5)
             fprintf(stderr, "arq-nats-bench: publish refused: %.*s\n", (int)(n > 300 ? 300 : n),
                     (const char *)p);
-    } else if (g_phase == PH_MEASURE) {
+    } else if (g_sched.phase == BENCH_PH_MEASURE) {
         g_acks++;
         uint64_t s = c->sent_ns[id & (NB_RING - 1)];
         bench_hist_add(&g_lat, t > s ? t - s : 0);
     }
-    if (g_phase != PH_STOP)
+    if (g_sched.phase != BENCH_PH_STOP)
         send_pub(c);
 }
 
@@ -233,8 +233,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
             break;
     }
     flush(c);
-    if (g_phase == PH_STOP && g_inflight_total == 0)
-        event_base_loopbreak(g_base);
+    bench_run_check_drained(&g_sched);
 }
 
 static void on_write(evutil_socket_t fd, short what, void *arg)
@@ -351,37 +350,8 @@ static int ensure_stream(struct conn *c)
 
 /* ---- the run ------------------------------------------------------------- */
 
-struct window {
-    bench_window_t m;
-    struct event *ev, *drain;
-};
-
-static void on_timer(evutil_socket_t fd, short what, void *arg)
+static void on_drain_timeout(void)
 {
-    (void)fd;
-    (void)what;
-    struct window *w = arg;
-    if (g_phase == PH_WARMUP) {
-        bench_window_begin(&w->m, g_o.server_pid);
-        g_phase = PH_MEASURE;
-        struct timeval tv = {(time_t)g_o.seconds,
-                             (suseconds_t)((g_o.seconds - (double)(time_t)g_o.seconds) * 1e6)};
-        event_add(w->ev, &tv);
-        return;
-    }
-    bench_window_end(&w->m, g_o.server_pid);
-    g_phase = PH_STOP; /* no new publishes; the loop ends once the last acks are in */
-    if (g_inflight_total == 0)
-        event_base_loopbreak(g_base);
-    struct timeval tv = {10, 0}; /* the acks still out get this long */
-    event_add(w->drain, &tv);
-}
-
-static void on_drain_timeout(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    (void)arg;
     fail("%llu publishes were never acknowledged", (unsigned long long)g_inflight_total);
 }
 
@@ -542,7 +512,6 @@ int main(int argc, char **argv)
     }
     memset(g_payload, 'x', g_o.size);
     int rc = 1;
-    struct window w = {0};
     unsigned n = 0;
     for (; n < g_o.conns; n++) {
         g_cs[n].idx = n;
@@ -568,28 +537,20 @@ int main(int argc, char **argv)
             send_pub(c);
         flush(c);
     }
-    w.ev = event_new(g_base, -1, 0, on_timer, &w);
-    w.drain = event_new(g_base, -1, 0, on_drain_timeout, NULL);
-    if (w.ev == NULL || w.drain == NULL)
+    if (bench_run_start(&g_sched, g_base, &g_inflight_total, g_o.warmup, g_o.seconds,
+                        g_o.server_pid, on_drain_timeout) != 0)
         goto out;
-    struct timeval tv = {(time_t)g_o.warmup,
-                         (suseconds_t)((g_o.warmup - (double)(time_t)g_o.warmup) * 1e6)};
-    event_add(w.ev, &tv);
     event_base_dispatch(g_base);
-    if (w.m.probe != NULL)
-        bench_stall_stop(w.m.probe, &w.m.stalls);
-    if (w.m.t1 == 0) {
+    bench_run_free(&g_sched);
+    if (g_sched.m.t1 == 0) {
         if (!g_failed)
             fail("the run ended before its window");
         goto out;
     }
-    report(out, &w.m);
+    report(out, &g_sched.m);
     rc = g_errors == 0 && g_acks > 0 && !g_failed ? 0 : 1;
 out:
-    if (w.ev != NULL)
-        event_free(w.ev);
-    if (w.drain != NULL)
-        event_free(w.drain);
+    bench_run_free(&g_sched);
     for (unsigned i = 0; i < n; i++) {
         struct conn *c = &g_cs[i];
         if (c->rev != NULL)

@@ -42,14 +42,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_run.h"
 #include "bench_util.h"
 
 #define RB_MAX_CONNS 1000u
 #define RB_MAX_SUBS  64u
 #define RB_STREAMS   8u
 #define RB_RING      65536u /* send times of the XADDs in flight; a power of two */
-
-enum { PH_WARMUP, PH_MEASURE, PH_STOP };
 
 struct opts {
     char host[256], port[16];
@@ -79,7 +78,8 @@ static struct opts g_o;
 static struct event_base *g_base;
 static struct conn *g_cs;
 static unsigned g_n; /* connections set up */
-static int g_phase = PH_WARMUP, g_failed;
+static int g_failed;
+static bench_run_t g_sched; /* warm-up, window, drain */
 static uint64_t g_acks, g_sent, g_not_sent, g_errors, g_inflight_total, g_deliveries;
 static uint64_t g_t_start, g_scheduled;
 static unsigned g_rr;
@@ -155,7 +155,7 @@ static int send_pub(struct conn *c)
     out_bulk(c, g_payload, g_o.size);
     c->sent_ns[c->head++ & (RB_RING - 1)] = t;
     g_inflight_total++;
-    if (g_phase == PH_MEASURE)
+    if (g_sched.phase == BENCH_PH_MEASURE)
         g_sent++;
     return 0;
 }
@@ -197,11 +197,11 @@ static void on_xadd_reply(struct conn *c, const redisReply *r)
             fprintf(stderr, "arq-redis-bench: XADD refused: %.*s\n",
                     r->type == REDIS_REPLY_ERROR ? (int)r->len : 0,
                     r->type == REDIS_REPLY_ERROR ? r->str : "");
-    } else if (g_phase == PH_MEASURE) {
+    } else if (g_sched.phase == BENCH_PH_MEASURE) {
         g_acks++;
         bench_hist_add(&g_pub_lat, t > s ? t - s : 0);
     }
-    if (g_o.rate <= 0 && g_phase != PH_STOP)
+    if (g_o.rate <= 0 && g_sched.phase != BENCH_PH_STOP)
         (void)send_pub(c);
 }
 
@@ -234,7 +234,7 @@ static void on_xread_reply(struct conn *c, const redisReply *r)
                     goto bad;
                 memcpy(c->last[si], e->element[0]->str, e->element[0]->len + 1);
                 const redisReply *fv = e->element[1];
-                if (g_phase != PH_MEASURE || fv->elements != 2 ||
+                if (g_sched.phase != BENCH_PH_MEASURE || fv->elements != 2 ||
                     fv->element[1]->type != REDIS_REPLY_STRING || fv->element[1]->len < 8)
                     continue;
                 uint64_t sent = 0;
@@ -246,7 +246,7 @@ static void on_xread_reply(struct conn *c, const redisReply *r)
         }
     } else if (r->type != REDIS_REPLY_NIL)
         goto bad;
-    if (g_phase != PH_STOP)
+    if (g_sched.phase != BENCH_PH_STOP)
         send_xread(c);
     return;
 bad:
@@ -266,7 +266,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             break;
         if (n <= 0) {
-            if (g_phase != PH_STOP || !c->sub)
+            if (g_sched.phase != BENCH_PH_STOP || !c->sub)
                 fail("connection %u closed by the server", c->idx);
             return;
         }
@@ -295,8 +295,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
     }
     if (c->out.len > c->out.off)
         flush(c);
-    if (g_phase == PH_STOP && g_inflight_total == 0)
-        event_base_loopbreak(g_base);
+    bench_run_check_drained(&g_sched);
 }
 
 static void on_write(evutil_socket_t fd, short what, void *arg)
@@ -313,7 +312,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     (void)arg;
-    if (g_phase == PH_STOP)
+    if (g_sched.phase == BENCH_PH_STOP)
         return;
     uint64_t due = (uint64_t)((double)(bench_now_ns() - g_t_start) * g_o.rate / 1e9);
     if (due <= g_scheduled)
@@ -324,7 +323,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     for (uint64_t i = 0; i < n; i++) {
         struct conn *c = &g_cs[g_rr];
         g_rr = (g_rr + 1) % g_o.conns;
-        if (send_pub(c) != 0 && g_phase == PH_MEASURE)
+        if (send_pub(c) != 0 && g_sched.phase == BENCH_PH_MEASURE)
             g_not_sent++;
     }
     unsigned touched = n >= g_o.conns ? g_o.conns : (unsigned)n;
@@ -402,37 +401,8 @@ static int reset_streams(struct conn *c)
 
 /* ---- the run ------------------------------------------------------------- */
 
-struct window {
-    bench_window_t m;
-    struct event *ev, *drain;
-};
-
-static void on_timer(evutil_socket_t fd, short what, void *arg)
+static void on_drain_timeout(void)
 {
-    (void)fd;
-    (void)what;
-    struct window *w = arg;
-    if (g_phase == PH_WARMUP) {
-        bench_window_begin(&w->m, g_o.server_pid);
-        g_phase = PH_MEASURE;
-        struct timeval tv = {(time_t)g_o.seconds,
-                             (suseconds_t)((g_o.seconds - (double)(time_t)g_o.seconds) * 1e6)};
-        event_add(w->ev, &tv);
-        return;
-    }
-    bench_window_end(&w->m, g_o.server_pid);
-    g_phase = PH_STOP; /* no new requests; the loop ends once the last XADDs are answered */
-    if (g_inflight_total == 0)
-        event_base_loopbreak(g_base);
-    struct timeval tv = {10, 0};
-    event_add(w->drain, &tv);
-}
-
-static void on_drain_timeout(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    (void)arg;
     fail("%llu XADDs were never answered", (unsigned long long)g_inflight_total);
 }
 
@@ -640,7 +610,6 @@ int main(int argc, char **argv)
     }
     memset(g_payload, 'x', g_o.size);
     int rc = 1;
-    struct window w = {0};
     struct event *tick = NULL;
     for (; g_n < total; g_n++) {
         struct conn *c = &g_cs[g_n];
@@ -684,30 +653,22 @@ int main(int argc, char **argv)
             flush(&g_cs[i]);
         }
     }
-    w.ev = event_new(g_base, -1, 0, on_timer, &w);
-    w.drain = event_new(g_base, -1, 0, on_drain_timeout, NULL);
-    if (w.ev == NULL || w.drain == NULL)
+    if (bench_run_start(&g_sched, g_base, &g_inflight_total, g_o.warmup, g_o.seconds,
+                        g_o.server_pid, on_drain_timeout) != 0)
         goto out;
-    struct timeval tv = {(time_t)g_o.warmup,
-                         (suseconds_t)((g_o.warmup - (double)(time_t)g_o.warmup) * 1e6)};
-    event_add(w.ev, &tv);
     event_base_dispatch(g_base);
-    if (w.m.probe != NULL)
-        bench_stall_stop(w.m.probe, &w.m.stalls);
-    if (w.m.t1 == 0) {
+    bench_run_free(&g_sched);
+    if (g_sched.m.t1 == 0) {
         if (!g_failed)
             fail("the run ended before its window");
         goto out;
     }
-    report(out, &w.m);
+    report(out, &g_sched.m);
     rc = g_errors == 0 && g_acks > 0 && (g_o.subs == 0 || g_deliveries > 0) && !g_failed ? 0 : 1;
 out:
     if (tick != NULL)
         event_free(tick);
-    if (w.ev != NULL)
-        event_free(w.ev);
-    if (w.drain != NULL)
-        event_free(w.drain);
+    bench_run_free(&g_sched);
     for (unsigned i = 0; i < g_n; i++) {
         struct conn *c = &g_cs[i];
         if (c->rev != NULL)
