@@ -1,17 +1,17 @@
 /*
  * pl_shim.c - LD_PRELOAD power-loss simulator for the WAL's files (tests
- * only). Writes to a file named data.mdb (LMDB) or journal (the WAL's
- * journal, written with pwrite + fdatasync) that was opened without O_DSYNC are
- * held in memory and reach the file only when the process fsyncs it, as in a
- * page cache that a power cut empties. O_DSYNC writes (LMDB's meta page fd)
- * go straight to the file. At the N-th write/sync event (ARQ_PL_CRASH_AT=N)
- * the shim "loses power": it applies a random subset of the pending writes,
- * some torn at a 512-byte boundary, in random order, then _exit(86).
+ * only). Writes to a file named data.mdb (LMDB) or journal / journal.1 (the
+ * WAL's journal, written with pwrite + fdatasync) that was opened without
+ * O_DSYNC are pending until the process fsyncs that descriptor, as in a page
+ * cache that a power cut empties; O_DSYNC writes (LMDB's meta page fd, unless
+ * MDB_NOMETASYNC) are durable at once. At the N-th write/sync event
+ * (ARQ_PL_CRASH_AT=N) the shim "loses power": the disk ends up holding what
+ * was durable plus a random subset of the pending writes, some torn at a
+ * 512-byte boundary, applied in random order; then _exit(86).
  *
- * Reads through pread see pending writes; reads through the map do not, which
- * is faithful for LMDB without MDB_WRITEMAP: it reads back only committed
- * (synced) pages, as long as a transaction never spills dirty pages (our
- * tests' transactions are far below that size).
+ * A pending write goes to the file at once (so pread and the map see it, as
+ * they see the page cache) and keeps the bytes it replaced; the cut puts
+ * those back, newest first, before applying the chosen subset.
  */
 /* Interpose the plain symbols LMDB links (open, pwrite...), not the *64 aliases. */
 #undef _FILE_OFFSET_BITS
@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -33,11 +34,13 @@ struct pending {
     int fd; /* the buffered fd of data.mdb or of the journal */
     off_t off;
     size_t len;
-    unsigned char *data;
+    unsigned char *data; /* what was written */
+    unsigned char *old;  /* what it replaced (zeroes past the old end of file) */
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static unsigned char tracked[MAX_FD]; /* 1: buffered fd, 2: O_DSYNC fd */
+static ino_t inode[MAX_FD];
 static struct pending *pend;
 static size_t n_pend, cap_pend;
 static unsigned long events, crash_at;
@@ -93,29 +96,36 @@ static int is_data_file(const char *path)
 {
     size_t n = strlen(path);
     return (n >= 8 && strcmp(path + n - 8, "data.mdb") == 0) ||
-           (n >= 8 && strcmp(path + n - 8, "/journal") == 0);
+           (n >= 8 && strcmp(path + n - 8, "/journal") == 0) ||
+           (n >= 10 && strcmp(path + n - 10, "/journal.1") == 0);
 }
 
 static void track(int fd, const char *path, int flags)
 {
-    if (fd >= 0 && fd < MAX_FD && is_data_file(path))
+    struct stat st;
+    if (fd >= 0 && fd < MAX_FD && is_data_file(path) && fstat(fd, &st) == 0) {
         tracked[fd] = (flags & (O_DSYNC | O_SYNC)) ? 2 : 1;
+        inode[fd] = st.st_ino;
+    }
 }
 
-static void apply(int fd, const struct pending *p, size_t len)
+static void put(int fd, const unsigned char *data, size_t len, off_t off)
 {
     size_t done = 0;
     while (done < len) {
-        ssize_t w = r_pwrite(fd, p->data + done, len - done, p->off + (off_t)done);
+        ssize_t w = r_pwrite(fd, data + done, len - done, off + (off_t)done);
         if (w <= 0)
             _exit(87);
         done += (size_t)w;
     }
 }
 
-/* Power cut: some pending writes reach the disk, in any order, some torn. */
+/* Power cut: the disk keeps what was durable and some pending writes, in
+ * any order, some torn. */
 static void crash(int fd)
 {
+    for (size_t i = n_pend; i > 0; i--) /* back to the durable state */
+        put(pend[i - 1].fd, pend[i - 1].old, pend[i - 1].len, pend[i - 1].off);
     for (size_t i = n_pend; i > 1; i--) {
         size_t j = next_rand() % i;
         struct pending t = pend[i - 1];
@@ -129,7 +139,7 @@ static void crash(int fd)
         size_t len = pend[i].len;
         if (r == 2 && len > 512)
             len = 512 * (1 + next_rand() % (len / 512)); /* torn */
-        apply(pend[i].fd, &pend[i], len);
+        put(pend[i].fd, pend[i].data, len, pend[i].off);
     }
     (void)fd;
     _exit(86);
@@ -143,6 +153,7 @@ static void tick(int fd)
         crash(fd);
 }
 
+/* A buffered write: to the file now, and pending until its fd is synced. */
 static void buffer(int fd, const void *buf, size_t n, off_t off)
 {
     if (n_pend == cap_pend) {
@@ -151,11 +162,37 @@ static void buffer(int fd, const void *buf, size_t n, off_t off)
         if (!pend)
             _exit(88);
     }
-    unsigned char *d = malloc(n ? n : 1);
-    if (!d)
+    unsigned char *d = malloc(n ? n : 1), *old = calloc(1, n ? n : 1);
+    if (!d || !old)
         _exit(88);
     memcpy(d, buf, n);
-    pend[n_pend++] = (struct pending){fd, off, n, d};
+    for (size_t got = 0; got < n;) {
+        ssize_t r = r_pread(fd, old + got, n - got, off + (off_t)got);
+        if (r < 0)
+            _exit(87);
+        if (r == 0)
+            break; /* past the end of the file: zeroes */
+        got += (size_t)r;
+    }
+    put(fd, d, n, off);
+    pend[n_pend++] = (struct pending){fd, off, n, d, old};
+}
+
+/* An O_DSYNC write is durable: pending writes of the same file under it
+ * neither come back nor get lost at the cut. */
+static void durable_over(int fd, const unsigned char *buf, size_t n, off_t off)
+{
+    for (size_t i = 0; i < n_pend; i++) {
+        if (inode[pend[i].fd] != inode[fd])
+            continue;
+        off_t a = pend[i].off > off ? pend[i].off : off;
+        off_t e1 = pend[i].off + (off_t)pend[i].len, e2 = off + (off_t)n;
+        off_t b = e1 < e2 ? e1 : e2;
+        if (a < b) {
+            memcpy(pend[i].data + (a - pend[i].off), buf + (a - off), (size_t)(b - a));
+            memcpy(pend[i].old + (a - pend[i].off), buf + (a - off), (size_t)(b - a));
+        }
+    }
 }
 
 static void flush_pending(int fd)
@@ -166,8 +203,8 @@ static void flush_pending(int fd)
             pend[keep++] = pend[i];
             continue;
         }
-        apply(fd, &pend[i], pend[i].len);
         free(pend[i].data);
+        free(pend[i].old);
     }
     n_pend = keep;
 }
@@ -225,10 +262,13 @@ ssize_t pwrite(int fd, const void *buf, size_t n, off_t off)
     pthread_mutex_lock(&mu);
     tick(fd);
     ssize_t rc = (ssize_t)n;
-    if (tracked[fd] == 2)
+    if (tracked[fd] == 2) {
         rc = r_pwrite(fd, buf, n, off); /* O_DSYNC: durable on return */
-    else
+        if (rc > 0)
+            durable_over(fd, buf, (size_t)rc, off);
+    } else {
         buffer(fd, buf, n, off);
+    }
     pthread_mutex_unlock(&mu);
     return rc;
 }
@@ -271,25 +311,7 @@ ssize_t writev(int fd, const struct iovec *iov, int cnt)
 ssize_t pread(int fd, void *buf, size_t n, off_t off)
 {
     init();
-    ssize_t rc = r_pread(fd, buf, n, off);
-    if (fd < 0 || fd >= MAX_FD || !tracked[fd] || rc < 0)
-        return rc;
-    pthread_mutex_lock(&mu);
-    for (size_t i = 0; i < n_pend; i++) { /* overlay, oldest first */
-        if (pend[i].fd != fd)
-            continue;
-        off_t a = pend[i].off > off ? pend[i].off : off;
-        off_t e1 = pend[i].off + (off_t)pend[i].len, e2 = off + (off_t)n;
-        off_t b = e1 < e2 ? e1 : e2;
-        if (a < b) {
-            memcpy((unsigned char *)buf + (a - off), pend[i].data + (a - pend[i].off),
-                   (size_t)(b - a));
-            if (b - off > rc)
-                rc = b - off;
-        }
-    }
-    pthread_mutex_unlock(&mu);
-    return rc;
+    return r_pread(fd, buf, n, off);
 }
 
 /* The WAL's own code is built with _FILE_OFFSET_BITS=64 and calls these. */
