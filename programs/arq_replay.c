@@ -215,7 +215,8 @@ int rp_open_wal(const rp_opts_t *o, wal_t **ret)
                o->data_dir, err[0] ? err : wal_strerror(rc));
         err[0] = 0;
     } else if (folded) {
-        rp_err("note: '%s/journal' held %llu acknowledged batches not yet in LMDB (arqd did not "
+        rp_err("note: the journal in '%s' held %llu acknowledged batches not yet in LMDB (arqd did "
+               "not "
                "stop cleanly): folded them in first",
                o->data_dir, (unsigned long long)folded);
     }

@@ -705,9 +705,10 @@ int rp_cmd_restore(rp_opts_t *o, int argc, char **argv)
     if (r.old_dir) {
         uint64_t folded = 0;
         if (wal_fold_journal(r.old_dir, &folded, r.err, sizeof(r.err)) == 0 && folded)
-            rp_err("note: '%s/journal' held %llu acknowledged batches not yet in LMDB: folded "
-                   "them in first",
-                   r.old_dir, (unsigned long long)folded);
+            rp_err(
+                "note: the journal in '%s' held %llu acknowledged batches not yet in LMDB: folded "
+                "them in first",
+                r.old_dir, (unsigned long long)folded);
         r.err[0] = 0;
         wal_options_t wo = {.dir = r.old_dir, .read_only = 1};
         int wrc = wal_open(&wo, NULL, &r.old, r.err, sizeof(r.err));

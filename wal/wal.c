@@ -16,7 +16,8 @@
  *     cursors  u8 len, session, stream id (u32 BE) -> cursor value
  *     dedup    u8 len, producer, msgid -> dedup value
  *     sessions session id -> session value
- *   and <dir>/journal, a redo log in front of LMDB (wal_journal.h).
+ *   and <dir>/journal + <dir>/journal.1, a redo log in front of LMDB
+ *   (wal_journal.h).
  *
  * Durability. Every write happens on the writer thread. A batch is written
  * into an LMDB child transaction of `outer` while its LMDB writes are
@@ -24,10 +25,12 @@
  * sequential flush: the batch's durable point, where requests marked
  * wal_append_when_durable complete), then the child commits into `outer`.
  * `outer` is committed (folded) every apply_us or after apply_idle_us idle:
- * mdb_txn_commit() returns only after the data pages and then the meta page
- * were fsynced (LMDB's two flushes); the other requests complete then, and
- * the journal restarts at offset 0. wal_open folds in whatever entries LMDB
- * lacks (journal_recover). Without a journal every batch is `outer` alone,
+ * mdb_txn_commit() flushes the data pages and writes the meta page, which
+ * MDB_NOMETASYNC leaves to the next LMDB commit's flush; the other requests
+ * complete then, and the entries go to the journal's other file from offset
+ * 0, so the fold's entries outlive its unflushed meta page (outer_commit).
+ * Every other LMDB commit is flushed whole (wal_meta_sync). wal_open folds
+ * in whatever entries LMDB lacks (journal_recover). Without a journal every batch is `outer` alone,
  * committed at once. Nothing is acknowledged before it is durable. A commit that fails with
  * anything but "no space" makes the WAL fail-stop: after an fsync error the
  * kernel may have dropped the dirty pages, so a retry could report success
@@ -287,16 +290,16 @@ static int load_heads(wal_t *wal, MDB_txn *txn, char *errbuf, size_t errlen)
 
 /* ---- journal: open and recovery ------------------------------------------ */
 
-/* Open (creating) the journal and lock it. Another process that has this
- * WAL open for writing holds the lock: we then commit every batch to LMDB
- * directly and leave its journal alone. */
-static int journal_open(wal_t *wal, char *errbuf, size_t errlen)
+/* Open (creating) journal file f: `journal` (0) or `journal.1` (1). */
+static int journal_open_file(wal_t *wal, unsigned f, int *ret_fd, bool *ret_new, char *errbuf,
+                             size_t errlen)
 {
-    size_t plen = strlen(wal->dir) + sizeof("/journal");
+    const char *name = f ? "/journal.1" : "/journal";
+    size_t plen = strlen(wal->dir) + strlen(name) + 1;
     char *path = malloc(plen);
     if (!path)
         return WAL_ENOMEM;
-    snprintf(path, plen, "%s/journal", wal->dir);
+    snprintf(path, plen, "%s%s", wal->dir, name);
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0) {
         wal_errf(errbuf, errlen, "cannot open journal '%s': %s", path, strerror(errno));
@@ -304,19 +307,41 @@ static int journal_open(wal_t *wal, char *errbuf, size_t errlen)
         return WAL_EIO;
     }
     free(path);
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        close(fd);
-        return 0;
-    }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         wal_errf(errbuf, errlen, "journal: %s", strerror(errno));
         close(fd);
         return WAL_EIO;
     }
-    wal->jfd = fd;
-    wal->jfile = (uint64_t)st.st_size;
-    if (st.st_size == 0) {
+    *ret_fd = fd;
+    *ret_new = st.st_size == 0;
+    wal->jfile[f] = (uint64_t)st.st_size;
+    return 0;
+}
+
+/* Open (creating) the journal's two files and lock the first. Another
+ * process that has this WAL open for writing holds the lock: we then commit
+ * every batch to LMDB directly and leave the journal alone. */
+static int journal_open(wal_t *wal, char *errbuf, size_t errlen)
+{
+    int fd0, fd1;
+    bool new0, new1;
+    int rc = journal_open_file(wal, 0, &fd0, &new0, errbuf, errlen);
+    if (rc)
+        return rc;
+    if (flock(fd0, LOCK_EX | LOCK_NB) != 0) {
+        close(fd0);
+        wal->jfile[0] = 0;
+        return 0;
+    }
+    rc = journal_open_file(wal, 1, &fd1, &new1, errbuf, errlen);
+    if (rc) {
+        close(fd0);
+        return rc;
+    }
+    wal->jfd[0] = fd0;
+    wal->jfd[1] = fd1;
+    if (new0 || new1) {
         /* A new file: its directory entry must be durable before any
          * entry in it is acknowledged. */
         int dfd = open(wal->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -343,73 +368,129 @@ static int journal_apply_op(wal_t *wal, MDB_txn *txn, const wal_jop_t *op)
     return wal_del_prefix(txn, dbi, op->key, op->key_len);
 }
 
+/* The unbroken run of entries at the start of one journal file. */
+struct jrun {
+    bool have;
+    uint64_t first, end; /* jseq of its first entry; one past its last */
+};
+
+struct jscan {
+    uint8_t *body;
+    size_t body_cap;
+    uint64_t applied;
+};
+
+/*
+ * Read journal file f from offset 0 while each entry has the magic, a body
+ * inside the file, a valid checksum and the jseq one above the previous
+ * one's; fill *run. With txn, apply the ops of the entries with jseq in
+ * [from, to) to it. Returns an LMDB/errno code (MDB_CORRUPTED for a
+ * malformed op inside an entry whose checksum is valid).
+ */
+static int journal_run(wal_t *wal, unsigned f, MDB_txn *txn, uint64_t from, uint64_t to,
+                       struct jscan *sc, struct jrun *run, char *errbuf, size_t errlen)
+{
+    uint8_t hdr[WAL_JOURNAL_HDR];
+    uint64_t off = 0, size = wal->jfile[f];
+    int rc = 0;
+    *run = (struct jrun){0};
+    while (!rc && off + WAL_JOURNAL_HDR <= size) {
+        ssize_t got = pread(wal->jfd[f], hdr, sizeof(hdr), (off_t)off);
+        wal_jentry_t e;
+        if (got != (ssize_t)sizeof(hdr) || wal_jentry_decode_header(hdr, size - off, &e) != 0 ||
+            (run->have && e.jseq != run->end))
+            break;
+        if (e.body_len > sc->body_cap) {
+            uint8_t *nb = realloc(sc->body, e.body_len);
+            if (!nb)
+                return ENOMEM;
+            sc->body = nb;
+            sc->body_cap = e.body_len;
+        }
+        if (e.body_len && pread(wal->jfd[f], sc->body, e.body_len,
+                                (off_t)(off + WAL_JOURNAL_HDR)) != (ssize_t)e.body_len)
+            break;
+        e.body = sc->body;
+        if (wal_jentry_verify(hdr, &e) != 0)
+            break;
+        if (txn && e.jseq >= from && e.jseq < to) {
+            size_t pos = 0;
+            wal_jop_t op;
+            int g;
+            while (!rc && (g = wal_jop_next(e.body, e.body_len, &pos, &op)) == 1)
+                rc = journal_apply_op(wal, txn, &op);
+            if (!rc && g < 0) {
+                wal_errf(errbuf, errlen, "journal%s entry %llu at byte %llu: malformed op",
+                         f ? ".1" : "", (unsigned long long)e.jseq, (unsigned long long)off);
+                rc = MDB_CORRUPTED;
+            }
+            sc->applied++;
+        }
+        if (!run->have)
+            run->first = e.jseq;
+        run->have = true;
+        run->end = e.jseq + 1;
+        off += e.size;
+    }
+    return rc;
+}
+
 /*
  * Fold into LMDB, in one durable transaction, every journal entry that
- * LMDB does not hold yet: the entries from offset 0 that form an unbroken
- * run of sequence numbers with valid checksums, from meta "journal_next"
- * on. The run ends at zeroes, a torn or stale entry (an older lap of the
- * file) or the end of the file. Sets wal->jseq; the journal restarts at 0.
+ * LMDB does not hold yet: from meta "journal_next" on, the chain of
+ * entries with consecutive sequence numbers through the runs at the start
+ * of the two files (a fold moves the writer to the other file, so the
+ * chain may start in either and continue in the other). A run ends at
+ * zeroes, a torn or stale entry (an older lap of the file) or the end of
+ * the file. Sets wal->jseq past every entry seen; the journal restarts at
+ * offset 0 of its first file.
  */
 int wal_journal_recover(wal_t *wal, char *errbuf, size_t errlen)
 {
-    uint8_t hdr[WAL_JOURNAL_HDR];
-    uint8_t *body = NULL;
-    size_t body_cap = 0;
+    struct jscan sc = {0};
     int rc;
     for (;;) {
         MDB_txn *txn;
         rc = mdb_txn_begin(wal->env, NULL, 0, &txn);
         if (rc)
             break;
-        uint64_t next = 0, expect = 0, off = 0, applied = 0;
-        bool have = false;
+        uint64_t next = 0;
         MDB_val mk = {12, "journal_next"}, mv;
         if (mdb_get(txn, wal->dbi_meta, &mk, &mv) == 0 && mv.mv_size == 8)
             next = wal_get_le64(mv.mv_data);
-        while (!rc && off + WAL_JOURNAL_HDR <= wal->jfile) {
-            ssize_t got = pread(wal->jfd, hdr, sizeof(hdr), (off_t)off);
-            wal_jentry_t e;
-            if (got != (ssize_t)sizeof(hdr) ||
-                wal_jentry_decode_header(hdr, wal->jfile - off, &e) != 0 ||
-                (have && e.jseq != expect))
+        struct jrun runs[2];
+        for (unsigned f = 0; f < 2 && !rc; f++)
+            rc = journal_run(wal, f, NULL, 0, 0, &sc, &runs[f], errbuf, errlen);
+        /* Follow the chain from next: at most once through each file. */
+        uint64_t last = next, seen = next;
+        bool used[2] = {false, false};
+        sc.applied = 0;
+        for (unsigned step = 0; step < 2 && !rc; step++) {
+            unsigned f = 0;
+            while (f < 2 &&
+                   (used[f] || !runs[f].have || runs[f].first > last || runs[f].end <= last))
+                f++;
+            if (f == 2)
                 break;
-            if (e.body_len > body_cap) {
-                uint8_t *nb = realloc(body, e.body_len);
-                if (!nb) {
-                    rc = ENOMEM;
-                    break;
-                }
-                body = nb;
-                body_cap = e.body_len;
-            }
-            if (e.body_len && pread(wal->jfd, body, e.body_len, (off_t)(off + WAL_JOURNAL_HDR)) !=
-                                  (ssize_t)e.body_len)
-                break;
-            e.body = body;
-            if (wal_jentry_verify(hdr, &e) != 0)
-                break;
-            if (e.jseq >= next) {
-                size_t pos = 0;
-                wal_jop_t op;
-                int g;
-                while (!rc && (g = wal_jop_next(e.body, e.body_len, &pos, &op)) == 1)
-                    rc = journal_apply_op(wal, txn, &op);
-                if (!rc && g < 0) {
-                    wal_errf(errbuf, errlen, "journal entry %llu at byte %llu: malformed op",
-                             (unsigned long long)e.jseq, (unsigned long long)off);
-                    rc = MDB_CORRUPTED;
-                }
-                applied++;
-            }
-            have = true;
-            expect = e.jseq + 1;
-            off += e.size;
+            struct jrun again;
+            rc = journal_run(wal, f, txn, last, runs[f].end, &sc, &again, errbuf, errlen);
+            used[f] = true;
+            last = runs[f].end;
         }
-        uint64_t last = have && expect > next ? expect : next;
+        for (unsigned f = 0; f < 2; f++)
+            if (runs[f].have && runs[f].end > seen)
+                seen = runs[f].end;
         if (!rc && last == next) {
-            mdb_txn_abort(txn); /* nothing to fold in: write nothing */
-            wal->jseq = last;
-            wal->joff = 0;
+            /* Nothing to fold in. The files are rewritten from here on, so
+             * LMDB's last commit must be durable: a killed writer may have
+             * left its last fold's meta page unflushed (MDB_NOMETASYNC). */
+            mdb_txn_abort(txn);
+            rc = mdb_env_sync(wal->env, 1);
+            if (!rc) {
+                wal->jseq = seen;
+                wal->jcur = 0;
+                wal->joff = 0;
+            }
             break;
         }
         if (!rc) {
@@ -432,14 +513,17 @@ int wal_journal_recover(wal_t *wal, char *errbuf, size_t errlen)
             rc = 0;
             continue;
         }
+        if (!rc)
+            rc = mdb_env_sync(wal->env, 1); /* as above */
         if (!rc) {
-            wal->jseq = last;
+            wal->jseq = seen;
+            wal->jcur = 0;
             wal->joff = 0;
-            __atomic_add_fetch(&wal->st_recovered, applied, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&wal->st_recovered, sc.applied, __ATOMIC_RELAXED);
         }
         break;
     }
-    free(body);
+    free(sc.body);
     if (rc && rc != MDB_CORRUPTED)
         wal_errf(errbuf, errlen, "journal recovery in '%s': %s", wal->dir, mdb_strerror(rc));
     return rc == MDB_CORRUPTED ? WAL_ECORRUPT : rc ? wal_map_mdb(rc) : 0;
@@ -483,8 +567,9 @@ static void wal_free(wal_t *wal)
     if (wal->done_ev)
         event_free(wal->done_ev);
     wal_heads_free(wal);
-    if (wal->jfd >= 0)
-        close(wal->jfd); /* releases the flock */
+    for (unsigned f = 0; f < 2; f++)
+        if (wal->jfd[f] >= 0)
+            close(wal->jfd[f]); /* the first one releases the flock */
     free(wal->jbuf);
     pthread_rwlock_destroy(&wal->map_lock);
     pthread_mutex_destroy(&wal->mu);
@@ -514,7 +599,7 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
     wal->dir = strdup(opts->dir);
     wal->read_only = opts->read_only != 0;
     wal->base = wal->read_only ? NULL : base;
-    wal->jfd = -1;
+    wal->jfd[0] = wal->jfd[1] = -1;
     /* Prefer the writer: a stream of short reads must not starve a resize. */
     pthread_rwlockattr_t rwa;
     pthread_rwlockattr_init(&rwa);
@@ -595,7 +680,7 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
             goto fail;
         }
         rc = journal_open(wal, errbuf, errlen);
-        if (!rc && wal->jfd >= 0)
+        if (!rc && wal->jfd[0] >= 0)
             rc = wal_journal_recover(wal, errbuf, errlen);
         if (rc)
             goto fail;
@@ -612,6 +697,11 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
         wal->st_acked_next = wal->next_seq;
         mrc = mdb_txn_commit(txn);
         txn = NULL;
+        if (!mrc && wal->jfd[0] >= 0) {
+            /* Folds flush LMDB once, not twice: see outer_commit. */
+            mrc = mdb_env_set_flags(wal->env, MDB_NOMETASYNC, 1);
+            wal->meta_lazy = mrc == 0;
+        }
         if (mrc) {
             wal_errf(errbuf, errlen, "initial commit in '%s': %s", wal->dir, mdb_strerror(mrc));
             rc = wal_map_mdb(mrc);
@@ -659,6 +749,8 @@ void wal_close(wal_t *wal)
     pthread_mutex_unlock(&wal->mu);
     if (wal->writer_started)
         pthread_join(wal->writer, NULL);
+    if (wal->meta_lazy)
+        (void)wal_meta_sync(wal); /* the last fold's meta page */
     if (wal->base)
         wal_done_run(wal); /* completions the loop has not run yet */
     wal_free(wal);

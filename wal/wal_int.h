@@ -155,12 +155,16 @@ struct wal {
     uint64_t map_size;
     uint64_t page_size;
 
-    /* journal (docs/wal-format.md, "Journal"): writer-private after open */
-    int jfd;        /* -1: no journal: every batch commits LMDB itself */
-    uint64_t jfile; /* bytes of the file that exist (zero-filled past the entries) */
-    uint64_t joff;  /* where the next entry goes */
-    uint64_t jseq;  /* the next entry's sequence number */
-    uint8_t *jbuf;  /* room for the header, then the ops of the batch */
+    /* journal (docs/wal-format.md, "Journal"): two files, `journal` and
+     * `journal.1`; entries go to jfd[jcur], which changes at every fold.
+     * Writer-private after open. */
+    int jfd[2];        /* -1: no journal: every batch commits LMDB itself */
+    uint64_t jfile[2]; /* bytes of each file that exist (zero-filled past the entries) */
+    unsigned jcur;     /* the file entries are appended to */
+    uint64_t joff;     /* where the next entry goes in it */
+    bool meta_lazy;    /* MDB_NOMETASYNC: a fold's meta page is durable at the next sync */
+    uint64_t jseq;     /* the next entry's sequence number */
+    uint8_t *jbuf;     /* room for the header, then the ops of the batch */
     size_t jbuf_len, jbuf_cap;
     bool jrec;      /* record LMDB writes into jbuf */
     MDB_txn *outer; /* LMDB txn holding journaled batches, not yet committed */
@@ -215,6 +219,7 @@ void wal_put_meta_u64(uint8_t *buf, uint64_t v);
 int wal_put_record(wal_t *wal, MDB_txn *txn, wal_rec_t *rec, unsigned log_flags,
                    const uint8_t *dkey, size_t dkey_len, int64_t dedup_time_us);
 int wal_txn_commit(wal_t *wal, MDB_txn *txn);
+int wal_meta_sync(wal_t *wal);
 int wal_write_heads(wal_t *wal, MDB_txn *txn);
 int wal_write_next_seq(wal_t *wal, MDB_txn *txn);
 void *wal_writer_main(void *arg);

@@ -474,7 +474,7 @@ int wal_stats_get(wal_t *wal, wal_stats_t *ret)
     s.acked_next_seq = __atomic_load_n(&wal->st_acked_next, __ATOMIC_ACQUIRE);
     if (s.acked_next_seq < s.next_seq)
         s.acked_next_seq = s.next_seq;
-    s.journal = wal->jfd >= 0;
+    s.journal = wal->jfd[0] >= 0;
     *ret = s;
     return 0;
 }

@@ -253,7 +253,14 @@ int wal_txn_commit(wal_t *wal, MDB_txn *txn)
         mdb_txn_abort(txn);
         return fault;
     }
-    return mdb_txn_commit(txn);
+    int rc = mdb_txn_commit(txn);
+    return rc ? rc : wal_meta_sync(wal);
+}
+
+int wal_meta_sync(wal_t *wal)
+{
+    /* Only a fold may leave its meta page to the next flush (outer_commit). */
+    return wal->meta_lazy ? mdb_env_sync(wal->env, 1) : 0;
 }
 
 void wal_batch_rollback(wal_t *wal, uint64_t saved_seq, uint32_t saved_id)
@@ -691,19 +698,20 @@ static int pwrite_all(int fd, const uint8_t *p, size_t len, uint64_t off)
 static int journal_extend(wal_t *wal, uint64_t upto)
 {
     static const uint8_t zero[65536];
+    unsigned f = wal->jcur;
     uint64_t target = (upto + JOURNAL_CHUNK - 1) / JOURNAL_CHUNK * JOURNAL_CHUNK;
     if (target > wal->opts.journal_max)
         target = wal->opts.journal_max;
-    for (uint64_t off = wal->jfile; off < target;) {
+    for (uint64_t off = wal->jfile[f]; off < target;) {
         size_t n = target - off < sizeof(zero) ? (size_t)(target - off) : sizeof(zero);
-        int rc = pwrite_all(wal->jfd, zero, n, off);
+        int rc = pwrite_all(wal->jfd[f], zero, n, off);
         if (rc)
             return rc;
         off += n;
     }
-    if (fdatasync(wal->jfd) != 0)
+    if (fdatasync(wal->jfd[f]) != 0)
         return errno;
-    wal->jfile = target;
+    wal->jfile[f] = target;
     return 0;
 }
 
@@ -716,11 +724,12 @@ static int journal_write(wal_t *wal, uint64_t size)
     memset(wal->jbuf + wal->jbuf_len, 0, size - wal->jbuf_len);
     wal_jentry_header(wal->jbuf, wal->jseq, wal->jbuf + WAL_JOURNAL_HDR, body_len);
     int rc = 0;
-    if (wal->joff + size > wal->jfile)
+    int fd = wal->jfd[wal->jcur];
+    if (wal->joff + size > wal->jfile[wal->jcur])
         rc = journal_extend(wal, wal->joff + size);
     if (!rc)
-        rc = pwrite_all(wal->jfd, wal->jbuf, (size_t)size, wal->joff);
-    if (!rc && fdatasync(wal->jfd) != 0)
+        rc = pwrite_all(fd, wal->jbuf, (size_t)size, wal->joff);
+    if (!rc && fdatasync(fd) != 0)
         rc = errno;
     if (rc)
         return rc;
@@ -746,10 +755,18 @@ static bool map_near_full(wal_t *wal)
 
 /*
  * Commit wal->outer: every journaled batch becomes part of LMDB (and
- * readable), the journal restarts at offset 0, and the requests waiting for
- * readability complete. A failure here leaves acknowledged batches only in
- * the journal: the WAL fails-stop and the next open folds them in, except
- * for "map full", where we grow the map and fold the journal in now.
+ * readable), the journal moves to its other file, and the requests waiting
+ * for readability complete.
+ *
+ * With meta_lazy (MDB_NOMETASYNC) the commit flushes the data pages and
+ * writes the meta page without flushing it: one device flush instead of
+ * two. LMDB stays consistent (a crash can only undo this last commit; the
+ * pages of the commit before it are not reused until the next one), and
+ * the entries this fold holds stay in their file until the next LMDB
+ * commit's data flush has made this meta page durable: entries go to the
+ * other file now, and come back to this one only after the next fold. A failure here leaves
+ * acknowledged batches only in the journal: the WAL fails-stop and the next open folds them in,
+ * except for "map full", where we grow the map and fold the journal in now.
  */
 static int outer_commit(wal_t *wal)
 {
@@ -759,7 +776,7 @@ static int outer_commit(wal_t *wal)
     wal->outer = NULL;
     int64_t t0 = wal_mono_us();
     int rc = 0;
-    if (wal->jfd >= 0) {
+    if (wal->jfd[0] >= 0) {
         uint8_t b[8];
         wal_put_meta_u64(b, wal->jseq);
         MDB_val k = {12, "journal_next"}, v = {8, b};
@@ -769,7 +786,7 @@ static int outer_commit(wal_t *wal)
         mdb_txn_abort(txn);
     else
         rc = mdb_txn_commit(txn);
-    if (rc == MDB_MAP_FULL && wal->jfd >= 0 &&
+    if (rc == MDB_MAP_FULL && wal->jfd[0] >= 0 &&
         (wal_map_grow(wal, false) == 0 || wal_map_grow(wal, true) == 0)) {
         /* Acknowledged batches need a home: grow (into retention's reserve
          * if need be), fold them in from the journal, give the reserve back. */
@@ -785,6 +802,7 @@ static int outer_commit(wal_t *wal)
         wal_complete_list(wal, list, WAL_EFATAL);
         return rc;
     }
+    wal->jcur ^= 1;
     wal->joff = 0;
     wal->outer_batches = 0;
     __atomic_add_fetch(&wal->st_applies, 1, __ATOMIC_RELAXED);
@@ -824,7 +842,7 @@ static void batch_finish(wal_t *wal, wal_append_t **reqs, size_t n, bool journal
  */
 void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
 {
-    bool direct = wal->jfd < 0;
+    bool direct = wal->jfd[0] < 0;
     if (!direct && map_near_full(wal)) {
         /* Near map_size_max, "full" must be decided by the commit that
          * acknowledges: no batch may be acknowledged that LMDB then has no

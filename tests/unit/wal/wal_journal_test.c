@@ -263,6 +263,90 @@ static void test_damaged_entry_ends_recovery(void **state)
     wal_close(wal);
 }
 
+/* Write len bytes of src (at src_off) into dir/name at offset 0, then
+ * zeroes up to size: a journal file made by hand. */
+static void write_journal_file(const char *dir, const char *name, const uint8_t *src, size_t len,
+                               size_t size)
+{
+    char path[256];
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    assert_true(fd >= 0);
+    uint8_t *buf = calloc(1, size);
+    assert_non_null(buf);
+    memcpy(buf, src, len);
+    assert_int_equal(pwrite(fd, buf, size, 0), (ssize_t)size);
+    free(buf);
+    close(fd);
+}
+
+static uint8_t *read_journal_file(const char *dir, size_t *len)
+{
+    char path[256];
+    snprintf(path, sizeof(path), "%s/journal", dir);
+    int fd = open(path, O_RDONLY);
+    assert_true(fd >= 0);
+    off_t size = lseek(fd, 0, SEEK_END);
+    uint8_t *buf = malloc((size_t)size);
+    assert_non_null(buf);
+    assert_int_equal(pread(fd, buf, (size_t)size, 0), size);
+    close(fd);
+    *len = (size_t)size;
+    return buf;
+}
+
+/* A fold moves the writer to the other file, so the entries LMDB lacks may
+ * start in either file and continue in the other: recovery follows the
+ * sequence numbers through both, and ignores entries no chain from
+ * meta.journal_next reaches. */
+static void test_chain_across_files(void **state)
+{
+    const char *dir = *state;
+    crash_run(dir, 4, 0); /* 12 entries in `journal`, LMDB has none */
+    uint64_t offs[64];
+    size_t n = journal_entries(dir, offs, 64);
+    assert_int_equal(n, 12);
+    size_t len;
+    uint8_t *j = read_journal_file(dir, &len);
+    /* entries 0-4 in journal.1, 5-11 at the start of journal, then an
+     * entry of an older lap (entry 2 again) */
+    write_journal_file(dir, "journal.1", j, offs[5], 1 << 20);
+    uint8_t *rest = calloc(1, len);
+    assert_non_null(rest);
+    size_t tail = offs[11] + (offs[11] - offs[10]) - offs[5]; /* entries 5..11 */
+    memcpy(rest, j + offs[5], tail);
+    memcpy(rest + tail, j + offs[2], offs[3] - offs[2]);
+    write_journal_file(dir, "journal", rest, tail + (offs[3] - offs[2]), len);
+    wal_t *wal = open_wal(dir, 0, 0);
+    for (unsigned s = 0; s < STREAMS; s++)
+        assert_int_equal(check_stream(wal, s, 21), 20);
+    wal_close(wal);
+
+    /* The same entries 5-11 alone, in a WAL whose LMDB expects entry 0:
+     * no chain reaches them, so none is applied, and the journal goes on
+     * past their sequence numbers. */
+    char dir2[128];
+    tu_tmpdir(dir2, sizeof(dir2), "wal");
+    wal = open_wal(dir2, 0, 0);
+    wal_close(wal);
+    write_journal_file(dir2, "journal.1", rest, 0, 1 << 20);
+    write_journal_file(dir2, "journal", rest, tail, len);
+    wal = open_wal(dir2, 0, 0);
+    for (unsigned s = 0; s < STREAMS; s++)
+        assert_int_equal(check_stream(wal, s, 1), 0);
+    wal_result_t res[8];
+    assert_int_equal(append_batch(wal, 0, 0, 5, res), 0);
+    assert_int_equal(res[4].offset, 5);
+    wal_close(wal);
+    wal = open_wal(dir2, 0, 0);
+    assert_int_equal(check_stream(wal, 0, 6), 5);
+    assert_int_equal(check_stream(wal, 1, 1), 0);
+    wal_close(wal);
+    assert_int_equal(tu_rmrf(dir2), 0);
+    free(rest);
+    free(j);
+}
+
 /* Read-only tools fold a dead writer's journal in first (wal_fold_journal). */
 static void test_fold_for_readers(void **state)
 {
@@ -380,6 +464,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_stale_lap_not_replayed, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_damaged_entry_ends_recovery, tu_setup_dir,
                                         tu_teardown_dir),
+        cmocka_unit_test_setup_teardown(test_chain_across_files, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_fold_for_readers, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_fold_skipped_while_writer_runs, tu_setup_dir,
                                         tu_teardown_dir),
