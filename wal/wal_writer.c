@@ -764,9 +764,11 @@ static bool map_near_full(wal_t *wal)
  * pages of the commit before it are not reused until the next one), and
  * the entries this fold holds stay in their file until the next LMDB
  * commit's data flush has made this meta page durable: entries go to the
- * other file now, and come back to this one only after the next fold. A failure here leaves
- * acknowledged batches only in the journal: the WAL fails-stop and the next open folds them in,
- * except for "map full", where we grow the map and fold the journal in now.
+ * other file now, and come back to this one only after the next fold.
+ *
+ * A failure here leaves acknowledged batches only in the journal: the WAL
+ * fails-stop and the next open folds them in, except for "map full", where
+ * we grow the map and fold the journal in now.
  */
 static int outer_commit(wal_t *wal)
 {
