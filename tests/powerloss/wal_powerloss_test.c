@@ -269,10 +269,13 @@ static int run_cycle(const char *dir, const char *sync, unsigned long crash_at, 
     return 0;
 }
 
+static char *cur_dir; /* the test's directory, removed by its teardown too */
+
 static char *make_dir(void)
 {
     char *d = strdup("/var/tmp/arq-pl-XXXXXX");
     assert_non_null(mkdtemp(d));
+    cur_dir = d;
     /* Create the environment before any simulated crash: LMDB's very first
      * meta pages are written without a sync, and no append can have been
      * acknowledged before this open returned. */
@@ -289,6 +292,16 @@ static void remove_dir(char *d)
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", d);
     assert_int_equal(system(cmd), 0);
     free(d);
+    cur_dir = NULL;
+}
+
+/* A failed test leaves through cmocka's longjmp: remove its directory. */
+static int teardown_dir(void **state)
+{
+    (void)state;
+    if (cur_dir)
+        remove_dir(cur_dir);
+    return 0;
 }
 
 static void test_power_loss_keeps_acked(void **state)
@@ -362,8 +375,8 @@ int main(int argc, char **argv)
     seed = es ? strtoull(es, NULL, 10) : (uint64_t)getpid() * 1000003u ^ (uint64_t)time(NULL);
     printf("seed %llu (set ARQ_TEST_SEED to reproduce)\n", (unsigned long long)seed);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_power_loss_keeps_acked),
-        cmocka_unit_test(test_harness_detects_loss_without_fsync),
+        cmocka_unit_test_teardown(test_power_loss_keeps_acked, teardown_dir),
+        cmocka_unit_test_teardown(test_harness_detects_loss_without_fsync, teardown_dir),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
