@@ -143,7 +143,7 @@ void st_connected(struct conn *c)
     char req[1024];
     int n = upgrade_request(&b->o, req, sizeof req);
     c->st = CS_UPGRADE;
-    if (out_append(c, req, (size_t)n) != 0 || event_add(c->rev, NULL) != 0) {
+    if (bench_out_add(&c->out, req, (size_t)n) != 0 || event_add(c->rev, NULL) != 0) {
         fail(b, "out of memory");
         return;
     }

@@ -209,39 +209,13 @@ out:
 
 /* ---- connection: output ------------------------------------------------ */
 
-int out_append(struct conn *c, const void *p, size_t n)
-{
-    if (c->out_off > 0 && c->out_off == c->out_len)
-        c->out_off = c->out_len = 0;
-    if (c->out_len + n > c->out_cap) {
-        if (c->out_off > 0) {
-            memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
-            c->out_len -= c->out_off;
-            c->out_off = 0;
-        }
-        size_t cap = c->out_cap ? c->out_cap : 4096;
-        while (c->out_len + n > cap)
-            cap *= 2;
-        if (cap != c->out_cap) {
-            uint8_t *nb = realloc(c->out, cap);
-            if (nb == NULL)
-                return -1;
-            c->out = nb;
-            c->out_cap = cap;
-        }
-    }
-    memcpy(c->out + c->out_len, p, n);
-    c->out_len += n;
-    return 0;
-}
-
 /* wslay writes whole frames into the output buffer; conn_flush sends it. */
 static ssize_t ws_send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size_t len, int flags,
                           void *user)
 {
     (void)flags;
     struct conn *c = user;
-    if (out_append(c, data, len) != 0) {
+    if (bench_out_add(&c->out, data, len) != 0) {
         wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
         return -1;
     }
@@ -308,7 +282,7 @@ void conn_flush(struct conn *c)
         fail(c->b, "wslay_event_send failed on connection %s", c->is_sub ? "(sub)" : "(pub)");
         return;
     }
-    int rc = bench_send_some(c->fd, c->out, c->out_len, &c->out_off);
+    int rc = bench_out_flush(&c->out, c->fd);
     if (rc == 1) {
         event_add(c->wev, NULL);
         return;
@@ -321,7 +295,6 @@ void conn_flush(struct conn *c)
         fail(c->b, "send: %s", strerror(errno));
         return;
     }
-    c->out_off = c->out_len = 0;
 }
 
 /* ---- msgpack ------------------------------------------------------------- */
@@ -1134,16 +1107,16 @@ void conn_close(struct conn *c, int rst)
         close(c->fd);
     }
     free(c->pending);
-    free(c->out);
+    bench_out_free(&c->out);
     free(c->head);
     free(c->sent_ns);
     c->ws = NULL;
     c->rev = c->wev = NULL;
     c->fd = -1;
-    c->pending = c->out = NULL;
+    c->pending = NULL;
     c->head = NULL;
     c->sent_ns = NULL;
-    c->pending_len = c->pending_off = c->out_len = c->out_off = c->out_cap = c->head_len = 0;
+    c->pending_len = c->pending_off = c->head_len = 0;
     c->st = CS_IDLE;
     c->ack_due = c->lost = 0;
     c->inflight = 0;

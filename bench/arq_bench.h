@@ -112,8 +112,7 @@ struct conn {
     struct event *rev, *wev;
     uint8_t *pending; /* bytes read past the HTTP response head */
     size_t pending_len, pending_off;
-    uint8_t *out;
-    size_t out_len, out_off, out_cap;
+    bench_out_t out;
     int ready;
     unsigned subs_ok;
     uint64_t next_id;
@@ -233,7 +232,6 @@ unsigned obj_stream_index(const struct bench *b, const msgpack_object *o);
 uint64_t obj_u64(const msgpack_object *o);
 void on_read(evutil_socket_t fd, short what, void *arg);
 void on_write(evutil_socket_t fd, short what, void *arg);
-int out_append(struct conn *c, const void *p, size_t n);
 void pack_ack(struct conn *c, const char *stream, uint64_t offset);
 void pack_sub(struct conn *c, const char *stream, uint64_t from, uint64_t epoch);
 void report_reason(const char *what, const msgpack_object *map);

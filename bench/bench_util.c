@@ -251,6 +251,14 @@ int bench_parse_num(const char *s, double lo, double hi, double *out)
 
 int bench_out_add(bench_out_t *o, const void *p, size_t n)
 {
+    if (o->off > 0 && o->off == o->len)
+        o->off = o->len = 0;
+    if (o->len + n > o->cap && o->off > 0) {
+        /* drop what a partial send already took before growing */
+        memmove(o->p, o->p + o->off, o->len - o->off);
+        o->len -= o->off;
+        o->off = 0;
+    }
     if (o->len + n > o->cap) {
         size_t cap = o->cap ? o->cap * 2 : 65536;
         while (cap < o->len + n)

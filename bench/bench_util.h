@@ -41,7 +41,7 @@ int bench_parse_url(const char *url, const char *scheme, char *host, size_t host
 /* s as a number in [lo, hi] (the whole string): 0, or -1. */
 int bench_parse_num(const char *s, double lo, double hi, double *out);
 
-/* An output buffer sent without blocking (arq-nats-bench, arq-redis-bench). */
+/* An output buffer sent without blocking (arq-bench, arq-nats-bench, arq-redis-bench). */
 typedef struct bench_out {
     uint8_t *p;
     size_t len, off, cap; /* p[off..len) is still to send */
