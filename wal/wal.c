@@ -235,7 +235,7 @@ static int check_version(wal_t *wal, MDB_txn *txn, bool create, char *errbuf, si
 }
 
 /* Rebuild the writer's in-memory heads and counters from the streams DB. */
-static int load_heads(wal_t *wal, MDB_txn *txn, char *errbuf, size_t errlen)
+int wal_load_heads(wal_t *wal, MDB_txn *txn, char *errbuf, size_t errlen)
 {
     MDB_cursor *cur;
     int rc = mdb_cursor_open(txn, wal->dbi_streams, &cur);
@@ -535,8 +535,10 @@ static void opts_defaults(wal_options_t *o)
         o->map_size = DEF_MAP_SIZE;
     if (!o->map_size_max)
         o->map_size_max = DEF_MAP_MAX;
-    if (o->map_size_max < o->map_size)
-        o->map_size_max = o->map_size;
+    if (o->map_size_max < MIN_MAP_MAX)
+        o->map_size_max = MIN_MAP_MAX;
+    if (o->map_size > o->map_size_max)
+        o->map_size = o->map_size_max; /* a small maximum is honoured */
     if (!o->batch_max_msgs)
         o->batch_max_msgs = DEF_BATCH_MSGS;
     if (!o->batch_wait_msgs || o->batch_wait_msgs > o->batch_max_msgs)
@@ -576,8 +578,45 @@ static void wal_free(wal_t *wal)
     pthread_cond_destroy(&wal->cond);
     pthread_cond_destroy(&wal->done_cond);
     pthread_mutex_destroy(&wal->done_mu);
+    pthread_mutex_destroy(&wal->st_mu);
     free(wal->dir);
     free(wal);
+}
+
+/* fsync a file or directory (flags: O_RDONLY, | O_DIRECTORY): a new entry
+ * in a directory (a file, or the data directory in its parent) survives a
+ * power cut only once that directory is synced. -1 with errno on failure. */
+static int fsync_path(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    int rc = fsync(fd);
+    int saved = errno;
+    (void)close(fd);
+    errno = saved;
+    return rc;
+}
+
+static int fsync_parent(const char *path)
+{
+    char *copy = strdup(path);
+    if (!copy)
+        return ENOMEM;
+    size_t n = strlen(copy);
+    while (n > 1 && copy[n - 1] == '/')
+        copy[--n] = 0;
+    char *slash = strrchr(copy, '/');
+    const char *parent = ".";
+    if (slash == copy)
+        parent = "/";
+    else if (slash) {
+        *slash = 0;
+        parent = copy;
+    }
+    int rc = fsync_path(parent, O_RDONLY | O_DIRECTORY) == 0 ? 0 : errno;
+    free(copy);
+    return rc;
 }
 
 int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal, char *errbuf,
@@ -610,17 +649,56 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
     pthread_cond_init(&wal->cond, NULL);
     pthread_cond_init(&wal->done_cond, NULL);
     pthread_mutex_init(&wal->done_mu, NULL);
+    pthread_mutex_init(&wal->st_mu, NULL);
+    wal->data_fd = -1;
+    if (errbuf && errlen)
+        errbuf[0] = 0;
     int rc = 0;
     MDB_txn *txn = NULL;
+    bool new_env = false;
     if (!wal->dir) {
         rc = WAL_ENOMEM;
         goto fail;
     }
-    if (!wal->read_only && mkdir(wal->dir, 0700) != 0 && errno != EEXIST) {
-        wal_errf(errbuf, errlen, "cannot create data directory '%s': %s", wal->dir,
-                 strerror(errno));
-        rc = WAL_EIO;
-        goto fail;
+    if (!wal->read_only) {
+        if (mkdir(wal->dir, 0700) == 0) {
+            int frc = fsync_parent(wal->dir);
+            if (frc) {
+                wal_errf(errbuf, errlen, "cannot sync the directory holding '%s': %s", wal->dir,
+                         strerror(frc));
+                rc = WAL_EIO;
+                goto fail;
+            }
+        } else if (errno != EEXIST) {
+            wal_errf(errbuf, errlen, "cannot create data directory '%s': %s", wal->dir,
+                     strerror(errno));
+            rc = errno == ENOSPC || errno == EDQUOT ? WAL_EFULL : WAL_EIO;
+            goto fail;
+        }
+        struct stat dst;
+        if (stat(wal->dir, &dst) != 0 || !S_ISDIR(dst.st_mode)) {
+            wal_errf(errbuf, errlen, "data directory '%s' is not a directory", wal->dir);
+            rc = WAL_EINVAL;
+            goto fail;
+        }
+        size_t plen = strlen(wal->dir) + sizeof("/data.mdb");
+        char *dpath = malloc(plen);
+        if (!dpath) {
+            rc = WAL_ENOMEM;
+            goto fail;
+        }
+        snprintf(dpath, plen, "%s/data.mdb", wal->dir);
+        new_env = access(dpath, F_OK) != 0;
+        free(dpath);
+        /* LMDB's reader table is written through a shared mapping: give it
+         * its blocks now, while that can still fail cleanly. */
+        int lrc = wal_space_lock_prepare(wal->dir, wal->opts.max_readers);
+        if (lrc == EACCES || lrc == EPERM || lrc == EROFS) {
+            wal_errf(errbuf, errlen, "cannot open '%s/lock.mdb' for writing: %s", wal->dir,
+                     strerror(lrc));
+            rc = WAL_EIO;
+            goto fail;
+        }
     }
     int mrc = mdb_env_create(&wal->env);
     if (!mrc)
@@ -653,6 +731,23 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
     MDB_stat est;
     mdb_env_stat(wal->env, &est);
     wal->page_size = est.ms_psize;
+    if (new_env && wal->opts.sync == WAL_SYNC_FULL &&
+        fsync_path(wal->dir, O_RDONLY | O_DIRECTORY) != 0) {
+        /* data.mdb and lock.mdb are new entries of the directory */
+        wal_errf(errbuf, errlen, "cannot sync data directory '%s': %s", wal->dir, strerror(errno));
+        rc = WAL_EIO;
+        goto fail;
+    }
+    if (!wal->read_only) {
+        /* data.mdb's blocks ahead of the map (wal_space.c) */
+        mrc = wal_space_init(wal);
+        if (mrc) {
+            wal_errf(errbuf, errlen, "cannot allocate disk space for '%s/data.mdb': %s", wal->dir,
+                     strerror(mrc));
+            rc = WAL_EIO;
+            goto fail;
+        }
+    }
 
     mrc = mdb_txn_begin(wal->env, NULL, wal->read_only ? MDB_RDONLY : 0, &txn);
     if (mrc) {
@@ -680,8 +775,17 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
             goto fail;
         }
         rc = journal_open(wal, errbuf, errlen);
-        if (!rc && wal->jfd[0] >= 0)
+        if (!rc && wal->jfd[0] >= 0) {
             rc = wal_journal_recover(wal, errbuf, errlen);
+            if (rc == WAL_EFULL || (rc == WAL_EIO && wal_space_nospace_eio(wal, EIO))) {
+                /* A full disk: open anyway, serving what LMDB holds, and
+                 * fold the journal in once there is room (refold). */
+                rc = 0;
+                if (errbuf && errlen)
+                    errbuf[0] = 0;
+                wal_refold_begin(wal);
+            }
+        }
         if (rc)
             goto fail;
         mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
@@ -691,7 +795,7 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
         }
     }
     if (!wal->read_only) {
-        rc = load_heads(wal, txn, errbuf, errlen);
+        rc = wal_load_heads(wal, txn, errbuf, errlen);
         if (rc)
             goto fail;
         wal->st_acked_next = wal->next_seq;
@@ -734,6 +838,8 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
 fail:
     if (txn)
         mdb_txn_abort(txn);
+    if (errbuf && errlen && !errbuf[0])
+        wal_errf(errbuf, errlen, "cannot open the WAL in '%s': %s", opts->dir, wal_strerror(rc));
     wal_free(wal);
     return rc;
 }
@@ -796,18 +902,6 @@ int wal_is_failed(const wal_t *wal)
 }
 
 /* ---- backup ------------------------------------------------------------ */
-
-static int fsync_path(const char *path, int flags)
-{
-    int fd = open(path, flags | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    int saved = errno;
-    (void)close(fd);
-    errno = saved;
-    return rc;
-}
 
 int wal_backup(wal_t *wal, const char *dir, char *errbuf, size_t errlen)
 {

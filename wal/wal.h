@@ -114,6 +114,44 @@ void wal_close(wal_t *wal);
 /* A fatal error stopped the WAL (fail-stop after an fsync/write error). */
 int wal_is_failed(const wal_t *wal);
 
+/*
+ * The WAL's state, for /health, metrics and the log.
+ *   WAL_STATE_OK      appends are taken.
+ *   WAL_STATE_FULL    the last batch was refused for lack of space
+ *                     (WAL_EFULL): the map is at map_size_max, or the
+ *                     filesystem has no room for the map to grow (the WAL
+ *                     keeps data.mdb's blocks allocated ahead of its map,
+ *                     so a full disk is met before anything is written), or
+ *                     acknowledged journal entries could not be folded into
+ *                     LMDB (then every append is refused until the fold,
+ *                     retried every second, succeeds). Reads go on. Back to
+ *                     OK by itself: at the next batch that commits, or when a
+ *                     growth or fold retried while idle succeeds.
+ *   WAL_STATE_FAILED  fail-stop after a write or fsync error (final).
+ */
+enum wal_state { WAL_STATE_OK = 0, WAL_STATE_FULL = 1, WAL_STATE_FAILED = 2 };
+#define WAL_STATE_REASON_MAX 240
+typedef struct wal_state_info {
+    enum wal_state state;
+    int64_t since_us;          /* CLOCK_REALTIME: entered this state (0: since open) */
+    uint64_t changes;          /* state changes since open */
+    uint64_t reloads;          /* stream heads rebuilt after a deferred fold (see wal_reloads) */
+    uint64_t disk_free_bytes;  /* the data directory's filesystem, for the unprivileged */
+    uint64_t disk_total_bytes; /* (statvfs; 0 when unknown) */
+    int preallocated;          /* data.mdb's blocks are allocated ahead of the map */
+    char reason[WAL_STATE_REASON_MAX]; /* why ("" when OK), e.g. "fdatasync of the journal: ..." */
+} wal_state_info_t;
+void wal_state_get(wal_t *wal, wal_state_info_t *ret);
+/* cb(arg) runs on the event loop (the base given to wal_open) after each
+ * state change; read the new state with wal_state_get. Set it before
+ * submitting appends; none without a base. */
+void wal_on_state(wal_t *wal, void (*cb)(void *arg), void *arg);
+/* Incremented when the writer rebuilt its stream heads from LMDB after a
+ * fold that had been deferred for lack of space (open on a full disk, or a
+ * fold that found no room): stream metadata read before it may be behind
+ * (the folded entries add records). Cheap; for wal_on_visible callbacks. */
+uint64_t wal_reloads(const wal_t *wal);
+
 /* The sequence after the last acknowledged append of this (read-write)
  * handle, those still only in the journal included; a cheap atomic read.
  * wal_stats_t.acked_next_seq is the same, or LMDB's next_seq if higher. */

@@ -363,6 +363,8 @@ void wal_done_ev_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     wal_t *wal = arg;
     wal_done_run(wal);
+    if (__atomic_exchange_n(&wal->state_pending, 0, __ATOMIC_ACQ_REL) && wal->state_cb)
+        wal->state_cb(wal->state_arg);
     if (__atomic_exchange_n(&wal->visible_pending, 0, __ATOMIC_ACQ_REL) && wal->visible_cb)
         wal->visible_cb(wal->visible_arg);
 }

@@ -38,6 +38,7 @@
 
 #define DEF_MAP_SIZE     (64ull << 20)
 #define DEF_MAP_MAX      (16ull << 30)
+#define MIN_MAP_MAX      (1ull << 20)
 #define DEF_BATCH_MSGS   8192u
 #define DEF_BATCH_BYTES  (32ull << 20)
 #define DEF_RETAIN_CHUNK 20000u
@@ -133,6 +134,9 @@ struct wal {
     int failed;       /* atomic: fail-stop */
     int fault_err;
     unsigned fault_count;
+    unsigned fault_alloc; /* testing: allocations that fail with ENOSPC (UINT32_MAX: all) */
+    int fault_fold_err;   /* testing: the next fault_fold folds fail with this errno */
+    unsigned fault_fold;
     pthread_t writer;
     bool writer_started;
 
@@ -175,6 +179,27 @@ struct wal {
     void (*visible_cb)(void *arg);
     void *visible_arg;
 
+    /* disk space (wal_space.c); writer-private after open */
+    int data_fd;   /* LMDB's descriptor of data.mdb (-1: unknown) */
+    bool prealloc; /* fallocate works: data.mdb has blocks up to alloc_end >= map_size */
+    uint64_t alloc_end;
+    bool disk_limited;     /* the map could not grow for lack of disk: its size is the cap */
+    bool nospace;          /* a commit failed with ENOSPC/EDQUOT (no preallocation) */
+    bool refold;           /* acknowledged journal entries wait for a fold that had no space */
+    int64_t probe_us;      /* while full: when to try the growth / the fold again */
+    int64_t jext_retry_us; /* the journal could not grow: batches commit directly until then */
+
+    /* state (wal_state_get): written under st_mu; `state` also read atomically */
+    pthread_mutex_t st_mu;
+    int state;
+    int64_t state_since_us;
+    uint64_t state_changes;
+    char state_reason[WAL_STATE_REASON_MAX];
+    uint64_t reloads;  /* atomic: heads rebuilt after a deferred fold */
+    int state_pending; /* atomic: tell the loop (state_cb) */
+    void (*state_cb)(void *arg);
+    void *state_arg;
+
     /* statistics (atomics) */
     uint64_t st_applies, st_apply_us_sum, st_recovered;
     uint64_t st_acked_next; /* next_seq after the last durable batch (journal included) */
@@ -182,12 +207,24 @@ struct wal {
     uint64_t st_commit_us[WAL_HIST_BUCKETS], st_commit_us_sum, st_batch[WAL_HIST_BUCKETS];
 };
 
+/* wal_space.c: preallocation, free space, state */
+int wal_space_lock_prepare(const char *dir, unsigned max_readers);
+int wal_space_init(wal_t *wal);
+int wal_space_grow(wal_t *wal, uint64_t nsize, bool for_retention, uint64_t *ret_size);
+uint64_t wal_space_keep(const wal_t *wal, bool for_retention);
+void wal_space_fs(const wal_t *wal, uint64_t *ret_free, uint64_t *ret_total);
+bool wal_space_nospace_eio(const wal_t *wal, int rc);
+void wal_state_full(wal_t *wal);
+void wal_state_ok(wal_t *wal);
+void wal_refold_begin(wal_t *wal);
+
 /* wal.c: utilities, open and journal recovery, close, backup */
 void wal_hist_add(uint64_t *buckets, const uint64_t *bounds, uint64_t v);
 int wal_map_mdb(int rc);
 int64_t wal_mono_us(void);
 int64_t wal_now_us(void);
 int wal_journal_recover(wal_t *wal, char *errbuf, size_t errlen);
+int wal_load_heads(wal_t *wal, MDB_txn *txn, char *errbuf, size_t errlen);
 
 /* wal_append.c: append requests and their completion */
 int wal_accepting_locked(wal_t *wal);
@@ -205,14 +242,17 @@ void wal_batch_apply(wal_t *wal);
 void wal_batch_rollback(wal_t *wal, uint64_t saved_seq, uint32_t saved_id);
 void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n);
 int wal_del_prefix(MDB_txn *txn, MDB_dbi dbi, const uint8_t *prefix, size_t plen);
-void wal_fail_stop(wal_t *wal);
+void wal_fail_stop(wal_t *wal, const char *what, int err);
 struct head *wal_head_find(wal_t *wal, const char *name, size_t len, uint64_t h);
 int wal_head_insert(wal_t *wal, const char *name, size_t len, uint64_t h, struct head **ret);
 int wal_head_set_id(wal_t *wal, struct head *e);
 int wal_head_touch(wal_t *wal, struct head *e);
 void wal_heads_free(wal_t *wal);
+void wal_heads_reset(wal_t *wal);
 MDB_dbi wal_jdb_dbi(const wal_t *wal, uint8_t db);
 int wal_map_grow(wal_t *wal, bool for_retention);
+int wal_map_set(wal_t *wal, uint64_t size);
+uint64_t wal_map_reserve(const wal_t *wal);
 uint64_t wal_name_hash(const char *name, size_t len);
 uint64_t wal_pages_in_use(wal_t *wal, MDB_txn *txn);
 void wal_put_meta_u64(uint8_t *buf, uint64_t v);

@@ -40,7 +40,7 @@ static int restore_status(wal_t *wal, int rc)
         return WAL_EFULL;
     if (rc == ENOMEM || rc == WAL_ENOMEM)
         return WAL_ENOMEM;
-    wal_fail_stop(wal);
+    wal_fail_stop(wal, "restoring records", rc);
     return WAL_EFATAL;
 }
 

@@ -105,6 +105,17 @@ void wal_heads_free(wal_t *wal)
     free(wal->touched);
 }
 
+void wal_heads_reset(wal_t *wal)
+{
+    wal_heads_free(wal);
+    wal->slots = NULL;
+    wal->slots_cap = wal->n_heads = 0;
+    wal->by_id = NULL;
+    wal->by_id_cap = 0;
+    wal->touched = NULL;
+    wal->n_touched = wal->cap_touched = 0;
+}
+
 static uint64_t random_epoch(void)
 {
     uint64_t v = 0;
@@ -177,7 +188,7 @@ void wal_put_meta_u64(uint8_t *buf, uint64_t v)
  * is completely full LMDB cannot even delete (copy-on-write needs free
  * pages), so without it "storage full" could never be cleared by trimming.
  */
-static uint64_t map_reserve(const wal_t *wal)
+uint64_t wal_map_reserve(const wal_t *wal)
 {
     uint64_t r = wal->opts.map_size_max / 32;
     if (r < (2ull << 20))
@@ -187,7 +198,7 @@ static uint64_t map_reserve(const wal_t *wal)
     return r;
 }
 
-static int map_set(wal_t *wal, uint64_t size)
+int wal_map_set(wal_t *wal, uint64_t size)
 {
     pthread_rwlock_wrlock(&wal->map_lock);
     int rc = mdb_env_set_mapsize(wal->env, (size_t)size);
@@ -199,16 +210,20 @@ static int map_set(wal_t *wal, uint64_t size)
 }
 
 /* Grow the map after MDB_MAP_FULL, up to map_size_max for appends or into
- * the reserve for retention. Returns 0 if it grew. */
+ * the reserve for retention, as far as the disk has room for its blocks
+ * (wal_space.c). Returns 0 if it grew; WAL_EFULL if it cannot. */
 int wal_map_grow(wal_t *wal, bool for_retention)
 {
-    uint64_t limit = wal->opts.map_size_max + (for_retention ? map_reserve(wal) : 0);
+    uint64_t limit = wal->opts.map_size_max + (for_retention ? wal_map_reserve(wal) : 0);
     if (wal->map_size >= limit)
         return WAL_EFULL;
     uint64_t nsize = wal->map_size * 2;
     if (nsize > limit)
         nsize = limit;
-    int rc = map_set(wal, nsize);
+    int rc = wal_space_grow(wal, nsize, for_retention, &nsize);
+    if (rc)
+        return WAL_EFULL; /* no room on the disk (or no allocation at all) */
+    rc = wal_map_set(wal, nsize);
     if (rc)
         return rc;
     __atomic_add_fetch(&wal->st_grows, 1, __ATOMIC_RELAXED);
@@ -641,22 +656,42 @@ static int batch_write(wal_t *wal, wal_append_t **reqs, size_t n, MDB_txn **ret_
     return 0;
 }
 
-void wal_fail_stop(wal_t *wal)
+/* ---- failures ------------------------------------------------------------- */
+
+#define PROBE_US 1000000 /* while storage is full: retry a growth / the fold this often */
+
+static bool no_space(int rc)
 {
-    __atomic_store_n(&wal->failed, 1, __ATOMIC_RELEASE);
+    return rc == ENOSPC || rc == EDQUOT;
 }
 
-/* The status a failed batch reports for an LMDB/errno code. */
-static int batch_status(wal_t *wal, int rc)
+/* The status a failed batch reports for an LMDB/errno code; what names the
+ * operation in the fail-stop reason. */
+static int batch_status(wal_t *wal, int rc, const char *what)
 {
-    if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
+    if (rc == MDB_MAP_FULL)
         return WAL_EFULL;
+    if (no_space(rc) || wal_space_nospace_eio(wal, rc)) {
+        wal->nospace = true;
+        return WAL_EFULL;
+    }
     if (rc == MDB_TXN_FULL || rc == MDB_BAD_VALSIZE || rc == EINVAL)
         return WAL_EINVAL; /* one request too large for a txn */
     if (rc == ENOMEM)
         return WAL_ENOMEM;
-    wal_fail_stop(wal);
+    wal_fail_stop(wal, what, rc);
     return WAL_EFATAL;
+}
+
+/* Fail a whole batch: nothing of it was written. */
+static void batch_fail(wal_t *wal, wal_append_t **reqs, size_t n, int status)
+{
+    __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+    if (status == WAL_EFULL) {
+        wal_state_full(wal);
+        wal->probe_us = wal_mono_us() + PROBE_US;
+    }
+    wal_complete_batch(wal, reqs, n, false, status);
 }
 
 /* An injected fault (wal_testing_fail_commits) for the next durable point. */
@@ -667,6 +702,19 @@ static int fault_take(wal_t *wal)
     if (wal->fault_count) {
         wal->fault_count--;
         fault = wal->fault_err;
+    }
+    pthread_mutex_unlock(&wal->mu);
+    return fault;
+}
+
+/* An injected fault (wal_testing_fail_folds) for the next fold. */
+static int fold_fault_take(wal_t *wal)
+{
+    pthread_mutex_lock(&wal->mu);
+    int fault = 0;
+    if (wal->fault_fold) {
+        wal->fault_fold--;
+        fault = wal->fault_fold_err;
     }
     pthread_mutex_unlock(&wal->mu);
     return fault;
@@ -694,7 +742,9 @@ static int pwrite_all(int fd, const uint8_t *p, size_t len, uint64_t off)
 
 /* Extend the journal file with zeroes to at least upto bytes and make the
  * new size durable: entries later overwrite allocated blocks in place, so
- * their fdatasync has no file metadata to write. */
+ * their fdatasync has no file metadata to write, and never need a block.
+ * Only zeroes past every entry are written: a failure here (ENOSPC on a
+ * full disk) touches nothing acknowledged. */
 static int journal_extend(wal_t *wal, uint64_t upto)
 {
     static const uint8_t zero[65536];
@@ -715,42 +765,113 @@ static int journal_extend(wal_t *wal, uint64_t upto)
     return 0;
 }
 
-/* Append the batch in jbuf as one entry at joff and make it durable. */
-static int journal_write(wal_t *wal, uint64_t size)
+/* Append the batch in jbuf as one entry at joff (the file already holds
+ * blocks there: journal_extend) and make it durable. *ret_in_sync is set
+ * when the fdatasync (not the write) failed. */
+static int journal_write(wal_t *wal, uint64_t size, bool *ret_in_sync)
 {
     uint32_t body_len = (uint32_t)(wal->jbuf_len - WAL_JOURNAL_HDR);
+    *ret_in_sync = false;
     if (jbuf_reserve(wal, size - wal->jbuf_len))
         return ENOMEM;
     memset(wal->jbuf + wal->jbuf_len, 0, size - wal->jbuf_len);
     wal_jentry_header(wal->jbuf, wal->jseq, wal->jbuf + WAL_JOURNAL_HDR, body_len);
-    int rc = 0;
     int fd = wal->jfd[wal->jcur];
-    if (wal->joff + size > wal->jfile[wal->jcur])
-        rc = journal_extend(wal, wal->joff + size);
-    if (!rc)
-        rc = pwrite_all(fd, wal->jbuf, (size_t)size, wal->joff);
-    if (!rc && fdatasync(fd) != 0)
-        rc = errno;
+    int rc = pwrite_all(fd, wal->jbuf, (size_t)size, wal->joff);
     if (rc)
         return rc;
+    if (fdatasync(fd) != 0) {
+        *ret_in_sync = true;
+        return errno;
+    }
     wal->joff += size;
     wal->jseq++;
     return 0;
 }
 
-/* The map is at its maximum and its used pages are within a journal's worth
- * (at most a quarter of the maximum) of it. */
+/* The map is at its cap (map_size_max, or what the disk allowed) and its
+ * used pages are within a journal's worth (at most a quarter of the cap)
+ * of it. */
 static bool map_near_full(wal_t *wal)
 {
-    if (wal->map_size < wal->opts.map_size_max)
+    uint64_t cap = wal->disk_limited ? wal->map_size : wal->opts.map_size_max;
+    if (wal->map_size < cap)
         return false;
     MDB_envinfo info;
     mdb_env_info(wal->env, &info);
     uint64_t used = ((uint64_t)info.me_last_pgno + 1) * wal->page_size;
-    uint64_t room = wal->opts.map_size_max / 4;
+    uint64_t room = cap / 4;
     if (room > wal->opts.journal_max)
         room = wal->opts.journal_max;
-    return used + room > wal->opts.map_size_max;
+    return used + room > cap;
+}
+
+/* ---- deferred folds --------------------------------------------------------- */
+
+/*
+ * A fold (or the recovery at open) found no space: the acknowledged
+ * batches it held are safe in the journal, and LMDB is at its last commit.
+ * Nothing new may be written on top of them, so every batch is refused
+ * with WAL_EFULL until refold_try folds the journal in (every PROBE_US).
+ * The requests waiting for the fold stay waiting.
+ */
+void wal_refold_begin(wal_t *wal)
+{
+    wal->refold = true;
+    wal->outer_batches = 0;
+    wal->probe_us = wal_mono_us() + PROBE_US;
+    wal_state_full(wal);
+}
+
+static int refold_try(wal_t *wal)
+{
+    int rc = wal_journal_recover(wal, NULL, 0);
+    if (wal->map_size > wal->opts.map_size_max)
+        (void)wal_map_set(wal, wal->opts.map_size_max);
+    if (rc == WAL_EFULL || (rc == WAL_EIO && wal_space_nospace_eio(wal, EIO)))
+        return WAL_EFULL;
+    MDB_txn *txn = NULL;
+    if (!rc)
+        rc = wal_map_mdb(mdb_txn_begin(wal->env, NULL, MDB_RDONLY, &txn));
+    if (!rc) {
+        /* The folded entries add records and streams: rebuild the heads. */
+        wal_heads_reset(wal);
+        rc = wal_load_heads(wal, txn, NULL, 0);
+        mdb_txn_abort(txn);
+    }
+    wal_append_t *list = wal->wait_head;
+    wal->wait_head = wal->wait_tail = NULL;
+    if (rc) {
+        wal_fail_stop(wal, "folding the journal into LMDB", rc);
+        wal_complete_list(wal, list, WAL_EFATAL);
+        return WAL_EFATAL;
+    }
+    wal->refold = false;
+    __atomic_store_n(&wal->st_acked_next, wal->next_seq, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&wal->reloads, 1, __ATOMIC_ACQ_REL);
+    __atomic_add_fetch(&wal->st_applies, 1, __ATOMIC_RELAXED);
+    wal_complete_list(wal, list, 0);
+    wal_notify_visible(wal);
+    wal_state_ok(wal);
+    return 0;
+}
+
+/* While storage is full and the writer is idle: try again what it waits for. */
+static void probe_run(wal_t *wal)
+{
+    wal->probe_us = wal_mono_us() + PROBE_US;
+    if (wal->refold) {
+        (void)refold_try(wal);
+    } else if (wal->disk_limited && wal->map_size < wal->opts.map_size_max) {
+        if (wal_map_grow(wal, false) == 0)
+            wal_state_ok(wal); /* room again: the next batch will say */
+    }
+}
+
+static bool probe_wanted(wal_t *wal)
+{
+    return wal->refold || (wal->disk_limited && wal->map_size < wal->opts.map_size_max &&
+                           __atomic_load_n(&wal->state, __ATOMIC_ACQUIRE) == WAL_STATE_FULL);
 }
 
 /*
@@ -766,9 +887,11 @@ static bool map_near_full(wal_t *wal)
  * commit's data flush has made this meta page durable: entries go to the
  * other file now, and come back to this one only after the next fold.
  *
- * A failure here leaves acknowledged batches only in the journal: the WAL
- * fails-stop and the next open folds them in, except for "map full", where
- * we grow the map and fold the journal in now.
+ * A failure leaves acknowledged batches only in the journal. "Map full"
+ * grows the map and folds the journal in now. No space (the map cannot
+ * grow, ENOSPC): the fold is deferred (wal_refold_begin) and WAL_EFULL
+ * returned. Anything else fail-stops the WAL (WAL_EFATAL); the next open
+ * folds the journal in.
  */
 static int outer_commit(wal_t *wal)
 {
@@ -784,25 +907,40 @@ static int outer_commit(wal_t *wal)
         MDB_val k = {12, "journal_next"}, v = {8, b};
         rc = mdb_put(txn, wal->dbi_meta, &k, &v, 0);
     }
-    if (rc)
+    int fault = rc ? 0 : fold_fault_take(wal);
+    if (rc || fault) {
         mdb_txn_abort(txn);
-    else
+        rc = rc ? rc : fault;
+    } else {
         rc = mdb_txn_commit(txn);
+    }
+    bool space = false;
     if (rc == MDB_MAP_FULL && wal->jfd[0] >= 0 &&
         (wal_map_grow(wal, false) == 0 || wal_map_grow(wal, true) == 0)) {
         /* Acknowledged batches need a home: grow (into retention's reserve
          * if need be), fold them in from the journal, give the reserve back. */
-        rc = wal_journal_recover(wal, NULL, 0);
+        int wrc = wal_journal_recover(wal, NULL, 0);
         if (wal->map_size > wal->opts.map_size_max)
-            (void)map_set(wal, wal->opts.map_size_max);
+            (void)wal_map_set(wal, wal->opts.map_size_max);
+        rc = 0;
+        space = wrc == WAL_EFULL;
+        if (wrc && !space)
+            rc = EIO; /* recover's own code is a WAL_E*: the fold failed */
+    } else if (rc == MDB_MAP_FULL || no_space(rc) || wal_space_nospace_eio(wal, rc)) {
+        space = true;
+    }
+    if (space) {
+        __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
+        wal_refold_begin(wal); /* the waiting requests wait on */
+        return WAL_EFULL;
     }
     wal_append_t *list = wal->wait_head;
     wal->wait_head = wal->wait_tail = NULL;
     if (rc) {
-        wal_fail_stop(wal);
+        wal_fail_stop(wal, "folding the journal into LMDB", rc);
         __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
         wal_complete_list(wal, list, WAL_EFATAL);
-        return rc;
+        return WAL_EFATAL;
     }
     wal->jcur ^= 1;
     wal->joff = 0;
@@ -840,18 +978,24 @@ static void batch_finish(wal_t *wal, wal_append_t **reqs, size_t n, bool journal
  * splitting. With a journal the batch's durable point is its journal entry
  * (one sequential write and fdatasync) and its LMDB writes join wal->outer,
  * committed later by outer_commit; without one (or for a batch too large
- * for the journal) wal->outer holds just this batch and commits now.
+ * for the journal, or one the journal has no room for on disk) wal->outer
+ * holds just this batch and commits now.
  */
 void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
 {
+    if (wal->refold) {
+        batch_fail(wal, reqs, n, WAL_EFULL);
+        return;
+    }
     bool direct = wal->jfd[0] < 0;
     if (!direct && map_near_full(wal)) {
-        /* Near map_size_max, "full" must be decided by the commit that
+        /* Near the map's cap, "full" must be decided by the commit that
          * acknowledges: no batch may be acknowledged that LMDB then has no
          * room for. Fold the journal in and commit directly. */
         direct = true;
-        if (outer_commit(wal)) {
-            wal_complete_batch(wal, reqs, n, false, WAL_EFATAL);
+        int st = outer_commit(wal);
+        if (st) {
+            batch_fail(wal, reqs, n, st);
             return;
         }
     }
@@ -871,33 +1015,53 @@ void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
         if (rc == 0 && !direct) {
             uint64_t body = wal->jbuf_len - WAL_JOURNAL_HDR;
             uint64_t size = wal_jentry_size(body);
-            if (size > wal->opts.journal_max || body > WAL_JOURNAL_BODY_MAX ||
-                wal->joff + size > wal->opts.journal_max) {
-                /* No room: fold the journal into LMDB, then retry (into an
-                 * empty journal, or straight into LMDB if it never fits). */
+            bool never_fits = size > wal->opts.journal_max || body > WAL_JOURNAL_BODY_MAX;
+            int xrc = 0;
+            if (!never_fits && wal->joff + size <= wal->opts.journal_max &&
+                wal->joff + size > wal->jfile[wal->jcur])
+                xrc = wal_mono_us() < wal->jext_retry_us ? ENOSPC
+                                                         : journal_extend(wal, wal->joff + size);
+            if (xrc && !no_space(xrc) && !wal_space_nospace_eio(wal, xrc)) {
                 mdb_txn_abort(child);
                 wal_batch_rollback(wal, saved_seq, saved_id);
-                if (size > wal->opts.journal_max || body > WAL_JOURNAL_BODY_MAX)
+                wal_fail_stop(wal, "extending the journal", xrc);
+                batch_fail(wal, reqs, n, WAL_EFATAL);
+                return;
+            }
+            if (never_fits || xrc || wal->joff + size > wal->opts.journal_max) {
+                /* No room: fold the journal into LMDB, then retry (into an
+                 * empty journal, or straight into LMDB if it never fits or
+                 * the disk has no room for the journal to grow). */
+                mdb_txn_abort(child);
+                wal_batch_rollback(wal, saved_seq, saved_id);
+                if (never_fits || xrc)
                     direct = true;
-                if (outer_commit(wal)) {
-                    wal_complete_batch(wal, reqs, n, false, WAL_EFATAL);
+                if (xrc && wal->jext_retry_us <= wal_mono_us())
+                    wal->jext_retry_us = wal_mono_us() + PROBE_US;
+                int st = outer_commit(wal);
+                if (st) {
+                    batch_fail(wal, reqs, n, st);
                     return;
                 }
                 continue;
             }
+            bool in_sync = false;
             int fault = fault_take(wal);
-            rc = fault ? fault : journal_write(wal, size);
+            rc = fault ? fault : journal_write(wal, size, &in_sync);
             if (rc) {
+                const char *what = in_sync ? "fdatasync of the journal" : "writing the journal";
                 /* The entry may be partly on disk: a torn tail that recovery
-                 * stops at. A real write or fdatasync error is fatal (we
-                 * cannot know what reached the disk). */
+                 * stops at (an entry whose write failed with "no space" may
+                 * also be whole: a refused publish can be stored). A failed
+                 * fdatasync, or any other write error, is fatal: we cannot
+                 * know what reached the disk. */
                 mdb_txn_abort(child);
                 wal_batch_rollback(wal, saved_seq, saved_id);
-                __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
-                int status = fault ? batch_status(wal, rc) : WAL_EFATAL;
-                if (!fault)
-                    wal_fail_stop(wal);
-                wal_complete_batch(wal, reqs, n, false, status);
+                bool refusal = fault || (no_space(rc) && !in_sync);
+                int status = refusal ? batch_status(wal, rc, what) : WAL_EFATAL;
+                if (status == WAL_EFATAL)
+                    wal_fail_stop(wal, what, rc);
+                batch_fail(wal, reqs, n, status);
                 return;
             }
             journaled = true;
@@ -905,9 +1069,8 @@ void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
         if (rc == 0) {
             rc = mdb_txn_commit(child); /* into wal->outer: no I/O */
             if (rc && journaled) {
-                wal_fail_stop(wal);
-                __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
-                wal_complete_batch(wal, reqs, n, false, WAL_EFATAL);
+                wal_fail_stop(wal, "adding a journaled batch to the fold", rc);
+                batch_fail(wal, reqs, n, WAL_EFATAL);
                 return;
             }
         }
@@ -937,6 +1100,7 @@ void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
             wal_hist_add(wal->st_batch, wal_batch_bounds, msgs);
             __atomic_add_fetch(&wal->st_commits, 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&wal->st_msgs, msgs, __ATOMIC_RELAXED);
+            wal_state_ok(wal);
             batch_finish(wal, reqs, n, journaled);
             return;
         }
@@ -944,8 +1108,9 @@ void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
         if (wal->outer && wal->outer_batches > 0 && (rc == MDB_MAP_FULL || rc == MDB_TXN_FULL)) {
             /* The journaled batches waiting in wal->outer take room: fold
              * them into LMDB, then retry this batch alone. */
-            if (outer_commit(wal)) {
-                wal_complete_batch(wal, reqs, n, false, WAL_EFATAL);
+            int st = outer_commit(wal);
+            if (st) {
+                batch_fail(wal, reqs, n, st);
                 return;
             }
             continue;
@@ -956,14 +1121,15 @@ void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
         }
         if (rc == MDB_MAP_FULL && wal_map_grow(wal, false) == 0)
             continue; /* retried: not a failed commit */
-        if (rc == MDB_TXN_FULL && n > 1) {
-            /* Too many dirty pages for one txn: split the batch. */
+        if ((rc == MDB_TXN_FULL || rc == MDB_MAP_FULL) && n > 1) {
+            /* Too many dirty pages for one txn, or no room for all of it
+             * at the map's cap: split the batch, so that the requests that
+             * fit are stored and only those that do not are refused. */
             wal_batch_run(wal, reqs, n / 2);
             wal_batch_run(wal, reqs + n / 2, n - n / 2);
             return;
         }
-        __atomic_add_fetch(&wal->st_failed, 1, __ATOMIC_RELAXED);
-        wal_complete_batch(wal, reqs, n, false, batch_status(wal, rc));
+        batch_fail(wal, reqs, n, batch_status(wal, rc, "committing to LMDB"));
         return;
     }
 }
@@ -1061,8 +1227,10 @@ static int retain_chunk(wal_t *wal, struct retain_job *job, bool *more)
 static void retain_step(wal_t *wal, struct retain_job *job)
 {
     bool more = false;
-    int rc = retain_chunk(wal, job, &more);
-    if (rc) {
+    /* With a fold deferred for space, LMDB lacks acknowledged batches:
+     * nothing may be written before they are folded in. */
+    int rc = wal->refold ? MDB_MAP_FULL : retain_chunk(wal, job, &more);
+    if (rc && !wal->refold) {
         wal_batch_rollback(wal, wal->next_seq, wal->next_stream_id);
         if (rc == MDB_MAP_FULL && wal_map_grow(wal, true) == 0)
             return; /* retried on the next step */
@@ -1074,16 +1242,18 @@ static void retain_step(wal_t *wal, struct retain_job *job)
     int status = 0;
     if (rc == MDB_CORRUPTED)
         status = WAL_ECORRUPT;
-    else if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT)
+    else if (rc == MDB_MAP_FULL || no_space(rc) || wal_space_nospace_eio(wal, rc))
         status = WAL_EFULL;
     else if (rc) {
-        wal_fail_stop(wal);
+        wal_fail_stop(wal, "retention", rc);
         status = WAL_EFATAL;
     }
+    if (!rc && job->dropped && !wal->disk_limited)
+        wal_state_ok(wal); /* a map at its maximum has free pages again */
     if (rc || !more) {
         /* Give the reserve back: appends stop at map_size_max again. */
         if (wal->map_size > wal->opts.map_size_max)
-            (void)map_set(wal, wal->opts.map_size_max);
+            (void)wal_map_set(wal, wal->opts.map_size_max);
         pthread_mutex_lock(&wal->mu);
         job->status = status;
         job->done = true;
@@ -1108,31 +1278,48 @@ void *wal_writer_main(void *arg)
     pthread_mutex_lock(&wal->mu);
     for (;;) {
         while (!wal->q_head && !wal->retain && !wal->closing) {
-            if (!wal->outer) {
+            bool probe = probe_wanted(wal) && !__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE);
+            if (probe && wal_mono_us() >= wal->probe_us) {
+                /* Storage full and idle: retry the growth or the fold. */
+                wal->writer_busy = true;
+                pthread_mutex_unlock(&wal->mu);
+                probe_run(wal);
+                pthread_mutex_lock(&wal->mu);
+                wal->writer_busy = wal->refold;
+                continue;
+            }
+            if (!wal->outer && !probe) {
                 pthread_cond_wait(&wal->cond, &wal->mu);
                 continue;
             }
             /* Journaled batches wait in wal->outer: fold them into LMDB
              * once no new work came for apply_idle_us. */
+            int64_t wait_us = (int64_t)wal->opts.apply_idle_us;
+            if (!wal->outer)
+                wait_us = wal->probe_us - wal_mono_us();
+            if (wait_us < 1)
+                wait_us = 1;
             struct timespec dl;
             clock_gettime(CLOCK_REALTIME, &dl);
-            dl.tv_nsec += (long)wal->opts.apply_idle_us * 1000;
+            dl.tv_sec += (time_t)(wait_us / 1000000);
+            dl.tv_nsec += (long)(wait_us % 1000000) * 1000;
             dl.tv_sec += dl.tv_nsec / 1000000000;
             dl.tv_nsec %= 1000000000;
             int w = pthread_cond_timedwait(&wal->cond, &wal->mu, &dl);
             if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE))
                 break;
-            if (w == ETIMEDOUT && !wal->q_head) {
+            if (w == ETIMEDOUT && !wal->q_head && wal->outer) {
                 pthread_mutex_unlock(&wal->mu);
                 (void)outer_commit(wal);
                 pthread_mutex_lock(&wal->mu);
-                wal->writer_busy = false;
+                wal->writer_busy = wal->refold;
             }
         }
         if (__atomic_load_n(&wal->failed, __ATOMIC_ACQUIRE)) {
-            if (wal->outer) {
+            if (wal->outer || wal->wait_head) {
                 /* Journaled batches stay in the journal for the next open. */
-                mdb_txn_abort(wal->outer);
+                if (wal->outer)
+                    mdb_txn_abort(wal->outer);
                 wal->outer = NULL;
                 wal_append_t *waiting = wal->wait_head;
                 wal->wait_head = wal->wait_tail = NULL;
@@ -1163,7 +1350,20 @@ void *wal_writer_main(void *arg)
             pthread_mutex_unlock(&wal->mu);
             (void)outer_commit(wal); /* before retention or exit */
             pthread_mutex_lock(&wal->mu);
-            wal->writer_busy = false;
+            wal->writer_busy = wal->refold;
+            continue;
+        }
+        if (!wal->q_head && wal->closing && wal->refold) {
+            /* A last try; what stays deferred is in the journal, durable,
+             * and the next open folds it in: its requests are done. */
+            pthread_mutex_unlock(&wal->mu);
+            if (refold_try(wal) != 0 && wal->refold) {
+                wal_append_t *waiting = wal->wait_head;
+                wal->wait_head = wal->wait_tail = NULL;
+                wal->refold = false;
+                wal_complete_list(wal, waiting, 0);
+            }
+            pthread_mutex_lock(&wal->mu);
             continue;
         }
         if (!wal->q_head && wal->retain) {
@@ -1238,7 +1438,7 @@ void *wal_writer_main(void *arg)
                 (void)outer_commit(wal);
         }
         pthread_mutex_lock(&wal->mu);
-        wal->writer_busy = wal->outer != NULL; /* restores wait for the fold */
+        wal->writer_busy = wal->outer != NULL || wal->refold; /* restores wait for the fold */
     }
     pthread_mutex_unlock(&wal->mu);
     free(batch);
@@ -1250,5 +1450,22 @@ void wal_testing_fail_commits(wal_t *wal, int err, unsigned count)
     pthread_mutex_lock(&wal->mu);
     wal->fault_err = err;
     wal->fault_count = count;
+    pthread_mutex_unlock(&wal->mu);
+}
+
+void wal_testing_fail_folds(wal_t *wal, int err, unsigned count)
+{
+    pthread_mutex_lock(&wal->mu);
+    wal->fault_fold_err = err;
+    wal->fault_fold = count;
+    pthread_mutex_unlock(&wal->mu);
+}
+
+void wal_testing_retry_now(wal_t *wal)
+{
+    pthread_mutex_lock(&wal->mu);
+    wal->probe_us = 0;
+    wal->jext_retry_us = 0;
+    pthread_cond_broadcast(&wal->cond);
     pthread_mutex_unlock(&wal->mu);
 }
