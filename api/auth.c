@@ -268,29 +268,6 @@ void auth_token_free(auth_token_t *t)
     memset(t, 0, sizeof(*t));
 }
 
-int auth_match(char *const *patterns, size_t n, const char *name, size_t len)
-{
-    for (size_t i = 0; i < n; i++) {
-        const char *p = patterns[i];
-        size_t plen;
-
-        if (p == NULL)
-            continue;
-        plen = strlen(p);
-        if (plen == 1 && p[0] == '*')
-            return 1;
-        if (plen >= 2 && p[plen - 2] == '.' && p[plen - 1] == '*') {
-            /* "a.b.*": the prefix "a.b." and at least one more byte. */
-            if (len > plen - 1 && memcmp(name, p, plen - 1) == 0)
-                return 1;
-            continue;
-        }
-        if (plen == len && memcmp(name, p, len) == 0)
-            return 1;
-    }
-    return 0;
-}
-
 /* Add {"name": [patterns...]} to the token's claims. */
 static int add_patterns(jwt_t *jwt, const char *name, const char *const *list, size_t n)
 {

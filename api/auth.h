@@ -39,8 +39,7 @@ int auth_verify(const char *token, size_t token_len, const uint8_t *key, size_t 
                 int64_t now, auth_token_t *out);
 void auth_token_free(auth_token_t *t);
 
-/* Does any of the patterns match stream name[0..len)? */
-int auth_match(char *const *patterns, size_t n, const char *name, size_t len);
+/* Patterns are matched with proto_pattern_match (proto/proto.h). */
 
 /* Make a token (for tests and the arq CLI's dev mode). *ret is malloc'd. */
 int auth_issue(const uint8_t *key, size_t key_len, const char *subject, int64_t expires,

@@ -2,7 +2,7 @@
  * server.c - connections: HTTP request heads (api/http.h), the WebSocket
  * upgrade, framing (wslay parses what clients send; delivery frames are
  * written here from the broker's shared, reference-counted buffers without
- * a copy), the arq.v1 protocol dispatch (api/proto.h -> broker), auth, ping
+ * a copy), the arq.v1 protocol dispatch (proto/proto.h -> broker), auth, ping
  * and timeouts, /health, /metrics and the server publish API.
  */
 #include "server.h"

@@ -12,7 +12,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "auth.h"
 #include "proto.h"
 #include "replay.h"
 
@@ -959,7 +958,8 @@ size_t brk_session_resume(brk_client_t *c, const char *owner, const uint8_t *sec
             struct restore *r = &rs.v[i];
             if (c->n_sub >= b->o.max_subscriptions ||
                 !brk_stream_name_valid(r->stream, r->stream_len) ||
-                (!c->subs_all && !auth_match(c->subs, c->n_subs, r->stream, r->stream_len)))
+                (!c->subs_all &&
+                 !proto_pattern_match(c->subs, c->n_subs, r->stream, r->stream_len)))
                 continue; /* not restored: the client may subscribe again itself */
             brk_stream_t *st = stream_get(b, r->stream, r->stream_len);
             if (!st || sub_find(c, st))
@@ -1290,7 +1290,7 @@ void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t str
         send_nack(c, id, PROTO_CODE_BAD_REQUEST, "msgid or headers too long");
         return;
     }
-    if (!c->pub_all && !auth_match(c->pub, c->n_pub, name, stream_len)) {
+    if (!c->pub_all && !proto_pattern_match(c->pub, c->n_pub, name, stream_len)) {
         send_nack(c, id, PROTO_CODE_FORBIDDEN, "publish not allowed");
         return;
     }
@@ -1324,7 +1324,7 @@ void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t s
         send_nack(c, id, PROTO_CODE_BAD_REQUEST, "invalid stream name");
         return;
     }
-    if (!c->subs_all && !auth_match(c->subs, c->n_subs, name, stream_len)) {
+    if (!c->subs_all && !proto_pattern_match(c->subs, c->n_subs, name, stream_len)) {
         send_nack(c, id, PROTO_CODE_FORBIDDEN, "subscribe not allowed");
         return;
     }

@@ -4,7 +4,7 @@
  * Runs on one event-loop thread. The broker never touches sockets: each
  * client is represented by an ops table (send a frame, how much output is
  * pending) implemented by the api layer. Every protocol message it sends is
- * already encoded (arq.v1 msgpack, api/proto.h); a delivered message is
+ * already encoded (arq.v1 msgpack, proto/proto.h); a delivered message is
  * encoded once and the same frame is shared by every subscriber at the tail.
  *
  * Delivery is a read of the log: a subscription is a position in a stream.

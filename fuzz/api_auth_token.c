@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "auth.h"
+#include "proto.h"
 
 static const uint8_t fuzz_key[] = "arq-fuzz-key-0123456789abcdef-01";
 #define FUZZ_NOW INT64_C(1700000000)
@@ -23,9 +24,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         t.n_subs > 64)
         abort();
     for (size_t i = 0; i < t.n_pub; i++)
-        (void)auth_match(t.pub, t.n_pub, t.pub[i], strlen(t.pub[i]));
+        (void)proto_pattern_match(t.pub, t.n_pub, t.pub[i], strlen(t.pub[i]));
     for (size_t i = 0; i < t.n_subs; i++)
-        (void)auth_match(t.subs, t.n_subs, t.subs[i], strlen(t.subs[i]));
+        (void)proto_pattern_match(t.subs, t.n_subs, t.subs[i], strlen(t.subs[i]));
     auth_token_free(&t);
     return 0;
 }

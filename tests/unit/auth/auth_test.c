@@ -21,6 +21,7 @@
 #include <openssl/hmac.h>
 
 #include "auth.h"
+#include "proto.h"
 
 #define NOW INT64_C(1700000000)
 
@@ -443,18 +444,18 @@ static void test_match(void **state)
     (void)state;
     for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
         one[0] = (char *)table[i].pattern;
-        int got = auth_match(one, 1, table[i].name, strlen(table[i].name));
+        int got = proto_pattern_match(one, 1, table[i].name, strlen(table[i].name));
         if (got != table[i].want)
-            fail_msg("auth_match('%s', '%s') = %d, want %d", table[i].pattern, table[i].name, got,
+            fail_msg("proto_pattern_match('%s', '%s') = %d, want %d", table[i].pattern, table[i].name, got,
                      table[i].want);
     }
-    assert_int_equal(auth_match(NULL, 0, "x", 1), 0);
-    assert_int_equal(auth_match(none, 2, "z", 1), 0);
-    assert_int_equal(auth_match(many, 3, "z", 1), 1);
-    assert_int_equal(auth_match(many, 3, "y.q", 3), 1);
+    assert_int_equal(proto_pattern_match(NULL, 0, "x", 1), 0);
+    assert_int_equal(proto_pattern_match(none, 2, "z", 1), 0);
+    assert_int_equal(proto_pattern_match(many, 3, "z", 1), 1);
+    assert_int_equal(proto_pattern_match(many, 3, "y.q", 3), 1);
     /* The name is a byte range, not a C string. */
-    assert_int_equal(auth_match(many, 3, "xyz", 1), 1);
-    assert_int_equal(auth_match(many, 3, "x\0", 2), 0);
+    assert_int_equal(proto_pattern_match(many, 3, "xyz", 1), 1);
+    assert_int_equal(proto_pattern_match(many, 3, "x\0", 2), 0);
 }
 
 /* Find a padding length that makes the token exactly want bytes long. */

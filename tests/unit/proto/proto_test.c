@@ -1,5 +1,5 @@
 /*
- * proto_test.c - the arq.v1 wire codec (api/proto.h).
+ * proto_test.c - the arq.v1 wire codec (proto/proto.h).
  *
  * Server messages are encoded with proto_enc_* and read back with
  * msgpack-c's own unpacker; client messages are built with msgpack-c's

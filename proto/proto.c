@@ -960,3 +960,28 @@ int proto_enc_error(proto_buf_t *b, uint64_t id, int code, const char *reason)
     enc_code_reason(&e, code, reason);
     return enc_finish(&e);
 }
+
+/* ---- stream patterns ------------------------------------------------------ */
+
+int proto_pattern_match(char *const *patterns, size_t n, const char *name, size_t len)
+{
+    for (size_t i = 0; i < n; i++) {
+        const char *p = patterns[i];
+        size_t plen;
+
+        if (p == NULL)
+            continue;
+        plen = strlen(p);
+        if (plen == 1 && p[0] == '*')
+            return 1;
+        if (plen >= 2 && p[plen - 2] == '.' && p[plen - 1] == '*') {
+            /* "a.b.*": the prefix "a.b." and at least one more byte. */
+            if (len > plen - 1 && memcmp(name, p, plen - 1) == 0)
+                return 1;
+            continue;
+        }
+        if (plen == len && memcmp(name, p, len) == 0)
+            return 1;
+    }
+    return 0;
+}

@@ -1,5 +1,5 @@
 /*
- * Fuzz the arq.v1 client-message decoder (api/proto.h) with the default
+ * Fuzz the arq.v1 client-message decoder (proto/proto.h) with the default
  * limits: arbitrary bytes either decode or return one of the codec's error
  * codes; a decoded message only points inside the input and within the
  * limits, and what the broker would send back from it (puback, subok, or a

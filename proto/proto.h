@@ -1,14 +1,16 @@
 /*
  * proto.h - the arq.v1 wire codec: one msgpack map per WebSocket binary
- * message (docs/protocol.md). Pure functions: no I/O, no logging.
+ * message (docs/protocol.md), and the stream patterns tokens grant. Pure
+ * functions: no I/O, no logging. A leaf module: the api (which decodes)
+ * and the broker (which encodes its replies) both sit above it.
  *
  * Decoding validates the whole input before msgpack-c allocates anything:
  * every declared array/map/str/bin length must fit in the bytes that remain
  * and nesting is bounded, so hostile input (a 4 GiB declared length, deep
  * nesting) is rejected with an error, never a large allocation.
  */
-#ifndef ARQ_API_PROTO_H
-#define ARQ_API_PROTO_H
+#ifndef ARQ_PROTO_H
+#define ARQ_PROTO_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -132,5 +134,13 @@ enum proto_code {
     PROTO_CODE_INTERNAL = 500,
     PROTO_CODE_UNAVAILABLE = 503, /* storage full, WAL stopped, shutting down */
 };
+
+/*
+ * Stream patterns (a token's "pub" and "subscribe" claims): does any of
+ * patterns[0..n) match stream name[0..len)? A pattern is a stream name, "*"
+ * (any stream), or "prefix.*" ("prefix." followed by at least one byte).
+ * NULL entries are skipped.
+ */
+int proto_pattern_match(char *const *patterns, size_t n, const char *name, size_t len);
 
 #endif
