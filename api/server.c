@@ -454,23 +454,36 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         producer = c->session; /* anonymous: the session is the dedup namespace */
     int rc = brk_client_new(s->brk, &s->ops, c, c->session, producer, pub, n_pub, subs, n_subs,
                             &c->client);
-    if (rc == 0) {
-        if (resumed)
-            (void)brk_session_resume(c->client, owner, digest, sizeof(digest));
-        else
-            rc = brk_session_create(c->client, owner, digest, sizeof(digest));
+    bool ephemeral = false;
+    if (rc) {
+        rc = WAL_ENOMEM;
+    } else if (resumed) {
+        (void)brk_session_resume(c->client, owner, digest, sizeof(digest));
+    } else if (wal_state_now(s->wal) != WAL_STATE_OK) {
+        /* The WAL refuses writes (storage full or stopped): a session it
+         * cannot store lasts this connection only, so that readers are
+         * still served; the welcome says so ("durable": false). */
+        ephemeral = true;
+        brk_client_ephemeral(c->client);
+    } else {
+        rc = brk_session_create(c->client, owner, digest, sizeof(digest));
     }
     if (have_tok)
         auth_token_free(&tok);
     if (rc) {
-        send_error_close(c, PROTO_CODE_INTERNAL, "out of memory", 1011);
+        int code;
+        const char *why;
+        brk_refusal(rc, &code, &why);
+        if (rc == WAL_ENOMEM)
+            why = "out of memory";
+        send_error_close(c, code, why, code == PROTO_CODE_UNAVAILABLE ? 1013 : 1011);
         return;
     }
     c->hello_done = true;
     /* A new session's welcome (and whatever follows it) stays in the output
      * until the session is durable (conn_session_durable): a resume token
      * the client holds must survive a crash of arqd. */
-    c->hold_out = !resumed;
+    c->hold_out = !resumed && !ephemeral;
     struct welcome_subs ws = {0};
     if (resumed)
         brk_client_subs(c->client, welcome_sub_cb, &ws);
@@ -481,6 +494,7 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
                          .max_inflight = s->o.max_inflight,
                          .session_ttl_s = s->o.session_ttl_s ? s->o.session_ttl_s : 86400,
                          .resumed = resumed,
+                         .ephemeral = ephemeral,
                          .subs = ws.v,
                          .n_subs = ws.n};
     proto_buf_t pb = {0};
@@ -489,7 +503,7 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
     proto_buf_free(&pb);
     free(ws.v);
     arq_log(ARQ_LOG_DEBUG, "hello", "peer", c->peer, "session", c->session, "resumed",
-            resumed ? "true" : "false", NULL);
+            resumed ? "true" : "false", "durable", ephemeral ? "false" : "true", NULL);
     brk_client_start(c->client);
 }
 
@@ -851,7 +865,7 @@ static void conn_session_durable(void *conn, int status)
         evbuffer_freeze(out, 1);
         arq_log(ARQ_LOG_WARN, "session_not_stored", "peer", c->peer, "reason", wal_strerror(status),
                 NULL);
-        send_error_close(c, PROTO_CODE_UNAVAILABLE, "session could not be stored", 1011);
+        send_error_close(c, PROTO_CODE_UNAVAILABLE, "session could not be stored", 1013);
     }
     queue_flush(c);
 }
@@ -1251,26 +1265,73 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
 
 /* ---- health and metrics ------------------------------------------------ */
 
+static const char *wal_state_name(enum wal_state st)
+{
+    return st == WAL_STATE_OK ? "ok" : st == WAL_STATE_FULL ? "full" : "failed";
+}
+
+/* A JSON string of text (quotes, backslashes and control bytes escaped;
+ * UTF-8 passes through). */
+static void json_text(struct evbuffer *b, const char *text)
+{
+    evbuffer_add(b, "\"", 1);
+    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            evbuffer_add_printf(b, "\\%c", *p);
+        else if (*p < 0x20)
+            evbuffer_add_printf(b, "\\u%04x", *p);
+        else
+            evbuffer_add(b, p, 1);
+    }
+    evbuffer_add(b, "\"", 1);
+}
+
+/*
+ * 200 "healthy"; 200 "degraded" while the WAL refuses publishes for lack of
+ * space (arqd still serves readers, and recovers by itself when there is
+ * room: a load balancer should keep it); 503 "unhealthy" once the WAL
+ * stopped after an I/O error (restart and follow the runbook).
+ */
 static void write_health(api_server_t *s, struct evbuffer *b, int *code)
 {
     wal_stats_t ws;
     int rc = wal_stats_get(s->wal, &ws);
-    bool failed = wal_is_failed(s->wal);
+    wal_state_info_t st;
+    wal_state_get(s->wal, &st);
+    bool failed = st.state == WAL_STATE_FAILED;
     *code = failed || rc ? 503 : 200;
-    evbuffer_add_printf(b, "{\"status\":\"%s\",", *code == 200 ? "healthy" : "unhealthy");
-    if (failed)
-        evbuffer_add_printf(b, "\"reason\":\"wal stopped after a write error\",");
-    else if (rc)
+    const char *status = *code != 200                 ? "unhealthy"
+                         : st.state == WAL_STATE_FULL ? "degraded"
+                                                      : "healthy";
+    evbuffer_add_printf(b, "{\"status\":\"%s\",", status);
+    if (st.state != WAL_STATE_OK) {
+        evbuffer_add_printf(b, "\"reason\":");
+        char why[WAL_STATE_REASON_MAX + 40];
+        snprintf(why, sizeof(why), "%s: %s", failed ? "wal stopped" : "storage full", st.reason);
+        json_text(b, why);
+        evbuffer_add_printf(b, ",");
+    } else if (rc) {
         evbuffer_add_printf(b, "\"reason\":\"wal unreadable\",");
+    }
     evbuffer_add_printf(b,
                         "\"version\":\"%s\",\"connections\":%zu,"
-                        "\"wal\":{\"ok\":%s,\"first_seq\":%llu,\"next_seq\":%llu,"
-                        "\"map_bytes\":%llu,\"used_bytes\":%llu,\"commits\":%llu},"
+                        "\"wal\":{\"ok\":%s,\"state\":\"%s\",",
+                        s->o.version, s->n_conns, st.state == WAL_STATE_OK ? "true" : "false",
+                        wal_state_name(st.state));
+    if (st.state != WAL_STATE_OK) {
+        evbuffer_add_printf(b, "\"reason\":");
+        json_text(b, st.reason);
+        evbuffer_add_printf(b, ",\"since_us\":%lld,", (long long)st.since_us);
+    }
+    evbuffer_add_printf(b,
+                        "\"first_seq\":%llu,\"next_seq\":%llu,"
+                        "\"map_bytes\":%llu,\"used_bytes\":%llu,\"commits\":%llu,"
+                        "\"disk_free_bytes\":%llu,\"disk_bytes\":%llu},"
                         "\"sync\":",
-                        s->o.version, s->n_conns, failed ? "false" : "true",
                         (unsigned long long)ws.first_seq, (unsigned long long)ws.next_seq,
                         (unsigned long long)ws.map_size, (unsigned long long)ws.used_bytes,
-                        (unsigned long long)ws.commits);
+                        (unsigned long long)ws.commits, (unsigned long long)st.disk_free_bytes,
+                        (unsigned long long)st.disk_total_bytes);
     if (s->o.health_sync)
         s->o.health_sync(s->o.extra_arg, b);
     else
@@ -1381,6 +1442,22 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
            ws.committed_msgs);
     metric(b, "arq_wal_failed_commits_total", "counter", "WAL batches that failed.",
            ws.failed_commits);
+    wal_state_info_t wst;
+    wal_state_get(s->wal, &wst);
+    evbuffer_add_printf(b, "# HELP arq_wal_state 1 for the WAL's state: ok, full (publishes "
+                           "refused for lack of space), failed (stopped after an I/O error).\n"
+                           "# TYPE arq_wal_state gauge\n");
+    for (int i = WAL_STATE_OK; i <= WAL_STATE_FAILED; i++)
+        evbuffer_add_printf(b, "arq_wal_state{state=\"%s\"} %d\n",
+                            wal_state_name((enum wal_state)i), (int)wst.state == i);
+    metric(b, "arq_wal_state_changes_total", "counter", "Changes of arq_wal_state.", wst.changes);
+    metric(b, "arq_wal_disk_free_bytes", "gauge",
+           "Free space on the WAL's filesystem (for unprivileged users).", wst.disk_free_bytes);
+    metric(b, "arq_wal_disk_bytes", "gauge", "Size of the WAL's filesystem.", wst.disk_total_bytes);
+    metric(b, "arq_wal_preallocated", "gauge",
+           "1: data.mdb's disk blocks are allocated ahead of the map (a full disk is told from "
+           "an I/O error).",
+           (uint64_t)wst.preallocated);
     metric(b, "arq_wal_map_bytes", "gauge", "LMDB map size.", ws.map_size);
     metric(b, "arq_wal_used_bytes", "gauge", "LMDB pages in use (high-water mark).", ws.used_bytes);
     metric(b, "arq_wal_next_seq", "gauge", "Next WAL sequence.", ws.next_seq);

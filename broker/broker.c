@@ -61,6 +61,7 @@ struct brk_client {
     size_t n_pub, n_subs;
     bool pub_all, subs_all;
     bool closed;
+    bool ephemeral; /* its session is not stored (brk_client_ephemeral): nor are its acks */
     int refs;
     size_t pending_pubs;
     bool dirty;               /* has acks not yet persisted (and is on the dirty list) */
@@ -86,6 +87,7 @@ struct brk {
     brk_stream_t **buckets;
     size_t n_buckets, n_streams;
     brk_stream_t *stalled; /* streams waiting for the WAL's next LMDB commit */
+    uint64_t reloads;      /* wal_reloads() when the streams were last checked */
     proto_buf_t reply;     /* pub_done's puback/nack, reused (send_buf copies it) */
     brk_client_t *dirty;   /* clients with acks to persist */
     struct event *flush_ev;
@@ -453,10 +455,37 @@ static void wake_stream(brk_stream_t *s)
         deliver_sub(sub, DELIVER_BUDGET);
 }
 
+/* The WAL rebuilt its stream heads after a fold it had to defer for lack
+ * of space (wal_reloads): the folded entries may have added records the
+ * broker never saw committed. Take each known stream's metadata again and
+ * let its subscribers read on from the WAL. */
+static void streams_reload(brk_t *b)
+{
+    for (size_t i = 0; i < b->n_buckets; i++) {
+        for (brk_stream_t *s = b->buckets[i]; s; s = s->hnext) {
+            wal_stream_info_t info;
+            if (wal_stream_get(b->wal, s->name, s->name_len, &info) != 0)
+                continue;
+            s->epoch = info.epoch;
+            s->first = info.first_offset;
+            if (info.next_offset > s->next) {
+                s->next = info.next_offset;
+                cache_clear(b, s);
+            }
+            wake_stream(s);
+        }
+    }
+}
+
 /* The WAL made more records readable: retry the subscribers that waited. */
 static void brk_visible(void *arg)
 {
     brk_t *b = arg;
+    uint64_t reloads = wal_reloads(b->wal);
+    if (reloads != b->reloads) {
+        b->reloads = reloads;
+        streams_reload(b);
+    }
     brk_stream_t *s = b->stalled;
     b->stalled = NULL;
     while (s) {
@@ -568,13 +597,17 @@ static void mark_dirty(brk_client_t *c)
     c->refs++;
 }
 
+static void cursors_retry(brk_t *b);
+
 static void cursor_done(wal_append_t *req, void *arg)
 {
     brk_t *b = arg;
-    if (wal_append_status(req) == 0)
+    if (wal_append_status(req) == 0) {
         b->st.cursor_commits++;
-    else
+    } else {
         b->st.cursor_errors++;
+        cursors_retry(b);
+    }
     wal_append_free(req);
 }
 
@@ -582,7 +615,7 @@ static void cursor_done(wal_append_t *req, void *arg)
 static size_t cursor_collect(brk_client_t *c, wal_append_t *req)
 {
     size_t n = 0;
-    if (!c->session[0])
+    if (!c->session[0] || c->ephemeral)
         return 0;
     for (brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client) {
         bool record = c->durable && !sub->recorded && sub->stream->epoch != 0;
@@ -687,6 +720,25 @@ static void sess_remove(brk_client_t *c)
     c->b->st.sessions_live--;
 }
 
+/* A write of cursors failed (storage full, say): which of them is not
+ * known, so every live session's cursors and subscriptions are written
+ * again at the next flush. Without this a resume after the failure would
+ * restart from older offsets, or miss subscriptions. */
+static void cursors_retry(brk_t *b)
+{
+    for (size_t i = 0; i < b->n_sess_buckets; i++) {
+        for (brk_client_t *c = b->sess[i]; c; c = c->snext) {
+            if (c->closed)
+                continue;
+            for (brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client) {
+                sub->persisted = 0;
+                sub->recorded = false;
+            }
+            mark_dirty(c);
+        }
+    }
+}
+
 static int64_t wall_us(void)
 {
     struct timespec ts;
@@ -783,22 +835,31 @@ static void session_created(wal_append_t *req, void *arg)
 
 int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret, size_t secret_len)
 {
-    if (session_adopt(c, owner, secret, secret_len, wall_us()) != 0)
-        return -1;
+    if (c->ephemeral || session_adopt(c, owner, secret, secret_len, wall_us()) != 0)
+        return c->ephemeral ? WAL_EINVAL : WAL_ENOMEM;
     c->b->st.sessions_created++;
     /* Complete at the durable point (the journal's sync), not at the fold. */
     wal_append_t *req;
     if (wal_append_new(session_created, c, &req) != 0)
-        return -1;
+        return WAL_ENOMEM;
     wal_append_when_durable(req);
-    if (session_put(c, req, wall_us()) != 0 || wal_append_submit(c->b->wal, req) != 0) {
+    int rc = session_put(c, req, wall_us());
+    if (rc == 0)
+        rc = wal_append_submit(c->b->wal, req);
+    if (rc) {
         c->b->st.cursor_errors++;
         wal_append_free(req);
-        return -1;
+        return rc;
     }
     c->b->st.cursors_persisted++;
     c->refs++;
     return 0;
+}
+
+void brk_client_ephemeral(brk_client_t *c)
+{
+    if (!c->durable)
+        c->ephemeral = true;
 }
 
 /* Stop a client's activity for good: no more sends, subscriptions gone.
@@ -1150,6 +1211,12 @@ static const char *wal_reason(int status)
     default:
         return wal_strerror(status);
     }
+}
+
+void brk_refusal(int status, int *ret_code, const char **ret_reason)
+{
+    *ret_code = wal_code(status);
+    *ret_reason = wal_reason(status);
 }
 
 /* Runs on the loop after the commit that holds the publish returned. */

@@ -136,9 +136,15 @@ size_t brk_client_pending(const brk_client_t *c);
 int brk_session_resumable(brk_t *b, const char *id, const char *owner, const uint8_t *secret,
                           size_t secret_len);
 /* Make c's session (the id given to brk_client_new) a new durable one;
- * ops->session_durable tells when it is. */
+ * ops->session_durable tells when it is. 0, or a WAL_E* code when it
+ * cannot even be submitted (WAL_EFATAL after a fail-stop, WAL_ECLOSED while
+ * closing, WAL_ENOMEM; WAL_EINVAL for an ephemeral client). */
 int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret,
                        size_t secret_len);
+/* Give c a session that is not stored (while the WAL refuses writes: storage
+ * full or stopped): it lasts as long as the connection, cannot be resumed,
+ * and its acks are not persisted. For a client without a durable session. */
+void brk_client_ephemeral(brk_client_t *c);
 /* Resume c's session (brk_session_resumable said yes): a connection still
  * holding it is detached and kicked (its acked offsets carry over), and
  * the session's subscriptions are restored, delivering from acked + 1 once
@@ -168,6 +174,11 @@ void brk_ack(brk_client_t *c, const uint8_t *stream, size_t stream_len, uint64_t
 /* Submit every acked offset not yet persisted (e.g. at shutdown, before
  * wal_close, which then waits for the commit). */
 void brk_flush(brk_t *b);
+
+/* The protocol code (503, 400, 500) and reason ("storage full", "storage
+ * stopped", "shutting down", ...) that refuse a request for WAL status
+ * `status`, as publishes are refused. The reason is static. */
+void brk_refusal(int status, int *ret_code, const char **ret_reason);
 
 /* Server API publish (direction out). cb runs after the commit with status
  * 0 or a WAL_E* code. */

@@ -108,6 +108,10 @@ struct cli {
     const char *data; /* NULL: stdin */
     const char *msgid_prefix;
     struct hdrbuf headers; /* pub --header K=V...: one msgpack map, or empty */
+    /* pub -: line seq (0-based) is published with callback argument seq and
+     * printed in input order. Slot seq % MAX_INFLIGHT holds its answer until
+     * then, so at most MAX_INFLIGHT lines may be unprinted at once: a line
+     * re-sent after a 503 holds back the window, never shares a slot. */
     uint64_t seq_next, seq_printed;
     int inflight;
     int have[MAX_INFLIGHT];
@@ -277,7 +281,7 @@ static void pub_feed(struct cli *c)
             finish(c, 0);
         return;
     }
-    while (!c->done && c->inflight < MAX_INFLIGHT) {
+    while (!c->done && c->seq_next - c->seq_printed < MAX_INFLIGHT) {
         size_t n = 0;
         char *line = evbuffer_readln(c->inbuf, &n, EVBUFFER_EOL_LF);
         if (!line && c->stdin_eof && evbuffer_get_length(c->inbuf) > 0) {

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "broker.h"
@@ -169,6 +170,78 @@ struct app {
     struct event *grace;
     int signals;
 };
+
+/*
+ * The WAL's state changes, logged for operators: a stop once, at error
+ * level, with its cause; "storage full" and its end at warning / info. Near
+ * a full disk the state can flap (a small batch fits where a large one did
+ * not): after a line, further changes within WATCH_QUIET_S are summed up in
+ * one line at the end of that interval, with the state then.
+ */
+#define WATCH_QUIET_S 10
+
+struct walwatch {
+    wal_t *wal;
+    struct event *later;
+    int64_t last_log;      /* CLOCK_MONOTONIC seconds */
+    enum wal_state logged; /* the state of the last line */
+    uint64_t changes_seen; /* wal_state_info_t.changes at the last line */
+};
+
+static int64_t mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec;
+}
+
+static void watch_log(struct walwatch *w)
+{
+    wal_state_info_t st;
+    wal_state_get(w->wal, &st);
+    uint64_t n = st.changes - w->changes_seen;
+    if (st.state == w->logged && n == 0)
+        return;
+    char changes[24], free_b[24];
+    snprintf(changes, sizeof(changes), "%llu", (unsigned long long)n);
+    snprintf(free_b, sizeof(free_b), "%llu", (unsigned long long)st.disk_free_bytes);
+    if (st.state == WAL_STATE_FAILED)
+        arq_log(ARQ_LOG_ERROR, "wal_stopped", "reason", st.reason, "effect",
+                "publishes refused (503 storage stopped), readers served what the WAL holds; "
+                "check the disk, then restart arqd (docs/runbook.md, \"fsync or write error\")",
+                NULL);
+    else if (st.state == WAL_STATE_FULL)
+        arq_log(ARQ_LOG_WARN, "storage_full", "reason", st.reason, "disk_free_bytes", free_b,
+                "changes", changes, "effect",
+                "publishes refused (503 storage full) until there is room; readers are served",
+                NULL);
+    else
+        arq_log(ARQ_LOG_INFO, "storage_available", "disk_free_bytes", free_b, "changes", changes,
+                NULL);
+    w->logged = st.state;
+    w->changes_seen = st.changes;
+    w->last_log = mono_s();
+}
+
+static void watch_later_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    watch_log(arg);
+}
+
+static void watch_cb(void *arg)
+{
+    struct walwatch *w = arg;
+    if (wal_state_now(w->wal) == WAL_STATE_FAILED || mono_s() - w->last_log >= WATCH_QUIET_S) {
+        watch_log(w);
+        return;
+    }
+    if (w->later && !evtimer_pending(w->later, NULL)) {
+        struct timeval tv = {(time_t)(w->last_log + WATCH_QUIET_S - mono_s()), 0};
+        evtimer_add(w->later, &tv);
+    }
+}
 
 static void grace_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -390,6 +463,7 @@ int main(int argc, char **argv)
         .no_journal = strcmp(cfg.journal, "off") == 0,
         .apply_us = cfg.apply_us,
         .apply_idle_us = cfg.apply_idle_us,
+        .journal_max = cfg.journal_max,
     };
     wal_t *wal;
     int rc = wal_open(&wo, base, &wal, err, sizeof(err));
@@ -400,6 +474,10 @@ int main(int argc, char **argv)
         arq_config_free(&cfg);
         return 1;
     }
+    struct walwatch watch = {.wal = wal, .logged = WAL_STATE_OK, .last_log = -WATCH_QUIET_S};
+    watch.later = evtimer_new(base, watch_later_cb, &watch);
+    wal_on_state(wal, watch_cb, &watch);
+    watch_log(&watch); /* an open on a full disk starts "full" */
     brk_options_t bo = {
         .max_payload = cfg.max_message_bytes,
         .max_subscriptions = cfg.max_subscriptions,
@@ -491,7 +569,12 @@ int main(int argc, char **argv)
     brk_flush(brk);
     sync_stop(sync); /* its batch in flight commits or rolls back */
     sync_url_free(&db_url);
+    watch_log(&watch); /* a change the quiet interval held back */
+    wal_state_info_t wst;
+    wal_state_get(wal, &wst);
     wal_close(wal);
+    if (watch.later)
+        event_free(watch.later);
     api_server_free(srv);
     brk_free(brk);
     sync_cold_close(cold); /* after the broker: no subscription waits for it any more */
@@ -500,7 +583,12 @@ int main(int argc, char **argv)
     if (app.grace)
         event_free(app.grace);
     event_base_free(base);
-    arq_log(ARQ_LOG_INFO, "stopped", NULL);
     arq_config_free(&cfg);
+    if (wst.state == WAL_STATE_FAILED) {
+        /* A supervisor must see that this run ended in a fail-stop. */
+        arq_log(ARQ_LOG_ERROR, "stopped", "exit", "1", "reason", wst.reason, NULL);
+        return 1;
+    }
+    arq_log(ARQ_LOG_INFO, "stopped", NULL);
     return 0;
 }

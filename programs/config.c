@@ -138,6 +138,7 @@ static const struct key_def keys[] = {
     {"wal", "journal", NULL, KT_ENUM, FIELD(journal), .choices = on_off, .choices_text = "on, off"},
     {"wal", "apply_us", NULL, KT_UINT, FIELD(apply_us), .min = 100, .max = 1000000},
     {"wal", "apply_idle_us", NULL, KT_UINT, FIELD(apply_idle_us), .min = 10, .max = 1000000},
+    {"wal", "journal_max", NULL, KT_SIZE, FIELD(journal_max), .min = 2 * MIB, .max = GIB},
     {"database", "url", "DATABASE_URL", KT_URL, FIELD(database_url)},
     {"database", "batch_rows", NULL, KT_UINT, FIELD(sync_batch_rows), .min = 1, .max = 100000},
     {"database", "batch_wait_ms", NULL, KT_UINT, FIELD(sync_batch_wait_ms), .min = 1, .max = 60000},
@@ -781,6 +782,7 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->journal = strdup("on");
     cfg->apply_us = 10000;
     cfg->apply_idle_us = 1000;
+    cfg->journal_max = 64 * MIB;
     if (cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
         cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL) {
         arq_config_free(cfg);

@@ -45,6 +45,7 @@ typedef struct arq_config {
     char *journal;            /* "on" (default) | "off": group commits through <data>/journal */
     uint32_t apply_us;        /* fold the journal into LMDB at least this often, default 10000 */
     uint32_t apply_idle_us;   /* ... or after this long idle, default 1000 */
+    uint64_t journal_max;     /* each journal file grows up to this, default 64 MiB */
     /* [database] */
     char *database_url;          /* DATABASE_URL; NULL: WAL-only */
     uint32_t sync_batch_rows;    /* rows per MySQL sync transaction, default 1000 */

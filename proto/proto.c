@@ -818,7 +818,7 @@ int proto_enc_welcome(proto_buf_t *b, const proto_welcome_t *w)
     size_t n_subs = w->resumed ? w->n_subs : 0;
     if (n_subs > UINT32_MAX)
         return PROTO_ELIMIT;
-    enc_start(&e, b, w->resumed ? 9 : 8, 160 + n_subs * 64);
+    enc_start(&e, b, (w->resumed ? 9 : 8) + (w->ephemeral ? 1 : 0), 160 + n_subs * 64);
     enc_type(&e, "welcome");
     enc_cstr(&e, "session");
     enc_cstr(&e, w->session);
@@ -831,6 +831,10 @@ int proto_enc_welcome(proto_buf_t *b, const proto_welcome_t *w)
     enc_cstr(&e, w->server);
     enc_uint(&e, "max_payload", w->max_payload);
     enc_uint(&e, "max_inflight", w->max_inflight);
+    if (w->ephemeral) {
+        enc_cstr(&e, "durable");
+        (void)msgpack_pack_false(&e.pk);
+    }
     if (w->resumed) {
         enc_cstr(&e, "subs");
         (void)msgpack_pack_array(&e.pk, n_subs);

@@ -92,7 +92,8 @@ typedef struct proto_buf {
 void proto_buf_free(proto_buf_t *b);
 void proto_buf_reset(proto_buf_t *b);
 
-/* welcome: subs (only when resumed) are the restored subscriptions. */
+/* welcome: subs (only when resumed) are the restored subscriptions;
+ * ephemeral adds "durable": false (the session was not stored). */
 typedef struct proto_resumed_sub {
     const char *stream;
     size_t stream_len;
@@ -103,6 +104,7 @@ typedef struct proto_welcome {
     uint32_t max_payload, max_inflight;
     uint64_t session_ttl_s;
     int resumed;
+    int ephemeral;
     const proto_resumed_sub_t *subs;
     size_t n_subs;
 } proto_welcome_t;

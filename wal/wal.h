@@ -142,6 +142,8 @@ typedef struct wal_state_info {
     char reason[WAL_STATE_REASON_MAX]; /* why ("" when OK), e.g. "fdatasync of the journal: ..." */
 } wal_state_info_t;
 void wal_state_get(wal_t *wal, wal_state_info_t *ret);
+/* The state alone: one atomic read. */
+enum wal_state wal_state_now(const wal_t *wal);
 /* cb(arg) runs on the event loop (the base given to wal_open) after each
  * state change; read the new state with wal_state_get. Set it before
  * submitting appends; none without a base. */

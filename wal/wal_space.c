@@ -166,20 +166,37 @@ int wal_space_init(wal_t *wal)
         return 0; /* no preallocation */
     wal->data_fd = fd;
     struct stat st;
-    uint64_t have = fstat(fd, &st) == 0 ? (uint64_t)st.st_size : 0;
-    uint64_t used = used_bytes(wal);
-    wal->alloc_end = (have > used ? have : used) / ALLOC_ALIGN * ALLOC_ALIGN;
+    if (fstat(fd, &st) != 0)
+        return errno;
+    uint64_t used = used_bytes(wal), have = (uint64_t)st.st_size;
+    uint64_t end = have > used ? have : used;
     /* Blocks below the end of the file exist (LMDB writes every page it
      * uses); fill any hole anyway, and learn whether fallocate works here. */
-    int rc = alloc_range(wal, fd, 0, have > used ? have : used);
+    int rc = alloc_range(wal, fd, 0, end);
     if (rc == EOPNOTSUPP || rc == ENOSYS) {
         wal->prealloc = false;
         return 0;
     }
+    if (rc && !nospace(rc))
+        return rc;
     wal->prealloc = true;
-    if (rc == 0)
-        wal->alloc_end = (have > used ? have : used);
-    rc = space_alloc(wal, wal->map_size, wal_space_keep(wal, false));
+    /* An earlier run may have allocated past the end of the file (blocks
+     * ahead of its map): find how far, so that the map can use them on a
+     * full disk. st_blocks also counts the extent tree: allocating up to
+     * a candidate over what exists needs no new block, one a little past
+     * it does, so step down until one needs none. */
+    uint64_t blocks = (uint64_t)st.st_blocks * 512 / ALLOC_ALIGN * ALLOC_ALIGN;
+    for (int i = 0; i < 8 && blocks > end; i++, blocks -= ALLOC_ALIGN) {
+        if (alloc_range(wal, fd, end, blocks) == 0) {
+            end = blocks;
+            break;
+        }
+    }
+    wal->alloc_end = end;
+    uint64_t want = wal->map_size;
+    if (end > want)
+        want = end < wal->opts.map_size_max ? end : wal->opts.map_size_max;
+    rc = space_alloc(wal, want, wal_space_keep(wal, false));
     if (rc && !nospace(rc))
         return rc;
     if (wal->alloc_end < wal->map_size) {
@@ -188,7 +205,7 @@ int wal_space_init(wal_t *wal)
         wal->disk_limited = true;
         return wal_map_set(wal, wal->alloc_end > used ? wal->alloc_end : used);
     }
-    return 0;
+    return want > wal->map_size ? wal_map_set(wal, want) : 0;
 }
 
 int wal_space_grow(wal_t *wal, uint64_t nsize, bool for_retention, uint64_t *ret_size)
@@ -306,6 +323,11 @@ void wal_state_get(wal_t *wal, wal_state_info_t *ret)
     ret->reloads = __atomic_load_n(&wal->reloads, __ATOMIC_ACQUIRE);
     ret->preallocated = wal->prealloc;
     wal_space_fs(wal, &ret->disk_free_bytes, &ret->disk_total_bytes);
+}
+
+enum wal_state wal_state_now(const wal_t *wal)
+{
+    return (enum wal_state)__atomic_load_n(&wal->state, __ATOMIC_ACQUIRE);
 }
 
 uint64_t wal_reloads(const wal_t *wal)

@@ -856,22 +856,43 @@ static int refold_try(wal_t *wal)
     return 0;
 }
 
-/* While storage is full and the writer is idle: try again what it waits for. */
+/*
+ * "Storage full" ends when there is room again, not at the first small
+ * write that still fits: the live pages (free pages excluded, so what
+ * retention freed counts) leave a journal's worth, or a quarter of the
+ * map's cap, free below the cap.
+ */
+static bool map_has_room(wal_t *wal)
+{
+    uint64_t cap = wal->disk_limited ? wal->map_size : wal->opts.map_size_max;
+    MDB_txn *txn;
+    if (mdb_txn_begin(wal->env, NULL, MDB_RDONLY, &txn) != 0)
+        return false;
+    uint64_t live = wal_pages_in_use(wal, txn) * wal->page_size;
+    mdb_txn_abort(txn);
+    uint64_t room = cap / 4 < wal->opts.journal_max ? cap / 4 : wal->opts.journal_max;
+    return live + room <= cap;
+}
+
+/* While storage is full and the writer is idle: try again what it waits
+ * for (the fold; a map growth the disk refused), and see whether there is
+ * room again. */
 static void probe_run(wal_t *wal)
 {
     wal->probe_us = wal_mono_us() + PROBE_US;
     if (wal->refold) {
         (void)refold_try(wal);
-    } else if (wal->disk_limited && wal->map_size < wal->opts.map_size_max) {
-        if (wal_map_grow(wal, false) == 0)
-            wal_state_ok(wal); /* room again: the next batch will say */
+        return;
     }
+    if (wal->disk_limited && wal->map_size < wal->opts.map_size_max)
+        (void)wal_map_grow(wal, false);
+    if (map_has_room(wal))
+        wal_state_ok(wal);
 }
 
 static bool probe_wanted(wal_t *wal)
 {
-    return wal->refold || (wal->disk_limited && wal->map_size < wal->opts.map_size_max &&
-                           __atomic_load_n(&wal->state, __ATOMIC_ACQUIRE) == WAL_STATE_FULL);
+    return wal->refold || __atomic_load_n(&wal->state, __ATOMIC_ACQUIRE) == WAL_STATE_FULL;
 }
 
 /*
@@ -1100,7 +1121,9 @@ void wal_batch_run(wal_t *wal, wal_append_t **reqs, size_t n)
             wal_hist_add(wal->st_batch, wal_batch_bounds, msgs);
             __atomic_add_fetch(&wal->st_commits, 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&wal->st_msgs, msgs, __ATOMIC_RELAXED);
-            wal_state_ok(wal);
+            if (msgs && __atomic_load_n(&wal->state, __ATOMIC_ACQUIRE) == WAL_STATE_FULL &&
+                map_has_room(wal))
+                wal_state_ok(wal);
             batch_finish(wal, reqs, n, journaled);
             return;
         }
@@ -1248,8 +1271,6 @@ static void retain_step(wal_t *wal, struct retain_job *job)
         wal_fail_stop(wal, "retention", rc);
         status = WAL_EFATAL;
     }
-    if (!rc && job->dropped && !wal->disk_limited)
-        wal_state_ok(wal); /* a map at its maximum has free pages again */
     if (rc || !more) {
         /* Give the reserve back: appends stop at map_size_max again. */
         if (wal->map_size > wal->opts.map_size_max)

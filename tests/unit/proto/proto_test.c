@@ -358,6 +358,24 @@ static void test_enc_welcome(void **state)
     assert_resumed_subs(&r, subs, 2);
     unp_done(&r);
 
+    /* a session the WAL could not store says so */
+    proto_buf_reset(&b);
+    w.resumed = 0;
+    w.ephemeral = 1;
+    assert_int_equal(proto_enc_welcome(&b, &w), 0);
+    unp_one(&r, b.data, b.len);
+    assert_entries(&r, 9);
+    assert_type(&r, "welcome");
+    assert_cstr_field(&r, "session", "s-1");
+    assert_cstr_field(&r, "resume_token", "rt-xyz");
+    assert_bool_field(&r, "resumed", false);
+    assert_uint_field(&r, "session_ttl", 86400);
+    assert_cstr_field(&r, "server", "arqd/0.1.0");
+    assert_uint_field(&r, "max_payload", 1048576);
+    assert_uint_field(&r, "max_inflight", 1024);
+    assert_bool_field(&r, "durable", false);
+    unp_done(&r);
+
     proto_buf_reset(&b);
     proto_welcome_t w2 = {.resume_token = "", .server = "x", .max_payload = UINT32_MAX};
     assert_int_equal(proto_enc_welcome(&b, &w2), 0);
