@@ -35,9 +35,11 @@
  * anything but "no space" makes the WAL fail-stop: after an fsync error the
  * kernel may have dropped the dirty pages, so a retry could report success
  * for data that is not on disk (the PostgreSQL "fsyncgate" lesson). No
- * space (ENOSPC/EDQUOT, or the map at its configured maximum) fails only
- * the batch: LMDB had not yet written the meta page, so the last committed
- * state is intact and the next commit may succeed once space returns.
+ * space fails only the batch, before anything is written: data.mdb keeps
+ * its blocks allocated ahead of the map (wal_space.c), so a full disk is
+ * met where the map must grow, not as a short write inside LMDB's commit
+ * (which LMDB would report as EIO). A fold that finds no space is deferred
+ * (the journal keeps its batches) and retried.
  *
  * Group commit. Submitters append requests to a queue under `mu`; the
  * writer takes every queued request (up to batch_max_msgs/bytes), writes
@@ -757,6 +759,11 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
         goto fail;
     }
     mrc = open_dbis(wal, txn, wal->read_only ? 0 : MDB_CREATE);
+    if (mrc == MDB_MAP_FULL) {
+        wal_errf(errbuf, errlen, "no space left in '%s' to create the WAL's databases", wal->dir);
+        rc = WAL_EFULL;
+        goto fail;
+    }
     if (mrc) {
         wal_errf(errbuf, errlen, "'%s' is not an ARQ WAL (%s)", wal->dir, mdb_strerror(mrc));
         rc = mrc == MDB_NOTFOUND ? WAL_ENOTFOUND : wal_map_mdb(mrc);

@@ -8,6 +8,7 @@
  *                  group commits, folds into LMDB, retention
  *   wal_read.c     read transactions and every read of the WAL
  *   wal_restore.c  restores (arq-replay restore)
+ *   wal_space.c    disk blocks ahead of the map, free space, the state
  */
 #ifndef ARQ_WAL_INT_H
 #define ARQ_WAL_INT_H
@@ -188,6 +189,8 @@ struct wal {
     bool refold;           /* acknowledged journal entries wait for a fold that had no space */
     int64_t probe_us;      /* while full: when to try the growth / the fold again */
     int64_t jext_retry_us; /* the journal could not grow: batches commit directly until then */
+    uint64_t cap_cached;   /* wal_space_cap, asked of the filesystem at cap_at_us */
+    int64_t cap_at_us;
 
     /* state (wal_state_get): written under st_mu; `state` also read atomically */
     pthread_mutex_t st_mu;
@@ -212,6 +215,7 @@ int wal_space_lock_prepare(const char *dir, unsigned max_readers);
 int wal_space_init(wal_t *wal);
 int wal_space_grow(wal_t *wal, uint64_t nsize, bool for_retention, uint64_t *ret_size);
 uint64_t wal_space_keep(const wal_t *wal, bool for_retention);
+uint64_t wal_space_cap(wal_t *wal);
 void wal_space_fs(const wal_t *wal, uint64_t *ret_free, uint64_t *ret_total);
 bool wal_space_nospace_eio(const wal_t *wal, int rc);
 void wal_state_full(wal_t *wal);

@@ -56,6 +56,15 @@ static uint64_t fs_free(const wal_t *wal)
     return f;
 }
 
+/* wal_space_fs, and a full disk while wal_testing_fail_alloc is on. */
+static uint64_t fs_free_seen(wal_t *wal)
+{
+    pthread_mutex_lock(&wal->mu);
+    bool full = wal->fault_alloc > 0;
+    pthread_mutex_unlock(&wal->mu);
+    return full ? 0 : fs_free(wal);
+}
+
 static bool nospace(int err)
 {
     return err == ENOSPC || err == EDQUOT;
@@ -114,7 +123,7 @@ static int space_alloc(wal_t *wal, uint64_t upto, uint64_t keep)
     upto = (upto + ALLOC_ALIGN - 1) / ALLOC_ALIGN * ALLOC_ALIGN;
     if (upto <= wal->alloc_end)
         return 0;
-    uint64_t free_b = fs_free(wal);
+    uint64_t free_b = fs_free_seen(wal);
     uint64_t room = free_b > keep ? free_b - keep : 0;
     uint64_t target = upto;
     if (target - wal->alloc_end > room)
@@ -147,9 +156,16 @@ static uint64_t journal_left(const wal_t *wal)
     return have < max ? max - have : 0;
 }
 
+/* What a growth of the map leaves free: the journal's remaining room and
+ * retention's reserve, but never more than an eighth of the filesystem (a
+ * small disk with a large map_size_max still gets a map; the journal then
+ * may meet the full disk, and batches go to LMDB directly). */
 uint64_t wal_space_keep(const wal_t *wal, bool for_retention)
 {
-    return journal_left(wal) + (for_retention ? 0 : wal_map_reserve(wal));
+    uint64_t keep = journal_left(wal) + (for_retention ? 0 : wal_map_reserve(wal));
+    uint64_t free_b, total;
+    wal_space_fs(wal, &free_b, &total);
+    return total && keep > total / 8 ? total / 8 : keep;
 }
 
 static uint64_t used_bytes(const wal_t *wal)
@@ -199,6 +215,13 @@ int wal_space_init(wal_t *wal)
     rc = space_alloc(wal, want, wal_space_keep(wal, false));
     if (rc && !nospace(rc))
         return rc;
+    if (wal->alloc_end < used + ALLOC_ALIGN) {
+        /* Room to work at all (a new WAL creates its databases), from the
+         * reserve if need be; a disk without even that stays as it is. */
+        rc = space_alloc(wal, used + ALLOC_ALIGN, 0);
+        if (rc && !nospace(rc))
+            return rc;
+    }
     if (wal->alloc_end < wal->map_size) {
         /* A (nearly) full disk at open: the map may not outgrow the blocks
          * (LMDB keeps it at least as large as the data). */
@@ -227,6 +250,30 @@ int wal_space_grow(wal_t *wal, uint64_t nsize, bool for_retention, uint64_t *ret
         return ENOSPC;
     *ret_size = wal->alloc_end; /* part of it */
     return 0;
+}
+
+/* How large the map can become: map_size_max, or less when the disk has
+ * no room for its blocks (what it holds plus what is free beyond the
+ * reserve). The filesystem is asked at most every CAP_EVERY_US. */
+#define CAP_EVERY_US 100000
+
+uint64_t wal_space_cap(wal_t *wal)
+{
+    uint64_t max = wal->opts.map_size_max;
+    if (!wal->prealloc)
+        return wal->disk_limited ? wal->map_size : max;
+    int64_t now = wal_mono_us();
+    if (wal->cap_at_us && now - wal->cap_at_us < CAP_EVERY_US)
+        return wal->cap_cached;
+    uint64_t free_b = fs_free_seen(wal), keep = wal_space_keep(wal, false);
+    uint64_t cap = wal->alloc_end + (free_b > keep ? free_b - keep : 0);
+    if (cap < wal->map_size)
+        cap = wal->map_size;
+    if (cap > max)
+        cap = max;
+    wal->cap_cached = cap;
+    wal->cap_at_us = now;
+    return cap;
 }
 
 /* ---- state ---------------------------------------------------------------- */

@@ -19,8 +19,8 @@ void wal_testing_fail_commits(wal_t *wal, int err, unsigned count);
 
 /*
  * Make the next `count` allocations of disk blocks for data.mdb fail with
- * ENOSPC, as on a full filesystem (UINT32_MAX: every one until called again
- * with 0). The map then cannot grow: appends that need more room fail with
+ * ENOSPC, and the filesystem look full to the WAL meanwhile, as on a full
+ * disk (UINT32_MAX: every one until called again with 0). The map then cannot grow: appends that need more room fail with
  * WAL_EFULL and the state becomes WAL_STATE_FULL.
  */
 void wal_testing_fail_alloc(wal_t *wal, unsigned count);

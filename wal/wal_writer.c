@@ -789,20 +789,24 @@ static int journal_write(wal_t *wal, uint64_t size, bool *ret_in_sync)
     return 0;
 }
 
-/* The map is at its cap (map_size_max, or what the disk allowed) and its
- * used pages are within a journal's worth (at most a quarter of the cap)
- * of it. */
+/* The map is within a journal's worth (at most a quarter of its cap) of
+ * its cap: map_size_max, or as far as the disk lets it grow
+ * (wal_space_cap). Then a batch must not wait in the journal for a fold
+ * that may find no room: it commits directly, and "full" is decided before
+ * it is acknowledged. */
 static bool map_near_full(wal_t *wal)
 {
-    uint64_t cap = wal->disk_limited ? wal->map_size : wal->opts.map_size_max;
-    if (wal->map_size < cap)
-        return false;
     MDB_envinfo info;
     mdb_env_info(wal->env, &info);
     uint64_t used = ((uint64_t)info.me_last_pgno + 1) * wal->page_size;
-    uint64_t room = cap / 4;
+    uint64_t room = wal->opts.map_size_max / 4;
     if (room > wal->opts.journal_max)
         room = wal->opts.journal_max;
+    if (used + room <= wal->map_size)
+        return false; /* room in the map as it is */
+    uint64_t cap = wal_space_cap(wal);
+    if (cap / 4 < room)
+        room = cap / 4;
     return used + room > cap;
 }
 
