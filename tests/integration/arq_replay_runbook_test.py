@@ -8,8 +8,11 @@ Usage: arq_replay_runbook_test.py ARQD ARQ_REPLAY MARIADB_SCRIPT [INCIDENT...]
   1 broker crash        SIGKILL under load; restart; verify 0; every
                         acknowledged publish present once
   2 disk full           WAL at wal.map_size_max: nack 503 "storage full",
-                        arq_wal_failed_commits_total; restart with a larger
-                        map; publishing resumes; verify 0; nothing lost
+                        /health degraded with the reason, storage_full in
+                        the log; restart with a larger map; publishing
+                        resumes; verify 0; nothing lost. As root, also the
+                        filesystem full (a loop-mounted ext4): refused, room
+                        made, resumed without a restart, storage_available
   3 MySQL outage        mariadbd SIGSTOPped: publishes acked, /health degraded
                         with a growing lag, streams works without MySQL;
                         SIGCONT: lag 0, verify 0
@@ -27,10 +30,17 @@ Usage: arq_replay_runbook_test.py ARQD ARQ_REPLAY MARIADB_SCRIPT [INCIDENT...]
   8 rollback            backup before the "upgrade"; the WAL is then refused
                         (format version bumped): restore --from-wal BACKUP
                         with MySQL gives back every message
+  9 fsync error         fsync fails with EIO (tests/tools/fault_shim.c,
+                        $ARQ_FAULT_SHIM): wal_stopped logged once as an error,
+                        /health 503 with the cause, nack 503 storage stopped;
+                        backup works; exit 1; restarted: verify 0, every
+                        acknowledged publish present
 """
+import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +48,8 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import msgpack  # noqa: E402
+import websockets  # noqa: E402
 from arq_replay_util import (Arqd, MariaDB, Replay, check, failures, flip_bytes,  # noqa: E402
                              grep_log, make_jwt, passed, publish, subscribe)
 
@@ -51,8 +63,9 @@ class Ctx:
     def __init__(self, tmp, db, rp):
         self.tmp, self.db, self.rp = tmp, db, rp
 
-    def setup(self, name, mysql=True, extra=()):
-        """A data dir, a database and an arqd for one incident."""
+    def setup(self, name, mysql=True, extra=(), env=None):
+        """A data dir, a database and an arqd for one incident (env: more
+        variables for this first arqd only)."""
         d = os.path.join(self.tmp, name)
         os.makedirs(d)
         self.data = os.path.join(d, "data")
@@ -61,7 +74,7 @@ class Ctx:
         self.url = self.db.new_db(self.dbname) if mysql else None
         self.env = {"SECRET_KEY": KEY, **({"DATABASE_URL": self.url} if mysql else {})}
         self.extra = extra
-        return self.start()
+        return self.start(env=env)
 
     def start(self, data=None, extra=None, port=0, env=None):
         return Arqd(ARQD, data or self.data, self.log, env={**self.env, **(env or {})},
@@ -142,12 +155,18 @@ def disk_full(c):
         check(refused == 503, f"full: publishes refused with 503 (after {acked}): {refused}")
         failed = a.metric("arq_wal_failed_commits_total")
         check(failed and failed >= 1, f"full: arq_wal_failed_commits_total {failed}")
+        check(a.metric('arq_wal_state{state="full"}') == 1, "full: arq_wal_state{state=full} 1")
         h = a.health()
-        check(h and h["status"] == "healthy", f"full: /health stays healthy: {h}")
+        check(h and h["status"] == "degraded" and
+              "wal.map_size_max (64 MiB)" in h.get("reason", ""),
+              f"full: /health degraded with the reason: {h}")
         rc, st, _ = c.rp.json("streams", *c.W())
         check(rc == 0 and st["streams"][0]["count"] == acked, f"full: streams sees {acked}")
     finally:
         a.stop()
+    check(grep_log(c.log, r"level=warn event=storage_full reason=\"the WAL's map is at"),
+          "full: storage_full in the log")
+    check(not grep_log(c.log, r"wal_stopped"), "full: not a stop")
     a = c.start(extra=("--set", "wal.map_size_max=256M"))
     try:
         res = publish(a.url, "full.s", [big, big], TOKEN, msgids=["f-again", f"f{acked}"])
@@ -155,8 +174,62 @@ def disk_full(c):
         rc, v, _ = c.rp.json("verify", *c.W())
         check(rc == 0 and v["ok"] and v["records"] == acked + 2,
               f"full: verify 0, nothing lost ({v and v['records']} records, {acked} + 2)")
+        h = a.health()
+        check(h and h["status"] == "healthy", f"full: /health healthy again: {h}")
     finally:
         a.stop()
+    disk_full_fs(c)
+
+
+def disk_full_fs(c):
+    """The filesystem full (root only: a loop-mounted ext4 image): refused,
+    room made, resumed without a restart."""
+    if os.geteuid() != 0:
+        print("full: skipping the filesystem-full part (needs root for a loop mount)")
+        return
+    d = os.path.join(c.tmp, "fullfs")
+    img, mnt = os.path.join(d, "fs.img"), os.path.join(d, "mnt")
+    os.makedirs(mnt)
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)
+    for cmd in (["mkfs.ext4", "-q", "-F", "-m", "0", img], ["mount", "-o", "loop", img, mnt]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            print(f"full: skipping the filesystem-full part: {' '.join(cmd[:2])}: {r.stderr}")
+            return
+    try:
+        log = c.log
+        a = c.start(data=os.path.join(mnt, "data"), extra=("--set", "wal.journal_max=2M"))
+        filler = os.path.join(mnt, "filler")
+        try:
+            st = os.statvfs(mnt)
+            with open(filler, "wb") as f:  # all but ~4 MiB
+                os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - (4 << 20))
+            big = b"y" * (1000 * 1000)
+            acked, refused = 0, None
+            for i in range(200):
+                res = publish(a.url, "fs.s", [big], TOKEN, msgids=[f"fs{i}"])
+                if res[0][0] is None:
+                    refused = res[0][1]
+                    break
+                acked += 1
+            check(refused == 503, f"fs full: refused with 503 after {acked}: {refused}")
+            h = a.health()
+            check(h and h["status"] == "degraded" and "no space left" in h.get("reason", ""),
+                  f"fs full: /health degraded, no space left: {h}")
+            os.unlink(filler)  # "free space on it": nothing to do in ARQ
+            deadline = time.time() + 20
+            while time.time() < deadline and (a.health() or {}).get("status") != "healthy":
+                time.sleep(0.1)
+            res = publish(a.url, "fs.s", [big], TOKEN, msgids=[f"fs{acked}"])
+            check(res[0][0] == acked + 1, f"fs full: publishing resumes, no restart: {res}")
+            check((a.health() or {}).get("status") == "healthy", "fs full: healthy again")
+        finally:
+            a.stop()
+        # logged within 10 s of storage_full, or at exit (changes are summed up)
+        check(grep_log(log, r"event=storage_available"), "fs full: storage_available logged")
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
 # ---- 3. MySQL outage ----------------------------------------------------------------
@@ -392,8 +465,82 @@ def rollback(c):
         a.stop()
 
 
+# ---- 9. fsync or write error ------------------------------------------------------
+
+async def publish_through_fault(url, trigger, n):
+    """A client connected before the device fails publishes n messages
+    (msgids late0...) once it does; the answers."""
+    out = []
+    async with websockets.connect(url, subprotocols=["arq.v1"], close_timeout=2) as ws:
+        await ws.send(msgpack.packb({"t": "hello", "token": TOKEN}))
+        msgpack.unpackb(await ws.recv(), raw=False)
+        open(trigger, "w").close()  # the device starts failing
+        for i in range(n):
+            await ws.send(msgpack.packb({"t": "pub", "id": i + 1, "stream": "fsync.s",
+                                         "payload": f"late {i}".encode(), "msgid": f"late{i}"},
+                                        use_bin_type=True))
+            while True:
+                r = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10), raw=False)
+                if r["t"] in ("puback", "nack") and r["id"] == i + 1:
+                    out.append(r)
+                    break
+    return out
+
+
+def fsync_error(c):
+    shim = os.environ.get("ARQ_FAULT_SHIM")
+    if not shim:
+        check(False, "fsync: ARQ_FAULT_SHIM is not set (tests/integration/meson.build sets it)")
+        return
+    trigger = os.path.join(c.tmp, "fsync-fault")
+    asan = os.environ.get("ASAN_OPTIONS", "")
+    fault_env = {"LD_PRELOAD": shim, "ARQ_FAULT_FILE": trigger,
+                 "ASAN_OPTIONS": (asan + ":" if asan else "") + "verify_asan_link_order=0"}
+    a = c.setup("fsync", env=fault_env)
+    acked = {}
+    try:
+        res = publish(a.url, "fsync.s", payloads("ok", 30), TOKEN, msgids=[f"k{i}" for i in range(30)])
+        acked.update({f"k{i}": o for i, (o, _) in enumerate(res) if o})
+        a.wait_synced()
+        res = asyncio.run(publish_through_fault(a.url, trigger, 5))
+        acked.update({f"late{i}": r["offset"] for i, r in enumerate(res) if r["t"] == "puback"})
+        refused = [r for r in res if r["t"] == "nack"]
+        check(refused and all(r["code"] == 503 and r["reason"] == "storage stopped"
+                              for r in refused),
+              f"fsync: publishes refused with 503 storage stopped: {res}")
+        code, body = a.http("GET", "/health")  # curl -s $HEALTH
+        check(code == 503 and b'"status":"unhealthy"' in body and
+              b"wal stopped: fdatasync of the journal: Input/output error" in body,
+              f"fsync: /health 503 wal stopped with the cause: {code} {body[:160]}")
+        check(a.metric('arq_wal_state{state="failed"}') == 1, "fsync: arq_wal_state failed")
+        bk = os.path.join(c.tmp, "fsync-backup")
+        os.makedirs(bk)
+        rc, _, err = c.rp.run("backup", *c.W(), bk)  # while it still reads
+        check(rc == 0, f"fsync: arq-replay backup works while the WAL is stopped: {err}")
+    finally:
+        rc = a.stop()
+    check(rc == 1, f"fsync: arqd exits 1 after the stop: {rc}")
+    stops = grep_log(c.log, r"event=wal_stopped")
+    check(len(stops) == 1 and "level=error" in stops[0] and
+          'reason="fdatasync of the journal: Input/output error"' in stops[0],
+          f"fsync: one wal_stopped line at error level with the cause: {stops}")
+    check(grep_log(c.log, r"level=error event=stopped exit=1"), "fsync: event=stopped exit=1")
+    os.unlink(trigger)  # the device fixed or replaced
+    a = c.start()
+    try:
+        a.wait_synced()
+        c.verify_ok("fsync")
+        rc, lines, _ = c.rp.lines("dump", *c.W(), "fsync.s")
+        got = {x["msgid"]: x["offset"] for x in lines}
+        check(all(got.get(m) == o for m, o in acked.items()),
+              f"fsync: every acknowledged publish at its offset ({len(acked)})")
+    finally:
+        a.stop()
+
+
 INCIDENTS = [("1", broker_crash), ("2", disk_full), ("3", mysql_outage), ("4", mysql_loss),
-             ("5", wal_loss), ("6", corrupt), ("7", consumer_replay), ("8", rollback)]
+             ("5", wal_loss), ("6", corrupt), ("7", consumer_replay), ("8", rollback),
+             ("9", fsync_error)]
 
 
 def main():
