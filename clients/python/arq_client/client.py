@@ -514,8 +514,10 @@ class Client:
                     return
         except websockets.exceptions.ConnectionClosed:
             pass
+        # The reader ends after the close handshake, so a close frame of ours
+        # is out by now; the writer may only be waiting for frames.
         if c.writer is not None:
-            await asyncio.gather(c.writer, return_exceptions=True)  # our close frame, if any, went out
+            c.writer.cancel()
         self._on_close(c, c.ws.close_code or 1006, c.ws.close_reason or "")
 
     def _on_close(self, c: _Conn, code: int, reason: str) -> None:
