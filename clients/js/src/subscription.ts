@@ -201,10 +201,11 @@ export class Subscription implements AsyncIterable<Message> {
     s.iterating = true;
     return {
       next: () => s.next((off) => this.ops.ack(s, off)),
-      // Leaving a for-await loop (break, return, throw) ends the subscription.
-      return: async () => {
-        await this.unsubscribe();
-        return { value: undefined, done: true };
+      // Leaving a for-await loop (break, return, throw) ends the
+      // subscription, without waiting for the server's unsubok.
+      return: () => {
+        void this.unsubscribe();
+        return Promise.resolve({ value: undefined, done: true });
       },
     };
   }
