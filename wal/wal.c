@@ -171,11 +171,16 @@ static int open_dbis(wal_t *wal, MDB_txn *txn, unsigned flags)
         {"index", &wal->dbi_index}, {"streams", &wal->dbi_streams},
         {"ids", &wal->dbi_ids},     {"cursors", &wal->dbi_cursors},
         {"dedup", &wal->dbi_dedup}, {"sessions", &wal->dbi_sessions},
+        {"dedup2", &wal->dbi_dedup2},
     };
     for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++) {
         int rc = mdb_dbi_open(txn, dbs[i].name, flags, dbs[i].dbi);
         if (rc == MDB_NOTFOUND && dbs[i].dbi == &wal->dbi_sessions) {
             wal->no_sessions = true; /* a read-only open of a WAL from before sessions */
+            continue;
+        }
+        if (rc == MDB_NOTFOUND && dbs[i].dbi == &wal->dbi_dedup2) {
+            wal->no_dedup2 = true; /* a read-only open of a format-2 WAL */
             continue;
         }
         if (rc)
@@ -234,6 +239,69 @@ static int check_version(wal_t *wal, MDB_txn *txn, bool create, char *errbuf, si
         return wal_map_mdb(mdb_put(txn, wal->dbi_meta, &k, &nv, 0));
     }
     return 0;
+}
+
+/*
+ * Format 2 keyed dedup entries by (producer, msgid) in `dedup`; format 3
+ * by (producer, stream id, msgid) in `dedup2`, so that a msgid reused on
+ * another stream is not taken for a duplicate. Move every old entry (its
+ * value names its stream) in transactions of DEDUP_MOVE_CHUNK: each moves
+ * entries atomically, so an interrupted conversion resumes at the next
+ * open, and lookups meanwhile find either form (wal_dedup_get).
+ */
+#define DEDUP_MOVE_CHUNK 20000
+
+static int dedup_convert(wal_t *wal, uint64_t *ret_moved, char *errbuf, size_t errlen)
+{
+    *ret_moved = 0;
+    for (;;) {
+        MDB_txn *txn;
+        int rc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+        if (rc)
+            return rc;
+        MDB_cursor *cur;
+        rc = mdb_cursor_open(txn, wal->dbi_dedup, &cur);
+        unsigned n = 0;
+        MDB_val k, v;
+        while (!rc && n < DEDUP_MOVE_CHUNK && mdb_cursor_get(cur, &k, &v, MDB_FIRST) == 0) {
+            wal_dedup_val_t dv;
+            const uint8_t *key = k.mv_data;
+            if (k.mv_size < 2 || (size_t)key[0] + 1 >= k.mv_size ||
+                wal_dedup_val_decode(v.mv_data, v.mv_size, &dv) != 0) {
+                rc = mdb_cursor_del(cur, 0); /* unreadable: a dedup entry is a hint only */
+                n++;
+                continue;
+            }
+            uint8_t nk[WAL_DEDUP_KEY_MAX];
+            uint8_t val[WAL_DEDUP_VAL_SIZE];
+            memcpy(val, v.mv_data, sizeof(val) <= v.mv_size ? sizeof(val) : v.mv_size);
+            MDB_val nkv = {wal_dedup_key(nk, key + 1, key[0], dv.stream_id, key + 1 + key[0],
+                                         k.mv_size - 1 - key[0]),
+                           nk},
+                    nvv = {sizeof(val), val};
+            rc = mdb_cursor_del(cur, 0);
+            if (!rc)
+                rc = mdb_put(txn, wal->dbi_dedup2, &nkv, &nvv, 0);
+            n++;
+        }
+        mdb_cursor_close(cur);
+        if (rc || n == 0) {
+            mdb_txn_abort(txn);
+            if (rc)
+                wal_errf(errbuf, errlen, "converting dedup entries in '%s': %s", wal->dir,
+                         mdb_strerror(rc));
+            return rc;
+        }
+        rc = wal_txn_commit(wal, txn);
+        if (rc == MDB_MAP_FULL && wal_map_grow(wal, false) == 0)
+            continue;
+        if (rc) {
+            wal_errf(errbuf, errlen, "converting dedup entries in '%s': %s", wal->dir,
+                     mdb_strerror(rc));
+            return rc;
+        }
+        *ret_moved += n;
+    }
 }
 
 /* Rebuild the writer's in-memory heads and counters from the streams DB. */
@@ -801,10 +869,30 @@ int wal_open(const wal_options_t *opts, struct event_base *base, wal_t **ret_wal
             goto fail;
         }
     }
+    if (!wal->read_only && !wal->refold) {
+        /* After the journal: the entries of a format-2 writer hold old keys.
+         * Commit first (without a journal this txn created the DBs). */
+        mrc = mdb_txn_commit(txn);
+        txn = NULL;
+        uint64_t moved = 0;
+        if (!mrc)
+            mrc = dedup_convert(wal, &moved, errbuf, errlen);
+        if (mrc) {
+            rc = wal_map_mdb(mrc);
+            goto fail;
+        }
+        mrc = mdb_txn_begin(wal->env, NULL, 0, &txn);
+        if (mrc) {
+            rc = wal_map_mdb(mrc);
+            goto fail;
+        }
+    }
     if (!wal->read_only) {
         rc = wal_load_heads(wal, txn, errbuf, errlen);
         if (rc)
             goto fail;
+        MDB_stat ds;
+        wal->old_dedup = mdb_stat(txn, wal->dbi_dedup, &ds) == 0 && ds.ms_entries > 0;
         wal->st_acked_next = wal->next_seq;
         mrc = mdb_txn_commit(txn);
         txn = NULL;

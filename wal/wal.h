@@ -383,8 +383,11 @@ int wal_session_cursors(wal_t *wal, const void *session, size_t session_len, wal
 typedef int (*wal_cursor_all_cb)(const char *session, size_t session_len, const char *stream,
                                  size_t stream_len, uint64_t offset, int64_t updated_us, void *arg);
 int wal_cursor_list(wal_t *wal, wal_cursor_all_cb cb, void *arg);
-int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const void *msgid,
-                  size_t msgid_len, uint32_t *ret_stream_id, uint64_t *ret_offset);
+/* The dedup entry of (producer, stream, msgid): a message id is unique per
+ * producer and stream (the same id on another stream is another message). */
+int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const char *stream,
+                  size_t stream_len, const void *msgid, size_t msgid_len, uint32_t *ret_stream_id,
+                  uint64_t *ret_offset);
 
 #define WAL_HIST_BUCKETS 12
 typedef struct wal_stats {

@@ -116,11 +116,13 @@ struct retain_job {
 struct wal {
     MDB_env *env;
     MDB_dbi dbi_meta, dbi_log, dbi_index, dbi_streams, dbi_ids, dbi_cursors, dbi_dedup,
-        dbi_sessions;
+        dbi_sessions, dbi_dedup2;
     wal_options_t opts;
     char *dir;
     bool read_only;
     bool no_sessions; /* read-only and the WAL has no sessions DB yet */
+    bool no_dedup2;   /* read-only and the WAL has no dedup2 DB yet (format 2) */
+    bool old_dedup;   /* format-2 dedup entries remain (not converted: see dedup_convert) */
     pthread_rwlock_t map_lock;
 
     /* queue, shared with submitters */
@@ -240,6 +242,12 @@ void wal_done_run(wal_t *wal);
 void wal_notify_visible(wal_t *wal);
 bool wal_session_ok(const void *session, size_t session_len);
 bool wal_stream_ok(const char *stream, size_t stream_len);
+
+/* The dedup key (format 3): u8 producer length, producer, stream id (u32
+ * BE), message id. Returns its length (<= WAL_DEDUP_KEY_MAX). */
+#define WAL_DEDUP_KEY_MAX (1 + WAL_PRODUCER_MAX + 4 + WAL_MSGID_MAX)
+size_t wal_dedup_key(uint8_t *out, const void *producer, size_t producer_len, uint32_t stream_id,
+                     const void *msgid, size_t msgid_len);
 
 /* wal_writer.c: stream heads, batches, the journal, folds, retention */
 void wal_batch_apply(wal_t *wal);

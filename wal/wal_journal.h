@@ -43,9 +43,10 @@ enum wal_jop_db {
     WAL_JDB_STREAMS,
     WAL_JDB_IDS,
     WAL_JDB_CURSORS,
-    WAL_JDB_DEDUP,
+    WAL_JDB_DEDUP, /* format version 2's dedup keys (converted at open) */
     WAL_JDB_SESSIONS,
-    WAL_JDB_COUNT = WAL_JDB_SESSIONS,
+    WAL_JDB_DEDUP2, /* dedup keys with the stream id (format version 3) */
+    WAL_JDB_COUNT = WAL_JDB_DEDUP2,
 };
 
 typedef struct wal_jentry {

@@ -399,27 +399,44 @@ int wal_cursor_list(wal_t *wal, wal_cursor_all_cb cb, void *arg)
     return rc;
 }
 
-int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const void *msgid,
-                  size_t msgid_len, uint32_t *ret_stream_id, uint64_t *ret_offset)
+int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const char *stream,
+                  size_t stream_len, const void *msgid, size_t msgid_len, uint32_t *ret_stream_id,
+                  uint64_t *ret_offset)
 {
     if (producer_len > WAL_PRODUCER_MAX || (producer_len && !producer) || !msgid || !msgid_len ||
-        msgid_len > WAL_MSGID_MAX)
+        msgid_len > WAL_MSGID_MAX || !wal_stream_ok(stream, stream_len))
         return WAL_EINVAL;
-    uint8_t key[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
-    key[0] = (uint8_t)producer_len;
-    if (producer_len)
-        memcpy(key + 1, producer, producer_len);
-    memcpy(key + 1 + producer_len, msgid, msgid_len);
     MDB_txn *txn;
     int rc = rtxn_begin(wal, &txn);
     if (rc)
         return rc;
-    MDB_val k = {1 + producer_len + msgid_len, key}, v;
-    rc = wal_map_mdb(mdb_get(txn, wal->dbi_dedup, &k, &v));
+    MDB_val sk = {stream_len, (void *)stream}, sv, v;
+    wal_stream_meta_t m;
+    rc = wal_map_mdb(mdb_get(txn, wal->dbi_streams, &sk, &sv));
+    if (!rc)
+        rc = wal_stream_meta_decode(sv.mv_data, sv.mv_size, &m);
+    if (!rc && !wal->no_dedup2) {
+        uint8_t key[WAL_DEDUP_KEY_MAX];
+        MDB_val k = {wal_dedup_key(key, producer, producer_len, m.id, msgid, msgid_len), key};
+        rc = wal_map_mdb(mdb_get(txn, wal->dbi_dedup2, &k, &v));
+    }
+    if ((!rc && wal->no_dedup2) || rc == WAL_ENOTFOUND) {
+        /* a format-2 entry not converted yet (see dedup_convert) */
+        uint8_t key[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+        key[0] = (uint8_t)producer_len;
+        if (producer_len)
+            memcpy(key + 1, producer, producer_len);
+        memcpy(key + 1 + producer_len, msgid, msgid_len);
+        MDB_val k = {1 + producer_len + msgid_len, key};
+        int orc = wal_map_mdb(mdb_get(txn, wal->dbi_dedup, &k, &v));
+        rc = orc ? orc : rc == WAL_ENOTFOUND ? 0 : rc;
+    }
     wal_dedup_val_t dv;
     if (!rc)
         rc = wal_dedup_val_decode(v.mv_data, v.mv_size, &dv);
     rtxn_end(wal, txn);
+    if (!rc && dv.stream_id != m.id)
+        rc = WAL_ENOTFOUND; /* the old key's entry names another stream */
     if (rc)
         return rc;
     if (ret_stream_id)

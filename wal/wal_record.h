@@ -9,7 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define WAL_FORMAT_VERSION   2u /* 2: the journal (docs/wal-format.md) */
+#define WAL_FORMAT_VERSION   3u /* 2: the journal; 3: dedup per stream (docs/wal-format.md) */
 #define WAL_RECORD_VERSION   1u
 #define WAL_RECORD_HEADER    48u /* fixed part of a message record */
 #define WAL_STREAM_META_SIZE 48u

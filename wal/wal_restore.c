@@ -172,15 +172,11 @@ static int restore_put(wal_t *wal, MDB_txn *txn, const wal_restore_msg_t *r)
         .payload = m->payload,
         .payload_len = (uint32_t)m->payload_len,
     };
-    uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+    uint8_t dkey[WAL_DEDUP_KEY_MAX];
     size_t dkey_len = 0;
-    if (m->msgid_len) {
-        dkey[0] = (uint8_t)m->producer_len;
-        if (m->producer_len)
-            memcpy(dkey + 1, m->producer, m->producer_len);
-        memcpy(dkey + 1 + m->producer_len, m->msgid, m->msgid_len);
-        dkey_len = 1 + m->producer_len + m->msgid_len;
-    }
+    if (m->msgid_len)
+        dkey_len = wal_dedup_key(dkey, m->producer, m->producer_len, rec.stream_id, m->msgid,
+                                 m->msgid_len);
     rc = wal_put_record(wal, txn, &rec, MDB_NOOVERWRITE, dkey, dkey_len, m->timestamp_us);
     if (rc)
         return rc;

@@ -248,7 +248,8 @@ uint64_t wal_pages_in_use(wal_t *wal, MDB_txn *txn)
                       wal->dbi_ids,
                       wal->dbi_cursors,
                       wal->dbi_dedup,
-                      wal->no_sessions ? wal->dbi_dedup : wal->dbi_sessions};
+                      wal->no_sessions ? wal->dbi_dedup : wal->dbi_sessions,
+                      wal->no_dedup2 ? wal->dbi_dedup : wal->dbi_dedup2};
     uint64_t pages = 2;
     for (size_t i = 0; i < sizeof(dbis) / sizeof(dbis[0]); i++) {
         MDB_stat st;
@@ -317,6 +318,8 @@ static uint8_t jdb_code(const wal_t *wal, MDB_dbi dbi)
         return WAL_JDB_IDS;
     if (dbi == wal->dbi_cursors)
         return WAL_JDB_CURSORS;
+    if (dbi == wal->dbi_dedup2)
+        return WAL_JDB_DEDUP2;
     if (dbi == wal->dbi_dedup)
         return WAL_JDB_DEDUP;
     return WAL_JDB_SESSIONS;
@@ -339,6 +342,8 @@ MDB_dbi wal_jdb_dbi(const wal_t *wal, uint8_t db)
         return wal->dbi_cursors;
     case WAL_JDB_DEDUP:
         return wal->dbi_dedup;
+    case WAL_JDB_DEDUP2:
+        return wal->dbi_dedup2;
     default:
         return wal->dbi_sessions;
     }
@@ -470,7 +475,26 @@ int wal_put_record(wal_t *wal, MDB_txn *txn, wal_rec_t *rec, unsigned log_flags,
         .stream_id = rec->stream_id, .offset = rec->offset, .time_us = dedup_time_us};
     wal_dedup_val_encode(&dv, dval);
     MDB_val dk = {dkey_len, (void *)dkey}, dvv = {sizeof(dval), dval};
-    return jput(wal, txn, wal->dbi_dedup, &dk, &dvv);
+    return jput(wal, txn, wal->dbi_dedup2, &dk, &dvv);
+}
+
+size_t wal_dedup_key(uint8_t *out, const void *producer, size_t producer_len, uint32_t stream_id,
+                     const void *msgid, size_t msgid_len)
+{
+    out[0] = (uint8_t)producer_len;
+    if (producer_len)
+        memcpy(out + 1, producer, producer_len);
+    wal_put_be32(out + 1 + producer_len, stream_id);
+    if (5 + producer_len + msgid_len > WAL_JOP_KEY_MAX) {
+        /* Over LMDB's key limit (a 255-byte producer with a long id): the
+         * id's XXH3-128 stands for it. */
+        XXH128_hash_t h = XXH3_128bits(msgid, msgid_len);
+        wal_put_be64(out + 5 + producer_len, h.high64);
+        wal_put_be64(out + 13 + producer_len, h.low64);
+        return 21 + producer_len;
+    }
+    memcpy(out + 5 + producer_len, msgid, msgid_len);
+    return 5 + producer_len + msgid_len;
 }
 
 static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_t now)
@@ -478,17 +502,21 @@ static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_
     const struct pmsg *pm = &r->msgs[i];
     wal_result_t *res = &r->results[i];
     const char *name = (const char *)r->buf + pm->stream;
-    uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+    uint8_t dkey[WAL_DEDUP_KEY_MAX];
     size_t dkey_len = 0;
     int rc;
 
-    if (pm->msgid_len) {
-        dkey[0] = (uint8_t)pm->producer_len;
-        memcpy(dkey + 1, r->buf + pm->producer, pm->producer_len);
-        memcpy(dkey + 1 + pm->producer_len, r->buf + pm->msgid, pm->msgid_len);
-        dkey_len = 1 + pm->producer_len + pm->msgid_len;
+    /* Dedup is per (producer, stream, msgid): only a stream that exists
+     * (committed, or made by this batch) can hold the msgid already. */
+    struct head *known = pm->msgid_len ? wal_head_find(wal, name, pm->stream_len,
+                                                       wal_name_hash(name, pm->stream_len))
+                                       : NULL;
+    if (known && (known->committed || known->gen == wal->gen)) {
+        uint32_t sid = known->gen == wal->gen ? known->pending.id : known->meta.id;
+        dkey_len = wal_dedup_key(dkey, r->buf + pm->producer, pm->producer_len, sid,
+                                 r->buf + pm->msgid, pm->msgid_len);
         MDB_val k = {dkey_len, dkey}, v;
-        rc = mdb_get(txn, wal->dbi_dedup, &k, &v);
+        rc = mdb_get(txn, wal->dbi_dedup2, &k, &v);
         if (rc == 0) {
             wal_dedup_val_t dv;
             if (wal_dedup_val_decode(v.mv_data, v.mv_size, &dv) == 0) {
@@ -502,6 +530,23 @@ static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_
             /* A corrupt dedup entry must not block publishing: overwrite. */
         } else if (rc != MDB_NOTFOUND) {
             return rc;
+        } else if (wal->old_dedup) {
+            /* not yet converted (an open that deferred its fold): the
+             * format-2 key, if it names this stream */
+            uint8_t ok[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
+            ok[0] = (uint8_t)pm->producer_len;
+            memcpy(ok + 1, r->buf + pm->producer, pm->producer_len);
+            memcpy(ok + 1 + pm->producer_len, r->buf + pm->msgid, pm->msgid_len);
+            MDB_val okk = {1 + pm->producer_len + pm->msgid_len, ok}, ov;
+            wal_dedup_val_t dv;
+            if (mdb_get(txn, wal->dbi_dedup, &okk, &ov) == 0 &&
+                wal_dedup_val_decode(ov.mv_data, ov.mv_size, &dv) == 0 && dv.stream_id == sid) {
+                res->offset = dv.offset;
+                res->seq = 0;
+                res->epoch = known->gen == wal->gen ? known->pending.epoch : known->meta.epoch;
+                res->duplicate = 1;
+                return 0;
+            }
         }
     }
 
@@ -509,6 +554,9 @@ static int write_msg(wal_t *wal, MDB_txn *txn, wal_append_t *r, size_t i, int64_
     rc = head_for_write(wal, name, pm->stream_len, now, &e);
     if (rc)
         return rc == WAL_ENOMEM ? ENOMEM : EINVAL;
+    if (pm->msgid_len && !dkey_len) /* a new stream: its id only now */
+        dkey_len = wal_dedup_key(dkey, r->buf + pm->producer, pm->producer_len, e->pending.id,
+                                 r->buf + pm->msgid, pm->msgid_len);
     wal_rec_t rec = {
         .flags = pm->direction == WAL_DIR_OUT ? WAL_REC_FLAG_OUT : 0,
         .stream_id = e->pending.id,
@@ -1203,16 +1251,16 @@ static int retain_chunk(wal_t *wal, struct retain_job *job, bool *more)
         if (rc && rc != MDB_NOTFOUND)
             break;
         if (rec.msgid_len) {
-            uint8_t dkey[1 + WAL_PRODUCER_MAX + WAL_MSGID_MAX];
-            dkey[0] = (uint8_t)rec.producer_len;
-            memcpy(dkey + 1, rec.producer, rec.producer_len);
-            memcpy(dkey + 1 + rec.producer_len, rec.msgid, rec.msgid_len);
-            MDB_val dk = {1u + rec.producer_len + rec.msgid_len, dkey}, dv;
+            uint8_t dkey[WAL_DEDUP_KEY_MAX];
+            MDB_val dk = {wal_dedup_key(dkey, rec.producer, rec.producer_len, rec.stream_id,
+                                        rec.msgid, rec.msgid_len),
+                          dkey},
+                    dv;
             wal_dedup_val_t d;
-            if (mdb_get(txn, wal->dbi_dedup, &dk, &dv) == 0 &&
+            if (mdb_get(txn, wal->dbi_dedup2, &dk, &dv) == 0 &&
                 wal_dedup_val_decode(dv.mv_data, dv.mv_size, &d) == 0 &&
                 d.stream_id == rec.stream_id && d.offset == rec.offset) {
-                rc = mdb_del(txn, wal->dbi_dedup, &dk, NULL);
+                rc = mdb_del(txn, wal->dbi_dedup2, &dk, NULL);
                 if (rc)
                     break;
             }

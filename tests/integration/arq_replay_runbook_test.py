@@ -433,10 +433,10 @@ def rollback(c):
         a.wait_synced()
     finally:
         a.stop()
-    # it wrote a format the old release cannot read
+    # it wrote a format the old release cannot read (this build writes 3)
     path = os.path.join(c.data, "data.mdb")
     with open(path, "r+b") as f:
-        data = f.read().replace(b"format_version\x02\x00\x00\x00", b"format_version\x03\x00\x00\x00")
+        data = f.read().replace(b"format_version\x03\x00\x00\x00", b"format_version\x04\x00\x00\x00")
         f.seek(0)
         f.write(data)
     try:
@@ -447,10 +447,10 @@ def rollback(c):
         check(False, "rollback: the old arqd should refuse the WAL")
     except RuntimeError:
         pass
-    check(grep_log(c.log, r"wal_open_failed.*format version 3"),
+    check(grep_log(c.log, r"wal_open_failed.*format version 4"),
           "rollback: the log says wal_open_failed with the format version")
     rc, _, err = c.rp.run("verify", *c.W(), *c.D())
-    check(rc == 1 and "format version 3" in err, f"rollback: verify refuses too: {rc} {err}")
+    check(rc == 1 and "format version 4" in err, f"rollback: verify refuses too: {rc} {err}")
     new = c.data + ".rollback"
     rc, r, err = c.rp.json("restore", "--from-wal", bk, *c.D(), "--data-dir", new)
     check(rc == 0 and r["records"] == 100 and r["new_epochs"] == 0,

@@ -303,7 +303,10 @@ static void verify_dir(const char *dir, const uint64_t *max_acked, uint64_t *pre
             key_of(a->stream, a->offset, prod, id);
             uint32_t sid = 0;
             uint64_t off = 0;
-            rc = wal_dedup_get(wal, prod, strlen(prod), id, strlen(id), &sid, &off);
+            char sname[32];
+            stream_name(a->stream, sname, sizeof sname);
+            rc = wal_dedup_get(wal, prod, strlen(prod), sname, strlen(sname), id, strlen(id), &sid,
+                               &off);
             if (rc || sid != ids[a->stream] || off != a->offset)
                 fail_msg("dedup entry of stream %u offset %" PRIu64 ": %s", a->stream, a->offset,
                          wal_strerror(rc));

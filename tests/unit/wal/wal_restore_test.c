@@ -176,10 +176,13 @@ static void test_restore_roundtrip(void **state)
     /* dedup entries came back with the records */
     uint32_t sid;
     uint64_t off;
-    assert_int_equal(wal_dedup_get(d, "alice", 5, "m-13", 4, &sid, &off), 0);
+    assert_int_equal(
+        wal_dedup_get(d, "alice", 5, names[1], strlen(names[1]), "m-13", 4, &sid, &off), 0);
     assert_int_equal(sid, info[1].id);
     assert_int_equal(off, 5);
-    assert_int_equal(wal_dedup_get(d, "alice", 5, "m-1", 3, &sid, &off), WAL_ENOTFOUND);
+    assert_int_equal(
+        wal_dedup_get(d, "alice", 5, names[1], strlen(names[1]), "m-1", 3, &sid, &off),
+        WAL_ENOTFOUND);
     wal_stats_t st;
     assert_int_equal(wal_stats_get(d, &st), 0);
     assert_int_equal(st.next_seq, 100);

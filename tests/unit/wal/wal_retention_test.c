@@ -250,7 +250,9 @@ static void check_after_retain(book_t *b, uint64_t upto)
         key_of(b->v[i].stream, b->v[i].offset, key, sizeof key);
         uint32_t sid;
         uint64_t off = 0;
-        int rc = wal_dedup_get(b->wal, "ret-producer", 12, key, strlen(key), &sid, &off);
+        const char *sn = names[b->v[i].stream];
+        int rc = wal_dedup_get(b->wal, "ret-producer", 12, sn, strlen(sn), key, strlen(key), &sid,
+                               &off);
         if (b->v[i].seq <= upto) {
             assert_int_equal(rc, WAL_ENOTFOUND);
         } else {
@@ -771,7 +773,8 @@ static void test_fail_enospc(void **state)
     assert_int_equal(wal_stream_get(wal, "ret.fresh", 9, &info), WAL_ENOTFOUND);
     uint32_t sid;
     uint64_t off;
-    assert_int_equal(wal_dedup_get(wal, "fp", 2, "f1", 2, &sid, &off), WAL_ENOTFOUND);
+    assert_int_equal(wal_dedup_get(wal, "fp", 2, "ret.fresh", 9, "f1", 2, &sid, &off),
+                     WAL_ENOTFOUND);
     assert_int_equal(wal_append_sync(wal, &m, 1, &res), 0);
     assert_int_equal(res.offset, 1);
     assert_int_equal(res.duplicate, 0);
@@ -790,7 +793,7 @@ static void test_fail_enospc(void **state)
     assert_int_equal(info.id, fresh_id);
     assert_int_equal(info.epoch, fresh_epoch);
     assert_int_equal(info.next_offset, 2);
-    assert_int_equal(wal_dedup_get(wal, "fp", 2, "f1", 2, &sid, &off), 0);
+    assert_int_equal(wal_dedup_get(wal, "fp", 2, "ret.fresh", 9, "f1", 2, &sid, &off), 0);
     assert_int_equal(sid, fresh_id);
     assert_int_equal(off, 1);
     wal_close(wal);

@@ -197,7 +197,7 @@ static void test_disk_full_refuses_then_resumes(void **state)
         uint64_t doff;
         char msgid[32];
         snprintf(msgid, sizeof(msgid), "k%d", 90000 + i);
-        assert_int_equal(wal_dedup_get(wal, "p", 1, msgid, strlen(msgid), &sid, &doff),
+        assert_int_equal(wal_dedup_get(wal, "p", 1, "s", 1, msgid, strlen(msgid), &sid, &doff),
                          WAL_ENOTFOUND);
     }
     wal_close(wal);
