@@ -137,9 +137,7 @@ static int read_claims(jwt_t *jwt, int64_t now, auth_token_t *t)
     sub = json_object_get(claims, "sub");
     exp = json_object_get(claims, "exp");
     nbf = json_object_get(claims, "nbf");
-    if (!json_is_string(sub) || json_string_length(sub) == 0 ||
-        json_string_length(sub) > AUTH_SUBJECT_MAX ||
-        memchr(json_string_value(sub), '\0', json_string_length(sub)) != NULL ||
+    if (!json_is_string(sub) || !auth_subject_ok(json_string_value(sub), json_string_length(sub)) ||
         !json_is_integer(exp) || (nbf != NULL && !json_is_integer(nbf))) {
         rc = AUTH_ECLAIMS;
         goto done;
@@ -308,6 +306,18 @@ static bool patterns_ok(const char *const *list, size_t n)
     return true;
 }
 
+int auth_subject_ok(const char *s, size_t len)
+{
+    size_t rl = sizeof(AUTH_RESERVED_PREFIX) - 1;
+    if (len == 0 || len > AUTH_SUBJECT_MAX ||
+        (len >= rl && memcmp(s, AUTH_RESERVED_PREFIX, rl) == 0))
+        return 0;
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+            return 0;
+    return 1;
+}
+
 int auth_issue(const uint8_t *key, size_t key_len, const char *subject, int64_t expires,
                const char *const *pub, size_t n_pub, const char *const *subs, size_t n_subs,
                char **ret)
@@ -318,8 +328,8 @@ int auth_issue(const uint8_t *key, size_t key_len, const char *subject, int64_t 
 
     if (key == NULL || key_len == 0 || key_len > INT_MAX)
         return AUTH_ESIGNATURE;
-    if (subject == NULL || subject[0] == '\0' || strlen(subject) > AUTH_SUBJECT_MAX ||
-        !patterns_ok(pub, n_pub) || !patterns_ok(subs, n_subs))
+    if (subject == NULL || !auth_subject_ok(subject, strlen(subject)) || !patterns_ok(pub, n_pub) ||
+        !patterns_ok(subs, n_subs))
         return AUTH_ECLAIMS;
 #if LONG_MAX < INT64_MAX
     if (expires > LONG_MAX || expires < LONG_MIN)

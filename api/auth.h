@@ -39,6 +39,17 @@ int auth_verify(const char *token, size_t token_len, const uint8_t *key, size_t 
                 int64_t now, auth_token_t *out);
 void auth_token_free(auth_token_t *t);
 
+/*
+ * Producer namespaces. A token's subject is its dedup namespace (the WAL's
+ * producer); arqd names the others with the reserved prefix "arq:" (an
+ * anonymous session: "arq:session:<id>", a server API key:
+ * "arq:api:<key id>"), which no subject may start with, so that no token
+ * can take (or block) another's message ids. Subjects are also 1 to
+ * AUTH_SUBJECT_MAX bytes without control characters.
+ */
+#define AUTH_RESERVED_PREFIX "arq:"
+int auth_subject_ok(const char *subject, size_t len);
+
 /* Patterns are matched with proto_pattern_match (proto/proto.h). */
 
 /* Make a token (for tests and the arq CLI's dev mode). *ret is malloc'd. */

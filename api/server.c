@@ -29,6 +29,7 @@
 #include <time.h>
 #include <wslay/wslay.h>
 
+#include "admit.h"
 #include "auth.h"
 #include "http.h"
 #include "log.h"
@@ -71,6 +72,38 @@ struct conn {
     conn_t *flush_prev, *flush_next;
     struct event *rd_ev; /* our read event (the bufferevent never reads) */
     bool reading;
+    /* The data message being received. wslay does not buffer data frames
+     * (no_buffering): a fragment cost it an allocation of its own, so a
+     * message of a million 1-byte fragments cost ~80 MiB. We assemble the
+     * message in one buffer whose allocation is what counts against the
+     * limits (ws_frame_start_cb). */
+    uint8_t *rx;
+    size_t rx_len, rx_cap;
+    uint32_t rx_frames;
+    uint8_t rx_opcode; /* WSLAY_TEXT_FRAME or WSLAY_BINARY_FRAME */
+    bool rx_ctrl;      /* the frame being received is a control frame (wslay keeps it) */
+    bool rx_over;      /* a limit was exceeded: the rest is dropped, 1009 is on its way */
+    bool linger;       /* closing: our FIN is sent, input is drained until the peer's FIN */
+    uint8_t addr[16];  /* the client's address (admit.h) */
+    bool admitted;     /* counted by s->admit */
+    bool overflow;     /* accepted beyond max_connections: /health and /metrics only */
+};
+
+/* Connections beyond max_connections that may still ask /health and
+ * /metrics (so that monitoring sees a full server): at most OVERFLOW_PER_ADDR
+ * of them per address, each with OVERFLOW_DEADLINE_MS to ask. arqd keeps
+ * this many descriptors (and more) free below RLIMIT_NOFILE. */
+#define OVERFLOW_SLOTS       16
+#define OVERFLOW_PER_ADDR    2
+#define OVERFLOW_DEADLINE_MS 1000
+
+/* A log line that may repeat: at most one per RLOG_S, with the count of
+ * the ones held back. */
+#define RLOG_S 10
+
+struct rlog {
+    int64_t last_s;
+    uint64_t held;
 };
 
 struct api_server {
@@ -87,13 +120,44 @@ struct api_server {
     bool shutting_down;
     proto_limits_t limits;
     brk_client_ops_t ops;
+    uint64_t rx_bytes;     /* allocated by message assembly buffers, all connections */
+    char api_producer[64]; /* the server API's dedup namespace: arq:api:<key id> */
+    api_admit_t *admit;
+    struct event *tick; /* every second: the admit table's sweep */
+    struct event *accept_retry;
+    uint32_t accept_backoff_ms;
+    struct rlog log_rejected, log_accept_err, log_hello;
+    uint64_t rejected_addr, rejected_rate, rejected_overflow, accept_errors, hello_timeouts;
+    conn_t *ovf[OVERFLOW_SLOTS]; /* the overflow connections */
     /* counters for /metrics */
     uint64_t conns_total, ws_total, http_requests, errors_protocol, errors_auth, errors_handshake,
-        errors_timeout, errors_limit, errors_origin, rejected_full;
+        errors_timeout, errors_limit, errors_origin, rejected_full, rx_rejected;
 };
 
 static void conn_free(conn_t *c);
 static int ws_flush(conn_t *c);
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* 1 if a line of this kind may be logged now; *ret_held: lines held back
+ * since the last one (logged as "held"). */
+static int rlog_ok(struct rlog *r, uint64_t *ret_held)
+{
+    int64_t now = mono_us() / 1000000;
+    if (r->last_s && now - r->last_s < RLOG_S) {
+        r->held++;
+        return 0;
+    }
+    *ret_held = r->held;
+    r->held = 0;
+    r->last_s = now ? now : 1;
+    return 1;
+}
 
 /* ---- helpers ----------------------------------------------------------- */
 
@@ -450,8 +514,12 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         random_hex(resume, 16);
         token_digest(resume, strlen(resume), digest);
     }
-    if (!producer)
-        producer = c->session; /* anonymous: the session is the dedup namespace */
+    char anon[sizeof(AUTH_RESERVED_PREFIX "session:") + SESSION_ID_MAX];
+    if (!producer) {
+        /* anonymous: the session is the dedup namespace, in arq:'s */
+        snprintf(anon, sizeof(anon), AUTH_RESERVED_PREFIX "session:%s", c->session);
+        producer = anon;
+    }
     int rc = brk_client_new(s->brk, &s->ops, c, c->session, producer, pub, n_pub, subs, n_subs,
                             &c->client);
     bool ephemeral = false;
@@ -480,6 +548,7 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         return;
     }
     c->hello_done = true;
+    event_del(c->timer); /* the hello deadline */
     /* A new session's welcome (and whatever follows it) stays in the output
      * until the session is durable (conn_session_durable): a resume token
      * the client holds must survive a crash of arqd. */
@@ -584,6 +653,81 @@ static void pong_timeout_cb(evutil_socket_t fd, short what, void *arg)
     conn_free(c); /* unresponsive: no close handshake */
 }
 
+/* ---- message assembly ---------------------------------------------------- */
+
+/* A buffer larger than this is freed after its message: an idle connection
+ * keeps at most this much. */
+#define RX_KEEP (64u << 10)
+
+static void rx_release(conn_t *c)
+{
+    c->srv->rx_bytes -= c->rx_cap;
+    free(c->rx);
+    c->rx = NULL;
+    c->rx_cap = c->rx_len = 0;
+}
+
+/* The message broke a limit: refuse it with 1009 and stop reading (the
+ * connection lingers: see conn_linger). */
+static void rx_refuse(conn_t *c, wslay_event_context_ptr ctx, const char *why)
+{
+    c->rx_over = true;
+    c->srv->rx_rejected++;
+    c->srv->errors_limit++;
+    rx_release(c);
+    arq_log(ARQ_LOG_DEBUG, "message_refused", "peer", c->peer, "reason", why, NULL);
+    ws_close(c, 1009, why);
+    wslay_event_shutdown_read(ctx);
+}
+
+static void ws_frame_start_cb(wslay_event_context_ptr ctx,
+                              const struct wslay_event_on_frame_recv_start_arg *arg, void *user)
+{
+    conn_t *c = user;
+    api_server_t *s = c->srv;
+    c->rx_ctrl = (arg->opcode & 0x8) != 0;
+    if (c->rx_ctrl)
+        return; /* at most 125 bytes, buffered by wslay */
+    if (arg->opcode != WSLAY_CONTINUATION_FRAME) {
+        c->rx_opcode = arg->opcode;
+        c->rx_len = 0;
+        c->rx_frames = 0;
+        c->rx_over = false;
+    }
+    if (c->rx_over)
+        return;
+    if (++c->rx_frames > s->o.max_fragments)
+        rx_refuse(c, ctx, "too many fragments");
+    else if (arg->payload_length > s->o.max_frame_bytes - c->rx_len)
+        rx_refuse(c, ctx, "message too big");
+}
+
+static void ws_frame_chunk_cb(wslay_event_context_ptr ctx,
+                              const struct wslay_event_on_frame_recv_chunk_arg *arg, void *user)
+{
+    conn_t *c = user;
+    if (c->rx_ctrl || c->rx_over || arg->data_length == 0)
+        return;
+    size_t need = c->rx_len + arg->data_length; /* <= max_frame_bytes (frame start) */
+    if (need > c->rx_cap) {
+        size_t ncap = c->rx_cap ? c->rx_cap * 2 : 4096;
+        if (ncap < need)
+            ncap = need;
+        if (ncap > c->srv->o.max_frame_bytes)
+            ncap = c->srv->o.max_frame_bytes;
+        uint8_t *nb = realloc(c->rx, ncap);
+        if (!nb) {
+            rx_refuse(c, ctx, "out of memory");
+            return;
+        }
+        c->srv->rx_bytes += ncap - c->rx_cap;
+        c->rx = nb;
+        c->rx_cap = ncap;
+    }
+    memcpy(c->rx + c->rx_len, arg->data, arg->data_length);
+    c->rx_len += arg->data_length;
+}
+
 static void ws_msg_cb(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,
                       void *user)
 {
@@ -591,14 +735,21 @@ static void ws_msg_cb(wslay_event_context_ptr ctx, const struct wslay_event_on_m
     conn_t *c = user;
     switch (arg->opcode) {
     case WSLAY_BINARY_FRAME:
-        handle_binary(c, arg->msg, arg->msg_length);
+        if (!c->rx_over)
+            handle_binary(c, c->rx, c->rx_len);
+        c->rx_len = 0;
+        if (c->rx_cap > RX_KEEP)
+            rx_release(c);
         break;
     case WSLAY_TEXT_FRAME:
         c->srv->errors_protocol++;
-        if (!utf8_valid(arg->msg, arg->msg_length))
+        if (c->rx_over)
+            break;
+        if (!utf8_valid(c->rx, c->rx_len))
             ws_close(c, 1007, "invalid utf-8");
         else
             ws_close(c, 1003, "binary frames only");
+        rx_release(c);
         break;
     case WSLAY_PONG:
         event_del(c->pong_timer);
@@ -623,18 +774,54 @@ static void ws_msg_cb(wslay_event_context_ptr ctx, const struct wslay_event_on_m
     }
 }
 
+/* How long a closing connection drains what the peer still sends. */
+#define LINGER_MS 2000
+
+/*
+ * Our side is done: the close frame or the HTTP answer is written. Closing
+ * the socket now would answer whatever the peer is still sending (the rest
+ * of an oversized message, a request body) with a RST, which can destroy
+ * our last bytes before the peer reads them: a client saw 1006 instead of
+ * the 1009 we sent. So: send our FIN, read and drop input until the peer's
+ * FIN or LINGER_MS, then free (event_cb, deadline_cb). Returns 1 if the
+ * connection was freed.
+ */
+static int conn_finish(conn_t *c)
+{
+    if (c->linger)
+        return 0;
+    if (c->kicked) {
+        conn_free(c);
+        return 1;
+    }
+    c->linger = true;
+    c->state = C_DONE;
+    c->close_after_write = false;
+    if (c->client) {
+        brk_client_close(c->client); /* its acks are written now */
+        c->client = NULL;
+    }
+    if (c->ping_timer)
+        event_del(c->ping_timer);
+    if (c->pong_timer)
+        event_del(c->pong_timer);
+    (void)shutdown(bufferevent_getfd(c->bev), SHUT_WR);
+    conn_read_on(c);
+    struct timeval tv = ms_tv(LINGER_MS);
+    event_add(c->timer, &tv);
+    return 0;
+}
+
 /* Send what wslay queued. Returns 1 if the connection was freed. */
 static int ws_flush(conn_t *c)
 {
     if (wslay_event_want_write(c->ws))
         wslay_event_send(c->ws);
     if (!wslay_event_want_read(c->ws) && !wslay_event_want_write(c->ws)) {
-        /* Close handshake done (or failed): drop once the output is out. */
+        /* Close handshake done (or failed): finish once the output is out. */
         c->close_after_write = true;
-        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
-            conn_free(c);
-            return 1;
-        }
+        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+            return conn_finish(c);
     }
     return 0;
 }
@@ -660,9 +847,8 @@ static void ws_recv(conn_t *c)
         }
         c->close_after_write = true;
         c->state = C_DONE;
-        conn_read_off(c);
         if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
-            conn_free(c);
+            conn_finish(c);
         return;
     }
     if (!ws_flush(c))
@@ -773,6 +959,13 @@ static void conn_free(conn_t *c)
         c->pub->conn = NULL;
     if (c->ws)
         wslay_event_context_free(c->ws);
+    rx_release(c);
+    if (c->admitted)
+        api_admit_release(s->admit, c->addr);
+    if (c->overflow)
+        for (int i = 0; i < OVERFLOW_SLOTS; i++)
+            if (s->ovf[i] == c)
+                s->ovf[i] = NULL;
     if (c->have_req)
         http_request_free(&c->req);
     if (c->timer)
@@ -825,11 +1018,15 @@ static void upgrade(conn_t *c, const http_request_t *req)
             return;
         }
     }
-    struct wslay_event_callbacks cbs = {ws_recv_cb, ws_send_cb, NULL, NULL, NULL, NULL, ws_msg_cb};
+    struct wslay_event_callbacks cbs = {ws_recv_cb,        ws_send_cb, NULL,     ws_frame_start_cb,
+                                        ws_frame_chunk_cb, NULL,       ws_msg_cb};
     if (wslay_event_context_server_init(&c->ws, &cbs, c) != 0) {
         http_error(c, 500, "Internal Server Error", "out of memory");
         return;
     }
+    /* Data messages are assembled by ws_frame_*_cb; wslay checks each frame
+     * against the limit, we check the message. */
+    wslay_event_config_set_no_buffering(c->ws, 1);
     wslay_event_config_set_max_recv_msg_length(c->ws, s->o.max_frame_bytes);
     evbuffer_add_printf(bufferevent_get_output(c->bev),
                         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -837,7 +1034,10 @@ static void upgrade(conn_t *c, const http_request_t *req)
                         "Sec-WebSocket-Protocol: arq.v1\r\n\r\n",
                         accept);
     c->state = C_WS;
-    event_del(c->timer);
+    /* hello must follow within hello_timeout_ms: a connection that answers
+     * pings but never says hello would hold its slot for ever */
+    struct timeval htv = ms_tv(s->o.hello_timeout_ms);
+    event_add(c->timer, &htv);
     random_hex(c->session, 16);
     s->ws_total++;
     c->ping_timer = event_new(s->base, -1, EV_PERSIST, ping_cb, c);
@@ -1000,7 +1200,7 @@ static void api_publish(conn_t *c, const char *body, size_t len)
         const uint8_t *pay = payload ? payload : (const uint8_t *)json_string_value(jp);
         size_t pl = payload ? payload_len : json_string_length(jp);
         struct api_pub_ctx *p = calloc(1, sizeof(*p));
-        int rc = p ? brk_publish_api(s->brk, stream, strlen(stream), pay, pl,
+        int rc = p ? brk_publish_api(s->brk, s->api_producer, stream, strlen(stream), pay, pl,
                                      jm ? (const uint8_t *)json_string_value(jm) : NULL,
                                      jm ? json_string_length(jm) : 0, (const uint8_t *)hb.data,
                                      hb.size, api_pub_done, p)
@@ -1032,6 +1232,12 @@ static void route(conn_t *c)
     const char *path = r->target;
     size_t plen = strcspn(path, "?");
     bool get = strcmp(r->method, "GET") == 0 || strcmp(r->method, "HEAD") == 0;
+    bool monitoring = (plen == 7 && memcmp(path, "/health", 7) == 0) ||
+                      (plen == 8 && memcmp(path, "/metrics", 8) == 0);
+    if (c->overflow && !monitoring) {
+        http_error(c, 503, "Service Unavailable", "too many connections");
+        return;
+    }
     if (plen == 3 && memcmp(path, "/ws", 3) == 0 && strcmp(r->method, "GET") == 0) {
         upgrade(c, r);
     } else if (plen == 7 && memcmp(path, "/health", 7) == 0 && get) {
@@ -1137,7 +1343,7 @@ static void write_cb(struct bufferevent *bev, void *arg)
     conn_t *c = arg;
     if (evbuffer_get_length(bufferevent_get_output(bev)) == 0) {
         if (c->close_after_write) {
-            conn_free(c);
+            conn_finish(c);
             return;
         }
         bufferevent_disable(bev, EV_WRITE); /* direct writes again (flush_cb) */
@@ -1203,7 +1409,24 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     conn_t *c = arg;
-    c->srv->errors_timeout++;
+    api_server_t *s = c->srv;
+    if (c->linger) {
+        conn_free(c);
+        return;
+    }
+    s->errors_timeout++;
+    if (c->state == C_WS && !c->hello_done) {
+        s->hello_timeouts++;
+        uint64_t held;
+        if (rlog_ok(&s->log_hello, &held)) {
+            char h[24];
+            snprintf(h, sizeof(h), "%llu", (unsigned long long)held);
+            arq_log(ARQ_LOG_INFO, "hello_timeout", "peer", c->peer, "held", h, NULL);
+        }
+        send_error_close(c, PROTO_CODE_BAD_REQUEST, "no hello in time", 1008);
+        ws_flush(c);
+        return;
+    }
     arq_log(ARQ_LOG_DEBUG, "handshake_timeout", "peer", c->peer, NULL);
     conn_free(c);
 }
@@ -1214,15 +1437,65 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
     (void)lis;
     (void)salen;
     api_server_t *s = arg;
-    if (s->n_conns >= s->o.max_connections || s->shutting_down) {
-        s->rejected_full++;
+    s->accept_backoff_ms = 0;
+    bool overflow = s->n_conns >= s->o.max_connections;
+    uint8_t addr[16] = {0};
+    if (sa->sa_family == AF_INET)
+        api_admit_addr4(((struct sockaddr_in *)sa)->sin_addr.s_addr, addr);
+    else if (sa->sa_family == AF_INET6)
+        api_admit_addr6(((struct sockaddr_in6 *)sa)->sin6_addr.s6_addr, addr);
+    int counted = 0, slot = -1;
+    enum api_admit_verdict v = API_ADMIT_OK;
+    if (!overflow) {
+        v = api_admit_take(s->admit, addr, mono_us(), &counted);
+    } else {
+        int same = 0;
+        for (int i = 0; i < OVERFLOW_SLOTS; i++) {
+            if (!s->ovf[i])
+                slot = slot < 0 ? i : slot;
+            else if (memcmp(s->ovf[i]->addr, addr, sizeof(addr)) == 0)
+                same++;
+        }
+        if (same >= OVERFLOW_PER_ADDR)
+            slot = -1;
+    }
+    if (s->shutting_down || v != API_ADMIT_OK || (overflow && slot < 0)) {
+        const char *why = v == API_ADMIT_TOO_MANY   ? "address_limit"
+                          : v == API_ADMIT_TOO_FAST ? "address_rate"
+                                                    : "max_connections";
+        if (v == API_ADMIT_TOO_MANY)
+            s->rejected_addr++;
+        else if (v == API_ADMIT_TOO_FAST)
+            s->rejected_rate++;
+        else if (!s->shutting_down)
+            s->rejected_full++;
+        uint64_t held;
+        if (!s->shutting_down && rlog_ok(&s->log_rejected, &held)) {
+            char ip[INET6_ADDRSTRLEN] = "?", h[24];
+            if (sa->sa_family == AF_INET)
+                inet_ntop(AF_INET, &((struct sockaddr_in *)sa)->sin_addr, ip, sizeof(ip));
+            else if (sa->sa_family == AF_INET6)
+                inet_ntop(AF_INET6, &((struct sockaddr_in6 *)sa)->sin6_addr, ip, sizeof(ip));
+            snprintf(h, sizeof(h), "%llu", (unsigned long long)held);
+            arq_log(ARQ_LOG_WARN, "connection_refused", "reason", why, "address", ip, "held", h,
+                    NULL);
+        }
         evutil_closesocket(fd);
         return;
     }
     conn_t *c = calloc(1, sizeof(*c));
     if (!c) {
+        if (counted)
+            api_admit_release(s->admit, addr);
         evutil_closesocket(fd);
         return;
+    }
+    memcpy(c->addr, addr, sizeof(addr));
+    c->admitted = counted;
+    c->overflow = overflow;
+    if (overflow) {
+        s->rejected_overflow++;
+        s->ovf[slot] = c;
     }
     c->srv = s;
     c->bev = bufferevent_socket_new(s->base, fd, BEV_OPT_CLOSE_ON_FREE);
@@ -1259,7 +1532,10 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
     evbuffer_add_cb(bufferevent_get_output(c->bev), out_cb, c);
     bufferevent_disable(c->bev, EV_WRITE); /* enabled by default: see flush_cb */
     conn_read_on(c);                       /* our read event: see sock_read_cb */
-    struct timeval tv = ms_tv(s->o.handshake_timeout_ms);
+    uint32_t deadline = s->o.handshake_timeout_ms;
+    if (overflow && deadline > OVERFLOW_DEADLINE_MS)
+        deadline = OVERFLOW_DEADLINE_MS;
+    struct timeval tv = ms_tv(deadline);
     event_add(c->timer, &tv);
 }
 
@@ -1412,6 +1688,42 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
     metric(b, "arq_read_errors_total", "counter",
            "Subscriptions stopped because a record could not be read (corrupt).", bs.read_errors);
     metric(b, "arq_streams", "gauge", "Streams known to the broker.", bs.streams);
+    metric(b, "arq_streams_evicted_total", "counter",
+           "Idle streams without subscribers freed (read back from the WAL when used).",
+           bs.streams_evicted);
+    metric(b, "arq_tail_cache_bytes", "gauge",
+           "Frames held in all streams' tail caches (bounded by limits.tail_cache_bytes).",
+           bs.cache_bytes);
+    metric(b, "arq_tail_cache_evictions_total", "counter",
+           "Frames dropped from tail caches to stay within limits.tail_cache_bytes.",
+           bs.cache_evictions);
+    evbuffer_add_printf(b, "# HELP arq_connections_refused_total Connections closed at accept, "
+                           "by reason.\n# TYPE arq_connections_refused_total counter\n");
+    struct {
+        const char *reason;
+        uint64_t v;
+    } refused[] = {{"max_connections", s->rejected_full},
+                   {"address_limit", s->rejected_addr},
+                   {"address_rate", s->rejected_rate}};
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++)
+        evbuffer_add_printf(b, "arq_connections_refused_total{reason=\"%s\"} %llu\n",
+                            refused[i].reason, (unsigned long long)refused[i].v);
+    metric(b, "arq_connections_overflow_total", "counter",
+           "Connections accepted beyond max_connections for /health and /metrics only.",
+           s->rejected_overflow);
+    metric(b, "arq_connection_addresses", "gauge", "Client addresses with connections open.",
+           api_admit_connected(s->admit));
+    metric(b, "arq_accept_errors_total", "counter",
+           "accept() failures (EMFILE and the like pause accepting for a moment).",
+           s->accept_errors);
+    metric(b, "arq_hello_timeouts_total", "counter",
+           "WebSocket connections closed for sending no hello in server.hello_timeout_ms.",
+           s->hello_timeouts);
+    metric(b, "arq_ws_messages_refused_total", "counter",
+           "WebSocket messages refused (close 1009) for their size or fragment count.",
+           s->rx_rejected);
+    metric(b, "arq_ws_assembly_bytes", "gauge",
+           "Memory held by connections' message assembly buffers.", s->rx_bytes);
     evbuffer_add_printf(b, "# HELP arq_errors_total Errors by kind.\n"
                            "# TYPE arq_errors_total counter\n");
     struct {
@@ -1481,6 +1793,53 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
 
 /* ---- lifecycle --------------------------------------------------------- */
 
+static void tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    api_server_t *s = arg;
+    api_admit_sweep(s->admit, mono_us());
+}
+
+static void accept_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    api_server_t *s = arg;
+    if (s->lis && !s->shutting_down)
+        evconnlistener_enable(s->lis);
+}
+
+/*
+ * accept() failed. Out of descriptors (EMFILE, ENFILE) or memory, the
+ * pending connection stays in the queue and the listener would fire again
+ * at once, for ever (100% CPU and a log line each time): stop accepting for
+ * a while (50 ms doubling to 1 s while it lasts), log once per RLOG_S.
+ */
+static void accept_error_cb(struct evconnlistener *lis, void *arg)
+{
+    api_server_t *s = arg;
+    int err = EVUTIL_SOCKET_ERROR();
+    s->accept_errors++;
+    if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM)
+        return; /* the peer gave up (ECONNABORTED...): nothing to wait for */
+    evconnlistener_disable(lis);
+    s->accept_backoff_ms = s->accept_backoff_ms ? s->accept_backoff_ms * 2 : 50;
+    if (s->accept_backoff_ms > 1000)
+        s->accept_backoff_ms = 1000;
+    struct timeval tv = ms_tv(s->accept_backoff_ms);
+    evtimer_add(s->accept_retry, &tv);
+    uint64_t held;
+    if (rlog_ok(&s->log_accept_err, &held)) {
+        char h[24], n[24];
+        snprintf(h, sizeof(h), "%llu", (unsigned long long)held);
+        snprintf(n, sizeof(n), "%zu", s->n_conns);
+        arq_log(ARQ_LOG_WARN, "accept_failed", "reason", strerror(err), "connections", n, "held", h,
+                "effect", "not accepting for a moment; raise the descriptor limit (LimitNOFILE)",
+                NULL);
+    }
+}
+
 int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_options_t *opts,
                      api_server_t **ret, char *errbuf, size_t errlen)
 {
@@ -1500,6 +1859,22 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     /* The frame limit bounds memory; the payload limit is the broker's, so
      * that an oversized pub gets a nack carrying its request id. */
     s->limits.max_payload = opts->max_frame_bytes;
+    if (!s->o.max_fragments)
+        s->o.max_fragments = 128;
+    if (!s->o.hello_timeout_ms)
+        s->o.hello_timeout_ms = 10000;
+    if (opts->api_key) {
+        /* one namespace per key, named by its digest (the key stays secret) */
+        uint8_t d[32];
+        unsigned int dn = sizeof(d);
+        if (!EVP_Digest(opts->api_key, strlen(opts->api_key), d, &dn, EVP_sha256(), NULL))
+            memset(d, 0, sizeof(d));
+        snprintf(s->api_producer, sizeof(s->api_producer),
+                 AUTH_RESERVED_PREFIX "api:%02x%02x%02x%02x%02x%02x%02x%02x", d[0], d[1], d[2],
+                 d[3], d[4], d[5], d[6], d[7]);
+    } else {
+        snprintf(s->api_producer, sizeof(s->api_producer), AUTH_RESERVED_PREFIX "api:open");
+    }
     s->ops.send = conn_send;
     s->ops.out_pending = conn_out_pending;
     s->ops.on_drain = conn_on_drain;
@@ -1527,6 +1902,19 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
         free(s);
         return -1;
     }
+    evconnlistener_set_error_cb(s->lis, accept_error_cb);
+    api_admit_options_t ao = {.max_per_addr = opts->max_conns_per_addr,
+                              .rate_per_s = opts->conn_rate_per_s,
+                              .burst = opts->conn_burst};
+    s->tick = event_new(base, -1, EV_PERSIST, tick_cb, s);
+    s->accept_retry = evtimer_new(base, accept_retry_cb, s);
+    if (api_admit_new(&ao, &s->admit) != 0 || !s->tick || !s->accept_retry) {
+        snprintf(errbuf, errlen, "out of memory");
+        api_server_free(s);
+        return -1;
+    }
+    struct timeval one = {1, 0};
+    event_add(s->tick, &one);
     struct sockaddr_in bound;
     socklen_t bl = sizeof(bound);
     getsockname(evconnlistener_get_fd(s->lis), (struct sockaddr *)&bound, &bl);
@@ -1575,5 +1963,10 @@ void api_server_free(api_server_t *s)
         conn_free(s->conns);
     if (s->flush_ev)
         event_free(s->flush_ev);
+    if (s->tick)
+        event_free(s->tick);
+    if (s->accept_retry)
+        event_free(s->accept_retry);
+    api_admit_free(s->admit);
     free(s);
 }

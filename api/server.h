@@ -19,11 +19,16 @@ typedef struct api_options {
     const char *host;
     uint16_t port; /* 0: any free port (see api_server_port) */
     uint32_t max_connections;
+    uint32_t max_conns_per_addr; /* per client address at once (0: no limit) */
+    uint32_t conn_rate_per_s;    /* new connections per second per address (0: no limit) */
+    uint32_t conn_burst;         /* ... of which this many at once */
+    uint32_t hello_timeout_ms;   /* after the upgrade, hello must come within this (0: 10000) */
     uint32_t handshake_timeout_ms;
     uint32_t max_header_bytes;
     uint32_t ping_interval_ms;
     uint32_t pong_timeout_ms;
-    uint32_t max_frame_bytes;
+    uint32_t max_frame_bytes; /* a WebSocket message, assembled (close 1009 beyond) */
+    uint32_t max_fragments;   /* frames one message may arrive in (close 1009 beyond) */
     uint32_t max_message_bytes;
     uint32_t max_inflight;  /* announced in welcome */
     uint32_t session_ttl_s; /* announced in welcome (the broker enforces it) */

@@ -41,9 +41,14 @@ struct brk_stream {
     uint64_t hash;
     uint64_t epoch, first, next; /* committed state as the broker knows it */
     brk_sub_t *subs;
-    /* tail cache: cache[off % cap] holds the frame of off, for off in [cache_first, next) */
+    /* tail cache: cache[off % cap] holds the frame of off, for off in
+     * [cache_first, next); allocated with its first frame, freed when
+     * empty. cache_bytes counts against the broker's tail_cache_bytes. */
     brk_frame_t **cache;
     uint64_t cache_first;
+    uint64_t cache_bytes;
+    brk_stream_t *lru_prev, *lru_next; /* b->lru_*: streams with frames, most recent first */
+    int64_t used_s;                    /* CLOCK_MONOTONIC s: last publish or subscription */
     brk_stream_t *hnext;
     /* A subscriber waits for records acknowledged but not yet readable from
      * the WAL (behind the tail cache): woken by brk_visible. */
@@ -86,16 +91,26 @@ struct brk {
     brk_options_t o;
     brk_stream_t **buckets;
     size_t n_buckets, n_streams;
-    brk_stream_t *stalled; /* streams waiting for the WAL's next LMDB commit */
-    uint64_t reloads;      /* wal_reloads() when the streams were last checked */
-    proto_buf_t reply;     /* pub_done's puback/nack, reused (send_buf copies it) */
-    brk_client_t *dirty;   /* clients with acks to persist */
+    brk_stream_t *stalled;             /* streams waiting for the WAL's next LMDB commit */
+    uint64_t reloads;                  /* wal_reloads() when the streams were last checked */
+    brk_stream_t *lru_head, *lru_tail; /* tail caches, most recently filled first */
+    uint64_t cache_bytes;              /* all tail caches */
+    struct event *evict_ev;            /* idle streams are freed (evict_idle) */
+    proto_buf_t reply;                 /* pub_done's puback/nack, reused (send_buf copies it) */
+    brk_client_t *dirty;               /* clients with acks to persist */
     struct event *flush_ev;
     brk_client_t **sess; /* live durable sessions by id (chained) */
     size_t n_sess_buckets;
     struct event *expire_ev;
     brk_stats_t st;
 };
+
+static int64_t mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec;
+}
 
 /* ---- frames ------------------------------------------------------------ */
 
@@ -262,10 +277,7 @@ static brk_stream_t *stream_get(brk_t *b, const char *name, size_t len)
     if (!s)
         return NULL;
     s->name = malloc(len);
-    s->cache = calloc(b->o.tail_cache_msgs, sizeof(*s->cache));
-    if (!s->name || !s->cache) {
-        free(s->name);
-        free(s->cache);
+    if (!s->name) {
         free(s);
         return NULL;
     }
@@ -282,6 +294,7 @@ static brk_stream_t *stream_get(brk_t *b, const char *name, size_t len)
         s->first = s->next = 1;
     }
     s->cache_first = s->next;
+    s->used_s = mono_s();
     size_t i = s->hash % b->n_buckets;
     s->hnext = b->buckets[i];
     b->buckets[i] = s;
@@ -290,18 +303,142 @@ static brk_stream_t *stream_get(brk_t *b, const char *name, size_t len)
     return s;
 }
 
+static void cache_clear(brk_t *b, brk_stream_t *s);
+
+/* Free a stream the broker knows nothing more about than the WAL does: no
+ * subscriber, nothing cached that the WAL cannot give back. pp: the link
+ * in its bucket that points to it. */
+static void stream_destroy(brk_t *b, brk_stream_t **pp)
+{
+    brk_stream_t *s = *pp;
+    *pp = s->hnext;
+    cache_clear(b, s);
+    free(s->name);
+    free(s);
+    b->n_streams--;
+    b->st.streams = b->n_streams;
+}
+
+/* A subscription left s. A stream that does not exist (no epoch) costs
+ * nothing once nobody subscribes to it: freed at once. */
+static void stream_release(brk_t *b, brk_stream_t *s)
+{
+    if (s->subs || s->stalled || s->epoch != 0 || s->cache)
+        return;
+    for (brk_stream_t **pp = &b->buckets[s->hash % b->n_buckets]; *pp; pp = &(*pp)->hnext)
+        if (*pp == s) {
+            stream_destroy(b, pp);
+            return;
+        }
+}
+
+/*
+ * Streams nobody subscribes to and nobody published to for stream_idle_s
+ * are freed; stream_get reads their state from the WAL when they are used
+ * again. Only once the WAL holds everything the broker knows (LMDB's next
+ * offset is ours: no acknowledged record waits in the journal), so that a
+ * stream read back is never behind.
+ */
+static void evict_idle(brk_t *b)
+{
+    int64_t now = mono_s();
+    for (size_t i = 0; i < b->n_buckets; i++) {
+        brk_stream_t **pp = &b->buckets[i];
+        while (*pp) {
+            brk_stream_t *s = *pp;
+            if (!s->subs && !s->stalled && now - s->used_s >= (int64_t)b->o.stream_idle_s) {
+                wal_stream_info_t info;
+                int rc = wal_stream_get(b->wal, s->name, s->name_len, &info);
+                if ((rc == 0 && info.next_offset == s->next && info.epoch == s->epoch) ||
+                    (rc == WAL_ENOTFOUND && s->epoch == 0)) {
+                    stream_destroy(b, pp);
+                    b->st.streams_evicted++;
+                    continue;
+                }
+            }
+            pp = &s->hnext;
+        }
+    }
+}
+
+static void evict_ev_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    evict_idle(arg);
+}
+
+/* ---- tail caches --------------------------------------------------------- */
+
+/*
+ * Every stream keeps up to tail_cache_msgs frames of its tail, and all of
+ * them together at most tail_cache_bytes: a publisher to many streams, or
+ * of large messages nobody reads, cannot make the broker hold more. Over
+ * the budget the oldest frames of the stream filled least recently go
+ * first; a subscriber behind the cache reads the WAL instead (catch-up).
+ */
+static void lru_unlink(brk_t *b, brk_stream_t *s)
+{
+    if (s->lru_prev)
+        s->lru_prev->lru_next = s->lru_next;
+    else if (b->lru_head == s)
+        b->lru_head = s->lru_next;
+    if (s->lru_next)
+        s->lru_next->lru_prev = s->lru_prev;
+    else if (b->lru_tail == s)
+        b->lru_tail = s->lru_prev;
+    s->lru_prev = s->lru_next = NULL;
+}
+
+static void lru_touch(brk_t *b, brk_stream_t *s)
+{
+    if (b->lru_head == s)
+        return;
+    lru_unlink(b, s);
+    s->lru_next = b->lru_head;
+    if (b->lru_head)
+        b->lru_head->lru_prev = s;
+    b->lru_head = s;
+    if (!b->lru_tail)
+        b->lru_tail = s;
+}
+
+/* Drop the oldest cached frame of s; its array goes with the last one. */
+static void cache_pop(brk_t *b, brk_stream_t *s)
+{
+    brk_frame_t **slot = &s->cache[s->cache_first % b->o.tail_cache_msgs];
+    if (*slot) {
+        s->cache_bytes -= (*slot)->len;
+        b->cache_bytes -= (*slot)->len;
+        brk_frame_unref(*slot);
+        *slot = NULL;
+    }
+    s->cache_first++;
+    if (s->cache_first >= s->next) {
+        free(s->cache);
+        s->cache = NULL;
+        s->cache_first = s->next;
+        lru_unlink(b, s);
+    }
+}
+
 static void cache_clear(brk_t *b, brk_stream_t *s)
 {
-    for (uint32_t i = 0; i < b->o.tail_cache_msgs; i++) {
-        brk_frame_unref(s->cache[i]);
-        s->cache[i] = NULL;
+    if (s->cache) {
+        for (uint32_t i = 0; i < b->o.tail_cache_msgs; i++)
+            brk_frame_unref(s->cache[i]);
+        free(s->cache);
+        s->cache = NULL;
+        b->cache_bytes -= s->cache_bytes;
+        s->cache_bytes = 0;
+        lru_unlink(b, s);
     }
     s->cache_first = s->next;
 }
 
 static brk_frame_t *cache_get(brk_t *b, brk_stream_t *s, uint64_t off)
 {
-    if (off < s->cache_first || off >= s->next)
+    if (!s->cache || off < s->cache_first || off >= s->next)
         return NULL;
     return s->cache[off % b->o.tail_cache_msgs];
 }
@@ -310,19 +447,31 @@ static brk_frame_t *cache_get(brk_t *b, brk_stream_t *s, uint64_t off)
 static void cache_put(brk_t *b, brk_stream_t *s, uint64_t off, brk_frame_t *f)
 {
     uint32_t cap = b->o.tail_cache_msgs;
-    if (off != s->next) {
+    if (off != s->next || !s->cache) {
         /* Not contiguous with what we hold (another writer, or our view was
-         * stale): start the cache afresh at this offset. */
+         * stale), or nothing held: start the cache afresh at this offset. */
         cache_clear(b, s);
+        s->cache = calloc(cap, sizeof(*s->cache));
+        if (!s->cache) {
+            s->next = off + 1;
+            s->cache_first = s->next;
+            return;
+        }
         s->cache_first = off;
     }
-    brk_frame_t **slot = &s->cache[off % cap];
-    brk_frame_unref(*slot);
-    brk_frame_ref(f);
-    *slot = f;
     s->next = off + 1;
     if (s->next - s->cache_first > cap)
-        s->cache_first = s->next - cap;
+        cache_pop(b, s); /* the slot of off - cap, which off takes */
+    brk_frame_ref(f);
+    s->cache[off % cap] = f;
+    s->cache_bytes += f->len;
+    b->cache_bytes += f->len;
+    s->used_s = mono_s();
+    lru_touch(b, s);
+    while (b->cache_bytes > b->o.tail_cache_bytes && b->lru_tail) {
+        cache_pop(b, b->lru_tail);
+        b->st.cache_evictions++;
+    }
 }
 
 /* ---- delivery ---------------------------------------------------------- */
@@ -873,8 +1022,10 @@ static void client_detach(brk_client_t *c)
     brk_sub_t *sub = c->sub_list;
     while (sub) {
         brk_sub_t *next = sub->next_in_client;
+        brk_stream_t *st = sub->stream;
         sub_unlink(sub);
         sub_free(sub);
+        stream_release(c->b, st);
         c->b->st.subscriptions--;
         sub = next;
     }
@@ -1369,14 +1520,15 @@ void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t str
     }
 }
 
-int brk_publish_api(brk_t *b, const char *stream, size_t stream_len, const uint8_t *payload,
-                    size_t payload_len, const uint8_t *msgid, size_t msgid_len,
-                    const uint8_t *headers_raw, size_t headers_len, brk_api_cb cb, void *arg)
+int brk_publish_api(brk_t *b, const char *producer, const char *stream, size_t stream_len,
+                    const uint8_t *payload, size_t payload_len, const uint8_t *msgid,
+                    size_t msgid_len, const uint8_t *headers_raw, size_t headers_len, brk_api_cb cb,
+                    void *arg)
 {
     if (!brk_stream_name_valid(stream, stream_len) || payload_len > b->o.max_payload ||
         msgid_len > WAL_MSGID_MAX || headers_len > WAL_HEADERS_MAX)
         return WAL_EINVAL;
-    return publish_common(b, NULL, 0, stream, stream_len, payload, payload_len, "api", msgid,
+    return publish_common(b, NULL, 0, stream, stream_len, payload, payload_len, producer, msgid,
                           msgid_len, headers_raw, headers_len, WAL_DIR_OUT, cb, arg);
 }
 
@@ -1400,6 +1552,7 @@ void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t s
         send_nack(c, id, PROTO_CODE_INTERNAL, "out of memory");
         return;
     }
+    s->used_s = mono_s();
     if (sub_find(c, s)) {
         send_nack(c, id, PROTO_CODE_CONFLICT, "already subscribed");
         return;
@@ -1453,6 +1606,7 @@ void brk_unsubscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t
                                                 s->name_len) == 0);
     }
     sub_free(sub);
+    stream_release(c->b, s);
     c->n_sub--;
     c->b->st.subscriptions--;
     proto_buf_t pb = {0};
@@ -1507,15 +1661,20 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
         b->o.session_ttl_s = 86400;
     if (!b->o.expire_interval_ms)
         b->o.expire_interval_ms = 60000;
+    if (!b->o.tail_cache_bytes)
+        b->o.tail_cache_bytes = 64ull << 20;
+    if (!b->o.stream_idle_s)
+        b->o.stream_idle_s = 60;
     b->n_buckets = 4096;
     b->buckets = calloc(b->n_buckets, sizeof(*b->buckets));
     b->n_sess_buckets = 4096;
     b->sess = calloc(b->n_sess_buckets, sizeof(*b->sess));
     b->flush_ev = event_new(base, -1, EV_PERSIST, flush_cb, b);
     b->expire_ev = event_new(base, -1, EV_PERSIST, expire_ev_cb, b);
+    b->evict_ev = event_new(base, -1, EV_PERSIST, evict_ev_cb, b);
     if (rpl_new(wal, &b->rpl) != 0)
         b->rpl = NULL;
-    if (!b->buckets || !b->sess || !b->flush_ev || !b->expire_ev || !b->rpl) {
+    if (!b->buckets || !b->sess || !b->flush_ev || !b->expire_ev || !b->evict_ev || !b->rpl) {
         rpl_free(b->rpl);
         free(b->buckets);
         free(b->sess);
@@ -1523,9 +1682,13 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
             event_free(b->flush_ev);
         if (b->expire_ev)
             event_free(b->expire_ev);
+        if (b->evict_ev)
+            event_free(b->evict_ev);
         free(b);
         return -1;
     }
+    struct timeval vtv = {5, 0};
+    event_add(b->evict_ev, &vtv);
     struct timeval tv = {0, 100000}; /* cursors are batched: at most one commit per 100 ms */
     event_add(b->flush_ev, &tv);
     struct timeval etv = {(time_t)(b->o.expire_interval_ms / 1000),
@@ -1544,6 +1707,7 @@ void brk_free(brk_t *b)
     proto_buf_free(&b->reply);
     event_free(b->flush_ev);
     event_free(b->expire_ev);
+    event_free(b->evict_ev);
     free(b->sess);
     rpl_free(b->rpl);
     while (b->dirty) {
@@ -1556,7 +1720,6 @@ void brk_free(brk_t *b)
         while (s) {
             brk_stream_t *next = s->hnext;
             cache_clear(b, s);
-            free(s->cache);
             free(s->name);
             free(s);
             s = next;
@@ -1574,6 +1737,7 @@ void brk_set_cold(brk_t *b, struct sync_cold *cold)
 void brk_stats_get(const brk_t *b, brk_stats_t *ret)
 {
     *ret = b->st;
+    ret->cache_bytes = b->cache_bytes;
     rpl_stats_t rs;
     rpl_stats_get(b->rpl, &rs);
     ret->cold_reads = rs.cold_reads;

@@ -64,6 +64,8 @@ typedef struct brk_options {
     uint32_t max_inflight;       /* per subscription, 1024 */
     size_t out_high_watermark;   /* per connection, 4 MiB */
     uint32_t tail_cache_msgs;    /* frames kept per stream, 1024 */
+    uint64_t tail_cache_bytes;   /* frames kept in all streams' tail caches, 64 MiB */
+    uint32_t stream_idle_s;      /* an idle stream without subscribers is freed, 60 */
     uint64_t session_ttl_s;      /* sessions kept after their last connection, 86400 */
     uint32_t expire_interval_ms; /* how often expired sessions are deleted, 60000 */
 } brk_options_t;
@@ -78,7 +80,10 @@ typedef struct brk_stats {
     uint64_t sessions_created, sessions_resumed, sessions_taken_over, sessions_expired;
     uint64_t sessions_live;
     uint64_t cold_reads, cold_records, cold_errors; /* catch-up served from MySQL */
-    uint64_t read_errors; /* subscriptions stopped by a failed read (corrupt record) */
+    uint64_t read_errors;     /* subscriptions stopped by a failed read (corrupt record) */
+    uint64_t cache_bytes;     /* frames in all tail caches now */
+    uint64_t cache_evictions; /* frames dropped for tail_cache_bytes */
+    uint64_t streams_evicted; /* idle streams freed (read back from the WAL when used) */
     /* Publish latency inside arqd, per acknowledged publish (microseconds,
      * buckets by brk_pub_us_bounds, the last one +Inf): wait = decoded ->
      * the WAL writer took it into a batch; dispatch = the batch durable ->
@@ -180,11 +185,13 @@ void brk_flush(brk_t *b);
  * `status`, as publishes are refused. The reason is static. */
 void brk_refusal(int status, int *ret_code, const char **ret_reason);
 
-/* Server API publish (direction out). cb runs after the commit with status
- * 0 or a WAL_E* code. */
+/* Server API publish (direction out). producer: its dedup namespace (the
+ * api names one per API key). cb runs after the commit with status 0 or a
+ * WAL_E* code. */
 typedef void (*brk_api_cb)(int status, uint64_t offset, int duplicate, void *arg);
-int brk_publish_api(brk_t *b, const char *stream, size_t stream_len, const uint8_t *payload,
-                    size_t payload_len, const uint8_t *msgid, size_t msgid_len,
-                    const uint8_t *headers_raw, size_t headers_len, brk_api_cb cb, void *arg);
+int brk_publish_api(brk_t *b, const char *producer, const char *stream, size_t stream_len,
+                    const uint8_t *payload, size_t payload_len, const uint8_t *msgid,
+                    size_t msgid_len, const uint8_t *headers_raw, size_t headers_len, brk_api_cb cb,
+                    void *arg);
 
 #endif

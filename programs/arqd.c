@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -154,6 +155,52 @@ static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
     fclose(f);
     *len = n;
     return buf;
+}
+
+/*
+ * Every connection takes a descriptor; so do the WAL's files, MySQL's
+ * connections, the listener, the event loop and the connections accepted
+ * beyond max_connections for /health (api/server.c). Raise the soft limit
+ * to what max_connections needs (up to the hard limit), or lower
+ * max_connections to what the limit allows, and say so: running out of
+ * descriptors at accept() is the failure to avoid.
+ */
+#define FD_RESERVE 64
+
+static void fit_fd_limit(uint32_t *max_connections)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    rlim_t need = (rlim_t)*max_connections + FD_RESERVE;
+    if (rl.rlim_cur < need) {
+        struct rlimit nl = rl;
+        nl.rlim_cur = rl.rlim_max == RLIM_INFINITY || need < rl.rlim_max ? need : rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &nl) == 0)
+            rl = nl;
+    }
+    if (rl.rlim_cur >= need)
+        return;
+    uint32_t fit =
+        (uint32_t)(rl.rlim_cur > 2 * FD_RESERVE ? rl.rlim_cur - FD_RESERVE : rl.rlim_cur / 2);
+    char want[24], have[24], now[24];
+    snprintf(want, sizeof(want), "%u", *max_connections);
+    snprintf(have, sizeof(have), "%llu", (unsigned long long)rl.rlim_cur);
+    snprintf(now, sizeof(now), "%u", fit);
+    arq_log(
+        ARQ_LOG_WARN, "fd_limit", "max_connections", want, "nofile", have, "effect",
+        "max_connections lowered to fit the descriptor limit; raise it (LimitNOFILE, ulimit -n)",
+        "max_connections_now", now, NULL);
+    *max_connections = fit;
+}
+
+/* limits.tail_cache_bytes = 0: 1/32 of the machine's memory, at most 256 MiB. */
+static uint64_t default_cache_bytes(void)
+{
+    long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
+    uint64_t ram = pages > 0 && psize > 0 ? (uint64_t)pages * (uint64_t)psize : 2ull << 30;
+    uint64_t b = ram / 32;
+    return b > (256ull << 20) ? 256ull << 20 : b;
 }
 
 static int is_loopback(const char *host)
@@ -442,6 +489,7 @@ int main(int argc, char **argv)
         arq_log(ARQ_LOG_WARN, "wal_only", "reason", "DATABASE_URL not set: MySQL sync disabled",
                 NULL);
 
+    fit_fd_limit(&cfg.max_connections);
     /* Every publish allocates and frees a few small buffers; with glibc's
      * default thresholds the heap top is trimmed and faulted back in over
      * and over (measured: ~7% of arqd's time in page faults at 50x16). */
@@ -484,6 +532,8 @@ int main(int argc, char **argv)
         .max_inflight = cfg.max_inflight,
         .out_high_watermark = cfg.max_output_bytes,
         .session_ttl_s = cfg.session_ttl_s,
+        .tail_cache_bytes = cfg.tail_cache_bytes ? cfg.tail_cache_bytes : default_cache_bytes(),
+        .stream_idle_s = cfg.stream_idle_s,
     };
     brk_t *brk;
     if (brk_new(base, wal, &bo, &brk) != 0) {
@@ -494,11 +544,16 @@ int main(int argc, char **argv)
         .host = cfg.host,
         .port = cfg.port,
         .max_connections = cfg.max_connections,
+        .max_conns_per_addr = cfg.max_conns_per_addr,
+        .conn_rate_per_s = cfg.conn_rate,
+        .conn_burst = cfg.conn_burst,
+        .hello_timeout_ms = cfg.hello_timeout_ms,
         .handshake_timeout_ms = cfg.handshake_timeout_ms,
         .max_header_bytes = cfg.max_header_bytes,
         .ping_interval_ms = cfg.ping_interval_ms,
         .pong_timeout_ms = cfg.pong_timeout_ms,
         .max_frame_bytes = cfg.max_frame_bytes,
+        .max_fragments = cfg.max_fragments,
         .max_message_bytes = cfg.max_message_bytes,
         .max_inflight = cfg.max_inflight,
         .session_ttl_s = cfg.session_ttl_s,

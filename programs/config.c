@@ -109,6 +109,7 @@ static const struct key_def keys[] = {
     {"server", "max_connections", NULL, KT_UINT, FIELD(max_connections), .min = 1, .max = 1000000},
     {"server", "handshake_timeout_ms", NULL, KT_UINT, FIELD(handshake_timeout_ms), .min = 1,
      .max = 600000},
+    {"server", "hello_timeout_ms", NULL, KT_UINT, FIELD(hello_timeout_ms), .min = 1, .max = 600000},
     {"server", "max_header_bytes", NULL, KT_SIZE, FIELD(max_header_bytes), .min = KIB, .max = MIB},
     {"server", "ping_interval_ms", NULL, KT_UINT, FIELD(ping_interval_ms), .min = 10,
      .max = 3600000},
@@ -121,9 +122,17 @@ static const struct key_def keys[] = {
      .max = 256 * MIB},
     {"limits", "max_frame_bytes", NULL, KT_SIZE, FIELD(max_frame_bytes), .min = KIB,
      .max = 256 * MIB + 64 * KIB},
+    {"limits", "max_fragments", NULL, KT_UINT, FIELD(max_fragments), .min = 1, .max = 65536},
+    {"limits", "max_connections_per_address", NULL, KT_UINT, FIELD(max_conns_per_addr), .min = 0,
+     .max = 1000000},
+    {"limits", "connection_rate", NULL, KT_UINT, FIELD(conn_rate), .min = 0, .max = 1000000},
+    {"limits", "connection_burst", NULL, KT_UINT, FIELD(conn_burst), .min = 0, .max = 1000000},
     {"limits", "max_subscriptions", NULL, KT_UINT, FIELD(max_subscriptions), .min = 1,
      .max = 65536},
     {"limits", "max_inflight", NULL, KT_UINT, FIELD(max_inflight), .min = 1, .max = 1048576},
+    {"limits", "tail_cache_bytes", NULL, KT_SIZE, FIELD(tail_cache_bytes), .min = 0,
+     .max = 1024 * GIB},
+    {"limits", "stream_idle_s", NULL, KT_UINT, FIELD(stream_idle_s), .min = 1, .max = 86400},
     {"limits", "max_output_bytes", NULL, KT_SIZE, FIELD(max_output_bytes), .min = 64 * KIB,
      .max = GIB},
     {"wal", "sync", "ARQ_SYNC", KT_ENUM, FIELD(sync), .choices = sync_modes,
@@ -769,6 +778,12 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->max_message_bytes = 1048576;
     cfg->max_frame_bytes = 1048576 + 65536;
     cfg->max_subscriptions = 256;
+    cfg->max_fragments = 128;
+    cfg->stream_idle_s = 60;
+    cfg->hello_timeout_ms = 10000;
+    cfg->max_conns_per_addr = 1000;
+    cfg->conn_rate = 200;
+    cfg->conn_burst = 1000;
     cfg->max_inflight = 1024;
     cfg->max_output_bytes = 4 * 1048576;
     cfg->sync = strdup("full");

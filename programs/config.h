@@ -28,11 +28,18 @@ typedef struct arq_config {
     char **origins;   /* ARQ_ORIGINS: comma-separated allow-list; NULL = any */
     size_t n_origins;
     /* [limits] */
-    uint32_t max_message_bytes; /* default 1048576 (1 MiB) payload */
-    uint32_t max_frame_bytes;   /* default 1114112 (payload + 64 KiB) */
-    uint32_t max_subscriptions; /* per connection, default 256 */
-    uint32_t max_inflight;      /* unacked deliveries per subscription, default 1024 */
-    uint32_t max_output_bytes;  /* per-connection output buffer high watermark, 4 MiB */
+    uint32_t max_message_bytes;  /* default 1048576 (1 MiB) payload */
+    uint32_t max_frame_bytes;    /* default 1114112 (payload + 64 KiB) */
+    uint32_t max_fragments;      /* frames one WebSocket message may arrive in, default 128 */
+    uint32_t max_conns_per_addr; /* connections per client address at once, default 1000 */
+    uint32_t conn_rate;          /* new connections per second per address, default 200 */
+    uint32_t conn_burst;         /* ... and at once, default 1000 */
+    uint32_t hello_timeout_ms;   /* hello after the upgrade, default 10000 */
+    uint32_t max_subscriptions;  /* per connection, default 256 */
+    uint32_t max_inflight;       /* unacked deliveries per subscription, default 1024 */
+    uint64_t tail_cache_bytes;   /* all streams' tail caches (0: 1/32 of RAM, at most 256 MiB) */
+    uint32_t stream_idle_s;      /* an idle stream without subscribers is freed, default 60 */
+    uint32_t max_output_bytes;   /* per-connection output buffer high watermark, 4 MiB */
     /* [wal] */
     char *sync;               /* "full" (default) | "none" (UNSAFE) */
     uint64_t map_size_max;    /* default 16 GiB */

@@ -60,8 +60,12 @@ def main():
     run = ChaosRun("storm", "arq-storm-", run_tag="s")
     rng, tmp = run.rng, run.tmp
     with run:
+        # 2,000 clients from one address, all at once: the per-address limits
+        # (default 1,000 connections, 200/s with a burst of 1,000) raised
         d = run.d = harness.Arqd(ARQD, os.path.join(tmp, "data"), "--set",
-                                 "server.max_connections=5000", log=run.arqd_log)
+                                 "server.max_connections=5000", "--set",
+                                 "limits.max_connections_per_address=5000", "--set",
+                                 "limits.connection_rate=0", log=run.arqd_log)
         proxy = run.proxy = ChaosProxy("127.0.0.1", d.port, seed=run.seed,
                                        blackhole_s=(6.0, 9.0)).start()
         chaos = run.chaos = ArqChaos(ARQ_CHAOS, proxy.url, os.path.join(tmp, "arq-chaos.log"),

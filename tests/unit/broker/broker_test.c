@@ -150,8 +150,8 @@ static void publish_n(fixture_t *f, const char *stream, int n)
 {
     int want = f->api_done + n;
     for (int i = 0; i < n; i++)
-        assert_int_equal(brk_publish_api(f->brk, stream, strlen(stream), (const uint8_t *)"data", 4,
-                                         NULL, 0, NULL, 0, api_cb, f),
+        assert_int_equal(brk_publish_api(f->brk, "arq:api:test", stream, strlen(stream),
+                                         (const uint8_t *)"data", 4, NULL, 0, NULL, 0, api_cb, f),
                          0);
     for (int i = 0; i < 1000 && f->api_done < want; i++)
         event_base_loop(f->base, EVLOOP_ONCE);
