@@ -56,6 +56,30 @@ static int publish(wal_t *wal, const char *stream, uint64_t key, size_t len, uin
     return rc;
 }
 
+/* n publishes of keys[0..n) in one request (one batch): offsets in offs. */
+static int publish_batch(wal_t *wal, const char *stream, const uint64_t *keys, size_t n, size_t len,
+                         uint64_t *offs)
+{
+    static uint8_t bufs[20][512];
+    char msgids[20][32];
+    wal_msg_t m[20];
+    wal_result_t res[20];
+    assert_true(n <= 20 && len <= sizeof(bufs[0]));
+    for (size_t i = 0; i < n; i++) {
+        tu_fill(bufs[i], len, keys[i]);
+        snprintf(msgids[i], sizeof(msgids[i]), "k%llu", (unsigned long long)keys[i]);
+        m[i] = tu_msg(stream, bufs[i], len);
+        m[i].producer = "p";
+        m[i].producer_len = 1;
+        m[i].msgid = msgids[i];
+        m[i].msgid_len = strlen(msgids[i]);
+    }
+    int rc = wal_append_sync_durable(wal, m, n, res);
+    for (size_t i = 0; i < n && rc == 0; i++)
+        offs[i] = res[i].offset;
+    return rc;
+}
+
 static enum wal_state state_of(wal_t *wal, char *reason, size_t len)
 {
     wal_state_info_t st;
@@ -306,11 +330,12 @@ static void cursor_waiter_cb(wal_append_t *req, void *arg)
 }
 
 /* A fold that finds no space: the journal keeps the acknowledged batches,
- * appends are refused until the fold succeeds, then everything is there. */
+ * appends are refused until the fold succeeds, then everything is there.
+ * Folds come after 1 s idle: the test's steps between them take far less. */
 static void test_fold_deferred_for_space(void **state)
 {
     const char *dir = *state;
-    wal_options_t o = {.dir = dir, .apply_us = 100000, .apply_idle_us = 100000};
+    wal_options_t o = {.dir = dir, .apply_us = 1000000, .apply_idle_us = 1000000};
     wal_t *wal = open_opts(&o, NULL);
     enum { N = 50, LEN = 300 };
     uint64_t keys[N + 1], off;
@@ -330,11 +355,13 @@ static void test_fold_deferred_for_space(void **state)
     assert_int_equal(info.next_offset, 11);
 
     wal_testing_fail_folds(wal, ENOSPC, 1);
-    for (; acked < 20; acked++) {
-        keys[acked] = 500 + acked;
-        assert_int_equal(publish(wal, "f", keys[acked], LEN, &off), 0);
-        assert_int_equal(off, acked + 1);
-    }
+    uint64_t offs[10];
+    for (size_t i = 0; i < 10; i++)
+        keys[acked + i] = 500 + acked + i;
+    assert_int_equal(publish_batch(wal, "f", keys + acked, 10, LEN, offs), 0);
+    for (size_t i = 0; i < 10; i++)
+        assert_int_equal(offs[i], acked + i + 1);
+    acked += 10;
     /* a cursor write: completes only once readable (after the fold) */
     tu_waiter_t w;
     tu_waiter_init(&w);
@@ -384,16 +411,16 @@ static void test_fold_deferred_for_space(void **state)
 static void test_close_with_fold_deferred(void **state)
 {
     const char *dir = *state;
-    wal_options_t o = {.dir = dir, .apply_us = 100000, .apply_idle_us = 100000};
+    /* no fold before the close: the fold at close is the one that fails */
+    wal_options_t o = {.dir = dir, .apply_us = 1000000, .apply_idle_us = 1000000};
     wal_t *wal = open_opts(&o, NULL);
     enum { N = 30, LEN = 100 };
-    uint64_t keys[N];
+    uint64_t keys[N], offs[N];
     wal_testing_fail_folds(wal, ENOSPC, 1000);
-    for (size_t i = 0; i < N; i++) {
+    for (size_t i = 0; i < N; i++)
         keys[i] = 7000 + i;
-        assert_int_equal(publish(wal, "c", keys[i], LEN, NULL), 0);
-    }
-    assert_true(wait_state(wal, WAL_STATE_FULL));
+    assert_int_equal(publish_batch(wal, "c", keys, 15, LEN, offs), 0);
+    assert_int_equal(publish_batch(wal, "c", keys + 15, 15, LEN, offs + 15), 0);
     wal_close(wal);
     wal = open_opts(&o, NULL);
     assert_int_equal(state_of(wal, NULL, 0), WAL_STATE_OK);
