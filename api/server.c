@@ -65,6 +65,7 @@ struct conn {
     bool kicked;             /* its session was resumed elsewhere: free on the next turn */
     struct api_pub_ctx *pub; /* pending server API publish */
     char peer[64];
+    char ip[48]; /* the client's address alone: the owner of its anonymous sessions */
     char session[SESSION_ID_MAX + 1];
     conn_t *prev, *next;
     /* output written directly at the end of the loop turn (flush_cb) */
@@ -534,10 +535,18 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         ephemeral = true;
         brk_client_ephemeral(c->client);
     } else {
-        rc = brk_session_create(c->client, owner, digest, sizeof(digest));
+        rc = brk_session_create(c->client, owner, c->ip, digest, sizeof(digest));
     }
     if (have_tok)
         auth_token_free(&tok);
+    if (rc == BRK_ESESSION_RATE || rc == BRK_ESESSION_LIMIT) {
+        s->errors_limit++;
+        send_error_close(c, PROTO_CODE_LIMIT,
+                         rc == BRK_ESESSION_RATE ? "new sessions too fast"
+                                                 : "too many sessions held open",
+                         rc == BRK_ESESSION_RATE ? 1013 : 1008);
+        return;
+    }
     if (rc) {
         int code;
         const char *why;
@@ -987,6 +996,43 @@ static void conn_free(conn_t *c)
     free(c);
 }
 
+/*
+ * A browser names the page that opens a WebSocket or posts to us in
+ * Origin. With auth.origins, only those pages; without, only our own
+ * origin (the page was served by the same host:port as the request's Host:
+ * "https://h" and Host "h" match): any other page the user visits must not
+ * use the broker on the user's behalf. Requests without Origin are not from
+ * a page's script and pass.
+ */
+static bool origin_allowed(const api_server_t *s, const http_request_t *req)
+{
+    const char *origin = http_header_get(req, "Origin");
+    if (!origin)
+        return true;
+    if (s->o.n_origins) {
+        for (size_t i = 0; i < s->o.n_origins; i++)
+            if (strcmp(origin, s->o.origins[i]) == 0)
+                return true;
+        return false;
+    }
+    const char *host = http_header_get(req, "Host");
+    const char *sep = strstr(origin, "://");
+    return host && sep && strcasecmp(sep + 3, host) == 0;
+}
+
+/* With server.hosts, only requests naming one of them in Host are served
+ * (a DNS-rebinding page reaches us under a name of its own). */
+static bool host_allowed(const api_server_t *s, const http_request_t *req)
+{
+    if (!s->o.n_hosts)
+        return true;
+    const char *host = http_header_get(req, "Host");
+    for (size_t i = 0; host && i < s->o.n_hosts; i++)
+        if (strcasecmp(host, s->o.hosts[i]) == 0)
+            return true;
+    return false;
+}
+
 static void upgrade(conn_t *c, const http_request_t *req)
 {
     api_server_t *s = c->srv;
@@ -1007,16 +1053,10 @@ static void upgrade(conn_t *c, const http_request_t *req)
         http_error(c, 400, "Bad Request", "subprotocol arq.v1 required");
         return;
     }
-    const char *origin = http_header_get(req, "Origin");
-    if (origin && s->o.n_origins) {
-        bool ok = false;
-        for (size_t i = 0; i < s->o.n_origins && !ok; i++)
-            ok = strcmp(origin, s->o.origins[i]) == 0;
-        if (!ok) {
-            s->errors_origin++;
-            http_error(c, 403, "Forbidden", "origin not allowed");
-            return;
-        }
+    if (!origin_allowed(s, req)) {
+        s->errors_origin++;
+        http_error(c, 403, "Forbidden", "origin not allowed");
+        return;
     }
     struct wslay_event_callbacks cbs = {ws_recv_cb,        ws_send_cb, NULL,     ws_frame_start_cb,
                                         ws_frame_chunk_cb, NULL,       ws_msg_cb};
@@ -1148,9 +1188,16 @@ static void api_publish(conn_t *c, const char *body, size_t len)
     api_server_t *s = c->srv;
     const char *auth = http_header_get(&c->req, "Authorization");
     if (s->o.api_key) {
-        size_t kl = strlen(s->o.api_key);
-        if (!auth || strncmp(auth, "Bearer ", 7) != 0 || strlen(auth + 7) != kl ||
-            CRYPTO_memcmp(auth + 7, s->o.api_key, kl) != 0) {
+        /* compare digests, in constant time: the length of the key and its
+         * bytes do not show in the time of a refusal */
+        uint8_t want[32], got[32];
+        unsigned int wn = sizeof(want), gn = sizeof(got);
+        bool bearer = auth && strncmp(auth, "Bearer ", 7) == 0;
+        if (!EVP_Digest(s->o.api_key, strlen(s->o.api_key), want, &wn, EVP_sha256(), NULL) ||
+            !EVP_Digest(bearer ? auth + 7 : "", bearer ? strlen(auth + 7) : 0, got, &gn,
+                        EVP_sha256(), NULL))
+            bearer = false;
+        if (!bearer || CRYPTO_memcmp(want, got, sizeof(want)) != 0) {
             s->errors_auth++;
             http_error(c, 401, "Unauthorized", "api key required");
             return;
@@ -1174,6 +1221,25 @@ static void api_publish(conn_t *c, const char *body, size_t len)
         ok = b64_decode(json_string_value(jb), json_string_length(jb), &payload, &payload_len) == 0;
     msgpack_sbuffer hb;
     msgpack_sbuffer_init(&hb);
+    /* the limits a WebSocket pub's headers have (docs/protocol.md) */
+    uint32_t max_h = s->limits.max_headers ? s->limits.max_headers : 32;
+    uint32_t max_hb = s->limits.max_header_bytes ? s->limits.max_header_bytes : 8192;
+    size_t hbytes = 0;
+    if (ok && jh) {
+        const char *k;
+        json_t *v;
+        json_object_foreach(jh, k, v)
+        {
+            hbytes += strlen(k) + (json_is_string(v) ? json_string_length(v) : 0);
+        }
+    }
+    if (ok && jh && (json_object_size(jh) > max_h || hbytes > max_hb)) {
+        http_error(c, 413, "Payload Too Large", "headers over their limits (32 entries, 8 KiB)");
+        msgpack_sbuffer_destroy(&hb);
+        free(payload);
+        json_decref(j);
+        return;
+    }
     if (ok && jh && json_object_size(jh) > 0) {
         msgpack_packer pk;
         msgpack_packer_init(&pk, &hb, msgpack_sbuffer_write);
@@ -1238,6 +1304,11 @@ static void route(conn_t *c)
         http_error(c, 503, "Service Unavailable", "too many connections");
         return;
     }
+    if (!host_allowed(s, r)) {
+        s->errors_origin++;
+        http_error(c, 421, "Misdirected Request", "host not served here");
+        return;
+    }
     if (plen == 3 && memcmp(path, "/ws", 3) == 0 && strcmp(r->method, "GET") == 0) {
         upgrade(c, r);
     } else if (plen == 7 && memcmp(path, "/health", 7) == 0 && get) {
@@ -1257,12 +1328,27 @@ static void route(conn_t *c)
         size_t n = evbuffer_get_length(b);
         char *body = malloc(n + 1);
         evbuffer_remove(b, body, n);
-        http_reply(c, 200, "OK", "text/plain; version=0.0.4", body, n);
+        http_reply(c, 200, "OK", "text/plain; version=0.0.4", body,
+                   strcmp(r->method, "HEAD") == 0 ? 0 : n);
         free(body);
         evbuffer_free(b);
     } else if (plen == 12 && memcmp(path, "/api/publish", 12) == 0) {
         if (strcmp(r->method, "POST") != 0) {
             http_error(c, 405, "Method Not Allowed", "use POST");
+            return;
+        }
+        /* JSON only: a page can post text/plain (a "simple" request) to any
+         * site without a CORS preflight; application/json needs one, which
+         * we never grant */
+        const char *ct = http_header_get(r, "Content-Type");
+        size_t ctl = ct ? strcspn(ct, "; \t") : 0;
+        if (!ct || ctl != 16 || strncasecmp(ct, "application/json", 16) != 0) {
+            http_error(c, 415, "Unsupported Media Type", "Content-Type: application/json required");
+            return;
+        }
+        if (!origin_allowed(s, r)) {
+            s->errors_origin++;
+            http_error(c, 403, "Forbidden", "origin not allowed");
             return;
         }
         if (r->content_length > (uint64_t)s->o.max_message_bytes * 2 + 65536) {
@@ -1520,6 +1606,7 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
         char ip[INET_ADDRSTRLEN];
         inet_ntop(AF_INET, &in4->sin_addr, ip, sizeof(ip));
         snprintf(c->peer, sizeof(c->peer), "%s:%u", ip, ntohs(in4->sin_port));
+        snprintf(c->ip, sizeof(c->ip), "%s", ip);
     }
     c->next = s->conns;
     if (s->conns)
@@ -1679,6 +1766,12 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
            bs.sessions_taken_over);
     metric(b, "arq_sessions_expired_total", "counter", "Sessions deleted after their TTL.",
            bs.sessions_expired);
+    metric(b, "arq_sessions_evicted_total", "counter",
+           "Sessions deleted to make room for their owner's new one (limits.max_sessions_per_*).",
+           bs.sessions_evicted);
+    metric(b, "arq_sessions_refused_total", "counter",
+           "New sessions refused: the owner's rate, or its limit with every session held open.",
+           bs.sessions_refused);
     metric(b, "arq_cold_reads_total", "counter",
            "Catch-up reads served from MySQL (offsets the WAL no longer holds).", bs.cold_reads);
     metric(b, "arq_cold_records_total", "counter", "Records delivered from MySQL.",

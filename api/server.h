@@ -35,8 +35,10 @@ typedef struct api_options {
     size_t max_output_bytes;
     const char *secret_key; /* NULL: anonymous clients (loopback only) */
     const char *api_key;    /* NULL: server API only in anonymous mode */
-    char *const *origins;   /* allow-list; n_origins 0 = any */
+    char *const *origins;   /* pages (Origin) allowed; n_origins 0: the same origin only */
     size_t n_origins;
+    char *const *hosts; /* Host header values served; n_hosts 0: any */
+    size_t n_hosts;
     const char *version;
     /* Optional, from the composition root (api does not know sync): the
      * JSON object /health shows as "sync" (NULL: {"state":"disabled"}), and

@@ -270,8 +270,10 @@ for depth in 1 16; do
         ratios="$ratios $ratio"
         label="$CONNS x $depth"
         [ "$ROUNDS" -gt 1 ] && label="$label, $r"
-        printf '| %-10s | %14.0f | %11.2f | %13.0f | %11s | %9.2f | %12s |\n' "$label" "$a" \
-            "$ap" "$rr" "$rp" "$ratio" \
+        # the table's ratio is rounded once, from the rates themselves (a
+        # second rounding of $ratio could be off by 0.01)
+        printf '| %-10s | %14.0f | %11.2f | %13.0f | %11s | %9s | %12s |\n' "$label" "$a" \
+            "$ap" "$rr" "$rp" "$(awk -v a="$a" -v r="$rr" 'BEGIN { printf "%.2f", a / r }')" \
             "$(awk -v x="$ratio" 'BEGIN { print (x >= 1 ? "met" : "MISSED") }')"
     done
     med=$(tr ' ' '\n' <<<"$ratios" | grep . | sort -g | awk '{ v[NR] = $1 }

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "broker_int.h"
 #include "proto.h"
 #include "replay.h"
 
@@ -96,6 +97,7 @@ struct brk {
     brk_stream_t *lru_head, *lru_tail; /* tail caches, most recently filled first */
     uint64_t cache_bytes;              /* all tail caches */
     struct event *evict_ev;            /* idle streams are freed (evict_idle) */
+    brk_owners_t *owners;              /* sessions per owner (brk_owners.c) */
     proto_buf_t reply;                 /* pub_done's puback/nack, reused (send_buf copies it) */
     brk_client_t *dirty;               /* clients with acks to persist */
     struct event *flush_ev;
@@ -982,10 +984,56 @@ static void session_created(wal_append_t *req, void *arg)
     client_unref(c);
 }
 
-int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret, size_t secret_len)
+static int session_live(const char *id, void *arg)
 {
-    if (c->ephemeral || session_adopt(c, owner, secret, secret_len, wall_us()) != 0)
-        return c->ephemeral ? WAL_EINVAL : WAL_ENOMEM;
+    return sess_find(arg, id) != NULL;
+}
+
+static int64_t mono_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* The session limits of owner (or, anonymous, of addr): make room (evict
+ * the owner's oldest session that no connection holds) or refuse. */
+static int session_admit(brk_t *b, const char *owner, const char *addr)
+{
+    const char *key = owner && owner[0] ? owner : addr ? addr : "";
+    int is_addr = !(owner && owner[0]);
+    char evict[WAL_SESSION_MAX + 1];
+    enum brk_owners_verdict v =
+        brk_owners_admit(b->owners, key, is_addr, mono_now_us(), session_live, b, evict);
+    if (v == BRK_OWNERS_TOO_FAST || v == BRK_OWNERS_TOO_MANY) {
+        b->st.sessions_refused++;
+        return v == BRK_OWNERS_TOO_FAST ? BRK_ESESSION_RATE : BRK_ESESSION_LIMIT;
+    }
+    if (v == BRK_OWNERS_EVICT) {
+        wal_append_t *req;
+        if (wal_append_new(cursor_done, b, &req) == 0)
+            cursor_submit(b, req, wal_append_del_session(req, evict, strlen(evict)) == 0);
+        brk_owners_remove(b->owners, evict);
+        b->st.sessions_evicted++;
+    }
+    return 0;
+}
+
+int brk_session_create(brk_client_t *c, const char *owner, const char *addr, const uint8_t *secret,
+                       size_t secret_len)
+{
+    if (c->ephemeral || c->durable)
+        return WAL_EINVAL;
+    int lrc = session_admit(c->b, owner, addr);
+    if (lrc)
+        return lrc;
+    if (session_adopt(c, owner, secret, secret_len, wall_us()) != 0)
+        return WAL_ENOMEM;
+    (void)brk_owners_add(c->b->owners,
+                         owner && owner[0] ? owner
+                         : addr            ? addr
+                                           : "",
+                         !(owner && owner[0]), c->session);
     c->b->st.sessions_created++;
     /* Complete at the durable point (the journal's sync), not at the fold. */
     wal_append_t *req;
@@ -1228,8 +1276,11 @@ static int expire_cb(const char *id, size_t len, const wal_session_t *ws, void *
         if (ws->seen_us + x->ttl_us / 2 < x->now && session_put(live, x->req, x->now) == 0)
             x->n_put++;
     } else if (ws->seen_us + x->ttl_us < x->now) {
-        if (wal_append_del_session(x->req, id, len) == 0)
+        if (wal_append_del_session(x->req, id, len) == 0) {
             x->n_del++;
+            if (strlen(name) == len)
+                brk_owners_remove(x->b->owners, name);
+        }
     }
     return x->n_del + x->n_put >= 1000; /* the rest on the next pass */
 }
@@ -1637,6 +1688,20 @@ void brk_ack(brk_client_t *c, const uint8_t *stream, size_t stream_len, uint64_t
 
 /* ---- lifecycle --------------------------------------------------------- */
 
+static int index_session_cb(const char *id, size_t len, const wal_session_t *ws, void *arg)
+{
+    brk_t *b = arg;
+    char sid[WAL_SESSION_MAX + 1], owner[WAL_PRODUCER_MAX + 1];
+    if (len > WAL_SESSION_MAX || ws->owner_len == 0)
+        return 0;
+    memcpy(sid, id, len);
+    sid[len] = 0;
+    memcpy(owner, ws->owner, ws->owner_len);
+    owner[ws->owner_len] = 0;
+    (void)brk_owners_add(b->owners, owner, 0, sid);
+    return 0;
+}
+
 int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret)
 {
     brk_t *b = calloc(1, sizeof(*b));
@@ -1687,6 +1752,18 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
         free(b);
         return -1;
     }
+    brk_owners_limits_t ol = {.per_owner = b->o.max_sessions_per_owner,
+                              .per_addr = b->o.max_sessions_per_addr,
+                              .rate = b->o.session_rate,
+                              .burst = b->o.session_burst};
+    if (brk_owners_new(&ol, &b->owners) != 0) {
+        brk_free(b);
+        return -1;
+    }
+    /* the owners of the sessions the WAL holds (token subjects; an
+     * anonymous session's address is not recorded) */
+    if (wal)
+        (void)wal_session_list(wal, index_session_cb, b);
     struct timeval vtv = {5, 0};
     event_add(b->evict_ev, &vtv);
     struct timeval tv = {0, 100000}; /* cursors are batched: at most one commit per 100 ms */
@@ -1708,6 +1785,7 @@ void brk_free(brk_t *b)
     event_free(b->flush_ev);
     event_free(b->expire_ev);
     event_free(b->evict_ev);
+    brk_owners_free(b->owners);
     free(b->sess);
     rpl_free(b->rpl);
     while (b->dirty) {

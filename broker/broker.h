@@ -59,15 +59,19 @@ typedef struct brk_client_ops {
 } brk_client_ops_t;
 
 typedef struct brk_options {
-    uint32_t max_payload;        /* 1 MiB */
-    uint32_t max_subscriptions;  /* per client, 256 */
-    uint32_t max_inflight;       /* per subscription, 1024 */
-    size_t out_high_watermark;   /* per connection, 4 MiB */
-    uint32_t tail_cache_msgs;    /* frames kept per stream, 1024 */
-    uint64_t tail_cache_bytes;   /* frames kept in all streams' tail caches, 64 MiB */
-    uint32_t stream_idle_s;      /* an idle stream without subscribers is freed, 60 */
-    uint64_t session_ttl_s;      /* sessions kept after their last connection, 86400 */
-    uint32_t expire_interval_ms; /* how often expired sessions are deleted, 60000 */
+    uint32_t max_payload;            /* 1 MiB */
+    uint32_t max_subscriptions;      /* per client, 256 */
+    uint32_t max_inflight;           /* per subscription, 1024 */
+    size_t out_high_watermark;       /* per connection, 4 MiB */
+    uint32_t tail_cache_msgs;        /* frames kept per stream, 1024 */
+    uint64_t tail_cache_bytes;       /* frames kept in all streams' tail caches, 64 MiB */
+    uint32_t stream_idle_s;          /* an idle stream without subscribers is freed, 60 */
+    uint32_t max_sessions_per_owner; /* sessions per token subject (0: no limit) */
+    uint32_t max_sessions_per_addr;  /* sessions per anonymous address (0: no limit) */
+    uint32_t session_rate;           /* new sessions per second per owner (0: no limit) */
+    uint32_t session_burst;          /* ... at once */
+    uint64_t session_ttl_s;          /* sessions kept after their last connection, 86400 */
+    uint32_t expire_interval_ms;     /* how often expired sessions are deleted, 60000 */
 } brk_options_t;
 
 typedef struct brk brk_t;
@@ -80,10 +84,12 @@ typedef struct brk_stats {
     uint64_t sessions_created, sessions_resumed, sessions_taken_over, sessions_expired;
     uint64_t sessions_live;
     uint64_t cold_reads, cold_records, cold_errors; /* catch-up served from MySQL */
-    uint64_t read_errors;     /* subscriptions stopped by a failed read (corrupt record) */
-    uint64_t cache_bytes;     /* frames in all tail caches now */
-    uint64_t cache_evictions; /* frames dropped for tail_cache_bytes */
-    uint64_t streams_evicted; /* idle streams freed (read back from the WAL when used) */
+    uint64_t read_errors;      /* subscriptions stopped by a failed read (corrupt record) */
+    uint64_t cache_bytes;      /* frames in all tail caches now */
+    uint64_t cache_evictions;  /* frames dropped for tail_cache_bytes */
+    uint64_t streams_evicted;  /* idle streams freed (read back from the WAL when used) */
+    uint64_t sessions_evicted; /* deleted to make room for an owner's new one */
+    uint64_t sessions_refused; /* new sessions refused: an owner's rate or limit */
     /* Publish latency inside arqd, per acknowledged publish (microseconds,
      * buckets by brk_pub_us_bounds, the last one +Inf): wait = decoded ->
      * the WAL writer took it into a batch; dispatch = the batch durable ->
@@ -141,10 +147,17 @@ size_t brk_client_pending(const brk_client_t *c);
 int brk_session_resumable(brk_t *b, const char *id, const char *owner, const uint8_t *secret,
                           size_t secret_len);
 /* Make c's session (the id given to brk_client_new) a new durable one;
- * ops->session_durable tells when it is. 0, or a WAL_E* code when it
- * cannot even be submitted (WAL_EFATAL after a fail-stop, WAL_ECLOSED while
- * closing, WAL_ENOMEM; WAL_EINVAL for an ephemeral client). */
-int brk_session_create(brk_client_t *c, const char *owner, const uint8_t *secret,
+ * ops->session_durable tells when it is. The session limits apply to owner
+ * (a token subject), or to addr for an anonymous client (owner ""): at
+ * max_sessions_per_owner / _per_addr the owner's oldest session that no
+ * connection holds is deleted to make room. 0, BRK_ESESSION_RATE (the
+ * owner creates sessions faster than session_rate), BRK_ESESSION_LIMIT (at
+ * the limit and every session held open), or a WAL_E* code when it cannot
+ * even be submitted (WAL_EFATAL after a fail-stop, WAL_ECLOSED while
+ * closing, WAL_ENOMEM; WAL_EINVAL for an ephemeral or durable client). */
+#define BRK_ESESSION_RATE  (-101)
+#define BRK_ESESSION_LIMIT (-102)
+int brk_session_create(brk_client_t *c, const char *owner, const char *addr, const uint8_t *secret,
                        size_t secret_len);
 /* Give c a session that is not stored (while the WAL refuses writes: storage
  * full or stopped): it lasts as long as the connection, cannot be resumed,

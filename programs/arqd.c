@@ -290,6 +290,38 @@ static void watch_cb(void *arg)
     }
 }
 
+/*
+ * Memory back to the system. The heap keeps what was freed (a high
+ * M_TRIM_THRESHOLD keeps the publish path out of page faults), so memory
+ * that a burst of connections or a flood of large messages took would stay
+ * with the process after they are gone. Every TRIM_EVERY_S, when the bytes
+ * in use fell by TRIM_DROP since their peak, malloc_trim gives the free
+ * pages of every arena back.
+ */
+#define TRIM_EVERY_S 5
+#define TRIM_DROP    (32u << 20)
+
+struct trimmer {
+    struct event *ev;
+    size_t peak;
+    uint64_t trims;
+};
+
+static void trim_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct trimmer *t = arg;
+    struct mallinfo2 m = mallinfo2();
+    if (m.uordblks + TRIM_DROP < t->peak) {
+        malloc_trim(0);
+        t->trims++;
+        t->peak = m.uordblks;
+    } else if (m.uordblks > t->peak) {
+        t->peak = m.uordblks;
+    }
+}
+
 static void grace_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
@@ -471,6 +503,16 @@ int main(int argc, char **argv)
         }
     }
 
+    if (cfg.secret_key && strlen(cfg.secret_key) < 32) {
+        char n[16];
+        snprintf(n, sizeof(n), "%zu", strlen(cfg.secret_key));
+        arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason",
+                "SECRET_KEY is too short for HS256: at least 32 bytes (256 bits); make one with "
+                "`openssl rand -base64 32`",
+                "bytes", n, NULL);
+        arq_config_free(&cfg);
+        return 2;
+    }
     if (!cfg.secret_key && !is_loopback(cfg.host)) {
         arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason",
                 "no SECRET_KEY: anonymous access is allowed only on a loopback listener", "host",
@@ -534,6 +576,10 @@ int main(int argc, char **argv)
         .session_ttl_s = cfg.session_ttl_s,
         .tail_cache_bytes = cfg.tail_cache_bytes ? cfg.tail_cache_bytes : default_cache_bytes(),
         .stream_idle_s = cfg.stream_idle_s,
+        .max_sessions_per_owner = cfg.max_sessions_per_owner,
+        .max_sessions_per_addr = cfg.max_sessions_per_addr,
+        .session_rate = cfg.session_rate,
+        .session_burst = cfg.session_burst,
     };
     brk_t *brk;
     if (brk_new(base, wal, &bo, &brk) != 0) {
@@ -562,6 +608,8 @@ int main(int argc, char **argv)
         .api_key = cfg.api_key,
         .origins = cfg.origins,
         .n_origins = cfg.n_origins,
+        .hosts = cfg.hosts,
+        .n_hosts = cfg.n_hosts,
         .version = "arq/" ARQ_VERSION,
     };
     sync_t *sync = NULL;
@@ -611,6 +659,12 @@ int main(int argc, char **argv)
            cfg.host, port);
     fflush(stdout);
 
+    struct trimmer trim = {0};
+    trim.ev = event_new(base, -1, EV_PERSIST, trim_cb, &trim);
+    if (trim.ev) {
+        struct timeval ttv = {TRIM_EVERY_S, 0};
+        event_add(trim.ev, &ttv);
+    }
     signal(SIGPIPE, SIG_IGN);
     struct app app = {.base = base, .srv = srv};
     struct event *sigterm = evsignal_new(base, SIGTERM, signal_cb, &app);
@@ -630,6 +684,8 @@ int main(int argc, char **argv)
     wal_close(wal);
     if (watch.later)
         event_free(watch.later);
+    if (trim.ev)
+        event_free(trim.ev);
     api_server_free(srv);
     brk_free(brk);
     sync_cold_close(cold); /* after the broker: no subscription waits for it any more */

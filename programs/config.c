@@ -118,6 +118,7 @@ static const struct key_def keys[] = {
     {"auth", "secret_key", "SECRET_KEY", KT_SECRET, FIELD(secret_key)},
     {"auth", "api_key", "ARQ_API_KEY", KT_SECRET, FIELD(api_key)},
     {"auth", "origins", "ARQ_ORIGINS", KT_ORIGINS, FIELD(origins)},
+    {"server", "hosts", "ARQ_HOSTS", KT_ORIGINS, FIELD(hosts)},
     {"limits", "max_message_bytes", NULL, KT_SIZE, FIELD(max_message_bytes), .min = 1,
      .max = 256 * MIB},
     {"limits", "max_frame_bytes", NULL, KT_SIZE, FIELD(max_frame_bytes), .min = KIB,
@@ -133,6 +134,12 @@ static const struct key_def keys[] = {
     {"limits", "tail_cache_bytes", NULL, KT_SIZE, FIELD(tail_cache_bytes), .min = 0,
      .max = 1024 * GIB},
     {"limits", "stream_idle_s", NULL, KT_UINT, FIELD(stream_idle_s), .min = 1, .max = 86400},
+    {"limits", "max_sessions_per_owner", NULL, KT_UINT, FIELD(max_sessions_per_owner), .min = 0,
+     .max = 10000000},
+    {"limits", "max_sessions_per_address", NULL, KT_UINT, FIELD(max_sessions_per_addr), .min = 0,
+     .max = 10000000},
+    {"limits", "session_rate", NULL, KT_UINT, FIELD(session_rate), .min = 0, .max = 1000000},
+    {"limits", "session_burst", NULL, KT_UINT, FIELD(session_burst), .min = 0, .max = 1000000},
     {"limits", "max_output_bytes", NULL, KT_SIZE, FIELD(max_output_bytes), .min = 64 * KIB,
      .max = GIB},
     {"wal", "sync", "ARQ_SYNC", KT_ENUM, FIELD(sync), .choices = sync_modes,
@@ -479,6 +486,24 @@ static bool has_control(const char *s, bool nospace)
     return false;
 }
 
+/* A KT_ORIGINS key's list (char **) and, right after it, its count
+ * (size_t): origins/n_origins, hosts/n_hosts. */
+_Static_assert(offsetof(arq_config_t, n_origins) ==
+                   offsetof(arq_config_t, origins) + sizeof(char **),
+               "n_origins follows origins");
+_Static_assert(offsetof(arq_config_t, n_hosts) == offsetof(arq_config_t, hosts) + sizeof(char **),
+               "n_hosts follows hosts");
+
+static char ***list_v(arq_config_t *cfg, const struct key_def *k)
+{
+    return (char ***)(void *)((char *)cfg + k->offset);
+}
+
+static size_t *list_n(arq_config_t *cfg, const struct key_def *k)
+{
+    return (size_t *)(void *)((char *)cfg + k->offset + sizeof(char **));
+}
+
 static void free_origins(char **list, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -704,9 +729,9 @@ static int set_value(arq_config_t *cfg, const struct key_def *k, const char *val
             seterr(errbuf, errlen, "%s: invalid value '%s': %s", where, q, why);
             return -1;
         }
-        free_origins(cfg->origins, cfg->n_origins);
-        cfg->origins = list;
-        cfg->n_origins = n;
+        free_origins(*list_v(cfg, k), *list_n(cfg, k));
+        *list_v(cfg, k) = list;
+        *list_n(cfg, k) = n;
         return 0;
     }
     case KT_URL: {
@@ -780,6 +805,10 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->max_subscriptions = 256;
     cfg->max_fragments = 128;
     cfg->stream_idle_s = 60;
+    cfg->max_sessions_per_owner = 100;
+    cfg->max_sessions_per_addr = 1000;
+    cfg->session_rate = 100;
+    cfg->session_burst = 1000;
     cfg->hello_timeout_ms = 10000;
     cfg->max_conns_per_addr = 1000;
     cfg->conn_rate = 200;
@@ -1044,10 +1073,14 @@ int arq_config_print(const arq_config_t *cfg, char **ret_text)
         case KT_SECRET:
             ok = print_kv(f, k->name, s != NULL ? "***" : NULL);
             break;
-        case KT_ORIGINS:
-            ok = fprintf(f, cfg->n_origins > 0 ? "%s = " : "%s =", k->name) > 0;
-            for (size_t j = 0; ok && j < cfg->n_origins; j++)
-                ok = fprintf(f, "%s%s", j > 0 ? "," : "", cfg->origins[j]) > 0;
+        case KT_ORIGINS: {
+            char *const *v = *(char *const *const *)(const void *)((const char *)cfg + k->offset);
+            size_t n =
+                *(const size_t *)(const void *)((const char *)cfg + k->offset + sizeof(char **));
+            ok = fprintf(f, n > 0 ? "%s = " : "%s =", k->name) > 0;
+            for (size_t j = 0; ok && j < n; j++)
+                ok = fprintf(f, "%s%s", j > 0 ? "," : "", v[j]) > 0;
+        }
             ok = ok && fputc('\n', f) != EOF;
             break;
         case KT_URL:
@@ -1082,6 +1115,7 @@ void arq_config_free(arq_config_t *cfg)
     free(cfg->secret_key);
     free(cfg->api_key);
     free_origins(cfg->origins, cfg->n_origins);
+    free_origins(cfg->hosts, cfg->n_hosts);
     free(cfg->sync);
     free(cfg->journal);
     free(cfg->database_url);

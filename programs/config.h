@@ -25,8 +25,10 @@ typedef struct arq_config {
     /* [auth] */
     char *secret_key; /* SECRET_KEY (HS256); NULL: anonymous on loopback only */
     char *api_key;    /* ARQ_API_KEY: server API key for POST /api/publish */
-    char **origins;   /* ARQ_ORIGINS: comma-separated allow-list; NULL = any */
-    size_t n_origins;
+    char **origins;   /* ARQ_ORIGINS: comma-separated allow-list; NULL = same origin only */
+    size_t n_origins; /* (must follow origins) */
+    char **hosts;     /* ARQ_HOSTS: Host header values served; NULL = any */
+    size_t n_hosts;   /* (must follow hosts) */
     /* [limits] */
     uint32_t max_message_bytes;  /* default 1048576 (1 MiB) payload */
     uint32_t max_frame_bytes;    /* default 1114112 (payload + 64 KiB) */
@@ -39,7 +41,11 @@ typedef struct arq_config {
     uint32_t max_inflight;       /* unacked deliveries per subscription, default 1024 */
     uint64_t tail_cache_bytes;   /* all streams' tail caches (0: 1/32 of RAM, at most 256 MiB) */
     uint32_t stream_idle_s;      /* an idle stream without subscribers is freed, default 60 */
-    uint32_t max_output_bytes;   /* per-connection output buffer high watermark, 4 MiB */
+    uint32_t max_sessions_per_owner; /* sessions per token subject, default 100 */
+    uint32_t max_sessions_per_addr;  /* sessions per anonymous address, default 1000 */
+    uint32_t session_rate;           /* new sessions per second per owner, default 100 */
+    uint32_t session_burst;          /* ... at once, default 1000 */
+    uint32_t max_output_bytes;       /* per-connection output buffer high watermark, 4 MiB */
     /* [wal] */
     char *sync;               /* "full" (default) | "none" (UNSAFE) */
     uint64_t map_size_max;    /* default 16 GiB */

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
 import harness  # noqa: E402
 from chaos_proxy import ChaosProxy, _read_streams  # noqa: E402
 
-SECRET = "conformance-secret"
+SECRET = "conformance-secret-0123456789abcdef"
 STEP = 20  # seconds any one expected event may take
 
 

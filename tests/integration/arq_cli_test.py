@@ -24,7 +24,7 @@ import msgpack
 import websockets
 
 ARQD, ARQ = sys.argv[1], sys.argv[2]
-SECRET = "cli-test-secret-key"
+SECRET = "cli-test-secret-key-0123456789abcdef"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import failures  # noqa: E402

@@ -55,7 +55,7 @@ from arq_replay_util import (Arqd, MariaDB, Replay, check, failures, flip_bytes,
 
 ARQD, REPLAY, MARIADB = sys.argv[1:4]
 ONLY = set(sys.argv[4:])
-KEY = "runbook-secret-key-0123456789"
+KEY = "runbook-secret-key-0123456789abcdef"
 TOKEN = make_jwt("runbook", KEY)
 
 

@@ -38,7 +38,7 @@ from arq_replay_util import (Arqd, MariaDB, Replay, check, failures, flip_bytes,
                              passed, publish, subscribe)
 
 ARQD, REPLAY, MARIADB = sys.argv[1:4]
-KEY = "test-secret-key-0123456789"
+KEY = "test-secret-key-0123456789-abcdef"
 TOKEN = make_jwt("tester", KEY)
 
 
@@ -85,7 +85,8 @@ def run(tmp, db, url, data, log, env, rp, a):
     for i in range(10):
         st, body = a.http("POST", "/api/publish",
                           body=f'{{"stream":"rp.c","payload":"out {i}"}}'.encode(),
-                          headers={"Authorization": "Bearer api-key-1"})
+                          headers={"Authorization": "Bearer api-key-1",
+                                   "Content-Type": "application/json"})
         check(st == 200, f"server API publish {i}: {st} {body!r}")
     a.wait_synced()
     _, _, ex = subscribe(a.url, "rp.a", 1, 1, TOKEN)

@@ -315,15 +315,32 @@ def scenario_http(d):
     check(st == 200 and r == {"offset": 1, "duplicate": False}, f"/api/publish: {st} {r}")
     st, body = d.http("POST", "/api/publish",
                       json.dumps({"stream": "user.17.inbox", "payload": "x",
-                                  "msgid": "b1"}).encode())
+                                  "msgid": "b1"}).encode(), {"Content-Type": "application/json"})
     check(st == 200 and json.loads(body) == {"offset": 1, "duplicate": True},
           f"/api/publish duplicate: {body}")
     st, body = d.http("POST", "/api/publish",
                       json.dumps({"stream": "user.17.inbox",
-                                  "payload_base64": "AAEC/w=="}).encode())
+                                  "payload_base64": "AAEC/w=="}).encode(),
+                      {"Content-Type": "application/json"})
     check(st == 200 and json.loads(body)["offset"] == 2, f"/api/publish base64: {body}")
-    st, _ = d.http("POST", "/api/publish", b"{not json")
+    st, _ = d.http("POST", "/api/publish", b"{not json", {"Content-Type": "application/json"})
     check(st == 400, f"/api/publish bad json: {st}")
+    # a page may post text/plain anywhere without a CORS preflight: refused
+    st, _ = d.http("POST", "/api/publish",
+                   json.dumps({"stream": "user.17.inbox", "payload": "csrf"}).encode(),
+                   {"Content-Type": "text/plain"})
+    check(st == 415, f"/api/publish text/plain: 415 ({st})")
+    st, _ = d.http("POST", "/api/publish",
+                   json.dumps({"stream": "user.17.inbox", "payload": "csrf"}).encode(),
+                   {"Content-Type": "application/json", "Origin": "http://evil.example"})
+    check(st == 403, f"/api/publish from another origin: 403 ({st})")
+    st, body = d.http("POST", "/api/publish",
+                      json.dumps({"stream": "user.17.inbox", "payload": "h",
+                                  "headers": {f"k{i}": "v" for i in range(40)}}).encode(),
+                      {"Content-Type": "application/json"})
+    check(st == 413, f"/api/publish with 40 headers: 413 ({st} {body})")
+    st, body = d.http("HEAD", "/metrics")
+    check(st == 200 and body == b"", f"HEAD /metrics: no body ({len(body)} bytes)")
     st, _ = d.http("GET", "/nope")
     check(st == 404, f"404: {st}")
     st, body = d.http("GET", "/metrics")
@@ -461,7 +478,7 @@ async def scenario_after_restart(d, epoch):
     # The server API's producer is stable across restarts: dedup there.
     st, body = d.http("POST", "/api/publish",
                       json.dumps({"stream": "user.17.inbox", "payload": "again",
-                                  "msgid": "b1"}).encode())
+                                  "msgid": "b1"}).encode(), {"Content-Type": "application/json"})
     check(st == 200 and json.loads(body) == {"offset": 1, "duplicate": True},
           f"dedup survives restart: {st} {body}")
     await s.close()

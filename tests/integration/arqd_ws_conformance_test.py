@@ -25,7 +25,7 @@ import time
 import msgpack
 
 ARQD = sys.argv[1]
-SECRET = "conformance-secret-key"
+SECRET = "conformance-secret-key-0123456789ab"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import failures  # noqa: E402

@@ -65,7 +65,9 @@ def main():
         d = run.d = harness.Arqd(ARQD, os.path.join(tmp, "data"), "--set",
                                  "server.max_connections=5000", "--set",
                                  "limits.max_connections_per_address=5000", "--set",
-                                 "limits.connection_rate=0", log=run.arqd_log)
+                                 "limits.connection_rate=0", "--set",
+                                 "limits.max_sessions_per_address=10000", "--set",
+                                 "limits.session_rate=0", log=run.arqd_log)
         proxy = run.proxy = ChaosProxy("127.0.0.1", d.port, seed=run.seed,
                                        blackhole_s=(6.0, 9.0)).start()
         chaos = run.chaos = ArqChaos(ARQ_CHAOS, proxy.url, os.path.join(tmp, "arq-chaos.log"),

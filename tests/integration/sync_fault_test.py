@@ -133,7 +133,8 @@ class Publisher(threading.Thread):
             while not self.stop_flag.is_set():
                 try:
                     req = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/publish",
-                                                 method="POST", data=body)
+                                                 method="POST", data=body,
+                                                 headers={"Content-Type": "application/json"})
                     with urllib.request.urlopen(req, timeout=5) as r:
                         res = json.loads(r.read())
                     with self.lock:

@@ -153,7 +153,8 @@ def main():
         for i in range(n):
             st, body = a.http("POST", "/api/publish",
                               body=json.dumps({"stream": "tls.s", "payload": f"m{i}"}).encode(),
-                              headers={"Authorization": f"Bearer {API_KEY}"})
+                              headers={"Authorization": f"Bearer {API_KEY}",
+                                       "Content-Type": "application/json"})
             check(st == 200, f"publish {i}: {st} {body!r}")
         health = None
         deadline = time.time() + 30

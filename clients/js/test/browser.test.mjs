@@ -21,9 +21,11 @@ import { chromium } from "playwright-core";
 const JS_ROOT = fileURLToPath(new URL("..", import.meta.url));
 const MESSAGES = 40;
 
-function startArqd(dataDir, port = 0) {
-  const proc = spawn(process.env.ARQD, ["--host", "127.0.0.1", "--port", String(port), "--data-dir", dataDir],
-    { stdio: ["ignore", "pipe", "ignore"] });
+// origin: the demo page's origin, which arqd must allow (by default it
+// takes WebSocket connections only from pages it served itself).
+function startArqd(dataDir, origin, port = 0) {
+  const proc = spawn(process.env.ARQD, ["--host", "127.0.0.1", "--port", String(port), "--data-dir", dataDir,
+    "--set", `auth.origins=${origin}`], { stdio: ["ignore", "pipe", "ignore"] });
   return new Promise((resolve, reject) => {
     proc.stdout.once("data", (b) => {
       const m = /ws:\/\/127\.0\.0\.1:(\d+)\/ws/.exec(String(b));
@@ -86,10 +88,11 @@ test("the demo page shows every acknowledged message once, in order, through cut
   assert.ok(process.env.ARQD, "ARQD must name the arqd binary");
   const tmp = mkdtempSync(join(tmpdir(), "arq-browser-"));
   const data = join(tmp, "data");
-  let arqd = await startArqd(data);
+  const http = await startHttp();
+  const origin = `http://127.0.0.1:${http.address().port}`;
+  let arqd = await startArqd(data, origin);
   const port = arqd.port;
   const proxy = await startProxy(() => port);
-  const http = await startHttp();
   // Debian's Chromium, never a downloaded one; playwright gives it a fresh
   // temporary profile (--user-data-dir) of its own and runs it headless.
   const browser = await chromium.launch({
@@ -119,7 +122,7 @@ test("the demo page shows every acknowledged message once, in order, through cut
     if (i === 20) {
       arqd.proc.kill("SIGKILL");
       await new Promise((r) => arqd.proc.once("exit", r));
-      arqd = await startArqd(data, port);
+      arqd = await startArqd(data, origin, port);
     }
     await new Promise((r) => setTimeout(r, 20));
   }

@@ -24,7 +24,7 @@ import harness  # noqa: E402
 
 ARQD = sys.argv[1]
 KEY = "bot-test-api-key"
-SECRET = "bot-test-secret"
+SECRET = "bot-test-secret-0123456789abcdefgh"
 N = 30
 
 

@@ -319,7 +319,7 @@ static void test_session_resume(void **state)
     assert_int_equal(brk_client_new(f->brk, &rec_ops, &r1, "sess-r", "sess-r", NULL, (size_t)-1,
                                     NULL, (size_t)-1, &c1),
                      0);
-    assert_int_equal(brk_session_create(c1, "", SECRET, sizeof(SECRET)), 0);
+    assert_int_equal(brk_session_create(c1, "", "127.0.0.1", SECRET, sizeof(SECRET)), 0);
     brk_subscribe(c1, 1, (const uint8_t *)"res.s", 5, 3 /* offset */, 2, 0);
     assert_int_equal(count_type(&r1, "msg"), 4); /* 2..5 (max_inflight 4) */
     brk_ack(c1, (const uint8_t *)"res.s", 5, 3);
@@ -409,7 +409,7 @@ static void test_session_record_and_expiry(void **state)
     assert_int_equal(brk_client_new(f->brk, &rec_ops, &r1, "sess-e", "sess-e", NULL, (size_t)-1,
                                     NULL, (size_t)-1, &c1),
                      0);
-    assert_int_equal(brk_session_create(c1, "alice", SECRET, sizeof(SECRET)), 0);
+    assert_int_equal(brk_session_create(c1, "alice", NULL, SECRET, sizeof(SECRET)), 0);
     brk_subscribe(c1, 1, (const uint8_t *)"new.s", 5, 2 /* latest */, 0, 0);
     publish_n(f, "new.s", 2); /* creates the stream; delivered, not acked */
     brk_client_close(c1);
@@ -447,7 +447,7 @@ static void test_session_durable_callback(void **state)
     assert_int_equal(brk_client_new(f->brk, &rec_ops, &r1, "sess-d1", "sess-d1", NULL, (size_t)-1,
                                     NULL, (size_t)-1, &c1),
                      0);
-    assert_int_equal(brk_session_create(c1, "", SECRET, sizeof(SECRET)), 0);
+    assert_int_equal(brk_session_create(c1, "", "127.0.0.1", SECRET, sizeof(SECRET)), 0);
     assert_int_equal(r1.durable_calls, 0); /* not before the WAL has it */
     for (int i = 0; i < 1000 && !r1.durable_calls; i++)
         event_base_loop(f->base, EVLOOP_ONCE);
@@ -465,7 +465,7 @@ static void test_session_durable_callback(void **state)
     assert_int_equal(brk_client_new(f->brk, &rec_ops, &r2, "sess-d2", "sess-d2", NULL, (size_t)-1,
                                     NULL, (size_t)-1, &c2),
                      0);
-    assert_int_equal(brk_session_create(c2, "", SECRET, sizeof(SECRET)), 0);
+    assert_int_equal(brk_session_create(c2, "", "127.0.0.1", SECRET, sizeof(SECRET)), 0);
     for (int i = 0; i < 1000 && !r2.durable_calls; i++)
         event_base_loop(f->base, EVLOOP_ONCE);
     assert_int_equal(r2.durable_calls, 1);
