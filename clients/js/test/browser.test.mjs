@@ -118,6 +118,10 @@ test("the demo page shows every acknowledged message once, in order, through cut
   for (let i = 0; i < MESSAGES; i++) {
     // Not awaited: the page keeps publishing while the network breaks.
     await page.evaluate((text) => void window.demo.send(text), `message ${i}`);
+    // Each fault hits a live connection (one cut during the reconnect after
+    // another fault would not make a reconnect of its own).
+    if (i === 10 || i === 20 || i === 30)
+      await page.waitForFunction(() => window.demo.client.state === "connected", null, { timeout: 60_000 });
     if (i === 10 || i === 30) cuts += proxy.cut();
     if (i === 20) {
       arqd.proc.kill("SIGKILL");
