@@ -504,7 +504,7 @@ int main(int argc, char **argv)
     }
 
     if (cfg.secret_key && strlen(cfg.secret_key) < 32) {
-        char n[16];
+        char n[24];
         snprintf(n, sizeof(n), "%zu", strlen(cfg.secret_key));
         arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason",
                 "SECRET_KEY is too short for HS256: at least 32 bytes (256 bits); make one with "
