@@ -37,6 +37,7 @@
 #include <msgpack.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -391,7 +392,16 @@ typedef struct decoder {
     size_t len;
     proto_limits_t lim;
     size_t at[F_COUNT]; /* offset of each known key's value; NO_VALUE if absent or nil */
+    int bad;            /* the field that failed decoding; -1 if none */
 } decoder_t;
+
+/* Remember which field failed (for proto_msg_t.error). */
+static int field_fail(decoder_t *d, enum field f, int rc)
+{
+    if (rc != PROTO_OK && d->bad < 0)
+        d->bad = (int)f;
+    return rc;
+}
 
 static bool bytes_eq(const uint8_t *p, size_t n, const char *s)
 {
@@ -408,34 +418,34 @@ static int field_get(const decoder_t *d, enum field f, mp_item_t *it)
     return mp_next(d->buf, d->len, &pos, it) == PROTO_OK;
 }
 
-static int get_uint(const decoder_t *d, enum field f, bool required, uint64_t *ret)
+static int get_uint(decoder_t *d, enum field f, bool required, uint64_t *ret)
 {
     mp_item_t it;
     if (!field_get(d, f, &it))
-        return required ? PROTO_EMISSING : PROTO_OK;
+        return field_fail(d, f, required ? PROTO_EMISSING : PROTO_OK);
     if (it.kind != MP_UINT)
-        return PROTO_ETYPE;
+        return field_fail(d, f, PROTO_ETYPE);
     *ret = it.u;
     return PROTO_OK;
 }
 
-static int get_str(const decoder_t *d, enum field f, bool required, proto_bytes_t *ret)
+static int get_str(decoder_t *d, enum field f, bool required, proto_bytes_t *ret)
 {
     mp_item_t it;
     if (!field_get(d, f, &it))
-        return required ? PROTO_EMISSING : PROTO_OK;
+        return field_fail(d, f, required ? PROTO_EMISSING : PROTO_OK);
     if (it.kind != MP_STR)
-        return PROTO_ETYPE;
+        return field_fail(d, f, PROTO_ETYPE);
     ret->ptr = d->buf + it.body;
     ret->len = it.len;
     return PROTO_OK;
 }
 
-static int get_from(const decoder_t *d, proto_msg_t *m)
+static int get_from(decoder_t *d, proto_msg_t *m)
 {
     mp_item_t it;
     if (!field_get(d, F_FROM, &it))
-        return PROTO_EMISSING;
+        return field_fail(d, F_FROM, PROTO_EMISSING);
     if (it.kind == MP_STR) {
         const uint8_t *s = d->buf + it.body;
         if (bytes_eq(s, it.len, "earliest"))
@@ -443,32 +453,32 @@ static int get_from(const decoder_t *d, proto_msg_t *m)
         else if (bytes_eq(s, it.len, "latest"))
             m->from = PROTO_FROM_LATEST;
         else
-            return PROTO_ETYPE;
+            return field_fail(d, F_FROM, PROTO_ETYPE);
         return PROTO_OK;
     }
     if (it.kind != MP_UINT || it.u == 0) /* offsets start at 1 */
-        return PROTO_ETYPE;
+        return field_fail(d, F_FROM, PROTO_ETYPE);
     m->from = PROTO_FROM_OFFSET;
     m->offset = it.u;
     return PROTO_OK;
 }
 
-static int get_payload(const decoder_t *d, proto_msg_t *m)
+static int get_payload(decoder_t *d, proto_msg_t *m)
 {
     mp_item_t it;
     if (!field_get(d, F_PAYLOAD, &it))
-        return PROTO_EMISSING;
+        return field_fail(d, F_PAYLOAD, PROTO_EMISSING);
     if (it.kind != MP_BIN && it.kind != MP_STR)
-        return PROTO_ETYPE;
+        return field_fail(d, F_PAYLOAD, PROTO_ETYPE);
     if (it.len > d->lim.max_payload)
-        return PROTO_ELIMIT;
+        return field_fail(d, F_PAYLOAD, PROTO_ELIMIT);
     m->payload.ptr = d->buf + it.body;
     m->payload.len = it.len;
     return PROTO_OK;
 }
 
 /* Decode the optional header map into a fresh array (m->headers). */
-static int get_headers(const decoder_t *d, proto_msg_t *m)
+static int get_headers(decoder_t *d, proto_msg_t *m)
 {
     size_t start = d->at[F_HEADERS], pos = start;
     mp_item_t map;
@@ -482,11 +492,11 @@ static int get_headers(const decoder_t *d, proto_msg_t *m)
     if (rc != PROTO_OK)
         return rc;
     if (map.kind != MP_MAP)
-        return PROTO_ETYPE;
+        return field_fail(d, F_HEADERS, PROTO_ETYPE);
     if (map.u == 0)
         return PROTO_OK; /* {} is the same as no headers */
     if (map.u > d->lim.max_headers)
-        return PROTO_ELIMIT;
+        return field_fail(d, F_HEADERS, PROTO_ELIMIT);
     h = calloc((size_t)map.u, sizeof(*h));
     if (h == NULL)
         return PROTO_ENOMEM;
@@ -532,7 +542,7 @@ static int get_headers(const decoder_t *d, proto_msg_t *m)
     return PROTO_OK;
 fail:
     free(h);
-    return rc;
+    return field_fail(d, F_HEADERS, rc);
 }
 
 /* Locate the known keys of the top-level map (d->at). */
@@ -579,7 +589,7 @@ static int index_fields(decoder_t *d)
     return PROTO_OK;
 }
 
-static int decode_type(const decoder_t *d, enum proto_type *ret)
+static int decode_type(decoder_t *d, enum proto_type *ret)
 {
     static const struct {
         const char *name;
@@ -602,7 +612,7 @@ static int decode_type(const decoder_t *d, enum proto_type *ret)
 }
 
 /* Fill *m from the indexed fields; on error m->headers is NULL. */
-static int decode_fields(const decoder_t *d, proto_msg_t *m)
+static int decode_fields(decoder_t *d, proto_msg_t *m)
 {
     int rc = decode_type(d, &m->type);
     if (rc != PROTO_OK)
@@ -643,9 +653,51 @@ static int decode_fields(const decoder_t *d, proto_msg_t *m)
     return PROTO_EUNKNOWN;
 }
 
+/* What field f must be (the reason of a refusal). */
+static const char *field_wants(enum field f)
+{
+    switch (f) {
+    case F_ID:
+    case F_OFFSET:
+        return "an unsigned integer";
+    case F_EPOCH:
+        return "an unsigned 64-bit integer (JavaScript: a BigInt, never a Number)";
+    case F_FROM:
+        return "\"earliest\", \"latest\" or an offset >= 1";
+    case F_PAYLOAD:
+        return "bin or str";
+    case F_HEADERS:
+        return "a map of UTF-8 str to UTF-8 str with unique keys";
+    default:
+        return "a str";
+    }
+}
+
+/* Fill out->error for a failed decode (and the type and id it reached). */
+static void describe_error(const decoder_t *d, const proto_msg_t *m, int rc, proto_msg_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (d->bad < 0 || d->bad == F_T) {
+        snprintf(out->error, sizeof(out->error), "%s", proto_strerror(rc));
+        return;
+    }
+    if (d->bad != F_ID) { /* without its id a request cannot be answered */
+        out->type = m->type;
+        out->id = m->id;
+    }
+    const char *name = field_names[d->bad];
+    if (rc == PROTO_EMISSING)
+        snprintf(out->error, sizeof(out->error), "field '%s' is required", name);
+    else if (rc == PROTO_ELIMIT)
+        snprintf(out->error, sizeof(out->error), "field '%s' is over the limit", name);
+    else
+        snprintf(out->error, sizeof(out->error), "field '%s' must be %s", name,
+                 field_wants((enum field)d->bad));
+}
+
 int proto_decode(const uint8_t *buf, size_t len, const proto_limits_t *limits, proto_msg_t *out)
 {
-    decoder_t d = {.buf = buf, .len = len};
+    decoder_t d = {.buf = buf, .len = len, .bad = -1};
     proto_msg_t m = {0};
     int rc;
 
@@ -659,18 +711,20 @@ int proto_decode(const uint8_t *buf, size_t len, const proto_limits_t *limits, p
         d.lim.max_header_bytes = PROTO_DEFAULT_MAX_HEADER_BYTES;
     if (d.lim.max_depth == 0)
         d.lim.max_depth = PROTO_DEFAULT_MAX_DEPTH;
-    if (buf == NULL || len == 0)
+    if (buf == NULL || len == 0) {
+        describe_error(&d, &m, PROTO_EMALFORMED, out);
         return PROTO_EMALFORMED;
+    }
 
     rc = mp_validate(buf, len, d.lim.max_depth);
-    if (rc != PROTO_OK)
+    if (rc == PROTO_OK)
+        rc = index_fields(&d);
+    if (rc == PROTO_OK)
+        rc = decode_fields(&d, &m);
+    if (rc != PROTO_OK) {
+        describe_error(&d, &m, rc, out);
         return rc;
-    rc = index_fields(&d);
-    if (rc != PROTO_OK)
-        return rc;
-    rc = decode_fields(&d, &m);
-    if (rc != PROTO_OK)
-        return rc;
+    }
     *out = m;
     return PROTO_OK;
 }

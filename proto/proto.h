@@ -75,10 +75,14 @@ typedef struct proto_msg {
     proto_header_t *headers;
     size_t n_headers;
     proto_bytes_t headers_raw; /* the header map's msgpack bytes, as sent */
+    /* After a failed decode: why, naming the field ("field 'from' must be
+     * ..."); type and id are set when both were read, so that a request
+     * can be refused with its id (type 0 otherwise). */
+    char error[112];
 } proto_msg_t;
 
-/* Decode one client message. On error *out is untouched and nothing needs
- * freeing. */
+/* Decode one client message. On error *out holds only type, id and error,
+ * and nothing needs freeing. */
 int proto_decode(const uint8_t *buf, size_t len, const proto_limits_t *limits, proto_msg_t *out);
 void proto_msg_free(proto_msg_t *msg);
 

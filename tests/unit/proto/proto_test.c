@@ -163,15 +163,21 @@ static int dec_run(dec_t *d, const void *data, size_t len, const proto_limits_t 
     assert_non_null(d->buf);
     if (len)
         memcpy(d->buf, data, len);
-    /* a pattern that "untouched on error" can be checked against */
+    /* a pattern the error path must overwrite */
     memset(&d->m, 0xa5, sizeof(d->m));
-    proto_msg_t before;
-    memcpy(&before, &d->m, sizeof(before));
     d->rc = proto_decode(d->buf, len, lim, &d->m);
-    if (d->rc == PROTO_OK)
+    if (d->rc == PROTO_OK) {
         assert_true(msg_in_buf(d));
-    else
-        assert_memory_equal(&before, &d->m, sizeof(before));
+    } else {
+        /* only type, id and a terminated reason; nothing to free */
+        assert_non_null(memchr(d->m.error, 0, sizeof(d->m.error)));
+        assert_true(d->m.error[0] != 0);
+        assert_null(d->m.headers);
+        assert_int_equal(d->m.n_headers, 0);
+        assert_null(d->m.stream.ptr);
+        if (d->m.type == 0)
+            assert_true(d->m.id == 0);
+    }
     return d->rc;
 }
 
@@ -1468,6 +1474,23 @@ static void test_dec_wrong_types(void **state)
         if (rc != cases[i].rc)
             fail_msg("case %zu (%s.%s): got %d (%s), want %d", i, cases[i].type, cases[i].field, rc,
                      proto_strerror(rc), cases[i].rc);
+        if (rc != PROTO_OK) {
+            /* the refusal names the field and keeps the request's id */
+            proto_msg_t m;
+            char want[64];
+            assert_int_equal(proto_decode((const uint8_t *)k.sb.data, k.sb.size, NULL, &m), rc);
+            snprintf(want, sizeof(want), "field '%s' ", cases[i].field);
+            if (strstr(m.error, want) == NULL)
+                fail_msg("case %zu: error '%s' does not name %s", i, m.error, cases[i].field);
+            assert_null(m.headers);
+            bool request = strcmp(cases[i].type, "ack") != 0 && strcmp(cases[i].type, "hello") != 0;
+            if (request && strcmp(cases[i].field, "id") != 0) {
+                assert_int_not_equal(m.type, 0);
+                assert_true(m.id == 2);
+            } else if (request) {
+                assert_int_equal(m.type, 0); /* no id: cannot be answered as a request */
+            }
+        }
         pk_free(&k);
     }
 }
