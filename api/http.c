@@ -28,8 +28,12 @@
  *   of authority characters (no whitespace, no obs-text).
  * - Content-Length: 1*DIGIT up to 2^40; several fields must carry the same
  *   number, a list ("5, 5") is rejected even when the members agree.
- * - Any Transfer-Encoding is rejected: we read no chunked bodies, and
- *   ignoring it would desynchronise us from a proxy that does not.
+ * - Any Transfer-Encoding is refused: we read no chunked bodies, and
+ *   ignoring it would desynchronise us from a proxy that does not. Alone
+ *   (a body whose length the client did not give) it is HTTP_ELENGTH, for
+ *   an otherwise valid head (411: send Content-Length); with a
+ *   Content-Length, or empty, it is HTTP_EBAD (RFC 9112 6.1: a request
+ *   that could be smuggled).
  */
 #include <assert.h>
 #include <stdlib.h>
@@ -214,7 +218,7 @@ static int parse_field_line(char *buf, size_t n, http_header_t *h)
 /* Semantic checks over all fields: Host, Content-Length, Transfer-Encoding. */
 static int check_fields(http_request_t *r)
 {
-    size_t hosts = 0, cls = 0;
+    size_t hosts = 0, cls = 0, tes = 0;
 
     r->content_length = 0;
     for (size_t k = 0; k < r->n_headers; k++) {
@@ -232,12 +236,14 @@ static int check_fields(http_request_t *r)
                 return HTTP_EBAD;
             r->content_length = v;
         } else if (ascii_caseeq(h->name, "transfer-encoding")) {
-            return HTTP_EBAD;
+            if (h->value[0] == 0)
+                return HTTP_EBAD;
+            tes++;
         }
     }
-    if (hosts > 1 || (r->minor == 1 && hosts == 0))
+    if (hosts > 1 || (r->minor == 1 && hosts == 0) || (tes && cls))
         return HTTP_EBAD;
-    return HTTP_OK;
+    return tes ? HTTP_ELENGTH : HTTP_OK;
 }
 
 int http_parse_request(const char *data, size_t len, size_t max_head, http_request_t *req)
@@ -279,13 +285,15 @@ int http_parse_request(const char *data, size_t len, size_t max_head, http_reque
         r.headers[r.n_headers++] = h;
     }
     rc = check_fields(&r);
-    if (rc != HTTP_OK)
+    if (rc != HTTP_OK && rc != HTTP_ELENGTH)
         goto fail;
     if (strcmp(r.method, "GET") != 0 && strcmp(r.method, "HEAD") != 0 &&
         strcmp(r.method, "POST") != 0) {
         rc = HTTP_EMETHOD;
         goto fail;
     }
+    if (rc != HTTP_OK)
+        goto fail;
     *req = r;
     return HTTP_OK;
 

@@ -17,6 +17,7 @@ enum {
     HTTP_EMETHOD = -3,  /* method not supported: 405 */
     HTTP_EVERSION = -4, /* not HTTP/1.1 (or 1.0): 505 */
     HTTP_ENOMEM = -5,
+    HTTP_ELENGTH = -6, /* a body without Content-Length (Transfer-Encoding): 411 */
 };
 
 #define HTTP_MAX_HEADERS 64

@@ -495,6 +495,20 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
         n_subs = tok.n_subs;
     }
     const char *owner = have_tok && tok.subject ? tok.subject : "";
+    if ((m->session.len || m->resume_token.len) &&
+        (!session_str_ok(&m->session) || !session_str_ok(&m->resume_token))) {
+        /* A resume the client meant but cannot have: say so rather than
+         * start a new session it would take for its own. */
+        if (have_tok)
+            auth_token_free(&tok);
+        s->errors_protocol++;
+        send_error_close(c, PROTO_CODE_BAD_REQUEST,
+                         !m->session.len || !m->resume_token.len
+                             ? "session and resume_token go together"
+                             : "session and resume_token are 1-64 bytes of [A-Za-z0-9_-]",
+                         1008);
+        return;
+    }
     /* Resume the session the client names, or start the one we drew. */
     char resume[SESSION_ID_MAX + 1];
     uint8_t digest[32];
@@ -594,7 +608,12 @@ static void handle_binary(conn_t *c, const uint8_t *data, size_t len)
         s->errors_protocol++;
         int code = rc == PROTO_ELIMIT ? PROTO_CODE_TOO_LARGE : PROTO_CODE_BAD_REQUEST;
         proto_buf_t pb = {0};
-        if (proto_enc_error(&pb, 0, code, proto_strerror(rc)) == 0)
+        /* A request whose id was read is refused with it (nack); the rest
+         * (ack, hello, unreadable) with an error. */
+        bool request =
+            c->hello_done && (m.type == PROTO_SUB || m.type == PROTO_UNSUB || m.type == PROTO_PUB);
+        if ((request ? proto_enc_nack(&pb, m.id, code, m.error)
+                     : proto_enc_error(&pb, 0, code, m.error)) == 0)
             send_pb(c, &pb);
         proto_buf_free(&pb);
         if (!c->hello_done)
@@ -1385,6 +1404,10 @@ static void read_http(conn_t *c)
                 break;
             case HTTP_EVERSION:
                 http_error(c, 505, "HTTP Version Not Supported", "HTTP/1.1 required");
+                break;
+            case HTTP_ELENGTH:
+                http_error(c, 411, "Length Required",
+                           "a request body needs Content-Length (no Transfer-Encoding)");
                 break;
             default:
                 http_error(c, 400, "Bad Request", "malformed request");

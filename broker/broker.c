@@ -103,6 +103,10 @@ struct brk {
     struct event *flush_ev;
     brk_client_t **sess; /* live durable sessions by id (chained) */
     size_t n_sess_buckets;
+    /* Sessions whose connection closed while the WAL was still writing
+     * their last changes, oldest first (see struct handoff). */
+    struct handoff *handoff_head, *handoff_tail;
+    size_t n_handoffs;
     struct event *expire_ev;
     brk_stats_t st;
 };
@@ -600,6 +604,19 @@ static void deliver_client(brk_client_t *c)
         event_active(c->work, EV_TIMEOUT, 0); /* continue on the next loop turn */
 }
 
+static void mark_dirty(brk_client_t *c);
+
+/* A stream subscribed to before it existed got its first message: its
+ * durable subscribers' sessions can now record the subscription (a cursor
+ * names an existing stream). */
+static void stream_born(brk_stream_t *s, uint64_t epoch)
+{
+    s->epoch = epoch;
+    for (brk_sub_t *sub = s->subs; sub; sub = sub->next_in_stream)
+        if (sub->client->durable)
+            mark_dirty(sub->client);
+}
+
 static void wake_stream(brk_stream_t *s)
 {
     for (brk_sub_t *sub = s->subs; sub; sub = sub->next_in_stream)
@@ -617,6 +634,8 @@ static void streams_reload(brk_t *b)
             wal_stream_info_t info;
             if (wal_stream_get(b->wal, s->name, s->name_len, &info) != 0)
                 continue;
+            if (s->epoch == 0)
+                stream_born(s, info.epoch);
             s->epoch = info.epoch;
             s->first = info.first_offset;
             if (info.next_offset > s->next) {
@@ -1134,12 +1153,22 @@ struct restore {
     uint64_t acked;   /* the highest acked offset known */
     uint64_t durable; /* the WAL's cursor (0 if none) */
     bool recorded;
+    bool kept; /* restored (or kept out only for lack of memory) */
 };
 
 struct restore_set {
     struct restore *v;
     size_t n, cap;
 };
+
+static void restore_set_free(struct restore_set *rs)
+{
+    for (size_t i = 0; i < rs->n; i++)
+        free(rs->v[i].stream);
+    free(rs->v);
+    rs->v = NULL;
+    rs->n = rs->cap = 0;
+}
 
 static struct restore *restore_get(struct restore_set *rs, const char *stream, size_t len)
 {
@@ -1161,7 +1190,7 @@ static struct restore *restore_get(struct restore_set *rs, const char *stream, s
     memcpy(r->stream, stream, len);
     r->stream_len = len;
     r->acked = r->durable = 0;
-    r->recorded = false;
+    r->recorded = r->kept = false;
     rs->n++;
     return r;
 }
@@ -1180,37 +1209,177 @@ static int restore_cursor_cb(const char *stream, size_t len, uint64_t offset, in
     return 0;
 }
 
+/*
+ * A durable session's connection closed: until the WAL has written that
+ * connection's last changes (its acks, subscriptions, unsubscriptions),
+ * what the session held is kept here, so that a resume right after the
+ * close sees all of it and not the WAL's older state. Freed when the write
+ * completes, or taken by a resume. One whose write failed stays until a
+ * resume takes it; at most HANDOFF_MAX are kept (the oldest go first).
+ */
+struct handoff {
+    brk_t *b;
+    char *session;
+    int64_t created_us;
+    struct restore_set subs; /* acked offsets; epoch-0 streams included */
+    bool pending;            /* the write's completion is still to come */
+    bool listed;             /* on b->handoff_head..tail */
+    struct handoff *prev, *next;
+};
+#define HANDOFF_MAX 4096u
+
+static void handoff_free(struct handoff *h)
+{
+    restore_set_free(&h->subs);
+    free(h->session);
+    free(h);
+}
+
+/* Off the list; freed now unless its write's completion is still to come. */
+static void handoff_release(brk_t *b, struct handoff *h)
+{
+    if (h->listed) {
+        if (h->prev)
+            h->prev->next = h->next;
+        else
+            b->handoff_head = h->next;
+        if (h->next)
+            h->next->prev = h->prev;
+        else
+            b->handoff_tail = h->prev;
+        h->prev = h->next = NULL;
+        h->listed = false;
+        b->n_handoffs--;
+    }
+    if (!h->pending)
+        handoff_free(h);
+}
+
+static struct handoff *handoff_find(brk_t *b, const char *session)
+{
+    for (struct handoff *h = b->handoff_tail; h; h = h->prev)
+        if (strcmp(h->session, session) == 0)
+            return h;
+    return NULL;
+}
+
+static void handoff_done(wal_append_t *req, void *arg)
+{
+    struct handoff *h = arg;
+    brk_t *b = h->b;
+    int status = wal_append_status(req);
+    wal_append_free(req);
+    h->pending = false;
+    if (status == 0) {
+        b->st.cursor_commits++;
+        handoff_release(b, h); /* the WAL holds it all now */
+    } else {
+        b->st.cursor_errors++;
+        if (!h->listed)
+            handoff_free(h);
+        cursors_retry(b);
+    }
+}
+
+/* What c's session holds as it closes (NULL without memory: a resume then
+ * reads the WAL, as it would once the write is done). */
+static struct handoff *handoff_new(brk_client_t *c)
+{
+    brk_t *b = c->b;
+    struct handoff *h = calloc(1, sizeof(*h));
+    if (!h || !(h->session = strdup(c->session))) {
+        free(h);
+        return NULL;
+    }
+    h->b = b;
+    h->created_us = c->created_us;
+    for (brk_sub_t *sub = c->sub_list; sub; sub = sub->next_in_client) {
+        struct restore *r = restore_get(&h->subs, sub->stream->name, sub->stream->name_len);
+        if (!r) {
+            handoff_free(h);
+            return NULL;
+        }
+        r->acked = sub->acked;
+    }
+    struct handoff *old = handoff_find(b, c->session);
+    if (old)
+        handoff_release(b, old);
+    if (b->n_handoffs >= HANDOFF_MAX)
+        handoff_release(b, b->handoff_head);
+    h->prev = b->handoff_tail;
+    if (b->handoff_tail)
+        b->handoff_tail->next = h;
+    else
+        b->handoff_head = h;
+    b->handoff_tail = h;
+    h->listed = true;
+    b->n_handoffs++;
+    return h;
+}
+
+/*
+ * The session's subscriptions are what its last connection held: the live
+ * one being taken over, else the one that just closed (its handoff), else
+ * the WAL's cursors. The WAL's cursors say what is already written. A
+ * subscription the new token does not allow, or beyond max_subscriptions,
+ * ends here: its cursor is deleted, so that the WAL always holds the
+ * session's subscriptions and nothing else.
+ */
 size_t brk_session_resume(brk_client_t *c, const char *owner, const uint8_t *secret,
                           size_t secret_len)
 {
     brk_t *b = c->b;
-    struct restore_set rs = {0};
+    struct restore_set rs = {0}, written = {0};
     int64_t created = wall_us();
+    bool held = false; /* rs comes from a connection, not the WAL */
     brk_client_t *live = sess_find(b, c->session);
     if (live == c)
         return 0;
+    (void)wal_session_cursors(b->wal, c->session, strlen(c->session), restore_cursor_cb, &written);
     if (live) {
         /* Its in-memory acks are the newest; take them, then its place. */
         created = live->created_us;
+        held = true;
         for (brk_sub_t *sub = live->sub_list; sub; sub = sub->next_in_client) {
             struct restore *r = restore_get(&rs, sub->stream->name, sub->stream->name_len);
-            if (r) {
+            if (r)
                 r->acked = sub->acked;
-                r->durable = sub->persisted;
-                r->recorded = sub->recorded;
-            }
         }
         client_detach(live);
         b->st.sessions_taken_over++;
         if (live->ops->kick)
             live->ops->kick(live->conn);
     } else {
-        wal_session_t ws;
-        if (wal_session_get(b->wal, c->session, strlen(c->session), &ws) == 0)
-            created = ws.created_us;
+        struct handoff *h = handoff_find(b, c->session);
+        if (h) {
+            created = h->created_us;
+            held = true;
+            rs = h->subs;
+            h->subs = (struct restore_set){0};
+            handoff_release(b, h);
+        } else {
+            wal_session_t ws;
+            if (wal_session_get(b->wal, c->session, strlen(c->session), &ws) == 0)
+                created = ws.created_us;
+        }
     }
-    /* The WAL's cursors (those a taken-over connection had are merged). */
-    (void)wal_session_cursors(b->wal, c->session, strlen(c->session), restore_cursor_cb, &rs);
+    for (size_t i = 0; i < written.n; i++) {
+        struct restore *w = &written.v[i];
+        struct restore *r = NULL;
+        for (size_t j = 0; j < rs.n && !r; j++)
+            if (rs.v[j].stream_len == w->stream_len &&
+                memcmp(rs.v[j].stream, w->stream, w->stream_len) == 0)
+                r = &rs.v[j];
+        if (!r && !held)
+            r = restore_get(&rs, w->stream, w->stream_len);
+        if (!r)
+            continue; /* unsubscribed by the last connection */
+        r->durable = w->durable;
+        r->recorded = true;
+        if (w->acked > r->acked)
+            r->acked = w->acked;
+        w->kept = true;
+    }
     size_t restored = 0;
     if (session_adopt(c, owner, secret, secret_len, created) == 0) {
         b->st.sessions_resumed++;
@@ -1220,7 +1389,8 @@ size_t brk_session_resume(brk_client_t *c, const char *owner, const uint8_t *sec
                 !brk_stream_name_valid(r->stream, r->stream_len) ||
                 (!c->subs_all &&
                  !proto_pattern_match(c->subs, c->n_subs, r->stream, r->stream_len)))
-                continue; /* not restored: the client may subscribe again itself */
+                continue; /* ends: the client may subscribe again itself */
+            r->kept = true;
             brk_stream_t *st = stream_get(b, r->stream, r->stream_len);
             if (!st || sub_find(c, st))
                 continue;
@@ -1233,11 +1403,30 @@ size_t brk_session_resume(brk_client_t *c, const char *owner, const uint8_t *sec
                 mark_dirty(c);
             restored++;
         }
-        session_record(c);
+        /* The cursors of subscriptions that ended, before the session's
+         * record (so that a resume after a crash sees the same). */
+        wal_append_t *req;
+        if (wal_append_new(cursor_done, b, &req) == 0) {
+            size_t n = 0;
+            for (size_t i = 0; i < rs.n; i++)
+                if (!rs.v[i].kept)
+                    n += wal_append_del_cursor(req, c->session, strlen(c->session), rs.v[i].stream,
+                                               rs.v[i].stream_len) == 0;
+            for (size_t i = 0; i < written.n; i++)
+                if (!written.v[i].kept)
+                    n += wal_append_del_cursor(req, c->session, strlen(c->session),
+                                               written.v[i].stream, written.v[i].stream_len) == 0;
+            if (n)
+                (void)session_put(c, req, wall_us());
+            cursor_submit(b, req, n);
+            if (n == 0)
+                session_record(c);
+        } else {
+            session_record(c);
+        }
     }
-    for (size_t i = 0; i < rs.n; i++)
-        free(rs.v[i].stream);
-    free(rs.v);
+    restore_set_free(&rs);
+    restore_set_free(&written);
     return restored;
 }
 
@@ -1309,13 +1498,24 @@ void brk_client_close(brk_client_t *c)
         return;
     if (!c->closed && (c->dirty || (c->durable && c->in_table))) {
         /* Its acks, and when the session was last connected, go out now
-         * (the dirty list drops it at the next flush). */
+         * (the dirty list drops it at the next flush); until they are
+         * written, a resume takes the session's state from the handoff. */
+        brk_t *b = c->b;
+        struct handoff *h = c->durable && c->in_table ? handoff_new(c) : NULL;
         wal_append_t *req;
-        if (wal_append_new(cursor_done, c->b, &req) == 0) {
+        if (wal_append_new(h ? handoff_done : cursor_done, h ? (void *)h : (void *)b, &req) == 0) {
             size_t n = cursor_collect(c, req);
             if (c->durable && c->in_table && session_put(c, req, wall_us()) == 0)
                 n++;
-            cursor_submit(c->b, req, n);
+            if (n && wal_append_submit(b->wal, req) == 0) {
+                b->st.cursors_persisted += n;
+                if (h)
+                    h->pending = true;
+            } else {
+                if (n)
+                    b->st.cursor_errors++;
+                wal_append_free(req);
+            }
         }
     }
     client_detach(c);
@@ -1436,6 +1636,8 @@ static void pub_done(wal_append_t *req, void *arg)
             b->st.publishes++;
             brk_stream_t *s = stream_get(b, p->stream, p->stream_len);
             if (s) {
+                if (s->epoch == 0)
+                    stream_born(s, r->epoch);
                 s->epoch = r->epoch;
                 /* Encode once: every subscriber at the tail shares it. */
                 const uint8_t *hdr = NULL, *pay = NULL;
@@ -1612,15 +1814,16 @@ void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t s
         send_nack(c, id, PROTO_CODE_LIMIT, "too many subscriptions");
         return;
     }
-    if (epoch && s->epoch && epoch != s->epoch) {
+    if (epoch && epoch != s->epoch) {
+        /* Another epoch, or none: the stream the client's offsets belong
+         * to is gone (a stream that does not exist has epoch 0). */
         send_nack(c, id, PROTO_CODE_CONFLICT, "epoch mismatch");
         return;
     }
+    /* An offset beyond the tail waits for it: delivery starts there. */
     uint64_t start = from == PROTO_FROM_EARLIEST ? s->first
                      : from == PROTO_FROM_LATEST ? s->next
                                                  : (offset ? offset : 1);
-    if (start > s->next)
-        start = s->next; /* not yet published: start at the tail */
     brk_sub_t *sub = sub_add(c, s, start, start - 1);
     if (!sub) {
         send_nack(c, id, PROTO_CODE_INTERNAL, "out of memory");
@@ -1786,6 +1989,11 @@ void brk_free(brk_t *b)
     event_free(b->expire_ev);
     event_free(b->evict_ev);
     brk_owners_free(b->owners);
+    while (b->handoff_head) {
+        struct handoff *h = b->handoff_head;
+        h->pending = false; /* the WAL, closed first, completed its write */
+        handoff_release(b, h);
+    }
     free(b->sess);
     rpl_free(b->rpl);
     while (b->dirty) {

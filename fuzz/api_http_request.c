@@ -57,7 +57,7 @@ static void check_request(const http_request_t *req, size_t len)
 static int valid_rc(int rc)
 {
     return rc == HTTP_OK || rc == HTTP_EAGAIN || rc == HTTP_EBAD || rc == HTTP_ETOOBIG ||
-           rc == HTTP_EMETHOD || rc == HTTP_EVERSION || rc == HTTP_ENOMEM;
+           rc == HTTP_EMETHOD || rc == HTTP_EVERSION || rc == HTTP_ENOMEM || rc == HTTP_ELENGTH;
 }
 
 static void same_request(const http_request_t *a, const http_request_t *b)

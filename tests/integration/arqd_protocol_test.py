@@ -433,12 +433,183 @@ async def scenario_resume(d):
     e = await Client.connect(d.url, resume=bad)
     check(e.welcome["resumed"] is False and e.welcome["session"] != w1["session"],
           f"wrong token: {e.welcome}")
-    junk = {"session": "not a session!", "resume_token": "x" * 200}
-    f = await Client.connect(d.url, resume=junk)
-    check(f.welcome["resumed"] is False, f"junk session: {f.welcome}")
-    for x in (p, e, f):
+    for x in (p, e):
         await x.close()
     return w1
+
+
+async def refused_hello(d, hello):
+    """hello is answered with error 400 and close 1008 (not a new session)."""
+    c = await Client.connect(d.url, hello=False)
+    await c.send(hello)
+    e = await c.recv()
+    try:
+        await asyncio.wait_for(c.ws.recv(), 5)
+        code = None
+    except websockets.ConnectionClosed as cc:
+        code = cc.rcvd.code if cc.rcvd else None
+    except asyncio.TimeoutError:
+        code = "still open"
+        await c.close()
+    return e, code
+
+
+def raw_map(*pairs):
+    """A msgpack map whose values are given as raw bytes (b"...") or objects."""
+    out = bytes([0x80 | len(pairs)])
+    for k, v in pairs:
+        out += pack(k) + (v if isinstance(v, bytes) else pack(v))
+    return out
+
+
+async def scenario_as_documented(d):
+    """The places where a client author found server and document apart
+    (issue #19): each now behaves as docs/protocol.md says."""
+    c = await Client.connect(d.url)
+    check(c.welcome["server"].startswith("arq/"), f"server value: {c.welcome['server']}")
+    # a request with a bad field is refused with its id, naming the field
+    for bad, field in (({"from": 0}, "from"), ({"from": "soon"}, "from"),
+                       ({"from": 1, "epoch": 1.5e19}, "epoch"),
+                       ({"from": 1, "epoch": -3}, "epoch")):
+        rid = await c.request(dict({"t": "sub", "stream": "doc.bad"}, **bad))
+        n = await c.recv()
+        check(n["t"] == "nack" and n.get("id") == rid and n["code"] == 400
+              and f"'{field}'" in n["reason"], f"sub {bad}: nack with id naming {field}: {n}")
+    check("BigInt" in n["reason"], f"the epoch's reason tells a JavaScript author: {n}")
+    await c.send({"t": "pub", "id": 2.5, "stream": "doc.bad", "payload": b"x"})
+    e = await c.recv()
+    check(e["t"] == "error" and e["code"] == 400 and "'id'" in e["reason"],
+          f"a request without a readable id: error: {e}")
+    await c.send({"t": "ack", "stream": "doc.bad", "offset": "3"})
+    e = await c.recv()
+    check(e["t"] == "error" and e["code"] == 400 and "'offset'" in e["reason"], f"bad ack: {e}")
+
+    # what a JavaScript msgpack encoder sends for a BigInt / an integer:
+    # uint64 (0xcf) and int64 (0xd3) holding small values are unsigned ints
+    r = await c.publish("doc.ints", b"one")
+    stream_epoch = None
+    await c.ws.send(raw_map(("t", "sub"), ("id", b"\xd3" + (77).to_bytes(8, "big")),
+                            ("stream", "doc.ints"), ("from", b"\xcf" + (1).to_bytes(8, "big"))))
+    ok = await c.recv()
+    check(ok["t"] == "subok" and ok["id"] == 77, f"int64/uint64-encoded id and from: {ok}")
+    stream_epoch = ok["epoch"]
+    m = await c.recv()
+    check(m["t"] == "msg" and m["offset"] == r["offset"], f"delivered: {m}")
+    await c.ws.send(raw_map(("t", "unsub"), ("id", 78), ("stream", "doc.ints")))
+    check((await c.recv())["t"] == "unsubok", "unsubscribed")
+    await c.ws.send(raw_map(("t", "sub"), ("id", 79), ("stream", "doc.ints"), ("from", 1),
+                            ("epoch", b"\xcf" + stream_epoch.to_bytes(8, "big"))))
+    ok = await c.recv()
+    check(ok["t"] == "subok" and ok["id"] == 79, f"uint64-encoded epoch accepted: {ok}")
+    await c.recv()  # offset 1 again
+    # a second sub to the same stream: 409, documented
+    rid = await c.request({"t": "sub", "stream": "doc.ints", "from": "earliest"})
+    n = await c.recv()
+    check(n["t"] == "nack" and n["id"] == rid and n["code"] == 409, f"second sub: {n}")
+    # a lower ack is ignored without a reply; an ack for no subscription is 404
+    await c.send({"t": "ack", "stream": "doc.ints", "offset": 1})
+    await c.send({"t": "ack", "stream": "doc.ints", "offset": 1})
+    await c.send({"t": "ack", "stream": "doc.none", "offset": 1})
+    e = await c.recv()
+    check(e["t"] == "error" and e["code"] == 404, f"ack without subscription: {e}")
+
+    # sub from N beyond next: delivery starts at N once it is published
+    for i in range(2):
+        await c.publish("doc.ahead", f"a{i}".encode())
+    s = await Client.connect(d.url)
+    await s.request({"t": "sub", "stream": "doc.ahead", "from": 5})
+    ok = await s.recv()
+    check(ok["t"] == "subok" and ok["next"] == 3, f"subok from 5: {ok}")
+    for i in range(2, 6):
+        await c.publish("doc.ahead", f"a{i}".encode())
+    got = await s.recv_msgs(2)
+    check([m["offset"] for m in got] == [5, 6], f"from 5 delivers 5, 6 (not 3): {got}")
+    # an epoch for a stream that does not exist: its history is gone (409)
+    rid = await s.request({"t": "sub", "stream": "doc.never", "from": 4, "epoch": 12345})
+    n = await s.recv()
+    check(n["t"] == "nack" and n["id"] == rid and n["code"] == 409,
+          f"epoch of a stream that does not exist: {n}")
+    await s.close()
+
+    # hello with half a resume, or ids longer than 64 bytes: refused
+    w = c.welcome
+    for h, what in (({"session": w["session"]}, "session without resume_token"),
+                    ({"resume_token": w["resume_token"]}, "resume_token without session"),
+                    ({"session": "a" * 65, "resume_token": w["resume_token"]}, "65-byte session"),
+                    ({"session": "not a session!", "resume_token": "x"}, "junk session")):
+        e, code = await refused_hello(d, dict({"t": "hello"}, **h))
+        check(e["t"] == "error" and e["code"] == 400 and code == 1008,
+              f"{what}: error 400 + 1008 ({e}, {code})")
+    await c.close()
+
+    # a resume right after the close sees everything that connection did
+    for i in range(10):
+        a = await Client.connect(d.url)
+        w = a.welcome
+        await a.request({"t": "sub", "stream": f"doc.quick.{i}", "from": "latest"})
+        await a.recv()
+        await a.request({"t": "sub", "stream": "doc.ints", "from": 1})
+        await a.recv()
+        await a.close()
+        b = await Client.connect(d.url, resume=w)
+        names = sorted(x["stream"] for x in b.welcome.get("subs", []))
+        check(b.welcome["resumed"] and names == ["doc.ints", f"doc.quick.{i}"],
+              f"try {i}: a subscription just made survives a quick resume: {names}")
+        await b.request({"t": "unsub", "stream": "doc.ints"})
+        while (await b.recv())["t"] not in ("unsubok", "nack"):
+            pass
+        await b.close()
+        e = await Client.connect(d.url, resume=w)
+        names = [x["stream"] for x in e.welcome.get("subs", [])]
+        check(names == [f"doc.quick.{i}"], f"try {i}: an unsub survives a quick resume: {names}")
+        await e.close()
+
+    # a subscription made before its stream exists: epoch 0 in subok, the
+    # stream's epoch later; the session keeps it (also once written)
+    a = await Client.connect(d.url)
+    w = a.welcome
+    await a.request({"t": "sub", "stream": "doc.unborn", "from": 1})
+    ok = await a.recv()
+    check(ok["epoch"] == 0 and ok["next"] == 1, f"subok before the stream exists: {ok}")
+    p = await Client.connect(d.url)
+    r = await p.publish("doc.unborn", b"first")
+    await a.recv_msgs(1, ack=False)
+    await a.close()
+    await asyncio.sleep(0.5)  # the handoff is written: the WAL answers
+    b = await Client.connect(d.url, resume=w)
+    subs = b.welcome.get("subs", [])
+    check(len(subs) == 1 and subs[0]["stream"] == "doc.unborn" and subs[0]["epoch"] != 0
+          and subs[0]["acked"] == 0 and subs[0]["next"] == 2,
+          f"a subscription from before the stream existed is the session's: {subs}")
+    got = await b.recv_msgs(1)
+    check(got[0]["offset"] == r["offset"], f"and redelivers what was not acked: {got}")
+    await b.close()
+    await p.close()
+
+    # POST /api/publish with a chunked body: 411 (send Content-Length)
+    import http.client
+    hc = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    hc.putrequest("POST", "/api/publish")
+    hc.putheader("Content-Type", "application/json")
+    hc.putheader("Transfer-Encoding", "chunked")
+    hc.endheaders()
+    body = json.dumps({"stream": "doc.http", "payload": "x"}).encode()
+    hc.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    resp = hc.getresponse()
+    check(resp.status == 411, f"chunked /api/publish: 411 ({resp.status} {resp.read()})")
+    hc.close()
+
+    # a message over the limit while the client keeps sending: 1009, not 1006
+    for i in range(5):
+        c = await Client.connect(d.url)
+        try:
+            for _ in range(40):
+                await c.ws.send(b"\x00" * 200000)
+            await asyncio.wait_for(c.ws.recv(), 10)
+            code = None
+        except websockets.ConnectionClosed as cc:
+            code = cc.rcvd.code if cc.rcvd else None
+        check(code == 1009, f"try {i}: oversized while sending: close {code}")
 
 
 async def scenario_shutdown(d):
@@ -499,6 +670,7 @@ def main():
         scenario_http(d)
         asyncio.run(read_inbox(d))
         w1 = asyncio.run(scenario_resume(d))
+        asyncio.run(scenario_as_documented(d))
         asyncio.run(scenario_shutdown(d))
         check("level=error" not in d.stderr, f"errors logged: {d.stderr[-2000:]}")
         check("from backend" not in d.stderr and "hello 3" not in d.stderr,

@@ -791,27 +791,23 @@ export class ArqClient extends Emitter<ClientEvents> {
 
   private onSubok(s: SubState, epoch: bigint, first: number, next: number): void {
     if (s.pos && s.epoch !== 0n && epoch !== s.epoch) {
-      // A re-subscription with our epoch passes the server's check only when
-      // the stream does not exist (epoch 0): its history was reset and it
-      // starts over at 1. Our offsets are meaningless there.
+      // Another epoch than ours (the server refuses a sub carrying our epoch
+      // with 409, so this is one sent without it): the history was reset.
+      // Our offsets are meaningless there.
       this.subRestart(s);
     }
+    // Where the server starts: a `from` beyond its tail waits for that offset.
     let start: number;
-    if (s.pos) start = Math.min(s.pos, next);
+    if (s.pos) start = s.pos;
     else if (s.from === "earliest") start = first;
     else if (s.from === "latest") start = next;
-    else start = Math.min(s.from, next); // the server may start at its tail, before a `from` beyond it
+    else start = s.from;
     if (start === 0) start = 1;
     s.wire = "active";
     s.reqId = 0;
     s.retries = 0;
     s.wireRecv = s.wireAcked = start - 1;
     if (epoch !== 0n) s.epoch = epoch;
-    if (!s.pos && typeof s.from === "number" && s.from > start) {
-      // What comes before the offset asked for is dropped, and acked for the application.
-      s.pos = s.from;
-      s.floor = s.from - 1;
-    }
     if (!s.pos) s.pos = start;
     if (s.oldEpoch !== 0n) {
       const old = s.oldEpoch;

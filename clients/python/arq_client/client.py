@@ -871,24 +871,23 @@ class Client:
 
     def _on_subok(self, s: _Sub, epoch: int, first: int, next: int) -> None:
         if s.pos and s.epoch and epoch != s.epoch:
-            # A re-subscription with our epoch passes the server's check only
-            # when the stream does not exist (epoch 0): its history was reset.
+            # Another epoch than ours (a sub carrying ours is refused with 409,
+            # so this one was sent without it): the history was reset.
             self._sub_restart(s)
+        # Where the server starts: a `from` beyond its tail waits for that offset.
         if s.pos:
-            start = min(s.pos, next)
+            start = s.pos
         elif s.from_ == "earliest":
             start = first
         elif s.from_ == "latest":
             start = next
         else:
-            start = min(int(s.from_), next)  # the server may start at its tail, before a `from` beyond it
+            start = int(s.from_)
         start = start or 1
         s.wire, s.req_id, s.retries = "active", 0, 0
         s.wire_recv = s.wire_acked = start - 1
         if epoch:
             s.epoch = epoch
-        if not s.pos and isinstance(s.from_, int) and s.from_ > start:
-            s.pos, s.floor = s.from_, s.from_ - 1  # what comes before is dropped, and acked for the application
         if not s.pos:
             s.pos = start
         if s.old_epoch:

@@ -396,6 +396,117 @@ static void test_session_resume(void **state)
     rec_clear(&r3);
 }
 
+struct sub_list {
+    char names[8][32];
+    uint64_t acked[8];
+    int n;
+};
+
+static void sub_list_cb(const char *stream, size_t len, uint64_t epoch, uint64_t acked,
+                        uint64_t next, void *arg)
+{
+    (void)epoch;
+    (void)next;
+    struct sub_list *l = arg;
+    if (l->n < 8) {
+        snprintf(l->names[l->n], sizeof(l->names[0]), "%.*s", (int)len, stream);
+        l->acked[l->n] = acked;
+    }
+    l->n++;
+}
+
+/* Resume session on a new client at once (no loop turn before). */
+static brk_client_t *resume_now(fixture_t *f, rec_conn_t *r, const char *session,
+                                struct sub_list *l)
+{
+    brk_client_t *c;
+    assert_int_equal(brk_client_new(f->brk, &rec_ops, r, session, session, NULL, (size_t)-1, NULL,
+                                    (size_t)-1, &c),
+                     0);
+    assert_true(brk_session_resumable(f->brk, session, "", SECRET, sizeof(SECRET)));
+    (void)brk_session_resume(c, "", SECRET, sizeof(SECRET));
+    memset(l, 0, sizeof(*l));
+    brk_client_subs(c, sub_list_cb, l);
+    return c;
+}
+
+static void loop_until_gone(fixture_t *f, const char *session, const char *stream)
+{
+    uint64_t got;
+    for (int i = 0; i < 200; i++) {
+        if (wal_cursor_get(f->wal, session, strlen(session), stream, strlen(stream), &got) ==
+            WAL_ENOTFOUND)
+            return;
+        struct timeval tv = {0, 20000};
+        event_base_loopexit(f->base, &tv);
+        event_base_dispatch(f->base);
+    }
+    fail_msg("cursor (%s, %s) still there", session, stream);
+}
+
+/* A resume right after a close, before the WAL has written what the
+ * closing connection did (no loop turn in between), sees all of it: a
+ * subscription just made, its ack, an unsubscription, a subscription to a
+ * stream that does not exist yet. Once written, the WAL says the same. */
+static void test_session_resume_handoff(void **state)
+{
+    fixture_t *f = *state;
+    publish_n(f, "ho.a", 3);
+    rec_conn_t r1 = {0}, r2 = {0}, r3 = {0}, r4 = {0};
+    struct sub_list l;
+    brk_client_t *c1;
+    assert_int_equal(brk_client_new(f->brk, &rec_ops, &r1, "sess-h", "sess-h", NULL, (size_t)-1,
+                                    NULL, (size_t)-1, &c1),
+                     0);
+    assert_int_equal(brk_session_create(c1, "", NULL, SECRET, sizeof(SECRET)), 0);
+    for (int i = 0; i < 1000 && r1.durable_calls == 0; i++)
+        event_base_loop(f->base, EVLOOP_ONCE);
+    assert_int_equal(r1.durable_calls, 1); /* the api sends the welcome now */
+    brk_subscribe(c1, 1, (const uint8_t *)"ho.a", 4, 1 /* earliest */, 0, 0);
+    assert_int_equal(count_type(&r1, "msg"), 3);
+    brk_ack(c1, (const uint8_t *)"ho.a", 4, 2);
+    brk_subscribe(c1, 2, (const uint8_t *)"ho.b", 4, 3 /* offset */, 1, 0); /* no stream yet */
+    brk_client_close(c1);
+
+    brk_client_t *c2 = resume_now(f, &r2, "sess-h", &l);
+    assert_int_equal(l.n, 2);
+    assert_string_equal(l.names[0], "ho.a");
+    assert_int_equal(l.acked[0], 2);
+    assert_string_equal(l.names[1], "ho.b");
+    assert_int_equal(l.acked[1], 0);
+    brk_unsubscribe(c2, 3, (const uint8_t *)"ho.a", 4);
+    brk_client_close(c2);
+
+    brk_client_t *c3 = resume_now(f, &r3, "sess-h", &l);
+    assert_int_equal(l.n, 1);
+    assert_string_equal(l.names[0], "ho.b");
+    brk_client_start(c3);
+    /* the stream is born while c3 holds it unacked: the session records it */
+    publish_n(f, "ho.b", 1);
+    assert_int_equal(count_type(&r3, "msg"), 1);
+    brk_client_close(c3);
+    wait_cursor(f, "sess-h", "ho.b", 0);
+    loop_until_gone(f, "sess-h", "ho.a");
+    for (int i = 0; i < 20; i++) /* let the writes' completions run */
+        event_base_loop(f->base, EVLOOP_NONBLOCK);
+
+    brk_client_t *c4 = resume_now(f, &r4, "sess-h", &l);
+    assert_int_equal(l.n, 1);
+    assert_string_equal(l.names[0], "ho.b");
+    assert_int_equal(l.acked[0], 0);
+    brk_client_start(c4);
+    assert_int_equal(count_type(&r4, "msg"), 1); /* not acked: again */
+    brk_client_close(c4);
+    brk_stats_t st;
+    brk_stats_get(f->brk, &st);
+    assert_int_equal(st.cursor_errors, 0);
+    assert_int_equal(st.sessions_resumed, 3);
+    rec_clear(&r1);
+    rec_clear(&r2);
+    rec_clear(&r3);
+    rec_clear(&r4);
+}
+
 /* A subscription to a stream that does not exist yet is recorded once the
  * stream exists; sessions past their TTL are not resumable and are deleted. */
 static void test_session_record_and_expiry(void **state)
@@ -483,6 +594,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_flow_control_and_cursors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gap_and_catchup_from_wal, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_resume, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_session_resume_handoff, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_record_and_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_durable_callback, setup, teardown),
     };

@@ -304,8 +304,10 @@ static const struct reject_case reject_cases[] = {
     {"GET / HTTP/1.1\r\nHost: a\xc3\xa9\r\n\r\n", HTTP_EBAD},
     {"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", HTTP_EBAD},
     /* framing */
-    {"POST / HTTP/1.1\r\n" H "Transfer-Encoding: chunked\r\n\r\n", HTTP_EBAD},
-    {"POST / HTTP/1.1\r\n" H "transfer-encoding: identity\r\n\r\n", HTTP_EBAD},
+    {"POST / HTTP/1.1\r\n" H "Transfer-Encoding: chunked\r\n\r\n", HTTP_ELENGTH},
+    {"POST / HTTP/1.1\r\n" H "transfer-encoding: identity\r\n\r\n", HTTP_ELENGTH},
+    {"POST / HTTP/1.1\r\n" H "Transfer-Encoding: chunked\r\nHost: x\r\n\r\n", HTTP_EBAD},
+    {"BREW / HTTP/1.1\r\n" H "Transfer-Encoding: chunked\r\n\r\n", HTTP_EMETHOD},
     {"POST / HTTP/1.1\r\n" H "Transfer-Encoding:\r\n\r\n", HTTP_EBAD},
     {"POST / HTTP/1.1\r\n" H "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", HTTP_EBAD},
 };
