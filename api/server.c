@@ -23,12 +23,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <wslay/wslay.h>
 
+#include "addr.h"
 #include "auth.h"
 #include "http.h"
 #include "log.h"
@@ -71,6 +73,14 @@ struct conn {
     conn_t *flush_prev, *flush_next;
     struct event *rd_ev; /* our read event (the bufferevent never reads) */
     bool reading;
+    /* who it is (conn_client_addr) and its token (issue #18) */
+    api_addr_t peer_addr;   /* the TCP peer */
+    api_addr_t client_addr; /* the peer, or the address a trusted proxy forwarded */
+    bool via_proxy;         /* the request carried forwarding headers */
+    bool proxy_trusted;     /* ... from a peer in trusted_proxies */
+    struct event *expiry_timer;
+    int64_t token_expires; /* unix seconds; 0: anonymous */
+    char *subject;         /* the token's subject, for refresh */
 };
 
 struct api_server {
@@ -90,10 +100,18 @@ struct api_server {
     /* counters for /metrics */
     uint64_t conns_total, ws_total, http_requests, errors_protocol, errors_auth, errors_handshake,
         errors_timeout, errors_limit, errors_origin, rejected_full;
+    /* issue #18: address rules, parsed from o.trusted_proxies / o.monitor_allow */
+    api_cidr_t *trusted, *monitor;
+    size_t n_trusted, n_monitor;
+    uint64_t tokens_expired, token_refreshes, monitor_denied;
 };
 
 static void conn_free(conn_t *c);
 static int ws_flush(conn_t *c);
+static int conn_verify_token(api_server_t *s, const proto_bytes_t *token, auth_token_t *ret);
+static bool bearer_ok(const http_request_t *r, const char *secret);
+static void conn_token_taken(conn_t *c, const auth_token_t *tok);
+static void handle_refresh(conn_t *c, const proto_msg_t *m);
 
 /* ---- helpers ----------------------------------------------------------- */
 
@@ -406,15 +424,13 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
     size_t n_pub = (size_t)-1, n_subs = (size_t)-1;
     auth_token_t tok = {0};
     bool have_tok = false;
-    if (s->o.secret_key) {
+    if (!s->o.anonymous) {
         if (!m->token.len) {
             s->errors_auth++;
             send_error_close(c, PROTO_CODE_UNAUTHORIZED, "token required", 1008);
             return;
         }
-        int rc =
-            auth_verify((const char *)m->token.ptr, m->token.len, (const uint8_t *)s->o.secret_key,
-                        strlen(s->o.secret_key), (int64_t)time(NULL), &tok);
+        int rc = conn_verify_token(s, &m->token, &tok);
         if (rc != AUTH_OK) {
             s->errors_auth++;
             arq_log(ARQ_LOG_INFO, "auth_failed", "peer", c->peer, "reason", auth_strerror(rc),
@@ -468,6 +484,8 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
     } else {
         rc = brk_session_create(c->client, owner, digest, sizeof(digest));
     }
+    if (have_tok && !rc)
+        conn_token_taken(c, &tok);
     if (have_tok)
         auth_token_free(&tok);
     if (rc) {
@@ -496,7 +514,8 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
                          .resumed = resumed,
                          .ephemeral = ephemeral,
                          .subs = ws.v,
-                         .n_subs = ws.n};
+                         .n_subs = ws.n,
+                         .token_expires = (uint64_t)c->token_expires};
     proto_buf_t pb = {0};
     if (proto_enc_welcome(&pb, &w) == 0)
         send_pb(c, &pb);
@@ -553,6 +572,9 @@ static void handle_binary(conn_t *c, const uint8_t *data, size_t len)
         break;
     case PROTO_ACK:
         brk_ack(c->client, m.stream.ptr, m.stream.len, m.offset);
+        break;
+    case PROTO_REFRESH:
+        handle_refresh(c, &m);
         break;
     }
     proto_msg_free(&m);
@@ -781,6 +803,9 @@ static void conn_free(conn_t *c)
         event_free(c->ping_timer);
     if (c->pong_timer)
         event_free(c->pong_timer);
+    if (c->expiry_timer)
+        event_free(c->expiry_timer);
+    free(c->subject);
     event_free(c->rd_ev);
     bufferevent_free(c->bev);
     if (c->prev)
@@ -946,17 +971,15 @@ static int b64_decode(const char *in, size_t len, uint8_t **out, size_t *out_len
 static void api_publish(conn_t *c, const char *body, size_t len)
 {
     api_server_t *s = c->srv;
-    const char *auth = http_header_get(&c->req, "Authorization");
     if (s->o.api_key) {
-        size_t kl = strlen(s->o.api_key);
-        if (!auth || strncmp(auth, "Bearer ", 7) != 0 || strlen(auth + 7) != kl ||
-            CRYPTO_memcmp(auth + 7, s->o.api_key, kl) != 0) {
+        if (!bearer_ok(&c->req, s->o.api_key)) {
             s->errors_auth++;
             http_error(c, 401, "Unauthorized", "api key required");
             return;
         }
-    } else if (s->o.secret_key) {
-        http_error(c, 403, "Forbidden", "server API disabled: no api key configured");
+    } else if (!s->o.api_open) {
+        http_error(c, 403, "Forbidden",
+                   "server API disabled: set auth.api_key (or auth.api_open = true)");
         return;
     }
     json_error_t jerr;
@@ -1024,6 +1047,10 @@ static void api_publish(conn_t *c, const char *body, size_t len)
     json_decref(j);
 }
 
+static bool monitor_allowed(conn_t *c, const http_request_t *r);
+static void write_health_brief(api_server_t *s, struct evbuffer *b, int *code);
+static void conn_set_forwarded(conn_t *c, const http_request_t *r);
+
 static void route(conn_t *c)
 {
     api_server_t *s = c->srv;
@@ -1037,7 +1064,10 @@ static void route(conn_t *c)
     } else if (plen == 7 && memcmp(path, "/health", 7) == 0 && get) {
         struct evbuffer *b = evbuffer_new();
         int code = 200;
-        write_health(s, b, &code);
+        if (monitor_allowed(c, r))
+            write_health(s, b, &code);
+        else
+            write_health_brief(s, b, &code);
         size_t n = evbuffer_get_length(b);
         char *body = malloc(n + 1);
         evbuffer_remove(b, body, n);
@@ -1046,6 +1076,13 @@ static void route(conn_t *c)
         free(body);
         evbuffer_free(b);
     } else if (plen == 8 && memcmp(path, "/metrics", 8) == 0 && get) {
+        if (!monitor_allowed(c, r)) {
+            s->monitor_denied++;
+            http_error(c, 403, "Forbidden",
+                       "metrics: not an allowed address (server.monitor_allow) and no valid "
+                       "server.monitor_token");
+            return;
+        }
         struct evbuffer *b = evbuffer_new();
         write_metrics(s, b);
         size_t n = evbuffer_get_length(b);
@@ -1101,6 +1138,7 @@ static void read_http(conn_t *c)
         }
         c->have_req = true;
         evbuffer_drain(in, c->req.head_len);
+        conn_set_forwarded(c, &c->req);
         route(c);
     }
     if (c->state == C_BODY) {
@@ -1208,6 +1246,8 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     conn_free(c);
 }
 
+static void conn_peer_init(conn_t *c, const struct sockaddr *sa);
+
 static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct sockaddr *sa,
                       int salen, void *arg)
 {
@@ -1248,6 +1288,7 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
         inet_ntop(AF_INET, &in4->sin_addr, ip, sizeof(ip));
         snprintf(c->peer, sizeof(c->peer), "%s:%u", ip, ntohs(in4->sin_port));
     }
+    conn_peer_init(c, sa);
     c->next = s->conns;
     if (s->conns)
         s->conns->prev = c;
@@ -1365,6 +1406,8 @@ static void histogram(struct evbuffer *b, const char *name, const char *help,
     evbuffer_add_printf(b, "%s_count %llu\n", name, (unsigned long long)cum);
 }
 
+static void write_metrics_deploy(api_server_t *s, struct evbuffer *b);
+
 static void write_metrics(api_server_t *s, struct evbuffer *b)
 {
     brk_stats_t bs;
@@ -1475,11 +1518,16 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
               "Acknowledged publishes: WAL batch durable to its completion run on the event "
               "loop.",
               bs.pub_dispatch_us, brk_pub_us_bounds, 1e-6, bs.pub_dispatch_us_sum, 1);
+    write_metrics_deploy(s, b);
     if (s->o.metrics_extra)
         s->o.metrics_extra(s->o.extra_arg, b);
 }
 
 /* ---- lifecycle --------------------------------------------------------- */
+
+static int server_set_rules(api_server_t *s, const api_options_t *o, char *errbuf,
+                            size_t errlen);
+static int server_take_listener(api_server_t *s, int fd, char *errbuf, size_t errlen);
 
 int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_options_t *opts,
                      api_server_t **ret, char *errbuf, size_t errlen)
@@ -1506,11 +1554,29 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     s->ops.kick = conn_kick;
     s->ops.send_bytes = conn_send_bytes;
     s->ops.session_durable = conn_session_durable;
+    if (server_set_rules(s, opts, errbuf, errlen) != 0) {
+        event_free(s->flush_ev);
+        free(s);
+        return -1;
+    }
+    if (opts->use_listen_fd) {
+        if (server_take_listener(s, opts->listen_fd, errbuf, errlen) != 0) {
+            free(s->trusted);
+            free(s->monitor);
+            event_free(s->flush_ev);
+            free(s);
+            return -1;
+        }
+        *ret = s;
+        return 0;
+    }
     struct sockaddr_in sin = {0};
     sin.sin_family = AF_INET;
     sin.sin_port = htons(opts->port);
     if (inet_pton(AF_INET, opts->host, &sin.sin_addr) != 1) {
         snprintf(errbuf, errlen, "listen address '%s' is not an IPv4 address", opts->host);
+        free(s->trusted);
+        free(s->monitor);
         event_free(s->flush_ev);
         free(s);
         return -1;
@@ -1523,6 +1589,8 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     if (!s->lis) {
         snprintf(errbuf, errlen, "cannot listen on %s:%u: %s", opts->host, opts->port,
                  strerror(errno));
+        free(s->trusted);
+        free(s->monitor);
         event_free(s->flush_ev);
         free(s);
         return -1;
@@ -1575,5 +1643,349 @@ void api_server_free(api_server_t *s)
         conn_free(s->conns);
     if (s->flush_ev)
         event_free(s->flush_ev);
+    free(s->trusted);
+    free(s->monitor);
     free(s);
+}
+
+/* ---- deployment: client addresses, monitoring access, tokens (#18) ----- */
+
+static void conn_peer_init(conn_t *c, const struct sockaddr *sa)
+{
+    memset(&c->peer_addr, 0, sizeof(c->peer_addr));
+    if (sa->sa_family == AF_INET) {
+        c->peer_addr.family = 4;
+        memcpy(c->peer_addr.bytes, &((const struct sockaddr_in *)(const void *)sa)->sin_addr, 4);
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
+        char ip[INET6_ADDRSTRLEN];
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));
+        (void)api_addr_parse(ip, strlen(ip), &c->peer_addr);
+        snprintf(c->peer, sizeof(c->peer), "[%s]:%u", ip, ntohs(in6->sin6_port));
+    }
+    c->client_addr = c->peer_addr;
+}
+
+/*
+ * The client address of this connection: the address a trusted proxy
+ * forwarded (X-Forwarded-For, else X-Real-IP) once the request head was
+ * read, else the TCP peer. What logs show as "peer" and what per-address
+ * rules (monitoring access, limits per address) should use.
+ */
+static const api_addr_t *conn_client_addr(const conn_t *c)
+{
+    return &c->client_addr;
+}
+
+/* The rightmost address of the X-Forwarded-For lines (in order) that is not
+ * a trusted proxy; the leftmost if all are. Returns 0 with *ret set, -1 if a
+ * field does not parse (then nothing forwarded is believed). */
+static int xff_client(const api_server_t *s, const http_request_t *r, api_addr_t *ret)
+{
+    bool found = false;
+    for (size_t h = r->n_headers; h-- > 0;) {
+        if (strcasecmp(r->headers[h].name, "X-Forwarded-For") != 0)
+            continue;
+        const char *v = r->headers[h].value;
+        size_t end = strlen(v);
+        while (end > 0) {
+            size_t start = end;
+            while (start > 0 && v[start - 1] != ',')
+                start--;
+            size_t a = start, b = end;
+            while (a < b && (v[a] == ' ' || v[a] == '\t'))
+                a++;
+            while (b > a && (v[b - 1] == ' ' || v[b - 1] == '\t'))
+                b--;
+            api_addr_t addr;
+            if (api_addr_parse(v + a, b - a, &addr) != 0)
+                return found ? 0 : -1;
+            *ret = addr;
+            found = true;
+            if (!api_cidr_match(s->trusted, s->n_trusted, &addr))
+                return 0;
+            end = start > 0 ? start - 1 : 0;
+        }
+    }
+    return found ? 0 : -1;
+}
+
+static void conn_set_forwarded(conn_t *c, const http_request_t *r)
+{
+    api_server_t *s = c->srv;
+    const char *xri = http_header_get(r, "X-Real-IP");
+    bool xff = http_header_get(r, "X-Forwarded-For") != NULL;
+    c->via_proxy = xff || xri || http_header_get(r, "Forwarded");
+    c->proxy_trusted = c->via_proxy && api_cidr_match(s->trusted, s->n_trusted, &c->peer_addr);
+    if (!c->proxy_trusted)
+        return;
+    api_addr_t a;
+    int rc = xff ? xff_client(s, r, &a) : -1;
+    if (rc != 0 && xri)
+        rc = api_addr_parse(xri, strlen(xri), &a);
+    if (rc != 0) {
+        c->proxy_trusted = false; /* nothing usable: judged as an unknown client */
+        return;
+    }
+    c->client_addr = a;
+    char ip[INET6_ADDRSTRLEN];
+    api_addr_format(&a, ip, sizeof(ip));
+    snprintf(c->peer, sizeof(c->peer), "%s", ip);
+}
+
+/* "Authorization: Bearer <secret>", compared in constant time. */
+static bool bearer_ok(const http_request_t *r, const char *secret)
+{
+    const char *auth = http_header_get(r, "Authorization");
+    size_t kl = strlen(secret);
+    return auth && strncmp(auth, "Bearer ", 7) == 0 && strlen(auth + 7) == kl &&
+           CRYPTO_memcmp(auth + 7, secret, kl) == 0;
+}
+
+/*
+ * /metrics and the details of /health: with the monitoring token from
+ * anywhere; otherwise from a client address in monitor_allow (default
+ * loopback). A request that came through a proxy is judged by the address
+ * the proxy forwarded when the proxy is trusted, and refused when it is not
+ * (its client is unknown): a local nginx does not open /metrics to the
+ * world.
+ */
+static bool monitor_allowed(conn_t *c, const http_request_t *r)
+{
+    api_server_t *s = c->srv;
+    if (s->o.monitor_token && bearer_ok(r, s->o.monitor_token))
+        return true;
+    if (c->via_proxy && !c->proxy_trusted)
+        return false;
+    return api_cidr_match(s->monitor, s->n_monitor, conn_client_addr(c));
+}
+
+/* /health for anyone else: the status (and its HTTP code) only. */
+static void write_health_brief(api_server_t *s, struct evbuffer *b, int *code)
+{
+    wal_stats_t ws;
+    int rc = wal_stats_get(s->wal, &ws);
+    wal_state_info_t st;
+    wal_state_get(s->wal, &st);
+    *code = st.state == WAL_STATE_FAILED || rc ? 503 : 200;
+    evbuffer_add_printf(b, "{\"status\":\"%s\"}",
+                        *code != 200                 ? "unhealthy"
+                        : st.state == WAL_STATE_FULL ? "degraded"
+                                                     : "healthy");
+}
+
+/* Verify with the current key, then with the previous one (rotation). */
+static int conn_verify_token(api_server_t *s, const proto_bytes_t *token, auth_token_t *ret)
+{
+    int64_t now = (int64_t)time(NULL);
+    int rc = AUTH_ESIGNATURE;
+    if (s->o.secret_key)
+        rc = auth_verify((const char *)token->ptr, token->len, (const uint8_t *)s->o.secret_key,
+                         strlen(s->o.secret_key), now, ret);
+    if (rc == AUTH_ESIGNATURE && s->o.previous_secret_key)
+        rc = auth_verify((const char *)token->ptr, token->len,
+                         (const uint8_t *)s->o.previous_secret_key,
+                         strlen(s->o.previous_secret_key), now, ret);
+    return rc;
+}
+
+static void expiry_cb(evutil_socket_t fd, short what, void *arg);
+
+/* (Re)arm the close at the token's exp plus the grace. */
+static void conn_arm_expiry(conn_t *c)
+{
+    if (!c->expiry_timer)
+        c->expiry_timer = evtimer_new(c->srv->base, expiry_cb, c);
+    if (!c->expiry_timer)
+        return;
+    int64_t left = c->token_expires - (int64_t)time(NULL);
+    struct timeval tv = {(time_t)((left > 0 ? left : 0) + (int64_t)c->srv->o.expiry_grace_s), 0};
+    evtimer_add(c->expiry_timer, &tv);
+}
+
+static void expiry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    conn_t *c = arg;
+    if (c->state != C_WS || !c->token_expires)
+        return;
+    if (c->token_expires + (int64_t)c->srv->o.expiry_grace_s > (int64_t)time(NULL)) {
+        conn_arm_expiry(c); /* refreshed meanwhile, or the clock moved */
+        return;
+    }
+    c->srv->tokens_expired++;
+    arq_log(ARQ_LOG_INFO, "token_expired", "peer", c->peer, "subject",
+            c->subject ? c->subject : "", NULL);
+    send_error_close(c, PROTO_CODE_UNAUTHORIZED, "token expired", 4002);
+    ws_flush(c); /* may free c */
+}
+
+/* hello verified tok: remember its subject and expiry, arm the close. */
+static void conn_token_taken(conn_t *c, const auth_token_t *tok)
+{
+    free(c->subject);
+    c->subject = tok->subject ? strdup(tok->subject) : NULL;
+    c->token_expires = tok->expires > 0 ? tok->expires : 1;
+    conn_arm_expiry(c);
+}
+
+static void send_nack(conn_t *c, uint64_t id, int code, const char *reason)
+{
+    proto_buf_t pb = {0};
+    if (proto_enc_nack(&pb, id, code, reason) == 0)
+        send_pb(c, &pb);
+    proto_buf_free(&pb);
+}
+
+/*
+ * refresh: a new token for this connection, before the old one expires. It
+ * must verify and name the same subject (the session and the dedup
+ * namespace belong to it); its grants replace the old ones for later
+ * requests. Refused: nack 401 (invalid or expired) or 403 (another
+ * subject); the connection keeps its old token until that expires.
+ */
+static void handle_refresh(conn_t *c, const proto_msg_t *m)
+{
+    api_server_t *s = c->srv;
+    if (!c->token_expires) {
+        send_nack(c, m->id, PROTO_CODE_BAD_REQUEST, "anonymous connection: no token to refresh");
+        return;
+    }
+    auth_token_t tok = {0};
+    int rc = conn_verify_token(s, &m->token, &tok);
+    if (rc != AUTH_OK) {
+        s->errors_auth++;
+        arq_log(ARQ_LOG_INFO, "refresh_failed", "peer", c->peer, "reason", auth_strerror(rc),
+                NULL);
+        send_nack(c, m->id, PROTO_CODE_UNAUTHORIZED, "invalid token");
+        return;
+    }
+    if (!tok.subject || !c->subject || strcmp(tok.subject, c->subject) != 0) {
+        s->errors_auth++;
+        send_nack(c, m->id, PROTO_CODE_FORBIDDEN, "the token names another subject");
+    } else if (brk_client_set_perms(c->client, tok.pub, tok.n_pub, tok.subs, tok.n_subs) != 0) {
+        send_nack(c, m->id, PROTO_CODE_INTERNAL, "out of memory");
+    } else {
+        s->token_refreshes++;
+        c->token_expires = tok.expires > 0 ? tok.expires : 1;
+        conn_arm_expiry(c);
+        proto_buf_t pb = {0};
+        if (proto_enc_refreshok(&pb, m->id, (uint64_t)c->token_expires) == 0)
+            send_pb(c, &pb);
+        proto_buf_free(&pb);
+    }
+    auth_token_free(&tok);
+}
+
+static void write_metrics_deploy(api_server_t *s, struct evbuffer *b)
+{
+    metric(b, "arq_tokens_expired_total", "counter",
+           "Connections closed (4002) because their token expired without a refresh.",
+           s->tokens_expired);
+    metric(b, "arq_token_refreshes_total", "counter", "Tokens replaced by a refresh message.",
+           s->token_refreshes);
+    metric(b, "arq_monitor_denied_total", "counter",
+           "/metrics requests refused (address not in server.monitor_allow, no token).",
+           s->monitor_denied);
+}
+
+static int parse_cidrs(char *const *list, size_t n, const char *what, api_cidr_t **ret,
+                       char *errbuf, size_t errlen)
+{
+    api_cidr_t *v = calloc(n ? n : 1, sizeof(*v));
+    if (!v) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const char *why = NULL;
+        if (api_cidr_parse(list[i], &v[i], &why) != 0) {
+            snprintf(errbuf, errlen, "%s: '%s': %s", what, list[i], why);
+            free(v);
+            return -1;
+        }
+    }
+    *ret = v;
+    return 0;
+}
+
+/* Parse o's address rules into s (replacing what it had); all or nothing. */
+static int server_set_rules(api_server_t *s, const api_options_t *o, char *errbuf, size_t errlen)
+{
+    api_cidr_t *t, *m;
+    if (parse_cidrs(o->trusted_proxies, o->n_trusted_proxies, "server.trusted_proxies", &t, errbuf,
+                    errlen) != 0)
+        return -1;
+    if (parse_cidrs(o->monitor_allow, o->n_monitor_allow, "server.monitor_allow", &m, errbuf,
+                    errlen) != 0) {
+        free(t);
+        return -1;
+    }
+    free(s->trusted);
+    free(s->monitor);
+    s->trusted = t;
+    s->n_trusted = o->n_trusted_proxies;
+    s->monitor = m;
+    s->n_monitor = o->n_monitor_allow;
+    return 0;
+}
+
+/* A socket systemd (or a supervisor) bound and listens on: take it as is. */
+static int server_take_listener(api_server_t *s, int fd, char *errbuf, size_t errlen)
+{
+    int type = 0, listening = 0;
+    socklen_t l = sizeof(type);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &l) != 0 || type != SOCK_STREAM) {
+        snprintf(errbuf, errlen, "inherited fd %d is not a stream socket", fd);
+        return -1;
+    }
+    l = sizeof(listening);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &l) != 0 || !listening) {
+        snprintf(errbuf, errlen, "inherited fd %d is not listening", fd);
+        return -1;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0 ||
+        (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
+        snprintf(errbuf, errlen, "inherited fd %d is not an IPv4/IPv6 socket", fd);
+        return -1;
+    }
+    evutil_make_socket_nonblocking(fd);
+    evutil_make_socket_closeonexec(fd);
+    /* backlog 0: listen() was called by the owner of the socket */
+    s->lis = evconnlistener_new(s->base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE, 0, fd);
+    if (!s->lis) {
+        snprintf(errbuf, errlen, "cannot use inherited fd %d: %s", fd, strerror(errno));
+        return -1;
+    }
+    s->port = ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
+                                            : ((struct sockaddr_in6 *)&ss)->sin6_port);
+    return 0;
+}
+
+int api_server_reload(api_server_t *s, const api_options_t *o, char *errbuf, size_t errlen)
+{
+    if (server_set_rules(s, o, errbuf, errlen) != 0)
+        return -1;
+    s->o.secret_key = o->secret_key;
+    s->o.previous_secret_key = o->previous_secret_key;
+    s->o.anonymous = o->anonymous;
+    s->o.api_key = o->api_key;
+    s->o.api_open = o->api_open;
+    s->o.origins = o->origins;
+    s->o.n_origins = o->n_origins;
+    s->o.trusted_proxies = o->trusted_proxies;
+    s->o.n_trusted_proxies = o->n_trusted_proxies;
+    s->o.monitor_allow = o->monitor_allow;
+    s->o.n_monitor_allow = o->n_monitor_allow;
+    s->o.monitor_token = o->monitor_token;
+    s->o.expiry_grace_s = o->expiry_grace_s;
+    s->o.max_connections = o->max_connections;
+    s->o.handshake_timeout_ms = o->handshake_timeout_ms;
+    s->o.max_header_bytes = o->max_header_bytes;
+    s->o.ping_interval_ms = o->ping_interval_ms;
+    s->o.pong_timeout_ms = o->pong_timeout_ms;
+    return 0;
 }

@@ -523,6 +523,28 @@ static void free_patterns(char **p, size_t n)
     free(p);
 }
 
+int brk_client_set_perms(brk_client_t *c, char *const *pub, size_t n_pub, char *const *subs,
+                         size_t n_subs)
+{
+    bool pub_all = n_pub == (size_t)-1, subs_all = n_subs == (size_t)-1;
+    char **np = pub_all ? NULL : dup_patterns(pub, n_pub);
+    char **ns = subs_all ? NULL : dup_patterns(subs, n_subs);
+    if ((!pub_all && !np) || (!subs_all && !ns)) {
+        free_patterns(np, pub_all ? 0 : n_pub);
+        free_patterns(ns, subs_all ? 0 : n_subs);
+        return -1;
+    }
+    free_patterns(c->pub, c->n_pub);
+    free_patterns(c->subs, c->n_subs);
+    c->pub_all = pub_all;
+    c->subs_all = subs_all;
+    c->pub = np;
+    c->n_pub = pub_all ? 0 : n_pub;
+    c->subs = ns;
+    c->n_subs = subs_all ? 0 : n_subs;
+    return 0;
+}
+
 int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *session,
                    const char *producer, char *const *pub, size_t n_pub, char *const *subs,
                    size_t n_subs, brk_client_t **ret)

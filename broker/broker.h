@@ -113,6 +113,14 @@ int brk_stream_name_valid(const char *name, size_t len);
 int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *session,
                    const char *producer, char *const *pub, size_t n_pub, char *const *subs,
                    size_t n_subs, brk_client_t **ret);
+/*
+ * Replace the client's publish/subscribe patterns (a refreshed token: the
+ * subject stays, its grants may change). They apply to later requests;
+ * subscriptions already made stay. Copies them. Returns 0, or -1 when out
+ * of memory (the old patterns then stay).
+ */
+int brk_client_set_perms(brk_client_t *c, char *const *pub, size_t n_pub, char *const *subs,
+                         size_t n_subs);
 /* The connection is gone: drop subscriptions; pending publishes complete
  * without sending anything. */
 void brk_client_close(brk_client_t *c);

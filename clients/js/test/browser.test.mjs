@@ -22,7 +22,8 @@ const JS_ROOT = fileURLToPath(new URL("..", import.meta.url));
 const MESSAGES = 40;
 
 function startArqd(dataDir, port = 0) {
-  const proc = spawn(process.env.ARQD, ["--host", "127.0.0.1", "--port", String(port), "--data-dir", dataDir],
+  const proc = spawn(process.env.ARQD, ["--host", "127.0.0.1", "--port", String(port), "--data-dir", dataDir,
+    "--anonymous"],
     { stdio: ["ignore", "pipe", "ignore"] });
   return new Promise((resolve, reject) => {
     proc.stdout.once("data", (b) => {
