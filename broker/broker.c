@@ -1174,8 +1174,9 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-const uint64_t brk_pub_us_bounds[WAL_HIST_BUCKETS - 1] = {25,   50,   100,   250,   500,   1000,
-                                                          2500, 5000, 10000, 25000, 100000};
+const uint64_t brk_pub_us_bounds[WAL_HIST_BUCKETS - 1] = {
+    25,    50,    100,    250,    500,    1000,    2500,    5000,    10000,
+    25000, 50000, 100000, 200000, 500000, 1000000, 2500000, 5000000, 10000000};
 
 static int64_t mono_us(void)
 {
