@@ -1179,13 +1179,6 @@ int main(int argc, char **argv)
     } else {
         snprintf(host, sizeof(host), "%s", cfg.host);
     }
-    arq_log(ARQ_LOG_INFO, "listening", "host", host, "port", port, "data_dir", cfg.data_dir,
-            "version", ARQ_VERSION, NULL);
-    /* A plain line for scripts and people: where to connect. */
-    printf("arqd listening on ws://%s:%s/ws (health: http://%s:%s/health)\n", host, port, host,
-           port);
-    fflush(stdout);
-
     signal(SIGPIPE, SIG_IGN);
     struct event *sigterm = evsignal_new(base, SIGTERM, signal_cb, &app);
     struct event *sigint = evsignal_new(base, SIGINT, signal_cb, &app);
@@ -1205,6 +1198,15 @@ int main(int argc, char **argv)
         if (watchdog)
             event_add(watchdog, &wtv);
     }
+    /* Said once the signal handlers are in place: a supervisor that reads
+     * this line and sends SIGTERM at once gets a clean stop. */
+    arq_log(ARQ_LOG_INFO, "listening", "host", host, "port", port, "data_dir", cfg.data_dir,
+            "version", ARQ_VERSION, NULL);
+    /* A plain line for scripts and people: where to connect. */
+    printf("arqd listening on ws://%s:%s/ws (health: http://%s:%s/health)\n", host, port, host,
+           port);
+    fflush(stdout);
+
     /* READY: the WAL is open and recovered, the listener bound. */
     (void)sd_notifyf(0, "READY=1\nSTATUS=serving on %s:%s\nMAINPID=%ld", host, port,
                      (long)getpid());
