@@ -17,9 +17,11 @@ static struct sub *sub_find(arq_client_t *c, const char *stream)
     return NULL;
 }
 
+/* Not once the server's close frame arrived: wslay takes no more messages
+ * then, and the request must wait for the next connection instead. */
 static int can_send(const arq_client_t *c)
 {
-    return c->conn == CN_READY && !c->teardown_pending;
+    return c->conn == CN_READY && !c->teardown_pending && !c->close_received;
 }
 
 /* With reconnect, requests made while not connected wait for the next welcome. */

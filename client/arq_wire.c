@@ -60,6 +60,8 @@ int arq_ws_send(arq_client_t *c, const void *data, size_t len)
     int rc = wslay_event_queue_msg(c->ws, &m);
     if (rc == WSLAY_ERR_NOMEM)
         return ARQ_ENOMEM;
+    if (rc == WSLAY_ERR_NO_MORE_MSG)
+        return ARQ_ECONNLOST; /* closing: a reconnecting client keeps the request */
     if (rc != 0)
         return ARQ_ENOTCONN;
     return arq_ws_flush(c);
