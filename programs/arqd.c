@@ -582,6 +582,11 @@ static void metrics_arqd(void *arg, struct evbuffer *out)
                         "seconds).\n# TYPE process_start_time_seconds gauge\n"
                         "process_start_time_seconds %.3f\n",
                         app->start_time);
+    evbuffer_add_printf(out,
+                        "# HELP arq_wal_map_max_bytes wal.map_size_max: how far the WAL's map "
+                        "may grow (arq_wal_used_bytes against it: WAL usage).\n"
+                        "# TYPE arq_wal_map_max_bytes gauge\narq_wal_map_max_bytes %llu\n",
+                        (unsigned long long)app_cfg(app)->map_size_max);
     if (app->sync)
         metrics_sync(app->sync, out);
 }
