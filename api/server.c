@@ -104,6 +104,8 @@ struct api_server {
     api_cidr_t *trusted, *monitor;
     size_t n_trusted, n_monitor;
     uint64_t tokens_expired, token_refreshes, monitor_denied;
+    time_t takeover_logged; /* log_takeover: the last line, and what it did not say */
+    uint64_t takeovers_unlogged;
 };
 
 static void conn_free(conn_t *c);
@@ -112,6 +114,7 @@ static int conn_verify_token(api_server_t *s, const proto_bytes_t *token, auth_t
 static bool bearer_ok(const http_request_t *r, const char *secret);
 static void conn_token_taken(conn_t *c, const auth_token_t *tok);
 static void handle_refresh(conn_t *c, const proto_msg_t *m);
+static void log_takeover(conn_t *c);
 
 /* ---- helpers ----------------------------------------------------------- */
 
@@ -904,6 +907,7 @@ static void conn_kick(void *conn)
     if (c->kicked)
         return;
     c->kicked = true;
+    log_takeover(c);
     if (c->state == C_WS && c->ws) {
         ws_close(c, 4001, "session resumed elsewhere");
         if (wslay_event_want_write(c->ws))
@@ -1988,4 +1992,27 @@ int api_server_reload(api_server_t *s, const api_options_t *o, char *errbuf, siz
     s->o.ping_interval_ms = o->ping_interval_ms;
     s->o.pong_timeout_ms = o->pong_timeout_ms;
     return 0;
+}
+
+/*
+ * A session taken over (close 4001): said at warn, since many of them mean
+ * clients that reconnect before their old connection died or processes
+ * sharing a session. At most one line per 10 s; it counts the ones in
+ * between (arq_sessions_taken_over_total has them all).
+ */
+static void log_takeover(conn_t *c)
+{
+    api_server_t *s = c->srv;
+    time_t now = time(NULL);
+    if (s->takeover_logged && now - s->takeover_logged < 10) {
+        s->takeovers_unlogged++;
+        return;
+    }
+    char more[24];
+    snprintf(more, sizeof(more), "%llu", (unsigned long long)s->takeovers_unlogged);
+    arq_log(ARQ_LOG_WARN, "session_taken_over", "peer", c->peer, "session", c->session,
+            "reason", "the session was resumed by another connection: closed with 4001",
+            "since_last_line", more, NULL);
+    s->takeover_logged = now;
+    s->takeovers_unlogged = 0;
 }

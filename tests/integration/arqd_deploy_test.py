@@ -163,7 +163,22 @@ async def scenario_anonymous(tmp):
         await ws.send(msgpack.packb({"t": "refresh", "id": 5, "token": token("u")}))
         r = await recv_until(ws, "nack")
         check(r.get("id") == 5 and r.get("code") == 400, f"refresh on an anonymous connection: {r}")
-        await ws.close()
+        # a takeover (close 4001) is logged at warn, once
+        ws2 = await websockets.connect(d.url, subprotocols=["arq.v1"], close_timeout=2)
+        await ws2.send(msgpack.packb({"t": "hello", "session": w["session"],
+                                      "resume_token": w["resume_token"]}))
+        w2 = msgpack.unpackb(await asyncio.wait_for(ws2.recv(), 10), raw=False)
+        check(w2.get("resumed") is True, f"the session is resumed elsewhere: {w2}")
+        code = None
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        except websockets.ConnectionClosed as e:
+            code = e.code
+        check(code == 4001, f"the first connection is closed with 4001: {code}")
+        check(d.wait_log(r"level=warn event=session_taken_over peer=127\.0\.0\.1:\d+ session="
+                         + w["session"]), "the takeover is logged at warn with the session")
+        await ws2.close()
         st, body = d.http("POST", "/api/publish", b'{"stream":"s","payload":"x"}')
         check(st == 403 and b"api_open" in body,
               f"server API closed without a key even when anonymous: {st} {body!r}")

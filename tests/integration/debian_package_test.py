@@ -214,10 +214,10 @@ def main():
         if failures and os.path.exists(os.path.join(tmp, "arqd.log")):
             print("arqd log:\n" + open(os.path.join(tmp, "arqd.log")).read()[-2000:])
         shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        print(f"{len(failures)} check(s) failed")
-        sys.exit(1)
-    print("all checks passed")
 
 
 main()
+if failures:
+    print(f"{len(failures)} check(s) failed")
+    sys.exit(1)
+print("all checks passed")

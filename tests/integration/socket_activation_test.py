@@ -230,10 +230,6 @@ def main():
         if failures:
             print("arqd log (tail):\n" + "".join(text.splitlines(True)[-30:]))
         shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        print(f"{len(failures)} check(s) failed")
-        sys.exit(1)
-    print("all checks passed")
 
 
 async def read_all(port, n):
@@ -256,3 +252,7 @@ async def read_all(port, n):
 
 
 main()
+if failures:
+    print(f"{len(failures)} check(s) failed")
+    sys.exit(1)
+print("all checks passed")
