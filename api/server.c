@@ -1991,6 +1991,13 @@ int api_server_reload(api_server_t *s, const api_options_t *o, char *errbuf, siz
     s->o.max_header_bytes = o->max_header_bytes;
     s->o.ping_interval_ms = o->ping_interval_ms;
     s->o.pong_timeout_ms = o->pong_timeout_ms;
+    /* limits: welcome's announcements, the frame limit of new connections,
+     * backpressure (the broker's own copies: brk_set_limits) */
+    s->o.max_message_bytes = o->max_message_bytes;
+    s->o.max_inflight = o->max_inflight;
+    s->o.max_frame_bytes = o->max_frame_bytes;
+    s->limits.max_payload = o->max_frame_bytes;
+    s->o.max_output_bytes = o->max_output_bytes;
     return 0;
 }
 

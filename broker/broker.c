@@ -523,6 +523,19 @@ static void free_patterns(char **p, size_t n)
     free(p);
 }
 
+void brk_set_limits(brk_t *b, uint32_t max_payload, uint32_t max_subscriptions,
+                    uint32_t max_inflight, size_t out_high_watermark)
+{
+    if (max_payload)
+        b->o.max_payload = max_payload;
+    if (max_subscriptions)
+        b->o.max_subscriptions = max_subscriptions;
+    if (max_inflight)
+        b->o.max_inflight = max_inflight;
+    if (out_high_watermark)
+        b->o.out_high_watermark = out_high_watermark;
+}
+
 int brk_client_set_perms(brk_client_t *c, char *const *pub, size_t n_pub, char *const *subs,
                          size_t n_subs)
 {

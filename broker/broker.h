@@ -71,6 +71,17 @@ typedef struct brk_options {
 typedef struct brk brk_t;
 typedef struct brk_client brk_client_t;
 
+/*
+ * Change the per-client limits of a running broker (a reload): the payload
+ * limit, subscriptions per client, in-flight deliveries per subscription and
+ * the output high watermark; 0 leaves a value as it is. They apply to the
+ * next request or delivery decision of every client, existing ones included
+ * (a subscription over a lowered in-flight limit pauses until acks bring it
+ * under). The other options need a new broker.
+ */
+void brk_set_limits(brk_t *b, uint32_t max_payload, uint32_t max_subscriptions,
+                    uint32_t max_inflight, size_t out_high_watermark);
+
 typedef struct brk_stats {
     uint64_t publishes, publish_dups, publish_errors, deliveries, delivered_bytes, acks;
     uint64_t catchup_reads, gaps, subscriptions, streams;

@@ -493,6 +493,7 @@ static void watch_cb(void *arg)
 
 struct app {
     struct event_base *base;
+    brk_t *brk;
     api_server_t *srv;
     wal_t *wal;
     sync_t *sync;
@@ -703,7 +704,8 @@ static const char *const reloadable[] = {
     "server.trusted_proxies",  "server.monitor_allow",   "server.monitor_token",
     "auth.secret_key",         "auth.previous_secret_key", "auth.anonymous",
     "auth.api_key",            "auth.api_open",          "auth.origins",
-    "auth.expiry_grace_s",
+    "auth.expiry_grace_s",     "limits.max_message_bytes", "limits.max_frame_bytes",
+    "limits.max_subscriptions", "limits.max_inflight",   "limits.max_output_bytes",
 };
 
 static int is_reloadable(const char *key)
@@ -832,6 +834,10 @@ static void ao_reloadable(api_options_t *ao, const arq_config_t *cfg)
     ao->max_header_bytes = cfg->max_header_bytes;
     ao->ping_interval_ms = cfg->ping_interval_ms;
     ao->pong_timeout_ms = cfg->pong_timeout_ms;
+    ao->max_message_bytes = cfg->max_message_bytes;
+    ao->max_frame_bytes = cfg->max_frame_bytes;
+    ao->max_inflight = cfg->max_inflight;
+    ao->max_output_bytes = cfg->max_output_bytes;
 }
 
 static void reload(struct app *app)
@@ -870,6 +876,8 @@ static void reload(struct app *app)
     if (nc->anonymous && !old->anonymous)
         arq_log(ARQ_LOG_WARN, "anonymous_access", "reason",
                 "auth.anonymous = true: clients without a token get full access", NULL);
+    brk_set_limits(app->brk, nc->max_message_bytes, nc->max_subscriptions, nc->max_inflight,
+                   nc->max_output_bytes);
     app->ao = ao;
     if (app->live) {
         arq_config_free(app->live);
@@ -1169,6 +1177,7 @@ int main(int argc, char **argv)
         return 1;
     }
     app.srv = srv;
+    app.brk = brk;
     app.ao = ao;
     char port[16], host[INET6_ADDRSTRLEN] = "";
     snprintf(port, sizeof(port), "%u", api_server_port(srv));

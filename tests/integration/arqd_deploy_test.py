@@ -321,6 +321,23 @@ async def scenario_reload(tmp):
         d.proc.send_signal(signal.SIGHUP)
         check(d.wait_log(r"level=warn event=reload_needs_restart key=server.session_ttl_s"),
               "a change that needs a restart is named")
+        # limits change at once
+        ws_l, w = await ws_hello(d.url, token("bob", KEY2))
+        check(w.get("max_payload") == 1048576, f"before: max_payload 1 MiB: {w.get('max_payload')}")
+        write(f"[server]\nlog_level = debug\nsession_ttl_s = 60\n[auth]\nsecret_key = {KEY2}\n"
+              f"previous_secret_key = {KEY}\norigins = https://app.example\n"
+              f"[limits]\nmax_message_bytes = 1K\n")
+        d.proc.send_signal(signal.SIGHUP)
+        check(d.wait_log(r"key=limits.max_message_bytes from=1048576 to=1024"),
+              "the payload limit change is logged")
+        await ws_l.send(msgpack.packb({"t": "pub", "id": 3, "stream": "r", "payload": b"x" * 2000}))
+        r = await recv_until(ws_l, "nack")
+        check(r.get("id") == 3 and r.get("code") == 413,
+              f"the lowered payload limit applies to a connection from before: {r}")
+        await ws_l.close()
+        ws_l, w = await ws_hello(d.url, token("bob", KEY2))
+        check(w.get("max_payload") == 1024, f"and welcome announces it: {w.get('max_payload')}")
+        await ws_l.close()
         check(d.proc.poll() is None, "SIGHUP never stops arqd")
     finally:
         check(d.stop() == 0, "arqd exits 0 after the reloads")
