@@ -95,7 +95,6 @@ bool api_cidr_match(const api_cidr_t *ranges, size_t n, const api_addr_t *a)
 
 void api_addr_format(const api_addr_t *a, char *out, size_t outlen)
 {
-    if (!inet_ntop(a->family == 4 ? AF_INET : AF_INET6, a->bytes, out, (socklen_t)outlen) &&
-        outlen)
+    if (!inet_ntop(a->family == 4 ? AF_INET : AF_INET6, a->bytes, out, (socklen_t)outlen) && outlen)
         out[0] = '\0';
 }

@@ -1529,8 +1529,7 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
 
 /* ---- lifecycle --------------------------------------------------------- */
 
-static int server_set_rules(api_server_t *s, const api_options_t *o, char *errbuf,
-                            size_t errlen);
+static int server_set_rules(api_server_t *s, const api_options_t *o, char *errbuf, size_t errlen);
 static int server_take_listener(api_server_t *s, int fd, char *errbuf, size_t errlen);
 
 int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_options_t *opts,
@@ -1819,8 +1818,8 @@ static void expiry_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     c->srv->tokens_expired++;
-    arq_log(ARQ_LOG_INFO, "token_expired", "peer", c->peer, "subject",
-            c->subject ? c->subject : "", NULL);
+    arq_log(ARQ_LOG_INFO, "token_expired", "peer", c->peer, "subject", c->subject ? c->subject : "",
+            NULL);
     send_error_close(c, PROTO_CODE_UNAUTHORIZED, "token expired", 4002);
     ws_flush(c); /* may free c */
 }
@@ -1860,8 +1859,7 @@ static void handle_refresh(conn_t *c, const proto_msg_t *m)
     int rc = conn_verify_token(s, &m->token, &tok);
     if (rc != AUTH_OK) {
         s->errors_auth++;
-        arq_log(ARQ_LOG_INFO, "refresh_failed", "peer", c->peer, "reason", auth_strerror(rc),
-                NULL);
+        arq_log(ARQ_LOG_INFO, "refresh_failed", "peer", c->peer, "reason", auth_strerror(rc), NULL);
         send_nack(c, m->id, PROTO_CODE_UNAUTHORIZED, "invalid token");
         return;
     }
@@ -2017,9 +2015,9 @@ static void log_takeover(conn_t *c)
     }
     char more[24];
     snprintf(more, sizeof(more), "%llu", (unsigned long long)s->takeovers_unlogged);
-    arq_log(ARQ_LOG_WARN, "session_taken_over", "peer", c->peer, "session", c->session,
-            "reason", "the session was resumed by another connection: closed with 4001",
-            "since_last_line", more, NULL);
+    arq_log(ARQ_LOG_WARN, "session_taken_over", "peer", c->peer, "session", c->session, "reason",
+            "the session was resumed by another connection: closed with 4001", "since_last_line",
+            more, NULL);
     s->takeover_logged = now;
     s->takeovers_unlogged = 0;
 }

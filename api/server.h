@@ -68,10 +68,9 @@ uint16_t api_server_port(const api_server_t *srv);
  * access, the expiry grace, max_connections, handshake_timeout_ms,
  * max_header_bytes, ping_interval_ms, pong_timeout_ms, max_message_bytes,
  * max_inflight (announced in welcome), max_frame_bytes (new connections) and
- * max_output_bytes. Other fields of opts are ignored. New connections and requests use the new values; a
- * connection keeps the token it authenticated with (and its permissions)
- * until it refreshes it. Returns 0, or -1 with errbuf set and nothing
- * changed (e.g. a bad CIDR).
+ * max_output_bytes. Other fields of opts are ignored. New connections and requests use the new
+ * values; a connection keeps the token it authenticated with (and its permissions) until it
+ * refreshes it. Returns 0, or -1 with errbuf set and nothing changed (e.g. a bad CIDR).
  */
 int api_server_reload(api_server_t *srv, const api_options_t *opts, char *errbuf, size_t errlen);
 /* Stop accepting; close every WebSocket with 1001 and every HTTP connection. */

@@ -469,8 +469,8 @@ static void bev_event_cb(struct bufferevent *bev, short what, void *arg)
             SSL *ssl = bufferevent_openssl_get_ssl(bev);
             long vr = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
             if (vr != X509_V_OK)
-                arq_set_error(c, "TLS with %s:%u: certificate verify failed: %s", c->host,
-                              c->port, X509_verify_cert_error_string(vr));
+                arq_set_error(c, "TLS with %s:%u: certificate verify failed: %s", c->host, c->port,
+                              X509_verify_cert_error_string(vr));
             else
                 arq_set_error(c, "TLS with %s:%u: %s", c->host, c->port, buf);
             arq_request_teardown(c, ARQ_ETLS);

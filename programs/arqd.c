@@ -243,8 +243,8 @@ static const struct option longopts[] = {
  * return LOAD_DONE; on SIGHUP the same argv is read again, quietly. Returns
  * LOAD_ERROR with err set for any bad value.
  */
-static int config_load(int argc, char **argv, int interactive, arq_config_t *cfg,
-                       int *print_config, int *migrate_only, char *err, size_t errlen)
+static int config_load(int argc, char **argv, int interactive, arq_config_t *cfg, int *print_config,
+                       int *migrate_only, char *err, size_t errlen)
 {
     if (arq_config_defaults(cfg) != 0) {
         snprintf(err, errlen, "out of memory");
@@ -395,10 +395,11 @@ static int lock_data_dir(const char *dir, char *err, size_t errlen)
         int e = errno;
         struct flock q = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
         if ((e == EACCES || e == EAGAIN) && fcntl(fd, F_GETLK, &q) == 0 && q.l_type != F_UNLCK)
-            snprintf(err, errlen,
-                     "data directory '%.200s' is in use by another arqd (pid %ld holds %.200s); one "
-                     "arqd per data directory",
-                     dir, (long)q.l_pid, path);
+            snprintf(
+                err, errlen,
+                "data directory '%.200s' is in use by another arqd (pid %ld holds %.200s); one "
+                "arqd per data directory",
+                dir, (long)q.l_pid, path);
         else
             snprintf(err, errlen, "cannot lock '%.300s': %s", path, strerror(e));
         close(fd);
@@ -638,13 +639,13 @@ static void watch_storage(struct app *app)
     if (wal_stats_get(app->wal, &ws) != 0)
         return;
     wal_state_get(app->wal, &st);
-    unsigned map_pct =
-        cfg->map_size_max ? (unsigned)((double)ws.used_bytes * 100.0 / (double)cfg->map_size_max)
-                          : 0;
-    unsigned disk_pct = st.disk_total_bytes
-                            ? (unsigned)(100.0 - (double)st.disk_free_bytes * 100.0 /
-                                                     (double)st.disk_total_bytes)
-                            : 0;
+    unsigned map_pct = cfg->map_size_max
+                           ? (unsigned)((double)ws.used_bytes * 100.0 / (double)cfg->map_size_max)
+                           : 0;
+    unsigned disk_pct =
+        st.disk_total_bytes
+            ? (unsigned)(100.0 - (double)st.disk_free_bytes * 100.0 / (double)st.disk_total_bytes)
+            : 0;
     unsigned pct = map_pct > disk_pct ? map_pct : disk_pct;
     if (!app->storage_high && pct >= STORAGE_HIGH_PCT) {
         char reason[160], free_b[24];
@@ -699,13 +700,27 @@ static void watchdog_cb(evutil_socket_t fd, short what, void *arg)
 
 /* Keys a reload applies; every other change waits for a restart. */
 static const char *const reloadable[] = {
-    "server.log_level",        "server.max_connections", "server.handshake_timeout_ms",
-    "server.max_header_bytes", "server.ping_interval_ms", "server.pong_timeout_ms",
-    "server.trusted_proxies",  "server.monitor_allow",   "server.monitor_token",
-    "auth.secret_key",         "auth.previous_secret_key", "auth.anonymous",
-    "auth.api_key",            "auth.api_open",          "auth.origins",
-    "auth.expiry_grace_s",     "limits.max_message_bytes", "limits.max_frame_bytes",
-    "limits.max_subscriptions", "limits.max_inflight",   "limits.max_output_bytes",
+    "server.log_level",
+    "server.max_connections",
+    "server.handshake_timeout_ms",
+    "server.max_header_bytes",
+    "server.ping_interval_ms",
+    "server.pong_timeout_ms",
+    "server.trusted_proxies",
+    "server.monitor_allow",
+    "server.monitor_token",
+    "auth.secret_key",
+    "auth.previous_secret_key",
+    "auth.anonymous",
+    "auth.api_key",
+    "auth.api_open",
+    "auth.origins",
+    "auth.expiry_grace_s",
+    "limits.max_message_bytes",
+    "limits.max_frame_bytes",
+    "limits.max_subscriptions",
+    "limits.max_inflight",
+    "limits.max_output_bytes",
 };
 
 static int is_reloadable(const char *key)
@@ -794,11 +809,9 @@ static int config_diff(const arq_config_t *old, const arq_config_t *nw, int *ret
             if (diff && is_reloadable(key)) {
                 changed++;
                 if (secret)
-                    arq_log(ARQ_LOG_INFO, "reload_changed", "key", key, "value", "(secret)",
-                            NULL);
+                    arq_log(ARQ_LOG_INFO, "reload_changed", "key", key, "value", "(secret)", NULL);
                 else
-                    arq_log(ARQ_LOG_INFO, "reload_changed", "key", key, "from", va, "to", vb,
-                            NULL);
+                    arq_log(ARQ_LOG_INFO, "reload_changed", "key", key, "from", va, "to", vb, NULL);
             } else if (diff) {
                 restart++;
                 arq_log(ARQ_LOG_WARN, "reload_needs_restart", "key", key, "reason",
@@ -1208,7 +1221,8 @@ int main(int argc, char **argv)
     struct event *watchdog = NULL;
     if (sd_watchdog_enabled(0, &wd_usec) > 0 && wd_usec > 0) {
         watchdog = event_new(base, -1, EV_PERSIST, watchdog_cb, &app);
-        struct timeval wtv = {(time_t)(wd_usec / 2 / 1000000), (suseconds_t)(wd_usec / 2 % 1000000)};
+        struct timeval wtv = {(time_t)(wd_usec / 2 / 1000000),
+                              (suseconds_t)(wd_usec / 2 % 1000000)};
         if (watchdog)
             event_add(watchdog, &wtv);
     }

@@ -852,7 +852,8 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->journal_max = 64 * MIB;
     if (cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
         cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL ||
-        cfg->monitor_allow == NULL || cfg->monitor_allow[0] == NULL || cfg->monitor_allow[1] == NULL) {
+        cfg->monitor_allow == NULL || cfg->monitor_allow[0] == NULL ||
+        cfg->monitor_allow[1] == NULL) {
         arq_config_free(cfg);
         return -1;
     }

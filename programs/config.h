@@ -22,7 +22,7 @@ typedef struct arq_config {
     uint32_t ping_interval_ms;     /* default 20000 */
     uint32_t pong_timeout_ms;      /* default 10000 */
     uint32_t session_ttl_s;        /* sessions kept after their last connection, default 86400 */
-    char **trusted_proxies;        /* ARQ_TRUSTED_PROXIES: CIDRs whose X-Forwarded-For is believed */
+    char **trusted_proxies; /* ARQ_TRUSTED_PROXIES: CIDRs whose X-Forwarded-For is believed */
     size_t n_trusted_proxies;
     char **monitor_allow; /* CIDRs that may read /metrics and /health details; default loopback */
     size_t n_monitor_allow;

@@ -586,7 +586,7 @@ static int decode_type(const decoder_t *d, enum proto_type *ret)
         enum proto_type type;
     } types[] = {
         {"hello", PROTO_HELLO}, {"sub", PROTO_SUB}, {"unsub", PROTO_UNSUB},
-        {"pub", PROTO_PUB},     {"ack", PROTO_ACK},     {"refresh", PROTO_REFRESH},
+        {"pub", PROTO_PUB},     {"ack", PROTO_ACK}, {"refresh", PROTO_REFRESH},
     };
     proto_bytes_t t = {NULL, 0};
     int rc = get_str(d, F_T, true, &t);
@@ -823,8 +823,7 @@ int proto_enc_welcome(proto_buf_t *b, const proto_welcome_t *w)
     size_t n_subs = w->resumed ? w->n_subs : 0;
     if (n_subs > UINT32_MAX)
         return PROTO_ELIMIT;
-    enc_start(&e, b,
-              (w->resumed ? 9 : 8) + (w->ephemeral ? 1 : 0) + (w->token_expires ? 1 : 0),
+    enc_start(&e, b, (w->resumed ? 9 : 8) + (w->ephemeral ? 1 : 0) + (w->token_expires ? 1 : 0),
               176 + n_subs * 64);
     enc_type(&e, "welcome");
     enc_cstr(&e, "session");

@@ -816,7 +816,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_size_suffixes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_origins, setup, teardown),
         cmocka_unit_test_setup_teardown(test_print_round_trip, setup, teardown),
-cmocka_unit_test_setup_teardown(test_deploy_keys, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_deploy_keys, setup, teardown),
         cmocka_unit_test_setup_teardown(test_every_prefix, setup, teardown),
         cmocka_unit_test_setup_teardown(test_free_after_error, setup, teardown),
         cmocka_unit_test_setup_teardown(test_too_big, setup, teardown),

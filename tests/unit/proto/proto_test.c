@@ -1516,8 +1516,12 @@ static void test_refresh(void **state)
     assert_uint_field(&r, "token_expires", 1900000000);
     unp_done(&r);
 
-    proto_welcome_t w = {.session = "s", .resume_token = "r", .server = "arqd",
-                         .max_payload = 1, .max_inflight = 1, .session_ttl_s = 1,
+    proto_welcome_t w = {.session = "s",
+                         .resume_token = "r",
+                         .server = "arqd",
+                         .max_payload = 1,
+                         .max_inflight = 1,
+                         .session_ttl_s = 1,
                          .token_expires = 1900000001};
     proto_buf_reset(&b);
     assert_int_equal(proto_enc_welcome(&b, &w), 0);
