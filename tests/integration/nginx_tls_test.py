@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """deploy/nginx/arq.conf with Debian's nginx in front of arqd (issue #18).
 
-Usage: nginx_tls_test.py PATH_TO_ARQD PATH_TO_ARQ PATH_TO_ARQ_CONF
+Usage: nginx_tls_test.py PATH_TO_ARQD PATH_TO_ARQ PATH_TO_ARQ_CONF PATH_TO_ARQ_REPLAY
 
 A CA and a server certificate for "localhost" are made with openssl in a
 temporary directory; the shipped arq.conf is used as it is but for its ports,
@@ -32,7 +32,7 @@ import time
 import msgpack
 import websockets
 
-ARQD, ARQ, CONF = sys.argv[1], sys.argv[2], sys.argv[3]
+ARQD, ARQ, CONF, REPLAY = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 KEY = "nginx-test-secret"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +183,13 @@ def main():
         lines = [x for x in p.stdout.splitlines() if x]
         check(p.returncode == 0 and len(lines) == 3 and '"payload":"three"' in lines[2],
               f"arq sub over wss with ARQ_TOKEN: {p.returncode} {p.stdout!r} {p.stderr!r}")
+        # arq-replay republish through the proxy too (libarq: wss, --ca)
+        rc, out, err = run_replay("republish", "--data-dir", os.path.join(tmp, "data"),
+                                  "--url", url, "--ca", ca, "--token", tok, "tls.s",
+                                  "--to-stream", "tls.copy")
+        check(rc == 0, f"arq-replay republish over wss: {rc} {out!r} {err[-400:]!r}")
+        rc, out, err = arq("--url", url, "--ca", ca, "--token", tok, "pub", "tls.copy", "after")
+        check(rc == 0 and out.strip() == "4", f"the copy holds the three lines: {out!r} {err!r}")
         # verification is on by default: our CA is not the system's
         rc, out, err = arq("--url", url, "--token", tok, "pub", "tls.s", "x")
         check(rc == 1 and "certificate verify failed" in err,
@@ -269,6 +276,14 @@ def main():
         print(f"{len(failures)} check(s) failed")
         sys.exit(1)
     print("all checks passed")
+
+
+def run_replay(*args):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ARQ_URL", "ARQ_TOKEN", "SECRET_KEY", "DATABASE_URL", "ARQ_DATA_DIR")}
+    p = subprocess.run([REPLAY, *args, "--no-progress"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    return p.returncode, p.stdout, p.stderr
 
 
 def harness_http(port, path):
