@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Monitoring that fires for the MySQL sync (issue #18).
 
-Usage: sync_monitoring_test.py ARQD MARIADB_SCRIPT ARQ_RULES_YML
+Usage: sync_monitoring_test.py ARQD MARIADB_SCRIPT ARQ_RULES_YML GRAFANA_JSON
 
 Against a private MariaDB (scripts/mariadb):
   - MySQL unreachable from the start: arq_sync_lag_seconds grows while
@@ -11,7 +11,8 @@ Against a private MariaDB (scripts/mariadb):
     /health's last_error cleared;
   - a MySQL error quoting UTF-8 (a user name "üser"): /health's last_error
     holds the characters, not each byte escaped;
-  - every metric deploy/prometheus/arq-rules.yml uses is one arqd exports.
+  - every metric deploy/prometheus/arq-rules.yml and the Grafana dashboard
+    use is one arqd exports.
 Assertions are on behaviour (a value that grows, a line that appears once);
 the waits are generous deadlines.
 """
@@ -27,7 +28,7 @@ import tempfile
 import time
 import urllib.request
 
-ARQD, MARIADB, RULES = sys.argv[1], sys.argv[2], sys.argv[3]
+ARQD, MARIADB, RULES, DASHBOARD = sys.argv[1:5]
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import failures  # noqa: E402
@@ -166,10 +167,13 @@ def main():
         # the alert rules use only what arqd exports (with MySQL sync on)
         exported = {ln.split("{")[0].split()[0] for ln in b.get("/metrics").decode().splitlines()
                     if ln and not ln.startswith("#")}
-        used = set(re.findall(r"\b((?:arq|process)_[a-z0-9_]+)", open(RULES).read()))
-        missing = sorted(u for u in used  # a histogram's name stands for its series
-                         if u not in exported and u + "_count" not in exported)
-        check(used and not missing, f"every metric of arq-rules.yml is exported: missing {missing}")
+        for path in (RULES, DASHBOARD):
+            used = set(re.findall(r"\b((?:arq|process)_[a-z0-9_]+)", open(path).read()))
+            used.discard("arq_rules")
+            missing = sorted(u for u in used  # a histogram's name stands for its series
+                             if u not in exported and u + "_count" not in exported)
+            check(used and not missing,
+                  f"every metric {os.path.basename(path)} names is exported: missing {missing}")
         b.stop()
 
         # 3. a MySQL error that quotes UTF-8
