@@ -588,7 +588,7 @@ static void metrics_arqd(void *arg, struct evbuffer *out)
                         "# HELP arq_wal_map_max_bytes wal.map_size_max: how far the WAL's map "
                         "may grow (arq_wal_used_bytes against it: WAL usage).\n"
                         "# TYPE arq_wal_map_max_bytes gauge\narq_wal_map_max_bytes %llu\n",
-                        (unsigned long long)app_cfg(app)->map_size_max);
+                        (unsigned long long)app->boot->map_size_max);
     if (app->sync)
         metrics_sync(app->sync, out);
 }
@@ -633,7 +633,7 @@ static void watch_sync(struct app *app)
 
 static void watch_storage(struct app *app)
 {
-    const arq_config_t *cfg = app_cfg(app);
+    const arq_config_t *cfg = app->boot; /* map_size_max changes only with a restart */
     wal_stats_t ws;
     wal_state_info_t st;
     if (wal_stats_get(app->wal, &ws) != 0)
