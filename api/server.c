@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -30,6 +31,7 @@
 #include <wslay/wslay.h>
 
 #include "admit.h"
+#include "addr.h"
 #include "auth.h"
 #include "http.h"
 #include "log.h"
@@ -87,7 +89,16 @@ struct conn {
     bool linger;       /* closing: our FIN is sent, input is drained until the peer's FIN */
     uint8_t addr[16];  /* the client's address (admit.h) */
     bool admitted;     /* counted by s->admit */
-    bool overflow;     /* accepted beyond max_connections: /health and /metrics only */
+    bool admit_later; /* from a trusted proxy: counted by the forwarded address (admit_forwarded) */
+    bool overflow;    /* accepted beyond max_connections: /health and /metrics only */
+    /* who it is (conn_client_addr) and its token (issue #18) */
+    api_addr_t peer_addr;   /* the TCP peer */
+    api_addr_t client_addr; /* the peer, or the address a trusted proxy forwarded */
+    bool via_proxy;         /* the request carried forwarding headers */
+    bool proxy_trusted;     /* ... from a peer in trusted_proxies */
+    struct event *expiry_timer;
+    int64_t token_expires; /* unix seconds; 0: anonymous */
+    char *subject;         /* the token's subject, for refresh */
 };
 
 /* Connections beyond max_connections that may still ask /health and
@@ -133,10 +144,21 @@ struct api_server {
     /* counters for /metrics */
     uint64_t conns_total, ws_total, http_requests, errors_protocol, errors_auth, errors_handshake,
         errors_timeout, errors_limit, errors_origin, rejected_full, rx_rejected;
+    /* issue #18: address rules, parsed from o.trusted_proxies / o.monitor_allow */
+    api_cidr_t *trusted, *monitor;
+    size_t n_trusted, n_monitor;
+    uint64_t tokens_expired, token_refreshes, monitor_denied;
+    time_t takeover_logged; /* log_takeover: the last line, and what it did not say */
+    uint64_t takeovers_unlogged;
 };
 
 static void conn_free(conn_t *c);
 static int ws_flush(conn_t *c);
+static int conn_verify_token(api_server_t *s, const proto_bytes_t *token, auth_token_t *ret);
+static bool bearer_ok(const http_request_t *r, const char *secret);
+static void conn_token_taken(conn_t *c, const auth_token_t *tok);
+static void handle_refresh(conn_t *c, const proto_msg_t *m);
+static void log_takeover(conn_t *c);
 
 static int64_t mono_us(void)
 {
@@ -471,15 +493,13 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
     size_t n_pub = (size_t)-1, n_subs = (size_t)-1;
     auth_token_t tok = {0};
     bool have_tok = false;
-    if (s->o.secret_key) {
+    if (!s->o.anonymous) {
         if (!m->token.len) {
             s->errors_auth++;
             send_error_close(c, PROTO_CODE_UNAUTHORIZED, "token required", 1008);
             return;
         }
-        int rc =
-            auth_verify((const char *)m->token.ptr, m->token.len, (const uint8_t *)s->o.secret_key,
-                        strlen(s->o.secret_key), (int64_t)time(NULL), &tok);
+        int rc = conn_verify_token(s, &m->token, &tok);
         if (rc != AUTH_OK) {
             s->errors_auth++;
             arq_log(ARQ_LOG_INFO, "auth_failed", "peer", c->peer, "reason", auth_strerror(rc),
@@ -551,6 +571,8 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
     } else {
         rc = brk_session_create(c->client, owner, c->ip, digest, sizeof(digest));
     }
+    if (have_tok && !rc)
+        conn_token_taken(c, &tok);
     if (have_tok)
         auth_token_free(&tok);
     if (rc == BRK_ESESSION_RATE || rc == BRK_ESESSION_LIMIT) {
@@ -588,7 +610,8 @@ static void handle_hello(conn_t *c, const proto_msg_t *m)
                          .resumed = resumed,
                          .ephemeral = ephemeral,
                          .subs = ws.v,
-                         .n_subs = ws.n};
+                         .n_subs = ws.n,
+                         .token_expires = (uint64_t)c->token_expires};
     proto_buf_t pb = {0};
     if (proto_enc_welcome(&pb, &w) == 0)
         send_pb(c, &pb);
@@ -650,6 +673,9 @@ static void handle_binary(conn_t *c, const uint8_t *data, size_t len)
         break;
     case PROTO_ACK:
         brk_ack(c->client, m.stream.ptr, m.stream.len, m.offset);
+        break;
+    case PROTO_REFRESH:
+        handle_refresh(c, &m);
         break;
     }
     proto_msg_free(&m);
@@ -1002,6 +1028,9 @@ static void conn_free(conn_t *c)
         event_free(c->ping_timer);
     if (c->pong_timer)
         event_free(c->pong_timer);
+    if (c->expiry_timer)
+        event_free(c->expiry_timer);
+    free(c->subject);
     event_free(c->rd_ev);
     bufferevent_free(c->bev);
     if (c->prev)
@@ -1138,6 +1167,7 @@ static void conn_kick(void *conn)
     if (c->kicked)
         return;
     c->kicked = true;
+    log_takeover(c);
     if (c->state == C_WS && c->ws) {
         ws_close(c, 4001, "session resumed elsewhere");
         if (wslay_event_want_write(c->ws))
@@ -1205,24 +1235,15 @@ static int b64_decode(const char *in, size_t len, uint8_t **out, size_t *out_len
 static void api_publish(conn_t *c, const char *body, size_t len)
 {
     api_server_t *s = c->srv;
-    const char *auth = http_header_get(&c->req, "Authorization");
     if (s->o.api_key) {
-        /* compare digests, in constant time: the length of the key and its
-         * bytes do not show in the time of a refusal */
-        uint8_t want[32], got[32];
-        unsigned int wn = sizeof(want), gn = sizeof(got);
-        bool bearer = auth && strncmp(auth, "Bearer ", 7) == 0;
-        if (!EVP_Digest(s->o.api_key, strlen(s->o.api_key), want, &wn, EVP_sha256(), NULL) ||
-            !EVP_Digest(bearer ? auth + 7 : "", bearer ? strlen(auth + 7) : 0, got, &gn,
-                        EVP_sha256(), NULL))
-            bearer = false;
-        if (!bearer || CRYPTO_memcmp(want, got, sizeof(want)) != 0) {
+        if (!bearer_ok(&c->req, s->o.api_key)) {
             s->errors_auth++;
             http_error(c, 401, "Unauthorized", "api key required");
             return;
         }
-    } else if (s->o.secret_key) {
-        http_error(c, 403, "Forbidden", "server API disabled: no api key configured");
+    } else if (!s->o.api_open) {
+        http_error(c, 403, "Forbidden",
+                   "server API disabled: set auth.api_key (or auth.api_open = true)");
         return;
     }
     json_error_t jerr;
@@ -1309,6 +1330,52 @@ static void api_publish(conn_t *c, const char *body, size_t len)
     json_decref(j);
 }
 
+static bool monitor_allowed(conn_t *c, const http_request_t *r);
+static void write_health_brief(api_server_t *s, struct evbuffer *b, int *code);
+static void conn_set_forwarded(conn_t *c, const http_request_t *r);
+
+/*
+ * A connection from a trusted proxy, now that its request head told who the
+ * client is: the per-address limits apply to that address (the proxy's own
+ * when it forwarded none). Refused: 429 to the proxy, which tells its
+ * client. Returns whether the request goes on.
+ */
+static bool admit_forwarded(conn_t *c)
+{
+    api_server_t *s = c->srv;
+    const api_addr_t *a = &c->client_addr;
+    uint8_t key[16];
+    if (a->family == 4) {
+        uint32_t be;
+        memcpy(&be, a->bytes, 4);
+        api_admit_addr4(be, key);
+    } else {
+        api_admit_addr6(a->bytes, key);
+    }
+    c->admit_later = false;
+    int counted = 0;
+    enum api_admit_verdict v = api_admit_take(s->admit, key, mono_us(), &counted);
+    if (v != API_ADMIT_OK) {
+        if (v == API_ADMIT_TOO_MANY)
+            s->rejected_addr++;
+        else
+            s->rejected_rate++;
+        uint64_t held;
+        if (rlog_ok(&s->log_rejected, &held)) {
+            char h[24];
+            snprintf(h, sizeof(h), "%llu", (unsigned long long)held);
+            arq_log(ARQ_LOG_WARN, "connection_refused", "reason",
+                    v == API_ADMIT_TOO_MANY ? "address_limit" : "address_rate", "address", c->ip,
+                    "via", "trusted proxy", "held", h, NULL);
+        }
+        http_error(c, 429, "Too Many Requests", "too many connections from this client address");
+        return false;
+    }
+    memcpy(c->addr, key, sizeof(key));
+    c->admitted = counted;
+    return true;
+}
+
 static void route(conn_t *c)
 {
     api_server_t *s = c->srv;
@@ -1333,7 +1400,10 @@ static void route(conn_t *c)
     } else if (plen == 7 && memcmp(path, "/health", 7) == 0 && get) {
         struct evbuffer *b = evbuffer_new();
         int code = 200;
-        write_health(s, b, &code);
+        if (monitor_allowed(c, r))
+            write_health(s, b, &code);
+        else
+            write_health_brief(s, b, &code);
         size_t n = evbuffer_get_length(b);
         char *body = malloc(n + 1);
         evbuffer_remove(b, body, n);
@@ -1342,6 +1412,13 @@ static void route(conn_t *c)
         free(body);
         evbuffer_free(b);
     } else if (plen == 8 && memcmp(path, "/metrics", 8) == 0 && get) {
+        if (!monitor_allowed(c, r)) {
+            s->monitor_denied++;
+            http_error(c, 403, "Forbidden",
+                       "metrics: not an allowed address (server.monitor_allow) and no valid "
+                       "server.monitor_token");
+            return;
+        }
         struct evbuffer *b = evbuffer_new();
         write_metrics(s, b);
         size_t n = evbuffer_get_length(b);
@@ -1416,6 +1493,9 @@ static void read_http(conn_t *c)
         }
         c->have_req = true;
         evbuffer_drain(in, c->req.head_len);
+        conn_set_forwarded(c, &c->req);
+        if (c->admit_later && !admit_forwarded(c))
+            return;
         route(c);
     }
     if (c->state == C_BODY) {
@@ -1540,6 +1620,8 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     conn_free(c);
 }
 
+static void conn_peer_init(conn_t *c, const struct sockaddr *sa);
+
 static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct sockaddr *sa,
                       int salen, void *arg)
 {
@@ -1555,9 +1637,16 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
         api_admit_addr6(((struct sockaddr_in6 *)sa)->sin6_addr.s6_addr, addr);
     int counted = 0, slot = -1;
     enum api_admit_verdict v = API_ADMIT_OK;
-    if (!overflow) {
+    /* A trusted proxy carries many clients: they are counted by the address
+     * it forwards, once the request head is read (admit_forwarded). */
+    api_addr_t peer;
+    conn_t probe = {.srv = s};
+    conn_peer_init(&probe, sa);
+    peer = probe.peer_addr;
+    bool later = !overflow && api_cidr_match(s->trusted, s->n_trusted, &peer);
+    if (!overflow && !later) {
         v = api_admit_take(s->admit, addr, mono_us(), &counted);
-    } else {
+    } else if (overflow) {
         int same = 0;
         for (int i = 0; i < OVERFLOW_SLOTS; i++) {
             if (!s->ovf[i])
@@ -1601,6 +1690,7 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
     }
     memcpy(c->addr, addr, sizeof(addr));
     c->admitted = counted;
+    c->admit_later = later;
     c->overflow = overflow;
     if (overflow) {
         s->rejected_overflow++;
@@ -1631,6 +1721,7 @@ static void accept_cb(struct evconnlistener *lis, evutil_socket_t fd, struct soc
         snprintf(c->peer, sizeof(c->peer), "%s:%u", ip, ntohs(in4->sin_port));
         snprintf(c->ip, sizeof(c->ip), "%s", ip);
     }
+    conn_peer_init(c, sa);
     c->next = s->conns;
     if (s->conns)
         s->conns->prev = c;
@@ -1750,6 +1841,8 @@ static void histogram(struct evbuffer *b, const char *name, const char *help,
         evbuffer_add_printf(b, "%s_sum %g\n", name, (double)sum_raw * scale);
     evbuffer_add_printf(b, "%s_count %llu\n", name, (unsigned long long)cum);
 }
+
+static void write_metrics_deploy(api_server_t *s, struct evbuffer *b);
 
 static void write_metrics(api_server_t *s, struct evbuffer *b)
 {
@@ -1903,6 +1996,7 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
               "Acknowledged publishes: WAL batch durable to its completion run on the event "
               "loop.",
               bs.pub_dispatch_us, brk_pub_us_bounds, 1e-6, bs.pub_dispatch_us_sum, 1);
+    write_metrics_deploy(s, b);
     if (s->o.metrics_extra)
         s->o.metrics_extra(s->o.extra_arg, b);
 }
@@ -1955,6 +2049,8 @@ static void accept_error_cb(struct evconnlistener *lis, void *arg)
                 NULL);
     }
 }
+static int server_set_rules(api_server_t *s, const api_options_t *o, char *errbuf, size_t errlen);
+static int server_take_listener(api_server_t *s, int fd, char *errbuf, size_t errlen);
 
 int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_options_t *opts,
                      api_server_t **ret, char *errbuf, size_t errlen)
@@ -1997,28 +2093,11 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     s->ops.kick = conn_kick;
     s->ops.send_bytes = conn_send_bytes;
     s->ops.session_durable = conn_session_durable;
-    struct sockaddr_in sin = {0};
-    sin.sin_family = AF_INET;
-    sin.sin_port = htons(opts->port);
-    if (inet_pton(AF_INET, opts->host, &sin.sin_addr) != 1) {
-        snprintf(errbuf, errlen, "listen address '%s' is not an IPv4 address", opts->host);
+    if (server_set_rules(s, opts, errbuf, errlen) != 0) {
         event_free(s->flush_ev);
         free(s);
         return -1;
     }
-    /* A deep accept queue: thousands of clients reconnect at once after a
-     * network blip, and a full queue drops their SYNs (1 s, then 2 s retries;
-     * measured in docs/benchmarks.md). The kernel caps it at somaxconn. */
-    s->lis = evconnlistener_new_bind(base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE,
-                                     4096, (struct sockaddr *)&sin, sizeof(sin));
-    if (!s->lis) {
-        snprintf(errbuf, errlen, "cannot listen on %s:%u: %s", opts->host, opts->port,
-                 strerror(errno));
-        event_free(s->flush_ev);
-        free(s);
-        return -1;
-    }
-    evconnlistener_set_error_cb(s->lis, accept_error_cb);
     api_admit_options_t ao = {.max_per_addr = opts->max_conns_per_addr,
                               .rate_per_s = opts->conn_rate_per_s,
                               .burst = opts->conn_burst};
@@ -2031,6 +2110,35 @@ int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_
     }
     struct timeval one = {1, 0};
     event_add(s->tick, &one);
+    if (opts->use_listen_fd) {
+        if (server_take_listener(s, opts->listen_fd, errbuf, errlen) != 0) {
+            api_server_free(s);
+            return -1;
+        }
+        evconnlistener_set_error_cb(s->lis, accept_error_cb);
+        *ret = s;
+        return 0;
+    }
+    struct sockaddr_in sin = {0};
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons(opts->port);
+    if (inet_pton(AF_INET, opts->host, &sin.sin_addr) != 1) {
+        snprintf(errbuf, errlen, "listen address '%s' is not an IPv4 address", opts->host);
+        api_server_free(s);
+        return -1;
+    }
+    /* A deep accept queue: thousands of clients reconnect at once after a
+     * network blip, and a full queue drops their SYNs (1 s, then 2 s retries;
+     * measured in docs/benchmarks.md). The kernel caps it at somaxconn. */
+    s->lis = evconnlistener_new_bind(base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE,
+                                     4096, (struct sockaddr *)&sin, sizeof(sin));
+    if (!s->lis) {
+        snprintf(errbuf, errlen, "cannot listen on %s:%u: %s", opts->host, opts->port,
+                 strerror(errno));
+        api_server_free(s);
+        return -1;
+    }
+    evconnlistener_set_error_cb(s->lis, accept_error_cb);
     struct sockaddr_in bound;
     socklen_t bl = sizeof(bound);
     getsockname(evconnlistener_get_fd(s->lis), (struct sockaddr *)&bound, &bl);
@@ -2084,5 +2192,387 @@ void api_server_free(api_server_t *s)
     if (s->accept_retry)
         event_free(s->accept_retry);
     api_admit_free(s->admit);
+    free(s->trusted);
+    free(s->monitor);
     free(s);
+}
+
+/* ---- deployment: client addresses, monitoring access, tokens (#18) ----- */
+
+static void conn_peer_init(conn_t *c, const struct sockaddr *sa)
+{
+    memset(&c->peer_addr, 0, sizeof(c->peer_addr));
+    if (sa->sa_family == AF_INET) {
+        c->peer_addr.family = 4;
+        memcpy(c->peer_addr.bytes, &((const struct sockaddr_in *)(const void *)sa)->sin_addr, 4);
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
+        char ip[INET6_ADDRSTRLEN];
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));
+        (void)api_addr_parse(ip, strlen(ip), &c->peer_addr);
+        snprintf(c->peer, sizeof(c->peer), "[%s]:%u", ip, ntohs(in6->sin6_port));
+        snprintf(c->ip, sizeof(c->ip), "%s", ip);
+    }
+    c->client_addr = c->peer_addr;
+}
+
+/*
+ * The client address of this connection: the address a trusted proxy
+ * forwarded (X-Forwarded-For, else X-Real-IP) once the request head was
+ * read, else the TCP peer. What logs show as "peer" and what per-address
+ * rules (monitoring access, limits per address) should use.
+ */
+static const api_addr_t *conn_client_addr(const conn_t *c)
+{
+    return &c->client_addr;
+}
+
+/* The rightmost address of the X-Forwarded-For lines (in order) that is not
+ * a trusted proxy; the leftmost if all are. Returns 0 with *ret set, -1 if a
+ * field does not parse (then nothing forwarded is believed). */
+static int xff_client(const api_server_t *s, const http_request_t *r, api_addr_t *ret)
+{
+    bool found = false;
+    for (size_t h = r->n_headers; h-- > 0;) {
+        if (strcasecmp(r->headers[h].name, "X-Forwarded-For") != 0)
+            continue;
+        const char *v = r->headers[h].value;
+        size_t end = strlen(v);
+        while (end > 0) {
+            size_t start = end;
+            while (start > 0 && v[start - 1] != ',')
+                start--;
+            size_t a = start, b = end;
+            while (a < b && (v[a] == ' ' || v[a] == '\t'))
+                a++;
+            while (b > a && (v[b - 1] == ' ' || v[b - 1] == '\t'))
+                b--;
+            api_addr_t addr;
+            if (api_addr_parse(v + a, b - a, &addr) != 0)
+                return found ? 0 : -1;
+            *ret = addr;
+            found = true;
+            if (!api_cidr_match(s->trusted, s->n_trusted, &addr))
+                return 0;
+            end = start > 0 ? start - 1 : 0;
+        }
+    }
+    return found ? 0 : -1;
+}
+
+static void conn_set_forwarded(conn_t *c, const http_request_t *r)
+{
+    api_server_t *s = c->srv;
+    const char *xri = http_header_get(r, "X-Real-IP");
+    bool xff = http_header_get(r, "X-Forwarded-For") != NULL;
+    c->via_proxy = xff || xri || http_header_get(r, "Forwarded");
+    c->proxy_trusted = c->via_proxy && api_cidr_match(s->trusted, s->n_trusted, &c->peer_addr);
+    if (!c->proxy_trusted)
+        return;
+    api_addr_t a;
+    int rc = xff ? xff_client(s, r, &a) : -1;
+    if (rc != 0 && xri)
+        rc = api_addr_parse(xri, strlen(xri), &a);
+    if (rc != 0) {
+        c->proxy_trusted = false; /* nothing usable: judged as an unknown client */
+        return;
+    }
+    c->client_addr = a;
+    char ip[INET6_ADDRSTRLEN];
+    api_addr_format(&a, ip, sizeof(ip));
+    snprintf(c->peer, sizeof(c->peer), "%s", ip);
+    snprintf(c->ip, sizeof(c->ip), "%s", ip); /* the owner of its anonymous sessions */
+}
+
+/* "Authorization: Bearer <secret>", compared in constant time. */
+static bool bearer_ok(const http_request_t *r, const char *secret)
+{
+    /* compare digests, in constant time: the length of the secret and its
+     * bytes do not show in the time of a refusal */
+    const char *auth = http_header_get(r, "Authorization");
+    uint8_t want[32], got[32];
+    unsigned int wn = sizeof(want), gn = sizeof(got);
+    bool bearer = auth && strncmp(auth, "Bearer ", 7) == 0;
+    if (!EVP_Digest(secret, strlen(secret), want, &wn, EVP_sha256(), NULL) ||
+        !EVP_Digest(bearer ? auth + 7 : "", bearer ? strlen(auth + 7) : 0, got, &gn, EVP_sha256(),
+                    NULL))
+        return false;
+    return bearer && CRYPTO_memcmp(want, got, sizeof(want)) == 0;
+}
+
+/*
+ * /metrics and the details of /health: with the monitoring token from
+ * anywhere; otherwise from a client address in monitor_allow (default
+ * loopback). A request that came through a proxy is judged by the address
+ * the proxy forwarded when the proxy is trusted, and refused when it is not
+ * (its client is unknown): a local nginx does not open /metrics to the
+ * world.
+ */
+static bool monitor_allowed(conn_t *c, const http_request_t *r)
+{
+    api_server_t *s = c->srv;
+    if (s->o.monitor_token && bearer_ok(r, s->o.monitor_token))
+        return true;
+    if (c->via_proxy && !c->proxy_trusted)
+        return false;
+    return api_cidr_match(s->monitor, s->n_monitor, conn_client_addr(c));
+}
+
+/* /health for anyone else: the status (and its HTTP code) only. */
+static void write_health_brief(api_server_t *s, struct evbuffer *b, int *code)
+{
+    wal_stats_t ws;
+    int rc = wal_stats_get(s->wal, &ws);
+    wal_state_info_t st;
+    wal_state_get(s->wal, &st);
+    *code = st.state == WAL_STATE_FAILED || rc ? 503 : 200;
+    evbuffer_add_printf(b, "{\"status\":\"%s\"}",
+                        *code != 200                 ? "unhealthy"
+                        : st.state == WAL_STATE_FULL ? "degraded"
+                                                     : "healthy");
+}
+
+/* Verify with the current key, then with the previous one (rotation). */
+static int conn_verify_token(api_server_t *s, const proto_bytes_t *token, auth_token_t *ret)
+{
+    int64_t now = (int64_t)time(NULL);
+    int rc = AUTH_ESIGNATURE;
+    if (s->o.secret_key)
+        rc = auth_verify((const char *)token->ptr, token->len, (const uint8_t *)s->o.secret_key,
+                         strlen(s->o.secret_key), now, ret);
+    if (rc == AUTH_ESIGNATURE && s->o.previous_secret_key)
+        rc = auth_verify((const char *)token->ptr, token->len,
+                         (const uint8_t *)s->o.previous_secret_key,
+                         strlen(s->o.previous_secret_key), now, ret);
+    return rc;
+}
+
+static void expiry_cb(evutil_socket_t fd, short what, void *arg);
+
+/* (Re)arm the close at the token's exp plus the grace. */
+static void conn_arm_expiry(conn_t *c)
+{
+    if (!c->expiry_timer)
+        c->expiry_timer = evtimer_new(c->srv->base, expiry_cb, c);
+    if (!c->expiry_timer)
+        return;
+    int64_t left = c->token_expires - (int64_t)time(NULL);
+    struct timeval tv = {(time_t)((left > 0 ? left : 0) + (int64_t)c->srv->o.expiry_grace_s), 0};
+    evtimer_add(c->expiry_timer, &tv);
+}
+
+static void expiry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    conn_t *c = arg;
+    if (c->state != C_WS || !c->token_expires)
+        return;
+    if (c->token_expires + (int64_t)c->srv->o.expiry_grace_s > (int64_t)time(NULL)) {
+        conn_arm_expiry(c); /* refreshed meanwhile, or the clock moved */
+        return;
+    }
+    c->srv->tokens_expired++;
+    arq_log(ARQ_LOG_INFO, "token_expired", "peer", c->peer, "subject", c->subject ? c->subject : "",
+            NULL);
+    send_error_close(c, PROTO_CODE_UNAUTHORIZED, "token expired", 4002);
+    ws_flush(c); /* may free c */
+}
+
+/* hello verified tok: remember its subject and expiry, arm the close. */
+static void conn_token_taken(conn_t *c, const auth_token_t *tok)
+{
+    free(c->subject);
+    c->subject = tok->subject ? strdup(tok->subject) : NULL;
+    c->token_expires = tok->expires > 0 ? tok->expires : 1;
+    conn_arm_expiry(c);
+}
+
+static void send_nack(conn_t *c, uint64_t id, int code, const char *reason)
+{
+    proto_buf_t pb = {0};
+    if (proto_enc_nack(&pb, id, code, reason) == 0)
+        send_pb(c, &pb);
+    proto_buf_free(&pb);
+}
+
+/*
+ * refresh: a new token for this connection, before the old one expires. It
+ * must verify and name the same subject (the session and the dedup
+ * namespace belong to it); its grants replace the old ones for later
+ * requests. Refused: nack 401 (invalid or expired) or 403 (another
+ * subject); the connection keeps its old token until that expires.
+ */
+static void handle_refresh(conn_t *c, const proto_msg_t *m)
+{
+    api_server_t *s = c->srv;
+    if (!c->token_expires) {
+        send_nack(c, m->id, PROTO_CODE_BAD_REQUEST, "anonymous connection: no token to refresh");
+        return;
+    }
+    auth_token_t tok = {0};
+    int rc = conn_verify_token(s, &m->token, &tok);
+    if (rc != AUTH_OK) {
+        s->errors_auth++;
+        arq_log(ARQ_LOG_INFO, "refresh_failed", "peer", c->peer, "reason", auth_strerror(rc), NULL);
+        send_nack(c, m->id, PROTO_CODE_UNAUTHORIZED, "invalid token");
+        return;
+    }
+    if (!tok.subject || !c->subject || strcmp(tok.subject, c->subject) != 0) {
+        s->errors_auth++;
+        send_nack(c, m->id, PROTO_CODE_FORBIDDEN, "the token names another subject");
+    } else if (brk_client_set_perms(c->client, tok.pub, tok.n_pub, tok.subs, tok.n_subs) != 0) {
+        send_nack(c, m->id, PROTO_CODE_INTERNAL, "out of memory");
+    } else {
+        s->token_refreshes++;
+        c->token_expires = tok.expires > 0 ? tok.expires : 1;
+        conn_arm_expiry(c);
+        proto_buf_t pb = {0};
+        if (proto_enc_refreshok(&pb, m->id, (uint64_t)c->token_expires) == 0)
+            send_pb(c, &pb);
+        proto_buf_free(&pb);
+    }
+    auth_token_free(&tok);
+}
+
+static void write_metrics_deploy(api_server_t *s, struct evbuffer *b)
+{
+    metric(b, "arq_tokens_expired_total", "counter",
+           "Connections closed (4002) because their token expired without a refresh.",
+           s->tokens_expired);
+    metric(b, "arq_token_refreshes_total", "counter", "Tokens replaced by a refresh message.",
+           s->token_refreshes);
+    metric(b, "arq_monitor_denied_total", "counter",
+           "/metrics requests refused (address not in server.monitor_allow, no token).",
+           s->monitor_denied);
+}
+
+static int parse_cidrs(char *const *list, size_t n, const char *what, api_cidr_t **ret,
+                       char *errbuf, size_t errlen)
+{
+    api_cidr_t *v = calloc(n ? n : 1, sizeof(*v));
+    if (!v) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const char *why = NULL;
+        if (api_cidr_parse(list[i], &v[i], &why) != 0) {
+            snprintf(errbuf, errlen, "%s: '%s': %s", what, list[i], why);
+            free(v);
+            return -1;
+        }
+    }
+    *ret = v;
+    return 0;
+}
+
+/* Parse o's address rules into s (replacing what it had); all or nothing. */
+static int server_set_rules(api_server_t *s, const api_options_t *o, char *errbuf, size_t errlen)
+{
+    api_cidr_t *t, *m;
+    if (parse_cidrs(o->trusted_proxies, o->n_trusted_proxies, "server.trusted_proxies", &t, errbuf,
+                    errlen) != 0)
+        return -1;
+    if (parse_cidrs(o->monitor_allow, o->n_monitor_allow, "server.monitor_allow", &m, errbuf,
+                    errlen) != 0) {
+        free(t);
+        return -1;
+    }
+    free(s->trusted);
+    free(s->monitor);
+    s->trusted = t;
+    s->n_trusted = o->n_trusted_proxies;
+    s->monitor = m;
+    s->n_monitor = o->n_monitor_allow;
+    return 0;
+}
+
+/* A socket systemd (or a supervisor) bound and listens on: take it as is. */
+static int server_take_listener(api_server_t *s, int fd, char *errbuf, size_t errlen)
+{
+    int type = 0, listening = 0;
+    socklen_t l = sizeof(type);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &l) != 0 || type != SOCK_STREAM) {
+        snprintf(errbuf, errlen, "inherited fd %d is not a stream socket", fd);
+        return -1;
+    }
+    l = sizeof(listening);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &l) != 0 || !listening) {
+        snprintf(errbuf, errlen, "inherited fd %d is not listening", fd);
+        return -1;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0 ||
+        (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
+        snprintf(errbuf, errlen, "inherited fd %d is not an IPv4/IPv6 socket", fd);
+        return -1;
+    }
+    evutil_make_socket_nonblocking(fd);
+    evutil_make_socket_closeonexec(fd);
+    /* backlog 0: listen() was called by the owner of the socket */
+    s->lis = evconnlistener_new(s->base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE, 0, fd);
+    if (!s->lis) {
+        snprintf(errbuf, errlen, "cannot use inherited fd %d: %s", fd, strerror(errno));
+        return -1;
+    }
+    s->port = ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
+                                            : ((struct sockaddr_in6 *)&ss)->sin6_port);
+    return 0;
+}
+
+int api_server_reload(api_server_t *s, const api_options_t *o, char *errbuf, size_t errlen)
+{
+    if (server_set_rules(s, o, errbuf, errlen) != 0)
+        return -1;
+    s->o.secret_key = o->secret_key;
+    s->o.previous_secret_key = o->previous_secret_key;
+    s->o.anonymous = o->anonymous;
+    s->o.api_key = o->api_key;
+    s->o.api_open = o->api_open;
+    s->o.origins = o->origins;
+    s->o.n_origins = o->n_origins;
+    s->o.trusted_proxies = o->trusted_proxies;
+    s->o.n_trusted_proxies = o->n_trusted_proxies;
+    s->o.monitor_allow = o->monitor_allow;
+    s->o.n_monitor_allow = o->n_monitor_allow;
+    s->o.monitor_token = o->monitor_token;
+    s->o.expiry_grace_s = o->expiry_grace_s;
+    s->o.max_connections = o->max_connections;
+    s->o.handshake_timeout_ms = o->handshake_timeout_ms;
+    s->o.max_header_bytes = o->max_header_bytes;
+    s->o.ping_interval_ms = o->ping_interval_ms;
+    s->o.pong_timeout_ms = o->pong_timeout_ms;
+    /* limits: welcome's announcements, the frame limit of new connections,
+     * backpressure (the broker's own copies: brk_set_limits) */
+    s->o.max_message_bytes = o->max_message_bytes;
+    s->o.max_inflight = o->max_inflight;
+    s->o.max_frame_bytes = o->max_frame_bytes;
+    s->limits.max_payload = o->max_frame_bytes;
+    s->o.max_output_bytes = o->max_output_bytes;
+    return 0;
+}
+
+/*
+ * A session taken over (close 4001): said at warn, since many of them mean
+ * clients that reconnect before their old connection died or processes
+ * sharing a session. At most one line per 10 s; it counts the ones in
+ * between (arq_sessions_taken_over_total has them all).
+ */
+static void log_takeover(conn_t *c)
+{
+    api_server_t *s = c->srv;
+    time_t now = time(NULL);
+    if (s->takeover_logged && now - s->takeover_logged < 10) {
+        s->takeovers_unlogged++;
+        return;
+    }
+    char more[24];
+    snprintf(more, sizeof(more), "%llu", (unsigned long long)s->takeovers_unlogged);
+    arq_log(ARQ_LOG_WARN, "session_taken_over", "peer", c->peer, "session", c->session, "reason",
+            "the session was resumed by another connection: closed with 4001", "since_last_line",
+            more, NULL);
+    s->takeover_logged = now;
+    s->takeovers_unlogged = 0;
 }

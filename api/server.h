@@ -46,6 +46,22 @@ typedef struct api_options {
     void (*health_sync)(void *arg, struct evbuffer *out);
     void (*metrics_extra)(void *arg, struct evbuffer *out);
     void *extra_arg;
+    /*
+     * Deployment (docs/operations.md, "Security model"). Every string and
+     * list is borrowed: it must outlive the server or the next
+     * api_server_reload().
+     */
+    const char *previous_secret_key; /* tokens signed with it verify too (key rotation) */
+    int anonymous; /* 1: a hello without a token gets full access; 0: a token is required */
+    int api_open;  /* 1: POST /api/publish needs no API key (when api_key is NULL) */
+    char *const *trusted_proxies; /* CIDRs: X-Forwarded-For/X-Real-IP believed from these */
+    size_t n_trusted_proxies;
+    char *const *monitor_allow; /* CIDRs that may read /metrics and /health details */
+    size_t n_monitor_allow;
+    const char *monitor_token; /* NULL, or a bearer token that may read them from anywhere */
+    uint32_t expiry_grace_s;   /* close a connection this long after its token's exp */
+    int use_listen_fd;         /* 1: take listen_fd (bound and listening) instead of binding */
+    int listen_fd;
 } api_options_t;
 
 typedef struct api_server api_server_t;
@@ -53,6 +69,17 @@ typedef struct api_server api_server_t;
 int api_server_start(struct event_base *base, brk_t *brk, wal_t *wal, const api_options_t *opts,
                      api_server_t **ret, char *errbuf, size_t errlen);
 uint16_t api_server_port(const api_server_t *srv);
+/*
+ * Apply what can change while running (SIGHUP): the secret keys, anonymous,
+ * the API key and api_open, the origin list, trusted proxies, monitoring
+ * access, the expiry grace, max_connections, handshake_timeout_ms,
+ * max_header_bytes, ping_interval_ms, pong_timeout_ms, max_message_bytes,
+ * max_inflight (announced in welcome), max_frame_bytes (new connections) and
+ * max_output_bytes. Other fields of opts are ignored. New connections and requests use the new
+ * values; a connection keeps the token it authenticated with (and its permissions) until it
+ * refreshes it. Returns 0, or -1 with errbuf set and nothing changed (e.g. a bad CIDR).
+ */
+int api_server_reload(api_server_t *srv, const api_options_t *opts, char *errbuf, size_t errlen);
 /* Stop accepting; close every WebSocket with 1001 and every HTTP connection. */
 void api_server_shutdown(api_server_t *srv);
 /* Connections still open (waiting for their close to flush). */

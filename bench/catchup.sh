@@ -82,7 +82,7 @@ load() { cut -d' ' -f1-3 /proc/loadavg; }
 start_arqd() {
     local name=$1
     shift
-    "$ARQD" --port 0 --data-dir "$TMP/$name" --log-level warn "$@" \
+    "$ARQD" --port 0 --data-dir "$TMP/$name" --log-level warn --anonymous "$@" \
         >"$TMP/$name.out" 2>"$TMP/$name.log" &
     ARQD_PID=$!
     for _ in $(seq 100); do

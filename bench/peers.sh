@@ -100,7 +100,7 @@ disk_check before
 # ---- arqd --------------------------------------------------------------------
 mkdir "$TMP/arq" "$TMP/redis"
 # shellcheck disable=SC2086 # ARQD_ARGS is a list of flags
-"$ARQD" --port 0 --data-dir "$TMP/arq" ${ARQD_ARGS:-} >"$TMP/arqd.out" 2>"$TMP/arqd.err" &
+"$ARQD" --port 0 --data-dir "$TMP/arq" --anonymous ${ARQD_ARGS:-} >"$TMP/arqd.out" 2>"$TMP/arqd.err" &
 ARQD_PID=$!
 ARQ_URL=
 for _ in $(seq 100); do

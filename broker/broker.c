@@ -693,6 +693,41 @@ static void free_patterns(char **p, size_t n)
     free(p);
 }
 
+void brk_set_limits(brk_t *b, uint32_t max_payload, uint32_t max_subscriptions,
+                    uint32_t max_inflight, size_t out_high_watermark)
+{
+    if (max_payload)
+        b->o.max_payload = max_payload;
+    if (max_subscriptions)
+        b->o.max_subscriptions = max_subscriptions;
+    if (max_inflight)
+        b->o.max_inflight = max_inflight;
+    if (out_high_watermark)
+        b->o.out_high_watermark = out_high_watermark;
+}
+
+int brk_client_set_perms(brk_client_t *c, char *const *pub, size_t n_pub, char *const *subs,
+                         size_t n_subs)
+{
+    bool pub_all = n_pub == (size_t)-1, subs_all = n_subs == (size_t)-1;
+    char **np = pub_all ? NULL : dup_patterns(pub, n_pub);
+    char **ns = subs_all ? NULL : dup_patterns(subs, n_subs);
+    if ((!pub_all && !np) || (!subs_all && !ns)) {
+        free_patterns(np, pub_all ? 0 : n_pub);
+        free_patterns(ns, subs_all ? 0 : n_subs);
+        return -1;
+    }
+    free_patterns(c->pub, c->n_pub);
+    free_patterns(c->subs, c->n_subs);
+    c->pub_all = pub_all;
+    c->subs_all = subs_all;
+    c->pub = np;
+    c->n_pub = pub_all ? 0 : n_pub;
+    c->subs = ns;
+    c->n_subs = subs_all ? 0 : n_subs;
+    return 0;
+}
+
 int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *session,
                    const char *producer, char *const *pub, size_t n_pub, char *const *subs,
                    size_t n_subs, brk_client_t **ret)
@@ -1554,8 +1589,9 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-const uint64_t brk_pub_us_bounds[WAL_HIST_BUCKETS - 1] = {25,   50,   100,   250,   500,   1000,
-                                                          2500, 5000, 10000, 25000, 100000};
+const uint64_t brk_pub_us_bounds[WAL_HIST_BUCKETS - 1] = {
+    25,    50,    100,    250,    500,    1000,    2500,    5000,    10000,
+    25000, 50000, 100000, 200000, 500000, 1000000, 2500000, 5000000, 10000000};
 
 static int64_t mono_us(void)
 {

@@ -77,6 +77,17 @@ typedef struct brk_options {
 typedef struct brk brk_t;
 typedef struct brk_client brk_client_t;
 
+/*
+ * Change the per-client limits of a running broker (a reload): the payload
+ * limit, subscriptions per client, in-flight deliveries per subscription and
+ * the output high watermark; 0 leaves a value as it is. They apply to the
+ * next request or delivery decision of every client, existing ones included
+ * (a subscription over a lowered in-flight limit pauses until acks bring it
+ * under). The other options need a new broker.
+ */
+void brk_set_limits(brk_t *b, uint32_t max_payload, uint32_t max_subscriptions,
+                    uint32_t max_inflight, size_t out_high_watermark);
+
 typedef struct brk_stats {
     uint64_t publishes, publish_dups, publish_errors, deliveries, delivered_bytes, acks;
     uint64_t catchup_reads, gaps, subscriptions, streams;
@@ -124,6 +135,14 @@ int brk_stream_name_valid(const char *name, size_t len);
 int brk_client_new(brk_t *b, const brk_client_ops_t *ops, void *conn, const char *session,
                    const char *producer, char *const *pub, size_t n_pub, char *const *subs,
                    size_t n_subs, brk_client_t **ret);
+/*
+ * Replace the client's publish/subscribe patterns (a refreshed token: the
+ * subject stays, its grants may change). They apply to later requests;
+ * subscriptions already made stay. Copies them. Returns 0, or -1 when out
+ * of memory (the old patterns then stay).
+ */
+int brk_client_set_perms(brk_client_t *c, char *const *pub, size_t n_pub, char *const *subs,
+                         size_t n_subs);
 /* The connection is gone: drop subscriptions; pending publishes complete
  * without sending anything. */
 void brk_client_close(brk_client_t *c);

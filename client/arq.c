@@ -65,6 +65,8 @@ const char *arq_strerror(int code)
         return "session taken over by another connection";
     case ARQ_EFULL:
         return "too many publishes pending";
+    case ARQ_ETLS:
+        return "TLS failed";
     case -400:
         return "bad request";
     case -401:
@@ -172,19 +174,49 @@ uint64_t arq_backoff_ms(arq_client_t *c, uint32_t n)
 
 /* ---- URL ---------------------------------------------------------------- */
 
+static int host_char_ok(char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           ch == '.' || ch == '-' || ch == '_';
+}
+
+/* ws://HOST[:PORT][/PATH] or wss://...; HOST a name, IPv4, or [IPv6]. */
 static int parse_url(arq_client_t *c, const char *url)
 {
-    if (!url || strncasecmp(url, "ws://", 5) != 0)
+    const char *h;
+    if (url && strncasecmp(url, "ws://", 5) == 0) {
+        h = url + 5;
+    } else if (url && strncasecmp(url, "wss://", 6) == 0) {
+        h = url + 6;
+        c->tls = 1;
+    } else {
         return ARQ_EINVAL;
-    const char *h = url + 5;
-    const char *end = h + strcspn(h, ":/?#");
-    size_t hlen = (size_t)(end - h);
-    if (hlen == 0 || hlen > 255)
-        return ARQ_EINVAL;
-    c->host = strndup(h, hlen);
+    }
+    const char *end;
+    int v6 = *h == '[';
+    if (v6) {
+        end = strchr(h, ']');
+        if (!end || end == h + 1)
+            return ARQ_EINVAL;
+        c->host = strndup(h + 1, (size_t)(end - h - 1));
+        end++;
+    } else {
+        end = h + strcspn(h, ":/?#");
+        if (end == h || end - h > 255)
+            return ARQ_EINVAL;
+        for (const char *q = h; q < end; q++)
+            if (!host_char_ok(*q))
+                return ARQ_EINVAL;
+        c->host = strndup(h, (size_t)(end - h));
+    }
     if (!c->host)
         return ARQ_ENOMEM;
-    unsigned long port = 80;
+    if (v6) {
+        struct in6_addr a6;
+        if (inet_pton(AF_INET6, c->host, &a6) != 1)
+            return ARQ_EINVAL;
+    }
+    unsigned long port = c->tls ? 443 : 80;
     const char *p = end;
     if (*p == ':') {
         char *pe;
@@ -207,13 +239,71 @@ static int parse_url(arq_client_t *c, const char *url)
     if (!c->path)
         return ARQ_ENOMEM;
     c->port = (uint16_t)port;
-    memset(&c->addr, 0, sizeof(c->addr));
-    c->addr.sin_family = AF_INET;
-    c->addr.sin_port = htons(c->port);
-    const char *ip = strcasecmp(c->host, "localhost") == 0 ? "127.0.0.1" : c->host;
-    if (inet_pton(AF_INET, ip, &c->addr.sin_addr) != 1)
-        return ARQ_EINVAL;
+    char hh[300];
+    snprintf(hh, sizeof(hh), v6 ? "[%s]:%u" : "%s:%u", c->host, c->port);
+    c->host_header = strdup(hh);
+    return c->host_header ? 0 : ARQ_ENOMEM;
+}
+
+/* wss://: one TLS context per client, verifying the server. Returns 0, or
+ * ARQ_EINVAL when ca_file cannot be loaded. */
+static int tls_setup(arq_client_t *c, const char *ca_file)
+{
+    c->ssl_ctx = SSL_CTX_new(TLS_client_method());
+    if (!c->ssl_ctx)
+        return ARQ_ENOMEM;
+    SSL_CTX_set_min_proto_version(c->ssl_ctx, TLS1_2_VERSION);
+    SSL_CTX_set_verify(c->ssl_ctx, SSL_VERIFY_PEER, NULL);
+    int ok = ca_file ? SSL_CTX_load_verify_locations(c->ssl_ctx, ca_file, NULL)
+                     : SSL_CTX_set_default_verify_paths(c->ssl_ctx);
+    return ok == 1 ? 0 : ARQ_EINVAL;
+}
+
+/* ---- the token provider ----------------------------------------------- */
+
+void arq_client_on_token(arq_client_t *c, arq_token_cb cb, void *arg)
+{
+    c->token_cb = cb;
+    c->token_arg = arg;
+}
+
+/* Ask the provider for a token; a new one replaces c->token. */
+int arq_token_fetch(arq_client_t *c)
+{
+    if (!c->token_cb)
+        return 0;
+    char *t = NULL;
+    int rc = c->token_cb(c, &t, c->token_arg);
+    if (rc != 0) {
+        free(t);
+        return rc < 0 ? rc : ARQ_EINVAL;
+    }
+    if (t) {
+        free(c->token);
+        c->token = t;
+    }
     return 0;
+}
+
+/* When the server says the token expires: fetch a new one ahead of it
+ * (three quarters of the remaining life, at least 5 s before). */
+void arq_token_schedule(arq_client_t *c, uint64_t expires)
+{
+    c->token_expires = expires;
+    if (!c->ev_refresh)
+        return;
+    evtimer_del(c->ev_refresh);
+    if (!c->token_cb || !expires)
+        return;
+    uint64_t now = (uint64_t)time(NULL);
+    uint64_t left = expires > now ? expires - now : 0;
+    uint64_t wait = left * 3 / 4;
+    if (left > 5 && wait > left - 5)
+        wait = left - 5;
+    if (left <= 5)
+        wait = left / 2;
+    struct timeval tv = arq_ms_tv(wait * 1000);
+    (void)evtimer_add(c->ev_refresh, &tv);
 }
 
 /* ---- lifecycle -------------------------------------------------------- */
@@ -252,6 +342,11 @@ static void client_destroy(arq_client_t *c)
     }
     msgpack_sbuffer_destroy(&c->out);
     msgpack_sbuffer_destroy(&c->headers);
+    if (c->ev_refresh)
+        event_free(c->ev_refresh);
+    if (c->ssl_ctx)
+        SSL_CTX_free(c->ssl_ctx);
+    free(c->host_header);
     free(c->host);
     free(c->path);
     free(c->token);
@@ -357,6 +452,31 @@ static void retry_cb(evutil_socket_t fd, short what, void *arg)
     arq_leave(c);
 }
 
+/* Ahead of the token's expiry: a new token from the provider, sent as a
+ * refresh on the live connection (arq_session.c answers refreshok). */
+static void refresh_cb(evutil_socket_t fd, short what, void *arg)
+{
+    arq_client_t *c = arg;
+    arq_enter(c);
+    if (c->conn == CN_READY && !c->teardown_pending && !c->close_received) {
+        char *before = c->token ? strdup(c->token) : NULL;
+        int rc = arq_token_fetch(c);
+        if (rc == 0 && c->token && (!before || strcmp(before, c->token) != 0)) {
+            arq_send_refresh(c);
+        } else {
+            if (rc != 0)
+                arq_set_error(c, "token provider failed: %s", arq_strerror(rc));
+            /* nothing new yet: ask again in a second while the token lasts */
+            if ((uint64_t)time(NULL) + 1 < c->token_expires) {
+                struct timeval tv = arq_ms_tv(1000);
+                (void)evtimer_add(c->ev_refresh, &tv);
+            }
+        }
+        free(before);
+    }
+    arq_leave(c);
+}
+
 static void hb_cb(evutil_socket_t fd, short what, void *arg)
 {
     arq_client_t *c = arg;
@@ -408,6 +528,8 @@ int arq_client_new(struct event_base *base, const arq_client_options_t *options,
     c->max_pending = options->max_pending ? options->max_pending : ARQ_DEFAULT_PENDING;
     c->max_inflight = ARQ_DEFAULT_INFLIGHT;
     int rc = parse_url(c, options->url);
+    if (rc == 0 && c->tls)
+        rc = tls_setup(c, options->ca_file);
     uint8_t rnd[16];
     if (rc == 0 && arq_fill_random(rnd, sizeof(rnd)) != 0)
         rc = ARQ_ENOMEM; /* no entropy: treated as a resource failure */
@@ -427,9 +549,10 @@ int arq_client_new(struct event_base *base, const arq_client_options_t *options,
         c->ev_defer = event_new(base, -1, 0, defer_cb, c);
         c->ev_reconnect = evtimer_new(base, reconnect_cb, c);
         c->ev_retry = evtimer_new(base, retry_cb, c);
+        c->ev_refresh = evtimer_new(base, refresh_cb, c);
         if (c->hb_interval_ms)
             c->ev_hb = event_new(base, -1, EV_PERSIST, hb_cb, c);
-        if (!c->ev_timer || !c->ev_defer || !c->ev_reconnect || !c->ev_retry ||
+        if (!c->ev_timer || !c->ev_defer || !c->ev_reconnect || !c->ev_retry || !c->ev_refresh ||
             (c->hb_interval_ms && !c->ev_hb))
             rc = ARQ_ENOMEM;
     }
@@ -511,6 +634,8 @@ void arq_arm_timer(arq_client_t *c)
 static void transport_free(arq_client_t *c)
 {
     evtimer_del(c->ev_timer);
+    evtimer_del(c->ev_refresh);
+    c->refresh_id = 0;
     if (c->ev_hb)
         event_del(c->ev_hb);
     if (c->ws) {
@@ -529,7 +654,10 @@ static int permanent(const arq_client_t *c, int status)
 {
     if (c->close_code == 1008)
         return 1;
+    if (status == -401 && c->token_cb)
+        return 0; /* the provider may have a new token for the next attempt */
     switch (status) {
+    case ARQ_ETLS:
     case -400:
     case -401:
     case -403:

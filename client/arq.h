@@ -60,6 +60,7 @@ enum {
     ARQ_EBUSY = -11,     /* already connecting/connected, or already subscribed */
     ARQ_ESESSION = -12,  /* the session was taken over by another connection (close 4001) */
     ARQ_EFULL = -13,     /* options.max_pending publishes are already waiting for a puback */
+    ARQ_ETLS = -14,      /* TLS failed: handshake, or the server's certificate did not verify */
 };
 
 /* A static description of code (local or -server code). Never NULL. */
@@ -72,8 +73,11 @@ typedef struct arq_client arq_client_t;
  * reconnection or heartbeat, as before these options existed.
  */
 typedef struct arq_client_options {
-    const char *url;             /* ws://HOST[:PORT][/PATH]; HOST is IPv4 or "localhost" */
-    const char *token;           /* JWT for hello.token; NULL for anonymous */
+    /* ws://HOST[:PORT][/PATH] or wss://... (TLS). HOST is a name (resolved at
+     * each connection attempt, blocking: getaddrinfo), an IPv4 address or an
+     * IPv6 one in brackets. Ports default to 80 / 443. */
+    const char *url;
+    const char *token; /* JWT for hello.token; NULL for anonymous (see also arq_client_on_token) */
     const char *client_name;     /* hello.client; NULL for "libarq/VERSION" */
     uint32_t connect_timeout_ms; /* connect + upgrade + welcome, per attempt; 0 = 10000 */
 
@@ -101,6 +105,14 @@ typedef struct arq_client_options {
      * arq_publish() returns ARQ_EFULL; 0 = 10000. Applies with or without
      * reconnect. */
     size_t max_pending;
+    /*
+     * wss:// only. The server's certificate is always verified, against the
+     * system's CA store (OpenSSL's default paths), or against ca_file alone
+     * (a PEM file of one or more CAs: a private CA) when it is set, and must
+     * name HOST (or its IP address). A failure is ARQ_ETLS, a permanent
+     * refusal.
+     */
+    const char *ca_file;
 } arq_client_options_t;
 
 /* The client's state, as reported by arq_client_state() and the state callback. */
@@ -184,6 +196,24 @@ typedef void (*arq_epoch_cb)(arq_client_t *client, const char *stream, uint64_t 
                              uint64_t new_epoch, void *arg);
 void arq_client_on_epoch(arq_client_t *client, arq_epoch_cb cb, void *arg);
 
+/*
+ * A token provider, for clients that outlive their tokens. Called (on the
+ * loop's thread, synchronously: keep it short) before every hello - the
+ * first connection and each reconnection - and again ahead of the current
+ * token's expiry (welcome.token_expires: when three quarters of its
+ * remaining life are gone, and at least 5 s before it), to send a `refresh`
+ * on the live connection. Set *ret_token to a malloc'd NUL-terminated token
+ * (the library takes it and frees it) and return 0; return 0 with
+ * *ret_token left NULL to keep the current token, or a negative code to
+ * report a failure (the current token is kept; at connection time the
+ * attempt fails with that code). With a provider, a hello refused with 401
+ * is retried (a new token may come) instead of being final. Without one,
+ * options.token is sent, and a connection whose token expires is closed by
+ * the server (close 4002; with reconnect, the same token is then refused).
+ */
+typedef int (*arq_token_cb)(arq_client_t *client, char **ret_token, void *arg);
+void arq_client_on_token(arq_client_t *client, arq_token_cb cb, void *arg);
+
 /* Counters since arq_client_new(). */
 typedef struct arq_client_stats {
     uint64_t connects;             /* welcomes received */
@@ -194,6 +224,7 @@ typedef struct arq_client_stats {
     uint64_t publishes_resent;     /* publishes sent again (reconnect or 503) */
     uint64_t resubscribes;         /* subscriptions sent again */
     uint64_t pending_publishes;    /* publishes waiting for a puback now */
+    uint64_t token_refreshes;      /* refresh messages the server accepted */
 } arq_client_stats_t;
 void arq_client_stats(const arq_client_t *client, arq_client_stats_t *ret_stats);
 

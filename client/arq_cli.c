@@ -50,9 +50,15 @@ static void usage(FILE *f)
             "       arq [options] pub STREAM -        publish each stdin line, print offsets\n"
             "       arq [options] sub STREAM          print messages as JSON lines, ack them\n"
             "\n"
-            "  -u, --url URL            ws://HOST:PORT/ws (default $ARQ_URL, else\n"
-            "                           ws://127.0.0.1:8000/ws)\n"
-            "  -t, --token JWT          access token (HS256 JWT)\n"
+            "  -u, --url URL            ws://HOST:PORT/ws or wss://HOST/ws (default $ARQ_URL,\n"
+            "                           else ws://127.0.0.1:8000/ws); HOST a name or address\n"
+            "  -t, --token JWT          access token (HS256 JWT; default $ARQ_TOKEN)\n"
+            "      --token-command CMD  run CMD (/bin/sh -c) for a token: its first output\n"
+            "                           line; run again before every connection and ahead\n"
+            "                           of the token's expiry, so a long run refreshes it\n"
+            "      --ca FILE            wss: verify the server against the CAs in FILE\n"
+            "                           (PEM) instead of the system's; verification is\n"
+            "                           always on\n"
             "      --msgid-prefix P     pub: message ids P0, P1, ... (idempotent retries)\n"
             "  -H, --header K=V         pub: a header on every message (repeatable; K is\n"
             "                           up to the first '=')\n"
@@ -698,6 +704,29 @@ static void sub_start(struct cli *c)
 
 static int is_pub;
 
+/* --token-command: the command's first output line, as a new token. */
+static int token_from_command(arq_client_t *client, char **ret_token, void *arg)
+{
+    (void)client;
+    const char *cmd = arg;
+    FILE *p = popen(cmd, "r");
+    if (!p) {
+        fprintf(stderr, "arq: --token-command: %s\n", strerror(errno));
+        return ARQ_EINVAL;
+    }
+    char buf[8192];
+    size_t n = fgets(buf, sizeof(buf), p) ? strcspn(buf, "\r\n") : 0;
+    buf[n] = '\0';
+    int st = pclose(p);
+    if (st != 0 || n == 0) {
+        fprintf(stderr, "arq: --token-command failed (status %d%s)\n", st,
+                n == 0 ? ", no token printed" : "");
+        return ARQ_EINVAL;
+    }
+    *ret_token = strdup(buf);
+    return *ret_token ? 0 : ARQ_ENOMEM;
+}
+
 static void on_connect(arq_client_t *client, int status, void *arg)
 {
     struct cli *c = arg;
@@ -717,11 +746,23 @@ static void on_connect(arq_client_t *client, int status, void *arg)
 
 int main(int argc, char **argv)
 {
-    enum { OPT_MSGID = 256, OPT_FROM, OPT_COUNT, OPT_TIMEOUT, OPT_STATE, OPT_NORECON, OPT_RETRIES };
+    enum {
+        OPT_MSGID = 256,
+        OPT_FROM,
+        OPT_COUNT,
+        OPT_TIMEOUT,
+        OPT_STATE,
+        OPT_NORECON,
+        OPT_RETRIES,
+        OPT_TOKEN_CMD,
+        OPT_CA
+    };
     enum { MAX_HEADERS = 64 };
     static const struct option longopts[] = {
         {"url", required_argument, NULL, 'u'},
         {"token", required_argument, NULL, 't'},
+        {"token-command", required_argument, NULL, OPT_TOKEN_CMD},
+        {"ca", required_argument, NULL, OPT_CA},
         {"msgid-prefix", required_argument, NULL, OPT_MSGID},
         {"header", required_argument, NULL, 'H'},
         {"from", required_argument, NULL, OPT_FROM},
@@ -736,7 +777,9 @@ int main(int argc, char **argv)
     };
     struct cli cli = {.from = ARQ_FROM_EARLIEST, .epoch = ARQ_EPOCH_ANY, .exit_code = 1};
     const char *url = getenv("ARQ_URL");
-    const char *token = NULL, *from = NULL;
+    const char *token = getenv("ARQ_TOKEN"), *from = NULL, *token_cmd = NULL, *ca = NULL;
+    if (token && !*token)
+        token = NULL;
     int have_count = 0, no_reconnect = 0, have_retries = 0;
     const char *hdr[MAX_HEADERS];
     size_t n_hdr = 0;
@@ -752,6 +795,12 @@ int main(int argc, char **argv)
             break;
         case 't':
             token = optarg;
+            break;
+        case OPT_TOKEN_CMD:
+            token_cmd = optarg;
+            break;
+        case OPT_CA:
+            ca = optarg;
             break;
         case OPT_MSGID:
             cli.msgid_prefix = optarg;
@@ -893,19 +942,21 @@ int main(int argc, char **argv)
                               .backoff_cap_ms = BACKOFF_CAP_MS,
                               .max_retries = (uint32_t)retries,
                               .heartbeat_interval_ms = reconnect ? HB_INTERVAL_MS : 0,
-                              .heartbeat_timeout_ms = reconnect ? HB_TIMEOUT_MS : 0};
+                              .heartbeat_timeout_ms = reconnect ? HB_TIMEOUT_MS : 0,
+                              .ca_file = ca};
     int rc = arq_client_new(cli.base, &o, &cli.client);
     if (rc != 0) {
         if (rc == ARQ_EINVAL)
             fprintf(stderr,
-                    "error: invalid URL '%s' (expected ws://HOST:PORT/PATH with an IPv4 "
-                    "address or localhost)\n",
-                    url);
+                    "error: invalid URL '%s' (expected ws://HOST[:PORT]/PATH or wss://...)%s\n",
+                    url, ca ? ", or the --ca file cannot be loaded" : "");
         else
             fprintf(stderr, "error: %s\n", arq_strerror(rc));
         event_base_free(cli.base);
         return rc == ARQ_EINVAL ? 2 : 1;
     }
+    if (token_cmd)
+        arq_client_on_token(cli.client, token_from_command, (void *)token_cmd);
     arq_client_on_error(cli.client, on_error, &cli);
     arq_client_on_gap(cli.client, on_gap, &cli);
     arq_client_on_state(cli.client, on_state, &cli);

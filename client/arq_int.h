@@ -22,6 +22,7 @@
 #include <msgpack.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
+#include <openssl/ssl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,7 +100,14 @@ struct arq_client {
     struct event_base *base;
     char *host, *path, *token, *client_name;
     uint16_t port;
-    struct sockaddr_in addr;
+    int tls;               /* wss:// */
+    SSL_CTX *ssl_ctx;      /* wss://: shared by the client's connections */
+    char *host_header;     /* HOST[:PORT] as the Host header, IPv6 in brackets */
+    arq_token_cb token_cb; /* token provider (NULL: options.token) */
+    void *token_arg;
+    struct event *ev_refresh; /* ahead of the token's expiry */
+    uint64_t token_expires;   /* welcome / refreshok token_expires, 0 unknown */
+    uint64_t refresh_id;      /* outstanding refresh request, 0 none */
     uint32_t timeout_ms;
     int reconnect;
     uint32_t backoff_base_ms, backoff_cap_ms, max_retries;
@@ -190,8 +198,13 @@ int arq_mp_uint(const msgpack_object *map, const char *key, uint64_t *out);
 char *arq_mp_str(const msgpack_object *map, const char *key, msgpack_zone *z);
 int arq_start_attempt(arq_client_t *c);
 
+/* arq.c: the token provider */
+int arq_token_fetch(arq_client_t *c);
+void arq_token_schedule(arq_client_t *c, uint64_t expires);
+
 /* arq_session.c: requests, replies and recovery after a reconnect; the public requests */
 void arq_send_hello(arq_client_t *c);
+void arq_send_refresh(arq_client_t *c);
 void arq_resend_waiting(arq_client_t *c);
 void arq_pub_complete(arq_client_t *c, struct pub *p, int status, uint64_t offset, int dup);
 void arq_ws_msg_cb(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,

@@ -17,9 +17,11 @@ static struct sub *sub_find(arq_client_t *c, const char *stream)
     return NULL;
 }
 
+/* Not once the server's close frame arrived: wslay takes no more messages
+ * then, and the request must wait for the next connection instead. */
 static int can_send(const arq_client_t *c)
 {
-    return c->conn == CN_READY && !c->teardown_pending;
+    return c->conn == CN_READY && !c->teardown_pending && !c->close_received;
 }
 
 /* With reconnect, requests made while not connected wait for the next welcome. */
@@ -40,6 +42,12 @@ static void proto_violation(arq_client_t *c, const char *what)
 
 void arq_send_hello(arq_client_t *c)
 {
+    int trc = arq_token_fetch(c);
+    if (trc != 0) {
+        arq_set_error(c, "token provider failed: %s", arq_strerror(trc));
+        arq_request_teardown(c, trc);
+        return;
+    }
     int resume = c->session && c->resume_token;
     msgpack_packer pk;
     c->out.size = 0;
@@ -58,6 +66,22 @@ void arq_send_hello(arq_client_t *c)
         arq_set_error(c, "cannot send hello: %s", arq_strerror(rc));
         arq_request_teardown(c, rc);
     }
+}
+
+/* The provider's new token for the live connection (refreshok or a nack
+ * answers it; until then the old token holds). */
+void arq_send_refresh(arq_client_t *c)
+{
+    msgpack_packer pk;
+    c->out.size = 0;
+    msgpack_packer_init(&pk, &c->out, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 3);
+    arq_pack_kv_str(&pk, "t", "refresh");
+    arq_pack_str(&pk, "id");
+    c->refresh_id = c->next_id++;
+    msgpack_pack_uint64(&pk, c->refresh_id);
+    arq_pack_kv_str(&pk, "token", c->token);
+    (void)arq_ws_send_out(c); /* a failure tears the connection down */
 }
 
 /* Send s's sub: from its position if it has one, else as the application asked. */
@@ -328,6 +352,7 @@ static void on_welcome(arq_client_t *c, const msgpack_object *m, msgpack_zone *z
     c->max_inflight = arq_mp_uint(m, "max_inflight", &v) == 0 && v ? v : ARQ_DEFAULT_INFLIGHT;
     c->conn = CN_READY;
     evtimer_del(c->ev_timer);
+    arq_token_schedule(c, arq_mp_uint(m, "token_expires", &v) == 0 ? v : 0);
     c->last_rx_ms = arq_now_ms();
     if (c->ev_hb) {
         struct timeval tv = arq_ms_tv(c->hb_interval_ms);
@@ -617,9 +642,29 @@ static void handle_message(arq_client_t *c, const msgpack_object *m, msgpack_zon
         on_msg(c, m, z);
         return;
     }
+    if (strcmp(t, "refreshok") == 0) {
+        uint64_t exp = 0;
+        if (arq_mp_uint(m, "id", &id) == 0 && id == c->refresh_id && c->refresh_id) {
+            c->refresh_id = 0;
+            c->st.token_refreshes++;
+            arq_token_schedule(c, arq_mp_uint(m, "token_expires", &exp) == 0 ? exp : 0);
+        }
+        return;
+    }
     if (strcmp(t, "puback") == 0 || strcmp(t, "nack") == 0 || strcmp(t, "subok") == 0) {
         if (arq_mp_uint(m, "id", &id) != 0) {
             proto_violation(c, "reply without id");
+            return;
+        }
+        if (t[0] == 'n' && id == c->refresh_id && c->refresh_id) {
+            /* refused: the old token holds until it expires; the server
+             * then closes with 4002 and the reconnect asks for a new one */
+            char *reason = arq_mp_str(m, "reason", z);
+            c->refresh_id = 0;
+            arq_set_error(c, "token refresh refused: %s", reason ? reason : "?");
+            if (c->error_cb)
+                c->error_cb(c, arq_mp_uint(m, "code", &code) == 0 ? -(int)code : ARQ_EPROTO,
+                            c->last_error, c->error_arg);
             return;
         }
         if (t[0] == 'n') {

@@ -4,6 +4,10 @@
  */
 #include "arq_int.h"
 
+#include <event2/bufferevent_ssl.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
 /* ---- WebSocket (wslay) -------------------------------------------------- */
 
 static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, int flags,
@@ -60,6 +64,8 @@ int arq_ws_send(arq_client_t *c, const void *data, size_t len)
     int rc = wslay_event_queue_msg(c->ws, &m);
     if (rc == WSLAY_ERR_NOMEM)
         return ARQ_ENOMEM;
+    if (rc == WSLAY_ERR_NO_MORE_MSG)
+        return ARQ_ECONNLOST; /* closing: a reconnecting client keeps the request */
     if (rc != 0)
         return ARQ_ENOTCONN;
     return arq_ws_flush(c);
@@ -271,7 +277,7 @@ static int send_upgrade(arq_client_t *c)
         return -1;
     return evbuffer_add_printf(bufferevent_get_output(c->bev),
                                "GET %s HTTP/1.1\r\n"
-                               "Host: %s:%u\r\n"
+                               "Host: %s\r\n"
                                "Upgrade: websocket\r\n"
                                "Connection: Upgrade\r\n"
                                "Sec-WebSocket-Key: %s\r\n"
@@ -279,7 +285,7 @@ static int send_upgrade(arq_client_t *c)
                                "Sec-WebSocket-Protocol: arq.v1\r\n"
                                "User-Agent: %s\r\n"
                                "\r\n",
-                               c->path, c->host, c->port, c->ws_key, c->client_name) < 0
+                               c->path, c->host_header, c->ws_key, c->client_name) < 0
                ? -1
                : 0;
 }
@@ -455,7 +461,23 @@ static void bev_event_cb(struct bufferevent *bev, short what, void *arg)
         }
     } else if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR)) {
         int err = EVUTIL_SOCKET_ERROR();
-        if (c->conn == CN_TCP) {
+        unsigned long tls_err = c->tls ? bufferevent_get_openssl_error(bev) : 0;
+        int dns_err = c->conn == CN_TCP ? bufferevent_socket_get_dns_error(bev) : 0;
+        if (tls_err) {
+            char buf[256];
+            ERR_error_string_n(tls_err, buf, sizeof(buf));
+            SSL *ssl = bufferevent_openssl_get_ssl(bev);
+            long vr = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
+            if (vr != X509_V_OK)
+                arq_set_error(c, "TLS with %s:%u: certificate verify failed: %s", c->host, c->port,
+                              X509_verify_cert_error_string(vr));
+            else
+                arq_set_error(c, "TLS with %s:%u: %s", c->host, c->port, buf);
+            arq_request_teardown(c, ARQ_ETLS);
+        } else if (dns_err) {
+            arq_set_error(c, "cannot resolve %s: %s", c->host, evutil_gai_strerror(dns_err));
+            arq_request_teardown(c, ARQ_ECONNECT);
+        } else if (c->conn == CN_TCP) {
             arq_set_error(c, "connect to %s:%u: %s", c->host, c->port,
                           evutil_socket_error_to_string(err));
             arq_request_teardown(c, ARQ_ECONNECT);
@@ -479,7 +501,32 @@ int arq_start_attempt(arq_client_t *c)
     c->close_received = 0;
     c->close_code = 0;
     c->http_status = 0;
-    c->bev = bufferevent_socket_new(c->base, -1, BEV_OPT_CLOSE_ON_FREE);
+    if (c->tls) {
+        SSL *ssl = SSL_new(c->ssl_ctx);
+        if (!ssl)
+            return ARQ_ENOMEM;
+        /* SNI for a name; the certificate must name the host (or its IP) */
+        struct in6_addr a6;
+        struct in_addr a4;
+        int is_ip = inet_pton(AF_INET, c->host, &a4) == 1 || inet_pton(AF_INET6, c->host, &a6) == 1;
+        if (!is_ip)
+            (void)SSL_set_tlsext_host_name(ssl, c->host);
+        X509_VERIFY_PARAM *vp = SSL_get0_param(ssl);
+        if ((is_ip ? X509_VERIFY_PARAM_set1_ip_asc(vp, c->host)
+                   : X509_VERIFY_PARAM_set1_host(vp, c->host, 0)) != 1) {
+            SSL_free(ssl);
+            return ARQ_ENOMEM;
+        }
+        c->bev = bufferevent_openssl_socket_new(c->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING,
+                                                BEV_OPT_CLOSE_ON_FREE);
+        if (!c->bev) {
+            SSL_free(ssl);
+            return ARQ_ENOMEM;
+        }
+        bufferevent_openssl_set_allow_dirty_shutdown(c->bev, 1);
+    } else {
+        c->bev = bufferevent_socket_new(c->base, -1, BEV_OPT_CLOSE_ON_FREE);
+    }
     if (!c->bev)
         return ARQ_ENOMEM;
     bufferevent_setcb(c->bev, bev_read_cb, bev_write_cb, bev_event_cb, c);
@@ -490,7 +537,9 @@ int arq_start_attempt(arq_client_t *c)
     }
     c->conn = CN_TCP;
     arq_arm_timer(c);
-    if (bufferevent_socket_connect(c->bev, (struct sockaddr *)&c->addr, sizeof(c->addr)) != 0) {
+    /* A name is resolved here, blocking (no DNS base): a client connects
+     * rarely, and an address literal resolves at once. */
+    if (bufferevent_socket_connect_hostname(c->bev, NULL, AF_UNSPEC, c->host, c->port) != 0) {
         /* Immediate failure: reported through the callback, like a refusal. */
         arq_set_error(c, "connect to %s:%u: %s", c->host, c->port,
                       evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));

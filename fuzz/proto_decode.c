@@ -66,6 +66,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     case PROTO_ACK:
         rc = proto_enc_gap(&b, m.stream.ptr, m.stream.len, 1, m.offset);
         break;
+    case PROTO_REFRESH:
+        if (m.token.len == 0)
+            abort(); /* required */
+        rc = proto_enc_refreshok(&b, m.id, 1);
+        break;
     case PROTO_HELLO: {
         proto_resumed_sub_t rs = {(const char *)m.session.ptr, m.session.len, 1, 2, 3};
         proto_welcome_t w = {.session = "s",

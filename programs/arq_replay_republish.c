@@ -41,7 +41,9 @@ static const char republish_usage[] =
     "the same republish twice publishes each message once - for as long as the\n"
     "broker's WAL keeps the first copies (its retention).\n"
     "\n"
-    "  --url URL       the broker (default $ARQ_URL)\n"
+    "  --url URL       the broker (default $ARQ_URL): ws://HOST:PORT/ws, or\n"
+    "                  wss://HOST/ws through a TLS proxy (certificate verified)\n"
+    "  --ca FILE       wss: verify against the CAs in FILE instead of the system's\n"
     "  --token JWT     access token allowed to publish to the target ($ARQ_TOKEN);\n"
     "                  without one, a token for subject \"arq-replay\" is made from\n"
     "                  $SECRET_KEY if set (the broker's own key)\n"
@@ -62,12 +64,13 @@ enum {
     OPT_ANON,
     OPT_WINDOW,
     OPT_DRY,
+    OPT_CA,
 };
 
 typedef struct rpb {
     rp_opts_t *o;
     rp_range_args_t ra;
-    const char *url, *token, *target;
+    const char *url, *token, *target, *ca;
     bool anonymous, dry_run;
     uint64_t window;
     char *minted;
@@ -110,6 +113,9 @@ static int republish_opt(int c, const char *arg, void *ctx)
         return 0;
     case OPT_DRY:
         r->dry_run = true;
+        return 0;
+    case OPT_CA:
+        r->ca = arg;
         return 0;
     default:
         return rp_range_opt(&r->ra, c, arg);
@@ -342,6 +348,7 @@ int rp_cmd_republish(rp_opts_t *o, int argc, char **argv)
         {"anonymous", no_argument, NULL, OPT_ANON},
         {"window", required_argument, NULL, OPT_WINDOW},
         {"dry-run", no_argument, NULL, OPT_DRY},
+        {"ca", required_argument, NULL, OPT_CA},
         {NULL, 0, NULL, 0},
     };
     rpb_t r = {.o = o, .window = 256, .url = getenv("ARQ_URL")};
@@ -405,7 +412,8 @@ int rp_cmd_republish(rp_opts_t *o, int argc, char **argv)
         r.published = count;
     } else {
         r.base = event_base_new();
-        arq_client_options_t co = {.url = r.url, .token = r.token, .client_name = "arq-replay"};
+        arq_client_options_t co = {
+            .url = r.url, .token = r.token, .client_name = "arq-replay", .ca_file = r.ca};
         if (!r.base || (rc = arq_client_new(r.base, &co, &r.c)) != 0) {
             rp_err("republish: cannot create the client for '%s': %s", r.url,
                    r.base ? arq_strerror(rc) : "event_base_new failed");

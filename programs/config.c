@@ -47,6 +47,8 @@
 
 #include <ini.h>
 
+#include "addr.h"
+
 /* inih's buffer holds a line plus "\r\n\0" (ini.h, INI_MAX_LINE). */
 #define CONFIG_LINE_MAX (INI_MAX_LINE - 3)
 #define CONFIG_TEXT_MAX (1024u * 1024u)
@@ -72,6 +74,8 @@ enum key_type {
     KT_SIZE,    /* integer with K/M/G suffix in [min, max] */
     KT_ORIGINS, /* comma-separated list, empty unsets */
     KT_URL,     /* database URL, empty unsets, password never shown */
+    KT_BOOL,    /* true/false (also on/off, yes/no, 1/0), stored as uint32_t 0/1 */
+    KT_CIDRS,   /* comma-separated IPv4/IPv6 addresses or CIDR ranges, empty unsets */
 };
 
 /* KT_STRING flag: no spaces allowed (host names). */
@@ -115,10 +119,17 @@ static const struct key_def keys[] = {
      .max = 3600000},
     {"server", "pong_timeout_ms", NULL, KT_UINT, FIELD(pong_timeout_ms), .min = 10, .max = 3600000},
     {"server", "session_ttl_s", NULL, KT_UINT, FIELD(session_ttl_s), .min = 1, .max = 365 * 86400},
+    {"server", "trusted_proxies", "ARQ_TRUSTED_PROXIES", KT_CIDRS, FIELD(trusted_proxies)},
+    {"server", "monitor_allow", NULL, KT_CIDRS, FIELD(monitor_allow)},
+    {"server", "monitor_token", "ARQ_MONITOR_TOKEN", KT_SECRET, FIELD(monitor_token)},
     {"auth", "secret_key", "SECRET_KEY", KT_SECRET, FIELD(secret_key)},
+    {"auth", "previous_secret_key", "SECRET_KEY_PREVIOUS", KT_SECRET, FIELD(previous_secret_key)},
+    {"auth", "anonymous", "ARQ_ANONYMOUS", KT_BOOL, FIELD(anonymous)},
     {"auth", "api_key", "ARQ_API_KEY", KT_SECRET, FIELD(api_key)},
+    {"auth", "api_open", NULL, KT_BOOL, FIELD(api_open)},
     {"auth", "origins", "ARQ_ORIGINS", KT_ORIGINS, FIELD(origins)},
     {"server", "hosts", "ARQ_HOSTS", KT_ORIGINS, FIELD(hosts)},
+    {"auth", "expiry_grace_s", NULL, KT_UINT, FIELD(expiry_grace_s), .min = 0, .max = 3600},
     {"limits", "max_message_bytes", NULL, KT_SIZE, FIELD(max_message_bytes), .min = 1,
      .max = 256 * MIB},
     {"limits", "max_frame_bytes", NULL, KT_SIZE, FIELD(max_frame_bytes), .min = KIB,
@@ -600,6 +611,17 @@ static char **field_str(arq_config_t *cfg, const struct key_def *k)
     return (char **)(void *)((char *)cfg + k->offset);
 }
 
+/* KT_CIDRS: the list pointer, and its length right after it in the struct. */
+static char ***field_list(arq_config_t *cfg, const struct key_def *k)
+{
+    return (char ***)(void *)((char *)cfg + k->offset);
+}
+
+static size_t *field_list_n(arq_config_t *cfg, const struct key_def *k)
+{
+    return (size_t *)(void *)((char *)cfg + k->offset + sizeof(char **));
+}
+
 static uint64_t get_uint(const arq_config_t *cfg, const struct key_def *k)
 {
     const char *base = (const char *)cfg + k->offset;
@@ -734,6 +756,44 @@ static int set_value(arq_config_t *cfg, const struct key_def *k, const char *val
         *list_n(cfg, k) = n;
         return 0;
     }
+    case KT_BOOL: {
+        static const char *const yes[] = {"true", "on", "yes", "1"};
+        static const char *const no[] = {"false", "off", "no", "0"};
+        for (size_t i = 0; i < 4; i++) {
+            if (strcasecmp(value, yes[i]) == 0 || strcasecmp(value, no[i]) == 0) {
+                *field_u32(cfg, k) = strcasecmp(value, yes[i]) == 0;
+                return 0;
+            }
+        }
+        quote(q, value);
+        seterr(errbuf, errlen, "%s: invalid value '%s': expected true or false", where, q);
+        return -1;
+    }
+    case KT_CIDRS: {
+        char **list;
+        size_t n;
+        const char *why = origins_parse(value, &list, &n);
+        for (size_t i = 0; why == NULL && i < n; i++) {
+            api_cidr_t cidr;
+            if (api_cidr_parse(list[i], &cidr, &why) != 0) {
+                quote(q, list[i]);
+                seterr(errbuf, errlen, "%s: invalid range '%s': %s", where, q, why);
+                free_origins(list, n);
+                return -1;
+            }
+        }
+        if (why != NULL) {
+            quote(q, value);
+            seterr(errbuf, errlen, "%s: invalid value '%s': %s", where, q,
+                   strstr(why, "origin") ? "expected a comma-separated list of CIDR ranges" : why);
+            return -1;
+        }
+        char ***fl = field_list(cfg, k);
+        free_origins(*fl, *field_list_n(cfg, k));
+        *fl = list;
+        *field_list_n(cfg, k) = n;
+        return 0;
+    }
     case KT_URL: {
         const char *why;
         char *masked;
@@ -798,6 +858,13 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->ping_interval_ms = 20000;
     cfg->pong_timeout_ms = 10000;
     cfg->session_ttl_s = 86400;
+    cfg->expiry_grace_s = 10;
+    cfg->monitor_allow = calloc(2, sizeof(char *));
+    if (cfg->monitor_allow != NULL) {
+        cfg->monitor_allow[0] = strdup("127.0.0.0/8");
+        cfg->monitor_allow[1] = strdup("::1");
+        cfg->n_monitor_allow = 2;
+    }
     cfg->sync_batch_rows = 1000;
     cfg->sync_batch_wait_ms = 20;
     cfg->max_message_bytes = 1048576;
@@ -828,7 +895,9 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->apply_idle_us = 1000;
     cfg->journal_max = 64 * MIB;
     if (cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
-        cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL) {
+        cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL ||
+        cfg->monitor_allow == NULL || cfg->monitor_allow[0] == NULL ||
+        cfg->monitor_allow[1] == NULL) {
         arq_config_free(cfg);
         return -1;
     }
@@ -1059,7 +1128,8 @@ int arq_config_print(const arq_config_t *cfg, char **ret_text)
             if (!ok)
                 break;
         }
-        if (k->type != KT_UINT && k->type != KT_SIZE && k->type != KT_ORIGINS)
+        if (k->type != KT_UINT && k->type != KT_SIZE && k->type != KT_ORIGINS &&
+            k->type != KT_BOOL && k->type != KT_CIDRS)
             s = *(char *const *)(const void *)((const char *)cfg + k->offset);
         switch (k->type) {
         case KT_UINT:
@@ -1073,6 +1143,19 @@ int arq_config_print(const arq_config_t *cfg, char **ret_text)
         case KT_SECRET:
             ok = print_kv(f, k->name, s != NULL ? "***" : NULL);
             break;
+        case KT_BOOL:
+            ok = fprintf(f, "%s = %s\n", k->name, get_uint(cfg, k) ? "true" : "false") > 0;
+            break;
+        case KT_CIDRS: {
+            arq_config_t *mc = (arq_config_t *)cfg; /* read only */
+            char **l = *field_list(mc, k);
+            size_t n = *field_list_n(mc, k);
+            ok = fprintf(f, n > 0 ? "%s = " : "%s =", k->name) > 0;
+            for (size_t j = 0; ok && j < n; j++)
+                ok = fprintf(f, "%s%s", j > 0 ? "," : "", l[j]) > 0;
+            ok = ok && fputc('\n', f) != EOF;
+            break;
+        }
         case KT_ORIGINS: {
             char *const *v = *(char *const *const *)(const void *)((const char *)cfg + k->offset);
             size_t n =
@@ -1114,8 +1197,14 @@ void arq_config_free(arq_config_t *cfg)
     free(cfg->log_format);
     free(cfg->secret_key);
     free(cfg->api_key);
+    free(cfg->previous_secret_key);
+    free(cfg->monitor_token);
     free_origins(cfg->origins, cfg->n_origins);
     free_origins(cfg->hosts, cfg->n_hosts);
+    if (cfg->trusted_proxies != NULL)
+        free_origins(cfg->trusted_proxies, cfg->n_trusted_proxies);
+    if (cfg->monitor_allow != NULL)
+        free_origins(cfg->monitor_allow, cfg->n_monitor_allow);
     free(cfg->sync);
     free(cfg->journal);
     free(cfg->database_url);

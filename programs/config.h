@@ -22,13 +22,22 @@ typedef struct arq_config {
     uint32_t ping_interval_ms;     /* default 20000 */
     uint32_t pong_timeout_ms;      /* default 10000 */
     uint32_t session_ttl_s;        /* sessions kept after their last connection, default 86400 */
+    char **trusted_proxies; /* ARQ_TRUSTED_PROXIES: CIDRs whose X-Forwarded-For is believed */
+    size_t n_trusted_proxies;
+    char **monitor_allow; /* CIDRs that may read /metrics and /health details; default loopback */
+    size_t n_monitor_allow;
+    char *monitor_token; /* ARQ_MONITOR_TOKEN: bearer token for /metrics and /health details */
     /* [auth] */
-    char *secret_key; /* SECRET_KEY (HS256); NULL: anonymous on loopback only */
-    char *api_key;    /* ARQ_API_KEY: server API key for POST /api/publish */
-    char **origins;   /* ARQ_ORIGINS: comma-separated allow-list; NULL = same origin only */
-    size_t n_origins; /* (must follow origins) */
-    char **hosts;     /* ARQ_HOSTS: Host header values served; NULL = any */
-    size_t n_hosts;   /* (must follow hosts) */
+    char *secret_key;          /* SECRET_KEY (HS256); NULL: no tokens (see anonymous) */
+    char *previous_secret_key; /* SECRET_KEY_PREVIOUS: also accepted, for key rotation */
+    uint32_t anonymous;        /* ARQ_ANONYMOUS: clients without a token, full access (0/1) */
+    char *api_key;             /* ARQ_API_KEY: server API key for POST /api/publish */
+    uint32_t api_open;         /* the server API without a key (0/1, default 0) */
+    char **origins;          /* ARQ_ORIGINS: comma-separated allow-list; NULL = same origin only */
+    size_t n_origins;        /* (must follow origins) */
+    char **hosts;            /* ARQ_HOSTS: Host header values served; NULL = any */
+    size_t n_hosts;          /* (must follow hosts) */
+    uint32_t expiry_grace_s; /* a connection outlives its token's exp by this, default 10 */
     /* [limits] */
     uint32_t max_message_bytes;  /* default 1048576 (1 MiB) payload */
     uint32_t max_frame_bytes;    /* default 1114112 (payload + 64 KiB) */

@@ -596,7 +596,7 @@ static int decode_type(decoder_t *d, enum proto_type *ret)
         enum proto_type type;
     } types[] = {
         {"hello", PROTO_HELLO}, {"sub", PROTO_SUB}, {"unsub", PROTO_UNSUB},
-        {"pub", PROTO_PUB},     {"ack", PROTO_ACK},
+        {"pub", PROTO_PUB},     {"ack", PROTO_ACK}, {"refresh", PROTO_REFRESH},
     };
     proto_bytes_t t = {NULL, 0};
     int rc = get_str(d, F_T, true, &t);
@@ -647,6 +647,11 @@ static int decode_fields(decoder_t *d, proto_msg_t *m)
     case PROTO_ACK:
         if ((rc = get_str(d, F_STREAM, true, &m->stream)) != PROTO_OK ||
             (rc = get_uint(d, F_OFFSET, true, &m->offset)) != PROTO_OK)
+            return rc;
+        return PROTO_OK;
+    case PROTO_REFRESH:
+        if ((rc = get_uint(d, F_ID, true, &m->id)) != PROTO_OK ||
+            (rc = get_str(d, F_TOKEN, true, &m->token)) != PROTO_OK)
             return rc;
         return PROTO_OK;
     }
@@ -872,7 +877,8 @@ int proto_enc_welcome(proto_buf_t *b, const proto_welcome_t *w)
     size_t n_subs = w->resumed ? w->n_subs : 0;
     if (n_subs > UINT32_MAX)
         return PROTO_ELIMIT;
-    enc_start(&e, b, (w->resumed ? 9 : 8) + (w->ephemeral ? 1 : 0), 160 + n_subs * 64);
+    enc_start(&e, b, (w->resumed ? 9 : 8) + (w->ephemeral ? 1 : 0) + (w->token_expires ? 1 : 0),
+              176 + n_subs * 64);
     enc_type(&e, "welcome");
     enc_cstr(&e, "session");
     enc_cstr(&e, w->session);
@@ -889,6 +895,8 @@ int proto_enc_welcome(proto_buf_t *b, const proto_welcome_t *w)
         enc_cstr(&e, "durable");
         (void)msgpack_pack_false(&e.pk);
     }
+    if (w->token_expires)
+        enc_uint(&e, "token_expires", w->token_expires);
     if (w->resumed) {
         enc_cstr(&e, "subs");
         (void)msgpack_pack_array(&e.pk, n_subs);
@@ -915,6 +923,16 @@ int proto_enc_subok(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t s
     enc_uint(&e, "epoch", epoch);
     enc_uint(&e, "first", first);
     enc_uint(&e, "next", next);
+    return enc_finish(&e);
+}
+
+int proto_enc_refreshok(proto_buf_t *b, uint64_t id, uint64_t token_expires)
+{
+    encoder_t e;
+    enc_start(&e, b, 3, 48);
+    enc_type(&e, "refreshok");
+    enc_uint(&e, "id", id);
+    enc_uint(&e, "token_expires", token_expires);
     return enc_finish(&e);
 }
 

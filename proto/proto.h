@@ -41,6 +41,7 @@ enum proto_type {
     PROTO_UNSUB,
     PROTO_PUB,
     PROTO_ACK,
+    PROTO_REFRESH, /* a new token for the connection (id, token) */
 };
 
 /* Where a subscription starts. */
@@ -111,6 +112,7 @@ typedef struct proto_welcome {
     int ephemeral;
     const proto_resumed_sub_t *subs;
     size_t n_subs;
+    uint64_t token_expires; /* the token's exp (unix seconds); 0: no token, key left out */
 } proto_welcome_t;
 int proto_enc_welcome(proto_buf_t *b, const proto_welcome_t *w);
 int proto_enc_subok(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t stream_len,
@@ -119,6 +121,9 @@ int proto_enc_unsubok(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t
 int proto_enc_puback(proto_buf_t *b, uint64_t id, const uint8_t *stream, size_t stream_len,
                      uint64_t offset, int duplicate);
 int proto_enc_nack(proto_buf_t *b, uint64_t id, int code, const char *reason);
+/* refreshok: the connection now runs on the token of refresh id, which
+ * expires at token_expires (unix seconds). */
+int proto_enc_refreshok(proto_buf_t *b, uint64_t id, uint64_t token_expires);
 /* headers_raw: a msgpack map as stored (may be empty: omitted). */
 int proto_enc_msg(proto_buf_t *b, const uint8_t *stream, size_t stream_len, uint64_t offset,
                   int64_t timestamp_us, const uint8_t *headers_raw, size_t headers_len,

@@ -258,6 +258,8 @@ static void set_state(sync_t *s, enum sync_state st, const char *why)
 {
     pthread_mutex_lock(&s->mu);
     s->st.state = st;
+    if (st == SYNC_STATE_OK && !why)
+        s->st.last_error[0] = '\0'; /* recovered: the error is history */
     if (why) {
         snprintf(s->st.last_error, sizeof(s->st.last_error), "%s", why);
         if (st != SYNC_STATE_OK)
@@ -967,6 +969,17 @@ static void update_lag(sync_t *s)
     if (wal_stats_get(s->wal, &ws) != 0)
         return;
     pthread_mutex_lock(&s->mu);
+    uint64_t wm = s->st.watermark;
+    pthread_mutex_unlock(&s->mu);
+    if (!s->oldest_unsynced_ts && wm + 1 < ws.next_seq) {
+        /* No batch read yet (MySQL down since the start, or the drain
+         * caught up before these came): the age is the first unsynced
+         * record's, so that the lag grows while MySQL is away. */
+        struct ts_ctx t;
+        if (record_at(s->wal, wm + 1 > ws.first_seq ? wm + 1 : ws.first_seq, &t) == 0)
+            s->oldest_unsynced_ts = t.ts;
+    }
+    pthread_mutex_lock(&s->mu);
     /* acknowledged appends count even before the journal's next fold makes
      * them readable: "lag 0" must mean every acked message is in MySQL */
     s->st.wal_next = ws.acked_next_seq;
@@ -1002,6 +1015,7 @@ static void *sync_main(void *arg)
                     s->m = NULL;
                 }
                 set_state(s, SYNC_STATE_DEGRADED, err);
+                update_lag(s); /* MySQL is away: the lag still grows */
                 uint64_t cap = (uint64_t)s->o.backoff_base_ms << (attempt < 16 ? attempt : 16);
                 if (cap > s->o.backoff_cap_ms)
                     cap = s->o.backoff_cap_ms;
@@ -1049,6 +1063,7 @@ static void *sync_main(void *arg)
             stmt_drop(s);
             mysql_close(s->m);
             s->m = NULL;
+            update_lag(s);
             attempt = 1;
             if (wait_ms(s, 1 + rand_below(s->o.backoff_base_ms)))
                 break;

@@ -56,10 +56,13 @@
  */
 #include "wal_int.h"
 
+/* Latency buckets reach 10 s: an alert on "p95 over 200 ms" needs buckets
+ * around and far above it (a stalled disk takes seconds). */
 const uint64_t wal_commit_us_bounds[WAL_HIST_BUCKETS - 1] = {
-    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 1000000};
-const uint64_t wal_batch_bounds[WAL_HIST_BUCKETS - 1] = {1,   2,    4,    8,    16,   64,
-                                                         256, 1024, 4096, 8192, 65536};
+    25,    50,    100,    250,    500,    1000,    2500,    5000,    10000,
+    25000, 50000, 100000, 200000, 500000, 1000000, 2500000, 5000000, 10000000};
+const uint64_t wal_batch_bounds[WAL_HIST_BUCKETS - 1] = {
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072};
 
 void wal_hist_add(uint64_t *buckets, const uint64_t *bounds, uint64_t v)
 {

@@ -389,7 +389,7 @@ int wal_dedup_get(wal_t *wal, const void *producer, size_t producer_len, const c
                   size_t stream_len, const void *msgid, size_t msgid_len, uint32_t *ret_stream_id,
                   uint64_t *ret_offset);
 
-#define WAL_HIST_BUCKETS 12
+#define WAL_HIST_BUCKETS 19
 typedef struct wal_stats {
     uint64_t first_seq; /* first sequence held (== next_seq when empty) */
     uint64_t next_seq;

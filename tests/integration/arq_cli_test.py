@@ -178,7 +178,9 @@ def scenario_anonymous(d):
     rc, out, err = arq("--url", "http://127.0.0.1/ws", "pub", "s", "x")
     check(rc != 0 and "invalid URL" in err, f"bad URL: {rc} {err!r}")
     rc, out, err = arq("--url", "ws://no.such.host.invalid:1/ws", "pub", "s", "x")
-    check(rc != 0 and "invalid URL" in err, f"unsupported host: {rc} {err!r}")
+    check(rc == 1 and "cannot resolve no.such.host.invalid" in err, f"unknown host: {rc} {err!r}")
+    rc, out, err = arq("--url", "ws://bad_host!:1/ws", "pub", "s", "x")
+    check(rc == 2 and "invalid URL" in err, f"not a host name: {rc} {err!r}")
     rc, out, err = arq("--url", "ws://127.0.0.1:1/ws", "pub", "s", "x")
     check(rc == 1 and "connect to 127.0.0.1:1" in err and "refused" in err,
           f"unreachable port: {rc} {err!r}")

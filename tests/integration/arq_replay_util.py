@@ -120,8 +120,12 @@ class Arqd:
         e.update(env or {})
         self.log = open(log_path, "a")
         self.port = port or free_port()
+        flags = [] if e.get("SECRET_KEY") else ["--anonymous"]
+        if not e.get("ARQ_API_KEY"):
+            flags += ["--set", "auth.api_open=true"]
         self.proc = subprocess.Popen(
-            [arqd, "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", data, *extra],
+            [arqd, "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", data, *flags,
+             *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=e)
         line = self.proc.stdout.readline()
         if "listening on" not in line:

@@ -360,7 +360,10 @@ def scenario_http(d):
     for h in ("arq_publish_seconds", "arq_publish_wait_seconds", "arq_publish_dispatch_seconds"):
         counts = [int(v) for v in re.findall(rf"^{h}_bucket{{le=\"[^\"]+\"}} (\d+)$", text, re.M)]
         m = re.search(rf"^{h}_count (\d+)$", text, re.M)
-        check(len(counts) == 12 and counts == sorted(counts) and m
+        les = re.findall(rf"^{h}_bucket{{le=\"([^\"]+)\"}}", text, re.M)
+        # buckets up to 10 s, one at the 200 ms target of the alert rules
+        check("0.2" in les and les[-2:] == ["10", "+Inf"], f"{h} buckets: {les}")
+        check(len(counts) == 19 and counts == sorted(counts) and m
               and counts[-1] == int(m.group(1)) == acked, f"{h}: {counts} against {acked}")
         m = re.search(rf"^{h}_sum (\S+)$", text, re.M)
         check(m and float(m.group(1)) >= 0, f"{h}_sum")

@@ -30,15 +30,21 @@ class Arqd:
     deployment's variables are removed from its environment unless given.
     port: a fixed port instead of a free one (to restart arqd where it was).
     log: a file object that gets arqd's stderr instead of a pipe (for long or
-    chatty runs, where an unread pipe would fill up and block arqd)."""
+    chatty runs, where an unread pipe would fill up and block arqd).
+    Without a SECRET_KEY in env, arqd runs with --anonymous (clients without
+    a token get full access; arqd refuses to start with neither), and
+    without ARQ_API_KEY the server API is opened (auth.api_open): the
+    defaults are closed (docs/operations.md, "Security model")."""
 
     def __init__(self, arqd, data_dir, *extra, env=None, port=0, log=None):
         e = {k: v for k, v in os.environ.items()
              if k not in ("SECRET_KEY", "DATABASE_URL", "API_PORT", "API_HOST", "ARQ_ORIGINS",
-                          "ARQ_API_KEY")}
+                          "ARQ_API_KEY", "ARQ_ANONYMOUS", "SECRET_KEY_PREVIOUS",
+                          "ARQ_TRUSTED_PROXIES", "ARQ_MONITOR_TOKEN")}
         e.update(env or {})
         self.proc = subprocess.Popen(
-            [arqd, "--host", "127.0.0.1", "--port", str(port), "--data-dir", data_dir, *extra],
+            [arqd, "--host", "127.0.0.1", "--port", str(port), "--data-dir", data_dir,
+             *open_flags(e), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE if log is None else log, text=True,
             env=e)
         line = self.proc.stdout.readline()
@@ -75,6 +81,18 @@ class Arqd:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def open_flags(env):
+    """The flags a test arqd needs for what the defaults keep closed: anonymous
+    clients unless env has a SECRET_KEY, the server API unless it has an
+    ARQ_API_KEY."""
+    flags = []
+    if not env.get("SECRET_KEY"):
+        flags.append("--anonymous")
+    if not env.get("ARQ_API_KEY"):
+        flags += ["--set", "auth.api_open=true"]
+    return flags
 
 
 def b64url(b):

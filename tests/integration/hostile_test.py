@@ -458,7 +458,7 @@ def others(tmp):
     log = os.path.join(tmp, "fd.log")
     lf = open(log, "w")
     proc = subprocess.Popen(["prlimit", "--nofile=256:256", ARQD, "--host", "127.0.0.1", "--port",
-                             "0", "--data-dir", os.path.join(tmp, "f"), "--set",
+                             "0", "--data-dir", os.path.join(tmp, "f"), "--anonymous", "--set",
                              "server.max_connections=5000"],
                             stdout=subprocess.PIPE, stderr=lf, text=True)
     try:

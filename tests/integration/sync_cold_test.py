@@ -100,7 +100,8 @@ def main():
     env["DATABASE_URL"] = url
     log = open(os.path.join(tmp, "arqd.log"), "w")
     proc = subprocess.Popen([ARQD, "--port", str(port), "--data-dir", os.path.join(tmp, "data"),
-                             "--set", "wal.retain_age_s=1", "--set", "wal.retain_every_ms=100"],
+                             "--anonymous", "--set", "wal.retain_age_s=1",
+                             "--set", "wal.retain_every_ms=100"],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     line = proc.stdout.readline()
     ws_url = f"ws://127.0.0.1:{port}/ws"

@@ -85,7 +85,8 @@ class Arqd:
                if k not in ("SECRET_KEY", "API_PORT", "API_HOST", "ARQ_API_KEY")}
         env["DATABASE_URL"] = url
         self.proc = subprocess.Popen(
-            [ARQD, "--host", "127.0.0.1", "--port", str(port), "--data-dir", data],
+            [ARQD, "--host", "127.0.0.1", "--port", str(port), "--data-dir", data,
+             "--anonymous", "--set", "auth.api_open=true"],
             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         line = self.proc.stdout.readline()
         if "listening on" not in line:

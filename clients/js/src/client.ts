@@ -46,8 +46,10 @@ export type State =
  * A token, or a function the client calls before every connection attempt
  * (so a reconnect presents a fresh token). A token the server refuses (401)
  * ends the client unless the function then returns a different one.
- * Tokens are only sent in hello: the server has no way yet to refresh the
- * token of a live connection.
+ * Tokens are only sent in hello. The server enforces a token's exp during
+ * the connection (close 4002 after it, docs/protocol.md 8a): this client
+ * then reconnects and resumes with the provider's next token; it does not
+ * send `refresh` on the live connection yet (libarq does).
  */
 export type TokenProvider = () => string | undefined | Promise<string | undefined>;
 

@@ -25,7 +25,7 @@ const MESSAGES = 40;
 // takes WebSocket connections only from pages it served itself).
 function startArqd(dataDir, origin, port = 0) {
   const proc = spawn(process.env.ARQD, ["--host", "127.0.0.1", "--port", String(port), "--data-dir", dataDir,
-    "--set", `auth.origins=${origin}`], { stdio: ["ignore", "pipe", "ignore"] });
+    "--anonymous", "--set", `auth.origins=${origin}`], { stdio: ["ignore", "pipe", "ignore"] });
   return new Promise((resolve, reject) => {
     proc.stdout.once("data", (b) => {
       const m = /ws:\/\/127\.0\.0\.1:(\d+)\/ws/.exec(String(b));

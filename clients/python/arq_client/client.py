@@ -54,7 +54,9 @@ From = Union[Literal["earliest", "latest"], int]
 #: A token, or a function (plain or async) called before every connection
 #: attempt, so a reconnect presents a fresh token. A token the server refuses
 #: (401) ends the client unless the function then returns a different one.
-#: The server cannot refresh a live connection's token yet.
+#: The server enforces a token's exp during the connection (close 4002 after
+#: it, docs/protocol.md 8a): this client then reconnects and resumes with the
+#: function's next token; it does not send `refresh` on a live connection yet.
 TokenSource = Union[str, None, Callable[[], Union[str, None, Awaitable[Union[str, None]]]]]
 
 

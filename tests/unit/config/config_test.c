@@ -674,7 +674,9 @@ static void test_print_round_trip(void **state)
     (void)state;
     text = print_cfg();
     assert_non_null(strstr(text, "[server]\nhost = 127.0.0.1\nport = 8000\n"));
-    assert_non_null(strstr(text, "\nsecret_key =\napi_key =\norigins =\n"));
+    assert_non_null(strstr(text, "\nsecret_key =\nprevious_secret_key =\nanonymous = false\n"
+                                 "api_key =\napi_open = false\norigins =\n"));
+    assert_non_null(strstr(text, "\ntrusted_proxies =\nmonitor_allow = 127.0.0.0/8,::1\n"));
     assert_non_null(strstr(text, "\nmap_size_max = 17179869184\n"));
     assert_non_null(strstr(text, "\n[database]\nurl =\n"));
     free(text);
@@ -694,6 +696,60 @@ static void test_print_round_trip(void **state)
     free(text);
     free(text2);
     arq_config_free(&again);
+}
+
+/* Issue #18's keys: booleans, CIDR lists (checked with api/addr.c), secrets. */
+static void test_deploy_keys(void **state)
+{
+    (void)state;
+    assert_int_equal(cfg.anonymous, 0);
+    assert_int_equal(cfg.api_open, 0);
+    assert_int_equal(cfg.expiry_grace_s, 10);
+    assert_int_equal(cfg.n_trusted_proxies, 0);
+    assert_int_equal(cfg.n_monitor_allow, 2);
+    static const char *const yes[] = {"true", "TRUE", "on", "yes", "1"};
+    for (size_t i = 0; i < 5; i++) {
+        assert_int_equal(arq_config_set(&cfg, "auth", "anonymous", yes[i], err, sizeof(err)), 0);
+        assert_int_equal(cfg.anonymous, 1);
+        assert_int_equal(arq_config_set(&cfg, "auth", "anonymous", "false", err, sizeof(err)), 0);
+        assert_int_equal(cfg.anonymous, 0);
+    }
+    assert_int_equal(arq_config_set(&cfg, "auth", "api_open", "maybe", err, sizeof(err)), -1);
+    err_has("auth.api_open: invalid value 'maybe': expected true or false");
+
+    assert_int_equal(arq_config_set(&cfg, "server", "trusted_proxies",
+                                    "127.0.0.1, 10.0.0.0/8,fd00::/8", err, sizeof(err)),
+                     0);
+    assert_int_equal(cfg.n_trusted_proxies, 3);
+    assert_string_equal(cfg.trusted_proxies[1], "10.0.0.0/8");
+    /* a bad range leaves the list as it was */
+    assert_int_equal(
+        arq_config_set(&cfg, "server", "trusted_proxies", "10.1.0.0/8", err, sizeof(err)), -1);
+    err_has("host bits set");
+    assert_int_equal(
+        arq_config_set(&cfg, "server", "trusted_proxies", "10.0.0.0/33", err, sizeof(err)), -1);
+    err_has("prefix length too long");
+    assert_int_equal(
+        arq_config_set(&cfg, "server", "trusted_proxies", "nginx.local", err, sizeof(err)), -1);
+    err_has("not an IPv4 or IPv6 address");
+    assert_int_equal(cfg.n_trusted_proxies, 3);
+    assert_int_equal(arq_config_set(&cfg, "server", "monitor_allow", "", err, sizeof(err)), 0);
+    assert_int_equal(cfg.n_monitor_allow, 0);
+    assert_null(cfg.monitor_allow);
+
+    const char *env[] = {"ARQ_ANONYMOUS=yes", "SECRET_KEY_PREVIOUS=old-key",
+                         "ARQ_TRUSTED_PROXIES=192.0.2.1", "ARQ_MONITOR_TOKEN=mon", NULL};
+    assert_int_equal(arq_config_apply_env(&cfg, (char *const *)env, err, sizeof(err)), 0);
+    assert_int_equal(cfg.anonymous, 1);
+    assert_string_equal(cfg.previous_secret_key, "old-key");
+    assert_int_equal(cfg.n_trusted_proxies, 1);
+    assert_string_equal(cfg.monitor_token, "mon");
+    char *text = print_cfg();
+    assert_null(strstr(text, "old-key"));
+    assert_null(strstr(text, "= mon"));
+    assert_non_null(strstr(text, "previous_secret_key = ***\n"));
+    assert_non_null(strstr(text, "trusted_proxies = 192.0.2.1\n"));
+    free(text);
 }
 
 static void test_every_prefix(void **state)
@@ -760,6 +816,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_size_suffixes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_origins, setup, teardown),
         cmocka_unit_test_setup_teardown(test_print_round_trip, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_deploy_keys, setup, teardown),
         cmocka_unit_test_setup_teardown(test_every_prefix, setup, teardown),
         cmocka_unit_test_setup_teardown(test_free_after_error, setup, teardown),
         cmocka_unit_test_setup_teardown(test_too_big, setup, teardown),

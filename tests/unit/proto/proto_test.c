@@ -1495,6 +1495,73 @@ static void test_dec_wrong_types(void **state)
     }
 }
 
+/* refresh (issue #18): id and token required; refreshok and welcome carry
+ * the token's expiry. */
+static void test_refresh(void **state)
+{
+    (void)state;
+    dec_t d;
+    pk_t k;
+
+    pk_init(&k);
+    pk_map(&k, 3);
+    pk_kv_str(&k, "t", "refresh");
+    pk_kv_uint(&k, "id", 12);
+    pk_kv_str(&k, "token", "a.b.c");
+    assert_int_equal(dec_run(&d, k.sb.data, k.sb.size, NULL), 0);
+    assert_int_equal(d.m.type, PROTO_REFRESH);
+    assert_int_equal(d.m.id, 12);
+    assert_bytes_str(d.m.token, "a.b.c");
+    dec_done(&d);
+    pk_free(&k);
+
+    /* without a token, or without an id: missing */
+    pk_init(&k);
+    pk_map(&k, 2);
+    pk_kv_str(&k, "t", "refresh");
+    pk_kv_uint(&k, "id", 12);
+    assert_int_equal(decode_pk(&k, NULL), PROTO_EMISSING);
+    pk_free(&k);
+    pk_init(&k);
+    pk_map(&k, 2);
+    pk_kv_str(&k, "t", "refresh");
+    pk_kv_str(&k, "token", "a.b.c");
+    assert_int_equal(decode_pk(&k, NULL), PROTO_EMISSING);
+    pk_free(&k);
+
+    proto_buf_t b = {0};
+    unp_t r;
+    assert_int_equal(proto_enc_refreshok(&b, 12, 1900000000), 0);
+    unp_one(&r, b.data, b.len);
+    assert_entries(&r, 3);
+    assert_type(&r, "refreshok");
+    assert_uint_field(&r, "id", 12);
+    assert_uint_field(&r, "token_expires", 1900000000);
+    unp_done(&r);
+
+    proto_welcome_t w = {.session = "s",
+                         .resume_token = "r",
+                         .server = "arqd",
+                         .max_payload = 1,
+                         .max_inflight = 1,
+                         .session_ttl_s = 1,
+                         .token_expires = 1900000001};
+    proto_buf_reset(&b);
+    assert_int_equal(proto_enc_welcome(&b, &w), 0);
+    unp_one(&r, b.data, b.len);
+    assert_entries(&r, 9);
+    assert_uint_field(&r, "token_expires", 1900000001);
+    unp_done(&r);
+    w.token_expires = 0;
+    proto_buf_reset(&b);
+    assert_int_equal(proto_enc_welcome(&b, &w), 0);
+    unp_one(&r, b.data, b.len);
+    assert_entries(&r, 8);
+    assert_null(get(&r, "token_expires"));
+    unp_done(&r);
+    proto_buf_free(&b);
+}
+
 static void test_dec_missing_and_unknown_type(void **state)
 {
     (void)state;
@@ -1842,6 +1909,7 @@ int main(void)
         cmocka_unit_test(test_dec_non_string_keys),
         cmocka_unit_test(test_dec_wrong_types),
         cmocka_unit_test(test_dec_missing_and_unknown_type),
+        cmocka_unit_test(test_refresh),
         cmocka_unit_test(test_dec_duplicate_keys),
         cmocka_unit_test(test_dec_payload_limit),
         cmocka_unit_test(test_dec_header_limits),
