@@ -59,15 +59,15 @@ function publishN(client, stream, n, data, window, msgidPrefix) {
     let sent = 0;
     let acked = 0;
     let failed = false;
-    const offsets = new Set();
+    const seen = new Uint8Array(n + 1); // offsets 1..n, each once
     const onAck = (a) => {
       if (failed) return;
-      if (a.dup || a.offset < 1 || a.offset > n || offsets.has(a.offset)) {
+      if (a.dup || a.offset < 1 || a.offset > n || seen[a.offset]) {
         failed = true;
         reject(new Failure(`publish to '${stream}': offset ${a.offset} unexpected or twice (a new stream has 1..${n})`));
         return;
       }
-      offsets.add(a.offset);
+      seen[a.offset] = 1;
       acked++;
       if (sent < n) send();
       if (acked === n) resolve();

@@ -97,7 +97,7 @@ async def publish_n(client, stream, n, data, window, msgid_prefix):
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     sent = acked = 0
-    offsets = set()
+    seen = bytearray(n + 1)  # offsets 1..n, each once
 
     def on_ack(fut):
         nonlocal acked
@@ -108,11 +108,11 @@ async def publish_n(client, stream, n, data, window, msgid_prefix):
             done.set_exception(Failure(f"publish to {stream!r} failed: {e}"))
             return
         a = fut.result()
-        if a.dup or not 1 <= a.offset <= n or a.offset in offsets:
+        if a.dup or not 1 <= a.offset <= n or seen[a.offset]:
             done.set_exception(Failure(f"publish to {stream!r}: offset {a.offset} unexpected or "
                                        f"twice (a new stream has 1..{n})"))
             return
-        offsets.add(a.offset)
+        seen[a.offset] = 1
         acked += 1
         if sent < n:
             send()
