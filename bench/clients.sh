@@ -210,6 +210,9 @@ SUMMARY=$(jq -s --arg clients "$CLIENTS" '
           p90_ms: ([ $r[] | .p90_ms // empty ] | median),
           cpu_us_per_msg: ([ $r[] | .cpu_us_per_msg // empty ] | median),
           server_cpu: ([ $r[] | .server_cpu // empty ] | median),
+          detect_ms: ([ $r[] | .detect_ms // empty ] | median),
+          backoff_ms: ([ $r[] | .backoff_ms // empty ] | median),
+          handshake_ms: ([ $r[] | .handshake_ms // empty ] | median),
           paired: ([ $r[] | . as $x | ($runs[] | select(.client == "libarq" and .mode == $m
                      and .rep == $x.rep) | metric) as $l | ($x | metric) / $l ] | sort)
         })))
@@ -267,5 +270,20 @@ for c in "${CLIENT_LIST[@]}"; do
         "$(sj ".\"$c\".publish.cpu_us_per_msg")" "$(sj ".\"$c\".delivery.cpu_us_per_msg")" \
         "$(sj "(.\"$c\".publish.server_cpu // 0) * 100")" "$(sj "(.\"$c\".delivery.server_cpu // 0) * 100")"
 done
+echo
+echo "Reconnect-to-resumed in parts (medians), split at the library's state events:"
+echo
+printf '| %-7s | %9s | %10s | %12s | %9s |\n' client "detect ms" "backoff ms" "handshake ms" "total ms"
+sep 7 9r 10r 12r 9r
+for c in "${CLIENT_LIST[@]}"; do
+    printf '| %-7s | %9.2f | %10.2f | %12.2f | %9.2f |\n' "$c" "$(sj ".\"$c\".reconnect.detect_ms")" \
+        "$(sj ".\"$c\".reconnect.backoff_ms")" "$(sj ".\"$c\".reconnect.handshake_ms")" \
+        "$(sj ".\"$c\".reconnect.value")"
+done
+echo
+echo "(detect: the cut to \"disconnected\"; backoff: to \"reconnecting\", the library's random wait"
+echo " of 0-1 ms with its timer's granularity; handshake: TCP, WebSocket upgrade, hello and the"
+echo " resumed welcome, through the cut proxy, to \"connected\". Each part is a median on its own:"
+echo " the parts need not add up to the total.)"
 echo
 echo "clients.sh: done, load $(load)"
