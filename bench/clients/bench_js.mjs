@@ -298,7 +298,12 @@ async function modeReconnect(a, data) {
 }
 
 function usage(msg) {
-  process.stderr.write(`bench_js: ${msg}\nusage: node bench_js.mjs --url URL --prefix PREFIX --mode publish|delivery|reconnect [--count N] [--size BYTES] [--window W] [--warmup M] [--cuts K] [--control HOST:PORT] [--server-pid PID] [--timeout SEC]\n`);
+  process.stderr.write(
+    `bench_js: ${msg}\n` +
+      "usage: node bench_js.mjs --url URL --prefix PREFIX --mode publish|delivery|reconnect\n" +
+      "         [--count N] [--size BYTES] [--window W] [--warmup M] [--cuts K]\n" +
+      "         [--control HOST:PORT] [--server-pid PID] [--timeout SEC]\n",
+  );
   process.exit(2);
 }
 

@@ -181,8 +181,8 @@ static int run_for_ms(long ms)
 struct conn {
     arq_client_t *c;
     int connected, closed;
-    uint64_t n_connected; /* state events "connected" */
-    uint64_t t_connected; /* now_ns() at the last one */
+    uint64_t n_connected;                    /* state events "connected" */
+    uint64_t t_connected;                    /* now_ns() at the last one */
     uint64_t t_disconnected, t_reconnecting; /* at the last of those events */
 };
 
@@ -384,7 +384,8 @@ static int receive_n(struct conn *k, struct subrun *r, const char *suffix, uint6
     r->t = t;
     if (t)
         timed_start(t);
-    int rc = arq_subscribe(k->c, r->stream, ARQ_FROM_EARLIEST, 0, ARQ_EPOCH_ANY, on_subok, on_msg, r);
+    int rc =
+        arq_subscribe(k->c, r->stream, ARQ_FROM_EARLIEST, 0, ARQ_EPOCH_ANY, on_subok, on_msg, r);
     if (rc != 0) {
         fail("arq_subscribe('%s'): %s", r->stream, arq_strerror(rc));
         return -1;
@@ -399,11 +400,12 @@ static void print_rate(const char *mode, const struct timed *t)
     char server[32] = "null";
     if (t->server >= 0)
         snprintf(server, sizeof server, "%.3f", t->server);
-    printf("{\"client\": \"libarq\", \"library\": \"libarq %s\", \"mode\": \"%s\", \"count\": %" PRIu64
-           ", \"size\": %zu, \"window\": %" PRIu64 ", \"seconds\": %.6f, \"msgs_per_s\": %.1f"
-           ", \"cpu_s\": %.4f, \"cpu_us_per_msg\": %.3f, \"server_cpu\": %s}\n",
-           ARQ_BENCH_VERSION, mode, B.o.count, B.o.size, B.o.window, t->seconds,
-           (double)B.o.count / t->seconds, t->cpu, t->cpu / (double)B.o.count * 1e6, server);
+    printf(
+        "{\"client\": \"libarq\", \"library\": \"libarq %s\", \"mode\": \"%s\", \"count\": %" PRIu64
+        ", \"size\": %zu, \"window\": %" PRIu64 ", \"seconds\": %.6f, \"msgs_per_s\": %.1f"
+        ", \"cpu_s\": %.4f, \"cpu_us_per_msg\": %.3f, \"server_cpu\": %s}\n",
+        ARQ_BENCH_VERSION, mode, B.o.count, B.o.size, B.o.window, t->seconds,
+        (double)B.o.count / t->seconds, t->cpu, t->cpu / (double)B.o.count * 1e6, server);
 }
 
 static int mode_publish(void)
@@ -623,13 +625,14 @@ static int mode_reconnect(void)
     size_t n = (size_t)B.o.cuts;
     double median = median_of(sorted, n);
     size_t p90 = (9 * n + 9) / 10; /* nearest rank: ceil(0.9 n), 1-based */
-    printf("{\"client\": \"libarq\", \"library\": \"libarq %s\", \"mode\": \"reconnect\", \"cuts\": "
-           "%" PRIu64 ", \"size\": %zu, \"resumed\": %" PRIu64 ", \"median_ms\": %.3f, \"p90_ms\": "
-           "%.3f, \"min_ms\": %.3f, \"max_ms\": %.3f, \"detect_ms\": %.3f, \"backoff_ms\": %.3f, "
-           "\"handshake_ms\": %.3f, \"samples_ms\": [",
-           ARQ_BENCH_VERSION, B.o.cuts, B.o.size, st.resumed, median,
-           sorted[p90 > 0 ? p90 - 1 : 0], sorted[0], sorted[n - 1], median_of(parts[0], n),
-           median_of(parts[1], n), median_of(parts[2], n));
+    printf(
+        "{\"client\": \"libarq\", \"library\": \"libarq %s\", \"mode\": \"reconnect\", \"cuts\": "
+        "%" PRIu64 ", \"size\": %zu, \"resumed\": %" PRIu64 ", \"median_ms\": %.3f, \"p90_ms\": "
+        "%.3f, \"min_ms\": %.3f, \"max_ms\": %.3f, \"detect_ms\": %.3f, \"backoff_ms\": %.3f, "
+        "\"handshake_ms\": %.3f, \"samples_ms\": [",
+        ARQ_BENCH_VERSION, B.o.cuts, B.o.size, st.resumed, median, sorted[p90 > 0 ? p90 - 1 : 0],
+        sorted[0], sorted[n - 1], median_of(parts[0], n), median_of(parts[1], n),
+        median_of(parts[2], n));
     for (size_t i = 0; i < n; i++)
         printf("%s%.3f", i ? ", " : "", ms[i]);
     printf("]}\n");
@@ -649,10 +652,11 @@ static void usage(const char *msg)
 {
     if (msg)
         fprintf(stderr, "arq-client-bench: %s\n", msg);
-    fprintf(stderr,
-            "usage: arq-client-bench --url URL --prefix PREFIX --mode publish|delivery|reconnect\n"
-            "         [--count N=20000] [--size BYTES=100] [--window W=10000] [--warmup M=1000]\n"
-            "         [--cuts K=20] [--control HOST:PORT] [--server-pid PID] [--timeout SEC=120]\n");
+    fprintf(
+        stderr,
+        "usage: arq-client-bench --url URL --prefix PREFIX --mode publish|delivery|reconnect\n"
+        "         [--count N=20000] [--size BYTES=100] [--window W=10000] [--warmup M=1000]\n"
+        "         [--cuts K=20] [--control HOST:PORT] [--server-pid PID] [--timeout SEC=120]\n");
     exit(2);
 }
 
@@ -672,35 +676,71 @@ static uint64_t parse_u64(const char *name, const char *s, uint64_t min)
 static void parse_opts(int argc, char **argv)
 {
     static const struct option longopts[] = {
-        {"url", required_argument, NULL, 'u'},     {"prefix", required_argument, NULL, 'P'},
-        {"mode", required_argument, NULL, 'm'},    {"count", required_argument, NULL, 'n'},
-        {"size", required_argument, NULL, 's'},    {"window", required_argument, NULL, 'w'},
-        {"warmup", required_argument, NULL, 'W'},  {"cuts", required_argument, NULL, 'k'},
-        {"control", required_argument, NULL, 'C'}, {"server-pid", required_argument, NULL, 'S'},
-        {"timeout", required_argument, NULL, 't'}, {"help", no_argument, NULL, 'h'},
+        {"url", required_argument, NULL, 'u'},
+        {"prefix", required_argument, NULL, 'P'},
+        {"mode", required_argument, NULL, 'm'},
+        {"count", required_argument, NULL, 'n'},
+        {"size", required_argument, NULL, 's'},
+        {"window", required_argument, NULL, 'w'},
+        {"warmup", required_argument, NULL, 'W'},
+        {"cuts", required_argument, NULL, 'k'},
+        {"control", required_argument, NULL, 'C'},
+        {"server-pid", required_argument, NULL, 'S'},
+        {"timeout", required_argument, NULL, 't'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     struct opts *o = &B.o;
     *o = (struct opts){
-        .count = 20000, .window = 10000, .warmup = 1000, .cuts = 20, .size = 100, .timeout_s = 120,
+        .count = 20000,
+        .window = 10000,
+        .warmup = 1000,
+        .cuts = 20,
+        .size = 100,
+        .timeout_s = 120,
     };
     const char *mode = NULL;
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (ch) {
-        case 'u': o->url = optarg; break;
-        case 'P': o->prefix = optarg; break;
-        case 'm': mode = optarg; break;
-        case 'n': o->count = parse_u64("count", optarg, 1); break;
-        case 's': o->size = (size_t)parse_u64("size", optarg, 0); break;
-        case 'w': o->window = parse_u64("window", optarg, 1); break;
-        case 'W': o->warmup = parse_u64("warmup", optarg, 0); break;
-        case 'k': o->cuts = parse_u64("cuts", optarg, 1); break;
-        case 'C': o->control = optarg; break;
-        case 'S': o->server_pid = (long)parse_u64("server-pid", optarg, 1); break;
-        case 't': o->timeout_s = (double)parse_u64("timeout", optarg, 1); break;
-        case 'h': usage(NULL); break;
-        default: usage("unknown option");
+        case 'u':
+            o->url = optarg;
+            break;
+        case 'P':
+            o->prefix = optarg;
+            break;
+        case 'm':
+            mode = optarg;
+            break;
+        case 'n':
+            o->count = parse_u64("count", optarg, 1);
+            break;
+        case 's':
+            o->size = (size_t)parse_u64("size", optarg, 0);
+            break;
+        case 'w':
+            o->window = parse_u64("window", optarg, 1);
+            break;
+        case 'W':
+            o->warmup = parse_u64("warmup", optarg, 0);
+            break;
+        case 'k':
+            o->cuts = parse_u64("cuts", optarg, 1);
+            break;
+        case 'C':
+            o->control = optarg;
+            break;
+        case 'S':
+            o->server_pid = (long)parse_u64("server-pid", optarg, 1);
+            break;
+        case 't':
+            o->timeout_s = (double)parse_u64("timeout", optarg, 1);
+            break;
+        case 'h':
+            usage(NULL);
+            break;
+        default:
+            usage("unknown option");
         }
     }
     if (optind != argc)
@@ -737,9 +777,15 @@ int main(int argc, char **argv)
     }
     int rc;
     switch (B.o.mode) {
-    case MODE_PUBLISH: rc = mode_publish(); break;
-    case MODE_DELIVERY: rc = mode_delivery(); break;
-    default: rc = mode_reconnect(); break;
+    case MODE_PUBLISH:
+        rc = mode_publish();
+        break;
+    case MODE_DELIVERY:
+        rc = mode_delivery();
+        break;
+    default:
+        rc = mode_reconnect();
+        break;
     }
     if (rc != 0)
         fprintf(stderr, "arq-client-bench: %s: %s\n",

@@ -169,7 +169,8 @@ def orchestrator():
         rows = re.findall(rf"^\| {c} +\|.*\|$", p.stdout, re.M)
         check(len(rows) == 3, f"clients.sh: {c} has a row in each of the 3 tables: {rows}")
         if rows and c == "libarq":
-            check(rows[0].count("| 1 (1; 1-1) ") == 3, f"clients.sh: libarq's ratios are 1: {rows[0]}")
+            check(rows[0].count("| 1 (1; 1-1) ") == 3,
+                  f"clients.sh: libarq's ratios are 1: {rows[0]}")
         for rep in (1, 2):
             for mode in ("publish", "delivery", "reconnect"):
                 check(re.search(rf"^  {rep} {mode} {c}: ", p.stderr, re.M) is not None,
