@@ -101,9 +101,9 @@ async def publish_n(client, stream, n, data, window, msgid_prefix):
 
     def on_ack(fut):
         nonlocal acked
+        e = fut.exception()  # retrieved even when no longer wanted (after a failure)
         if done.done():
             return
-        e = fut.exception()
         if e is not None:
             done.set_exception(Failure(f"publish to {stream!r} failed: {e}"))
             return
