@@ -18,7 +18,7 @@
 # loopback) the reconnect mode runs through; stops exactly those two by PID
 # and removes the directory on exit and on Ctrl-C.
 #
-# Usage: bench/clients.sh [BUILD_DIR]          (default: build; ~2 minutes)
+# Usage: bench/clients.sh [BUILD_DIR]          (default: build; 1-2 minutes)
 # Environment: REPS (5) repetitions; COUNT (50000) messages per publish and
 #              delivery run; SIZE (100) payload bytes; CUTS (20) connection
 #              cuts per reconnect run; WINDOW (10000) publishes waiting for
