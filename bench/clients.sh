@@ -112,7 +112,7 @@ echo "clients.sh: $REPS repetitions; $COUNT messages of $SIZE bytes per publish/
 
 # ---- arqd and the cut proxy ---------------------------------------------------
 mkdir "$TMP/arq"
-"$ARQD" --port 0 --data-dir "$TMP/arq" >"$TMP/arqd.out" 2>"$TMP/arqd.err" &
+"$ARQD" --anonymous --port 0 --data-dir "$TMP/arq" >"$TMP/arqd.out" 2>"$TMP/arqd.err" &
 ARQD_PID=$!
 ARQ_URL=
 for _ in $(seq 100); do
