@@ -663,7 +663,10 @@ static void handle_binary(conn_t *c, const uint8_t *data, size_t len)
     }
     case PROTO_PUB:
         brk_publish(c->client, m.id, m.stream.ptr, m.stream.len, m.payload.ptr, m.payload.len,
-                    m.msgid.ptr, m.msgid.len, m.headers_raw.ptr, m.headers_raw.len);
+                    m.msgid.ptr, m.msgid.len, m.headers_raw.ptr, m.headers_raw.len,
+                    m.ack == PROTO_ACK_REPLICATED ? BRK_ACK_REPLICATED
+                    : m.ack == PROTO_ACK_LOCAL    ? BRK_ACK_LOCAL
+                                                  : BRK_ACK_DEFAULT);
         break;
     case PROTO_SUB:
         brk_subscribe(c->client, m.id, m.stream.ptr, m.stream.len, (int)m.from, m.offset, m.epoch);
@@ -1204,9 +1207,11 @@ static void api_pub_done(int status, uint64_t offset, int dup, void *arg)
                      (unsigned long long)offset, dup ? "true" : "false");
         http_reply(c, 200, "OK", "application/json", body, (size_t)n);
     } else {
-        http_error(c, status == WAL_EINVAL ? 400 : 503,
-                   status == WAL_EINVAL ? "Bad Request" : "Service Unavailable",
-                   status == WAL_EFULL ? "storage full" : wal_strerror(status));
+        int code;
+        const char *reason;
+        brk_refusal(status, &code, &reason);
+        http_error(c, code == 400 ? 400 : 503, code == 400 ? "Bad Request" : "Service Unavailable",
+                   reason);
     }
     bufferevent_enable(c->bev, EV_WRITE);
 }
@@ -1253,10 +1258,16 @@ static void api_publish(conn_t *c, const char *body, size_t len)
     json_t *jb = j ? json_object_get(j, "payload_base64") : NULL;
     json_t *jm = j ? json_object_get(j, "msgid") : NULL;
     json_t *jh = j ? json_object_get(j, "headers") : NULL;
+    json_t *ja = j ? json_object_get(j, "ack") : NULL;
+    const char *ack_s = json_string_value(ja);
+    int ack = !ja                                         ? BRK_ACK_DEFAULT
+              : ack_s && strcmp(ack_s, "local") == 0      ? BRK_ACK_LOCAL
+              : ack_s && strcmp(ack_s, "replicated") == 0 ? BRK_ACK_REPLICATED
+                                                          : -2;
     uint8_t *payload = NULL;
     size_t payload_len = 0;
     bool ok = j && json_is_object(j) && stream && (json_is_string(jp) ^ json_is_string(jb)) &&
-              (!jm || json_is_string(jm)) && (!jh || json_is_object(jh));
+              (!jm || json_is_string(jm)) && (!jh || json_is_object(jh)) && ack != -2;
     if (ok && json_is_string(jb))
         ok = b64_decode(json_string_value(jb), json_string_length(jb), &payload, &payload_len) == 0;
     msgpack_sbuffer hb;
@@ -1301,7 +1312,8 @@ static void api_publish(conn_t *c, const char *body, size_t len)
     }
     if (!ok) {
         http_error(c, 400, "Bad Request",
-                   "expected JSON {stream, payload | payload_base64, msgid?, headers?}");
+                   "expected JSON {stream, payload | payload_base64, msgid?, headers?, "
+                   "ack? (\"local\" | \"replicated\")}");
     } else {
         const uint8_t *pay = payload ? payload : (const uint8_t *)json_string_value(jp);
         size_t pl = payload ? payload_len : json_string_length(jp);
@@ -1309,16 +1321,21 @@ static void api_publish(conn_t *c, const char *body, size_t len)
         int rc = p ? brk_publish_api(s->brk, s->api_producer, stream, strlen(stream), pay, pl,
                                      jm ? (const uint8_t *)json_string_value(jm) : NULL,
                                      jm ? json_string_length(jm) : 0, (const uint8_t *)hb.data,
-                                     hb.size, api_pub_done, p)
+                                     hb.size, ack, api_pub_done, p)
                    : WAL_ENOMEM;
         if (rc) {
             free(p);
+            int code;
+            const char *reason;
+            brk_refusal(rc, &code, &reason);
             if (rc == WAL_EINVAL)
                 http_error(c, pl > s->o.max_message_bytes ? 413 : 400,
                            pl > s->o.max_message_bytes ? "Payload Too Large" : "Bad Request",
                            "invalid stream name, payload or msgid");
+            else if (code == 400)
+                http_error(c, 400, "Bad Request", reason);
             else
-                http_error(c, 503, "Service Unavailable", wal_strerror(rc));
+                http_error(c, 503, "Service Unavailable", reason);
         } else {
             p->conn = c;
             c->pub = p;
@@ -1776,12 +1793,16 @@ static void write_health(api_server_t *s, struct evbuffer *b, int *code)
     wal_state_info_t st;
     wal_state_get(s->wal, &st);
     bool failed = st.state == WAL_STATE_FAILED;
+    bool repl_down = brk_replication_down(s->brk);
     *code = failed || rc ? 503 : 200;
-    const char *status = *code != 200                 ? "unhealthy"
-                         : st.state == WAL_STATE_FULL ? "degraded"
-                                                      : "healthy";
+    const char *status = *code != 200                              ? "unhealthy"
+                         : st.state == WAL_STATE_FULL || repl_down ? "degraded"
+                                                                   : "healthy";
     evbuffer_add_printf(b, "{\"status\":\"%s\",", status);
-    if (st.state != WAL_STATE_OK) {
+    if (st.state == WAL_STATE_OK && !rc && repl_down) {
+        evbuffer_add_printf(b, "\"reason\":\"replication unavailable: wal.ack = replicated "
+                               "publishes are refused until MySQL sync works\",");
+    } else if (st.state != WAL_STATE_OK) {
         evbuffer_add_printf(b, "\"reason\":");
         char why[WAL_STATE_REASON_MAX + 40];
         snprintf(why, sizeof(why), "%s: %s", failed ? "wal stopped" : "storage full", st.reason);
@@ -1996,6 +2017,19 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
               "Acknowledged publishes: WAL batch durable to its completion run on the event "
               "loop.",
               bs.pub_dispatch_us, brk_pub_us_bounds, 1e-6, bs.pub_dispatch_us_sum, 1);
+    histogram(b, "arq_publish_replicated_seconds",
+              "ack = replicated publishes: decoded to puback queued, MySQL's commit included.",
+              bs.pub_repl_us, brk_pub_us_bounds, 1e-6, bs.pub_repl_us_sum, 1);
+    metric(b, "arq_publish_replicated_total", "counter",
+           "ack = replicated publishes answered once MySQL committed them.", bs.repl_acked);
+    metric(b, "arq_publish_replication_refused_total", "counter",
+           "ack = replicated publishes refused before appending (replication unavailable).",
+           bs.repl_refused);
+    metric(b, "arq_publish_replication_timeouts_total", "counter",
+           "ack = replicated publishes appended but not in MySQL within wal.ack_timeout_ms.",
+           bs.repl_timeouts);
+    metric(b, "arq_publish_replication_waiting", "gauge",
+           "ack = replicated publishes waiting for MySQL now.", bs.repl_waiting);
     write_metrics_deploy(s, b);
     if (s->o.metrics_extra)
         s->o.metrics_extra(s->o.extra_arg, b);
@@ -2327,9 +2361,9 @@ static void write_health_brief(api_server_t *s, struct evbuffer *b, int *code)
     wal_state_get(s->wal, &st);
     *code = st.state == WAL_STATE_FAILED || rc ? 503 : 200;
     evbuffer_add_printf(b, "{\"status\":\"%s\"}",
-                        *code != 200                 ? "unhealthy"
-                        : st.state == WAL_STATE_FULL ? "degraded"
-                                                     : "healthy");
+                        *code != 200                                                 ? "unhealthy"
+                        : st.state == WAL_STATE_FULL || brk_replication_down(s->brk) ? "degraded"
+                                                                                     : "healthy");
 }
 
 /* Verify with the current key, then with the previous one (rotation). */

@@ -108,6 +108,14 @@ struct brk {
     struct handoff *handoff_head, *handoff_tail;
     size_t n_handoffs;
     struct event *expire_ev;
+    /* ack = replicated (docs/ha.md): publishes appended and durable here,
+     * waiting for MySQL to commit them, in completion order (their target
+     * sequences and deadlines grow along the list). */
+    struct pub_ctx *repl_head, *repl_tail;
+    struct event *repl_ev; /* the head's deadline */
+    uint64_t repl_wm;      /* every record up to this sequence is in MySQL */
+    bool repl_known;       /* brk_replicated was called: there is a MySQL */
+    bool repl_ok;          /* the drain works now */
     brk_stats_t st;
 };
 
@@ -651,6 +659,9 @@ static void streams_reload(brk_t *b)
 static void brk_visible(void *arg)
 {
     brk_t *b = arg;
+    /* the drain reads what is readable: replicated publishes wait for it */
+    if (b->repl_head && b->o.repl_kick)
+        b->o.repl_kick(b->o.repl_kick_arg);
     uint64_t reloads = wal_reloads(b->wal);
     if (reloads != b->reloads) {
         b->reloads = reloads;
@@ -1574,6 +1585,12 @@ struct pub_ctx {
     brk_t *b;
     brk_client_t *c; /* NULL for the server API */
     uint64_t id;
+    int ack;               /* BRK_ACK_LOCAL or BRK_ACK_REPLICATED */
+    struct pub_ctx *rnext; /* in b->repl_head's list */
+    uint64_t target;       /* replicated: answered once MySQL holds this sequence */
+    int64_t deadline;      /* replicated: CLOCK_MONOTONIC us of the timeout */
+    uint64_t offset;       /* replicated: the result, kept while waiting */
+    int duplicate;
     size_t stream_len;
     int64_t ts;      /* CLOCK_REALTIME: the record's time stamp */
     int64_t t0_mono; /* CLOCK_MONOTONIC: for the latency histograms */
@@ -1631,7 +1648,11 @@ static int wal_code(int status)
     case WAL_EBUSY:
         return PROTO_CODE_UNAVAILABLE;
     case WAL_EINVAL:
+    case BRK_EREPL_NONE:
         return PROTO_CODE_BAD_REQUEST;
+    case BRK_EREPL_DOWN:
+    case BRK_EREPL_TIMEOUT:
+        return PROTO_CODE_UNAVAILABLE;
     default:
         return PROTO_CODE_INTERNAL;
     }
@@ -1646,6 +1667,12 @@ static const char *wal_reason(int status)
         return "storage stopped";
     case WAL_ECLOSED:
         return "shutting down";
+    case BRK_EREPL_DOWN:
+        return "replication unavailable";
+    case BRK_EREPL_TIMEOUT:
+        return "replication timeout";
+    case BRK_EREPL_NONE:
+        return "replication not configured";
     default:
         return wal_strerror(status);
     }
@@ -1657,6 +1684,110 @@ void brk_refusal(int status, int *ret_code, const char **ret_reason)
     *ret_reason = wal_reason(status);
 }
 
+/* The answer to a publish: puback or nack to its client (if still there),
+ * or the server API's callback; then p is freed. */
+static void pub_answer(brk_t *b, struct pub_ctx *p, int status)
+{
+    if (p->c && !p->c->closed) {
+        proto_buf_t *pb = &b->reply;
+        proto_buf_reset(pb);
+        int erc = status == 0 ? proto_enc_puback(pb, p->id, (const uint8_t *)p->stream,
+                                                 p->stream_len, p->offset, p->duplicate)
+                              : proto_enc_nack(pb, p->id, wal_code(status), wal_reason(status));
+        if (erc == 0)
+            send_buf(p->c, pb);
+    }
+    if (p->api_cb)
+        p->api_cb(status, status == 0 ? p->offset : 0, status == 0 ? p->duplicate : 0, p->api_arg);
+    if (p->c) {
+        p->c->pending_pubs--;
+        if (!p->c->closed && p->c->ops->on_drain)
+            p->c->ops->on_drain(p->c->conn);
+        client_unref(p->c);
+    }
+    free(p);
+}
+
+static void repl_arm(brk_t *b)
+{
+    if (!b->repl_head) {
+        event_del(b->repl_ev);
+        return;
+    }
+    int64_t left = b->repl_head->deadline - mono_us();
+    if (left < 0)
+        left = 0;
+    struct timeval tv = {(time_t)(left / 1000000), (suseconds_t)(left % 1000000)};
+    event_add(b->repl_ev, &tv);
+}
+
+/* Answer the waiting publishes MySQL now holds, and those out of time. */
+static void repl_release(brk_t *b)
+{
+    int64_t now = mono_us();
+    while (b->repl_head) {
+        struct pub_ctx *p = b->repl_head;
+        int status;
+        if (p->target <= b->repl_wm) {
+            status = 0;
+            b->st.repl_acked++;
+            pub_hist(b->st.pub_repl_us, &b->st.pub_repl_us_sum, now - p->t0_mono);
+        } else if (p->deadline <= now) {
+            status = BRK_EREPL_TIMEOUT;
+            b->st.repl_timeouts++;
+        } else {
+            break;
+        }
+        b->repl_head = p->rnext;
+        if (!b->repl_head)
+            b->repl_tail = NULL;
+        b->st.repl_waiting--;
+        pub_answer(b, p, status);
+    }
+    repl_arm(b);
+}
+
+static void repl_ev_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    repl_release(arg);
+}
+
+void brk_replicated(brk_t *b, uint64_t watermark, int ok)
+{
+    b->repl_known = true;
+    b->repl_ok = ok != 0;
+    if (watermark > b->repl_wm)
+        b->repl_wm = watermark;
+    repl_release(b);
+}
+
+int brk_replication_down(const brk_t *b)
+{
+    return b->o.ack == BRK_ACK_REPLICATED && !(b->repl_known && b->repl_ok);
+}
+
+/* Wait for MySQL: the puback goes when the watermark reaches target. */
+static void repl_wait(brk_t *b, struct pub_ctx *p, uint64_t target)
+{
+    p->target = target;
+    p->deadline = mono_us() + (int64_t)b->o.ack_timeout_ms * 1000;
+    p->rnext = NULL;
+    bool first = !b->repl_head;
+    if (b->repl_tail)
+        b->repl_tail->rnext = p;
+    else
+        b->repl_head = p;
+    b->repl_tail = p;
+    b->st.repl_waiting++;
+    if (first) {
+        repl_arm(b);
+        if (b->o.repl_kick)
+            b->o.repl_kick(b->o.repl_kick_arg);
+    }
+}
+
 /* Runs on the loop after the commit that holds the publish returned. */
 static void pub_done(wal_append_t *req, void *arg)
 {
@@ -1664,12 +1795,18 @@ static void pub_done(wal_append_t *req, void *arg)
     brk_t *b = p->b;
     int status = wal_append_status(req);
     const wal_result_t *r = status == 0 ? wal_append_result(req, 0) : NULL;
-    if (status == 0 && r) {
+    if (status == 0 && !r)
+        status = WAL_EINVAL;
+    bool woke = false;
+    if (r) {
         pub_times(b, p, req);
+        p->offset = r->offset;
+        p->duplicate = r->duplicate;
         if (r->duplicate) {
             b->st.publish_dups++;
         } else {
             b->st.publishes++;
+            woke = true;
             brk_stream_t *s = stream_get(b, p->stream, p->stream_len);
             if (s) {
                 if (s->epoch == 0)
@@ -1693,41 +1830,44 @@ static void pub_done(wal_append_t *req, void *arg)
     } else {
         b->st.publish_errors++;
     }
-    if (p->c && !p->c->closed) {
-        proto_buf_t *pb = &b->reply;
-        proto_buf_reset(pb);
-        int erc = r ? proto_enc_puback(pb, p->id, (const uint8_t *)p->stream, p->stream_len,
-                                       r->offset, r->duplicate)
-                    : proto_enc_nack(pb, p->id, wal_code(status), wal_reason(status));
-        if (erc == 0)
-            send_buf(p->c, pb);
+    /* A duplicate's record is older than everything acknowledged now: it
+     * is in MySQL once the watermark reaches the last of those. */
+    uint64_t target = !r ? 0 : r->duplicate ? wal_acked_next_seq(b->wal) - 1 : r->seq;
+    /* found before the answer frees p (a stream with an epoch stays) */
+    brk_stream_t *ws = woke ? stream_find(b, p->stream, p->stream_len) : NULL;
+    if (r && p->ack == BRK_ACK_REPLICATED && target > b->repl_wm) {
+        repl_wait(b, p, target);
+    } else {
+        if (r && p->ack == BRK_ACK_REPLICATED) {
+            b->st.repl_acked++;
+            pub_hist(b->st.pub_repl_us, &b->st.pub_repl_us_sum, mono_us() - p->t0_mono);
+        }
+        pub_answer(b, p, status);
     }
-    if (p->api_cb)
-        p->api_cb(status, r ? r->offset : 0, r ? r->duplicate : 0, p->api_arg);
-    if (r && !r->duplicate) {
-        brk_stream_t *s = stream_find(b, p->stream, p->stream_len);
-        if (s)
-            wake_stream(s);
-    }
-    if (p->c) {
-        p->c->pending_pubs--;
-        if (!p->c->closed && p->c->ops->on_drain)
-            p->c->ops->on_drain(p->c->conn);
-        client_unref(p->c);
-    }
-    free(p);
     wal_append_free(req);
+    if (ws)
+        wake_stream(ws);
 }
 
 static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *stream,
                           size_t stream_len, const uint8_t *payload, size_t payload_len,
                           const char *producer, const uint8_t *msgid, size_t msgid_len,
                           const uint8_t *headers, size_t headers_len, enum wal_direction dir,
-                          brk_api_cb cb, void *arg)
+                          int ack, brk_api_cb cb, void *arg)
 {
-    struct pub_ctx *p = malloc(sizeof(*p) + stream_len);
+    if (ack == BRK_ACK_DEFAULT)
+        ack = b->o.ack;
+    if (ack == BRK_ACK_REPLICATED) {
+        /* never a silent downgrade: refused before anything is stored */
+        if (!b->repl_known || !b->repl_ok) {
+            b->st.repl_refused++;
+            return b->repl_known ? BRK_EREPL_DOWN : BRK_EREPL_NONE;
+        }
+    }
+    struct pub_ctx *p = calloc(1, sizeof(*p) + stream_len);
     if (!p)
         return WAL_ENOMEM;
+    p->ack = ack;
     p->b = b;
     p->c = c;
     p->id = id;
@@ -1781,7 +1921,7 @@ static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *st
 
 void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len,
                  const uint8_t *payload, size_t payload_len, const uint8_t *msgid, size_t msgid_len,
-                 const uint8_t *headers_raw, size_t headers_len)
+                 const uint8_t *headers_raw, size_t headers_len, int ack)
 {
     brk_t *b = c->b;
     const char *name = (const char *)stream;
@@ -1802,7 +1942,7 @@ void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t str
         return;
     }
     int rc = publish_common(b, c, id, name, stream_len, payload, payload_len, c->producer, msgid,
-                            msgid_len, headers_raw, headers_len, WAL_DIR_IN, NULL, NULL);
+                            msgid_len, headers_raw, headers_len, WAL_DIR_IN, ack, NULL, NULL);
     if (rc) {
         b->st.publish_errors++;
         send_nack(c, id, wal_code(rc), wal_reason(rc));
@@ -1811,14 +1951,14 @@ void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t str
 
 int brk_publish_api(brk_t *b, const char *producer, const char *stream, size_t stream_len,
                     const uint8_t *payload, size_t payload_len, const uint8_t *msgid,
-                    size_t msgid_len, const uint8_t *headers_raw, size_t headers_len, brk_api_cb cb,
-                    void *arg)
+                    size_t msgid_len, const uint8_t *headers_raw, size_t headers_len, int ack,
+                    brk_api_cb cb, void *arg)
 {
     if (!brk_stream_name_valid(stream, stream_len) || payload_len > b->o.max_payload ||
         msgid_len > WAL_MSGID_MAX || headers_len > WAL_HEADERS_MAX)
         return WAL_EINVAL;
     return publish_common(b, NULL, 0, stream, stream_len, payload, payload_len, producer, msgid,
-                          msgid_len, headers_raw, headers_len, WAL_DIR_OUT, cb, arg);
+                          msgid_len, headers_raw, headers_len, WAL_DIR_OUT, ack, cb, arg);
 }
 
 /* ---- subscribe / ack --------------------------------------------------- */
@@ -1969,6 +2109,10 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
         b->o.tail_cache_bytes = 64ull << 20;
     if (!b->o.stream_idle_s)
         b->o.stream_idle_s = 60;
+    if (!b->o.ack_timeout_ms)
+        b->o.ack_timeout_ms = 5000;
+    if (b->o.ack != BRK_ACK_REPLICATED)
+        b->o.ack = BRK_ACK_LOCAL;
     b->n_buckets = 4096;
     b->buckets = calloc(b->n_buckets, sizeof(*b->buckets));
     b->n_sess_buckets = 4096;
@@ -1976,9 +2120,11 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
     b->flush_ev = event_new(base, -1, EV_PERSIST, flush_cb, b);
     b->expire_ev = event_new(base, -1, EV_PERSIST, expire_ev_cb, b);
     b->evict_ev = event_new(base, -1, EV_PERSIST, evict_ev_cb, b);
+    b->repl_ev = evtimer_new(base, repl_ev_cb, b);
     if (rpl_new(wal, &b->rpl) != 0)
         b->rpl = NULL;
-    if (!b->buckets || !b->sess || !b->flush_ev || !b->expire_ev || !b->evict_ev || !b->rpl) {
+    if (!b->buckets || !b->sess || !b->flush_ev || !b->expire_ev || !b->evict_ev || !b->rpl ||
+        !b->repl_ev) {
         rpl_free(b->rpl);
         free(b->buckets);
         free(b->sess);
@@ -1988,6 +2134,8 @@ int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_
             event_free(b->expire_ev);
         if (b->evict_ev)
             event_free(b->evict_ev);
+        if (b->repl_ev)
+            event_free(b->repl_ev);
         free(b);
         return -1;
     }
@@ -2024,6 +2172,15 @@ void brk_free(brk_t *b)
     event_free(b->flush_ev);
     event_free(b->expire_ev);
     event_free(b->evict_ev);
+    /* replicated publishes still waiting: their clients are gone */
+    while (b->repl_head) {
+        struct pub_ctx *p = b->repl_head;
+        b->repl_head = p->rnext;
+        if (p->c)
+            client_unref(p->c);
+        free(p);
+    }
+    event_free(b->repl_ev);
     brk_owners_free(b->owners);
     while (b->handoff_head) {
         struct handoff *h = b->handoff_head;

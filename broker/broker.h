@@ -72,7 +72,26 @@ typedef struct brk_options {
     uint32_t session_burst;          /* ... at once */
     uint64_t session_ttl_s;          /* sessions kept after their last connection, 86400 */
     uint32_t expire_interval_ms;     /* how often expired sessions are deleted, 60000 */
+    /* Acknowledgement level of a publish that names none (docs/ha.md):
+     * BRK_ACK_LOCAL (0, the default) answers once the local journal is
+     * fdatasynced; BRK_ACK_REPLICATED once MySQL committed the record
+     * (brk_replicated). */
+    int ack;
+    uint32_t ack_timeout_ms; /* a replicated publish waits this long, 5000 */
+    /* Optional: someone waits for replication (wakes the drain: sync_kick). */
+    void (*repl_kick)(void *arg);
+    void *repl_kick_arg;
 } brk_options_t;
+
+enum { BRK_ACK_DEFAULT = -1, BRK_ACK_LOCAL = 0, BRK_ACK_REPLICATED = 1 };
+/* Statuses of a replicated publish (beside the WAL_E* codes), refused by
+ * brk_refusal with 503: the publish was not appended (replication is not
+ * working now), or it was and MySQL did not commit it within
+ * ack_timeout_ms (it may still arrive: retry with the same msgid). 400
+ * BRK_EREPL_NONE: no MySQL configured, nothing to replicate to. */
+#define BRK_EREPL_DOWN    (-103)
+#define BRK_EREPL_TIMEOUT (-104)
+#define BRK_EREPL_NONE    (-105)
 
 typedef struct brk brk_t;
 typedef struct brk_client brk_client_t;
@@ -108,6 +127,11 @@ typedef struct brk_stats {
     uint64_t pub_wait_us[WAL_HIST_BUCKETS], pub_dispatch_us[WAL_HIST_BUCKETS],
         pub_total_us[WAL_HIST_BUCKETS];
     uint64_t pub_wait_us_sum, pub_dispatch_us_sum, pub_total_us_sum;
+    /* ack = replicated: answered (puback), refused before appending
+     * (replication down), timed out after appending; waiting now; and the
+     * decoded -> puback time of those answered. */
+    uint64_t repl_acked, repl_refused, repl_timeouts, repl_waiting;
+    uint64_t pub_repl_us[WAL_HIST_BUCKETS], pub_repl_us_sum;
 } brk_stats_t;
 
 extern const uint64_t brk_pub_us_bounds[WAL_HIST_BUCKETS - 1];
@@ -115,6 +139,20 @@ extern const uint64_t brk_pub_us_bounds[WAL_HIST_BUCKETS - 1];
 /* Registers the broker for the WAL's visible callback (wal_on_visible): close
  * the WAL before brk_free, or stop running the loop. */
 int brk_new(struct event_base *base, wal_t *wal, const brk_options_t *opts, brk_t **ret);
+/*
+ * Replication (docs/ha.md): every WAL record up to sequence watermark is
+ * committed in MySQL, and ok says whether the drain works now. Call on the
+ * loop thread whenever either changes (sync_options_t.on_progress), first
+ * before any client connects: without a call replicated publishes are
+ * refused with BRK_EREPL_NONE. Pubacks of replicated publishes at or below
+ * the watermark are sent; while !ok new replicated publishes are refused
+ * (BRK_EREPL_DOWN), and those already waiting time out unless MySQL comes
+ * back in time.
+ */
+void brk_replicated(brk_t *b, uint64_t watermark, int ok);
+/* 1 while publishes at the deployment's ack level are refused for lack of
+ * replication (ack = replicated, the drain not working): /health degraded. */
+int brk_replication_down(const brk_t *b);
 /* Serve offsets the WAL dropped from MySQL (sync_cold_open); NULL: gaps. */
 struct sync_cold;
 void brk_set_cold(brk_t *b, struct sync_cold *cold);
@@ -198,9 +236,10 @@ void brk_client_start(brk_client_t *c);
 void brk_sessions_expire(brk_t *b);
 
 /* Requests from a client. Replies (puback/nack/subok/...) go through ops->send. */
+/* ack: BRK_ACK_DEFAULT (the deployment's), BRK_ACK_LOCAL or BRK_ACK_REPLICATED. */
 void brk_publish(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len,
                  const uint8_t *payload, size_t payload_len, const uint8_t *msgid, size_t msgid_len,
-                 const uint8_t *headers_raw, size_t headers_len);
+                 const uint8_t *headers_raw, size_t headers_len, int ack);
 void brk_subscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len, int from,
                    uint64_t offset, uint64_t epoch);
 void brk_unsubscribe(brk_client_t *c, uint64_t id, const uint8_t *stream, size_t stream_len);
@@ -218,12 +257,13 @@ void brk_flush(brk_t *b);
 void brk_refusal(int status, int *ret_code, const char **ret_reason);
 
 /* Server API publish (direction out). producer: its dedup namespace (the
- * api names one per API key). cb runs after the commit with status 0 or a
- * WAL_E* code. */
+ * api names one per API key). cb runs after the commit (ack = replicated:
+ * after MySQL's) with status 0, a WAL_E* or a BRK_EREPL_* code; it is not
+ * called when the return value is non-zero. */
 typedef void (*brk_api_cb)(int status, uint64_t offset, int duplicate, void *arg);
 int brk_publish_api(brk_t *b, const char *producer, const char *stream, size_t stream_len,
                     const uint8_t *payload, size_t payload_len, const uint8_t *msgid,
-                    size_t msgid_len, const uint8_t *headers_raw, size_t headers_len, brk_api_cb cb,
-                    void *arg);
+                    size_t msgid_len, const uint8_t *headers_raw, size_t headers_len, int ack,
+                    brk_api_cb cb, void *arg);
 
 #endif

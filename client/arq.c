@@ -526,6 +526,7 @@ int arq_client_new(struct event_base *base, const arq_client_options_t *options,
     c->hb_interval_ms = options->heartbeat_interval_ms;
     c->hb_timeout_ms = options->heartbeat_interval_ms ? options->heartbeat_timeout_ms : 0;
     c->max_pending = options->max_pending ? options->max_pending : ARQ_DEFAULT_PENDING;
+    c->ack = options->ack;
     c->max_inflight = ARQ_DEFAULT_INFLIGHT;
     int rc = parse_url(c, options->url);
     if (rc == 0 && c->tls)

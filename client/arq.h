@@ -113,7 +113,18 @@ typedef struct arq_client_options {
      * refusal.
      */
     const char *ca_file;
+    /*
+     * The acknowledgement level every publish asks for (pub.ack,
+     * docs/ha.md): ARQ_ACK_DEFAULT (the server's wal.ack), ARQ_ACK_LOCAL
+     * (the puback means: in this arqd's fdatasynced journal) or
+     * ARQ_ACK_REPLICATED (... and committed in MySQL, e.g. certified by a
+     * Galera cluster). A replicated publish the server cannot replicate now
+     * is answered 503 and retried like any 503 (same msgid: stored once).
+     */
+    int ack;
 } arq_client_options_t;
+
+enum { ARQ_ACK_DEFAULT = 0, ARQ_ACK_LOCAL = 1, ARQ_ACK_REPLICATED = 2 };
 
 /* The client's state, as reported by arq_client_state() and the state callback. */
 typedef enum arq_state {

@@ -60,6 +60,8 @@ static void usage(FILE *f)
             "                           (PEM) instead of the system's; verification is\n"
             "                           always on\n"
             "      --msgid-prefix P     pub: message ids P0, P1, ... (idempotent retries)\n"
+            "      --ack LEVEL          pub: local or replicated (the puback waits for\n"
+            "                           MySQL's commit); default: the server's wal.ack\n"
             "  -H, --header K=V         pub: a header on every message (repeatable; K is\n"
             "                           up to the first '=')\n"
             "      --from WHERE         sub: earliest (default), latest, or an offset >= 1\n"
@@ -755,7 +757,8 @@ int main(int argc, char **argv)
         OPT_NORECON,
         OPT_RETRIES,
         OPT_TOKEN_CMD,
-        OPT_CA
+        OPT_CA,
+        OPT_ACK
     };
     enum { MAX_HEADERS = 64 };
     static const struct option longopts[] = {
@@ -763,6 +766,7 @@ int main(int argc, char **argv)
         {"token", required_argument, NULL, 't'},
         {"token-command", required_argument, NULL, OPT_TOKEN_CMD},
         {"ca", required_argument, NULL, OPT_CA},
+        {"ack", required_argument, NULL, OPT_ACK},
         {"msgid-prefix", required_argument, NULL, OPT_MSGID},
         {"header", required_argument, NULL, 'H'},
         {"from", required_argument, NULL, OPT_FROM},
@@ -780,7 +784,7 @@ int main(int argc, char **argv)
     const char *token = getenv("ARQ_TOKEN"), *from = NULL, *token_cmd = NULL, *ca = NULL;
     if (token && !*token)
         token = NULL;
-    int have_count = 0, no_reconnect = 0, have_retries = 0;
+    int have_count = 0, no_reconnect = 0, have_retries = 0, ack = ARQ_ACK_DEFAULT;
     const char *hdr[MAX_HEADERS];
     size_t n_hdr = 0;
     uint64_t timeout = 0, retries = RETRIES_DEFAULT;
@@ -801,6 +805,16 @@ int main(int argc, char **argv)
             break;
         case OPT_CA:
             ca = optarg;
+            break;
+        case OPT_ACK:
+            if (strcmp(optarg, "local") == 0) {
+                ack = ARQ_ACK_LOCAL;
+            } else if (strcmp(optarg, "replicated") == 0) {
+                ack = ARQ_ACK_REPLICATED;
+            } else {
+                fprintf(stderr, "arq: --ack needs local or replicated\n");
+                return 2;
+            }
             break;
         case OPT_MSGID:
             cli.msgid_prefix = optarg;
@@ -943,7 +957,8 @@ int main(int argc, char **argv)
                               .max_retries = (uint32_t)retries,
                               .heartbeat_interval_ms = reconnect ? HB_INTERVAL_MS : 0,
                               .heartbeat_timeout_ms = reconnect ? HB_TIMEOUT_MS : 0,
-                              .ca_file = ca};
+                              .ca_file = ca,
+                              .ack = ack};
     int rc = arq_client_new(cli.base, &o, &cli.client);
     if (rc != 0) {
         if (rc == ARQ_EINVAL)

@@ -113,6 +113,7 @@ struct arq_client {
     uint32_t backoff_base_ms, backoff_cap_ms, max_retries;
     uint32_t hb_interval_ms, hb_timeout_ms;
     size_t max_pending;
+    int ack; /* options.ack */
 
     arq_state_t state;
     enum conn_state conn;

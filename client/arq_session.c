@@ -827,8 +827,10 @@ int arq_publish_headers(arq_client_t *c, const char *stream, const void *payload
     msgpack_packer pk;
     c->out.size = 0;
     msgpack_packer_init(&pk, &c->out, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, headers_len ? 6 : 5);
+    msgpack_pack_map(&pk, 5 + (headers_len ? 1 : 0) + (c->ack ? 1 : 0));
     arq_pack_kv_str(&pk, "t", "pub");
+    if (c->ack)
+        arq_pack_kv_str(&pk, "ack", c->ack == ARQ_ACK_REPLICATED ? "replicated" : "local");
     arq_pack_str(&pk, "id");
     msgpack_pack_uint64(&pk, p->id);
     arq_pack_kv_str(&pk, "stream", stream);

@@ -564,6 +564,7 @@ struct app {
     double start_time;  /* unix seconds */
     /* watchers (housekeeping_cb) */
     enum sync_state sync_logged;
+    struct event *repl_ev; /* the drain moved (ack = replicated): tell the broker */
     int storage_high;
     unsigned ticks;
     size_t heap_peak; /* bytes in use at their peak since the last trim */
@@ -670,6 +671,34 @@ static void metrics_arqd(void *arg, struct evbuffer *out)
                         (unsigned long long)app->boot->map_size_max);
     if (app->sync)
         metrics_sync(app->sync, out);
+}
+
+/* Runs on the drain thread: wake the loop (repl_ev_cb). */
+static void sync_progress(void *arg)
+{
+    struct app *app = arg;
+    if (app->repl_ev)
+        event_active(app->repl_ev, EV_TIMEOUT, 0);
+}
+
+/* On the loop: what MySQL holds now, for pubacks of replicated publishes. */
+static void repl_ev_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct app *app = arg;
+    if (!app->sync)
+        return;
+    sync_stats_t st;
+    sync_stats_get(app->sync, &st);
+    brk_replicated(app->brk, st.watermark, st.state == SYNC_STATE_OK);
+}
+
+static void repl_kick(void *arg)
+{
+    struct app *app = arg;
+    if (app->sync)
+        sync_kick(app->sync);
 }
 
 static void health_arqd(void *arg, struct evbuffer *out)
@@ -1097,6 +1126,12 @@ int main(int argc, char **argv)
         printf("arqd: %d migration(s) applied, the schema is current\n", applied);
         return 0;
     }
+    if (!have_db && strcmp(cfg.ack, "replicated") == 0) {
+        arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason",
+                "wal.ack = replicated needs DATABASE_URL: acknowledgements wait for MySQL", NULL);
+        arq_config_free(&cfg);
+        return 2;
+    }
     if (auth_policy_check(&cfg, err, sizeof(err)) != 0) {
         arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason", err, NULL);
         sync_url_free(&db_url);
@@ -1196,7 +1231,19 @@ int main(int argc, char **argv)
     watch.later = evtimer_new(base, watch_later_cb, &watch);
     wal_on_state(wal, watch_cb, &watch);
     watch_log(&watch); /* an open on a full disk starts "full" */
+    struct app app = {.base = base,
+                      .wal = wal,
+                      .argc = argc,
+                      .argv = argv,
+                      .boot = &cfg,
+                      .start_time = (double)t0.tv_sec + (double)t0.tv_nsec / 1e9,
+                      .sync_logged = sync_at_start};
+    bool replicated = strcmp(cfg.ack, "replicated") == 0;
     brk_options_t bo = {
+        .ack = replicated ? BRK_ACK_REPLICATED : BRK_ACK_LOCAL,
+        .ack_timeout_ms = cfg.ack_timeout_ms,
+        .repl_kick = repl_kick,
+        .repl_kick_arg = &app,
         .max_payload = cfg.max_message_bytes,
         .max_subscriptions = cfg.max_subscriptions,
         .max_inflight = cfg.max_inflight,
@@ -1239,13 +1286,6 @@ int main(int argc, char **argv)
         .listen_fd = listen_fd,
     };
     ao_reloadable(&ao, &cfg);
-    struct app app = {.base = base,
-                      .wal = wal,
-                      .argc = argc,
-                      .argv = argv,
-                      .boot = &cfg,
-                      .start_time = (double)t0.tv_sec + (double)t0.tv_nsec / 1e9,
-                      .sync_logged = sync_at_start};
     ao.metrics_extra = metrics_arqd;
     ao.extra_arg = &app;
     sync_t *sync = NULL;
@@ -1265,12 +1305,18 @@ int main(int argc, char **argv)
                              .retain_age_s = cfg.retain_age_s,
                              .retain_bytes = retain_bytes,
                              .retain_every_ms = cfg.retain_every_ms,
-                             .cursor_ttl_s = cfg.session_ttl_s};
-        if (sync_start(wal, &so, &sync) != 0) {
+                             .cursor_ttl_s = cfg.session_ttl_s,
+                             .on_progress = sync_progress,
+                             .progress_arg = &app};
+        /* before the thread runs: its first report must find it */
+        app.repl_ev = event_new(base, -1, 0, repl_ev_cb, &app);
+        app.brk = brk;
+        if (!app.repl_ev || sync_start(wal, &so, &sync) != 0) {
             arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "sync thread", NULL);
             return 1;
         }
         app.sync = sync;
+        brk_replicated(brk, 0, 0); /* there is a MySQL; not yet reached */
         ao.health_sync = health_arqd;
     }
     api_server_t *srv;
@@ -1340,6 +1386,7 @@ int main(int argc, char **argv)
      * every commit in flight (their callbacks run) before closing. */
     brk_flush(brk);
     sync_stop(sync); /* its batch in flight commits or rolls back */
+    app.sync = NULL; /* repl_ev may still run (wal_close's completions) */
     sync_url_free(&db_url);
     watch_log(&watch); /* a change the quiet interval held back */
     wal_state_info_t wst;
@@ -1363,6 +1410,8 @@ int main(int argc, char **argv)
     }
     if (app.grace)
         event_free(app.grace);
+    if (app.repl_ev)
+        event_free(app.repl_ev);
     event_base_free(base);
     arq_config_free(&cfg);
     if (wst.state == WAL_STATE_FAILED) {

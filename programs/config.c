@@ -98,6 +98,7 @@ static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL}
 static const char *const log_formats[] = {"logfmt", "json", NULL};
 static const char *const sync_modes[] = {"full", "none", NULL};
 static const char *const on_off[] = {"on", "off", NULL};
+static const char *const ack_levels[] = {"local", "replicated", NULL};
 
 #define FIELD(f) .offset = offsetof(arq_config_t, f), .width = sizeof(((arq_config_t *)NULL)->f)
 
@@ -166,6 +167,9 @@ static const struct key_def keys[] = {
     {"wal", "apply_us", NULL, KT_UINT, FIELD(apply_us), .min = 100, .max = 1000000},
     {"wal", "apply_idle_us", NULL, KT_UINT, FIELD(apply_idle_us), .min = 10, .max = 1000000},
     {"wal", "journal_max", NULL, KT_SIZE, FIELD(journal_max), .min = 2 * MIB, .max = GIB},
+    {"wal", "ack", "ARQ_ACK", KT_ENUM, FIELD(ack), .choices = ack_levels,
+     .choices_text = "local, replicated"},
+    {"wal", "ack_timeout_ms", NULL, KT_UINT, FIELD(ack_timeout_ms), .min = 10, .max = 600000},
     {"database", "url", "DATABASE_URL", KT_URL, FIELD(database_url)},
     {"database", "batch_rows", NULL, KT_UINT, FIELD(sync_batch_rows), .min = 1, .max = 100000},
     {"database", "batch_wait_ms", NULL, KT_UINT, FIELD(sync_batch_wait_ms), .min = 1, .max = 60000},
@@ -894,7 +898,9 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->apply_us = 10000;
     cfg->apply_idle_us = 1000;
     cfg->journal_max = 64 * MIB;
-    if (cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
+    cfg->ack = strdup("local");
+    cfg->ack_timeout_ms = 5000;
+    if (cfg->ack == NULL || cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
         cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL ||
         cfg->monitor_allow == NULL || cfg->monitor_allow[0] == NULL ||
         cfg->monitor_allow[1] == NULL) {
@@ -1207,6 +1213,7 @@ void arq_config_free(arq_config_t *cfg)
         free_origins(cfg->monitor_allow, cfg->n_monitor_allow);
     free(cfg->sync);
     free(cfg->journal);
+    free(cfg->ack);
     free(cfg->database_url);
     memset(cfg, 0, sizeof(*cfg));
 }

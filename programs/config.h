@@ -68,6 +68,8 @@ typedef struct arq_config {
     uint32_t apply_us;        /* fold the journal into LMDB at least this often, default 10000 */
     uint32_t apply_idle_us;   /* ... or after this long idle, default 1000 */
     uint64_t journal_max;     /* each journal file grows up to this, default 64 MiB */
+    char *ack;                /* "local" (default) | "replicated": pubacks once MySQL has it */
+    uint32_t ack_timeout_ms;  /* a replicated publish waits this long for MySQL, 5000 */
     /* [database] */
     char *database_url;          /* DATABASE_URL; NULL: WAL-only */
     uint32_t sync_batch_rows;    /* rows per MySQL sync transaction, default 1000 */

@@ -366,6 +366,7 @@ enum field {
     F_PAYLOAD,
     F_MSGID,
     F_HEADERS,
+    F_ACK,
     F_COUNT,
 };
 
@@ -383,6 +384,7 @@ static const char *const field_names[F_COUNT] = {
     [F_PAYLOAD] = "payload",
     [F_MSGID] = "msgid",
     [F_HEADERS] = "headers",
+    [F_ACK] = "ack",
 };
 
 #define NO_VALUE SIZE_MAX
@@ -460,6 +462,21 @@ static int get_from(decoder_t *d, proto_msg_t *m)
         return field_fail(d, F_FROM, PROTO_ETYPE);
     m->from = PROTO_FROM_OFFSET;
     m->offset = it.u;
+    return PROTO_OK;
+}
+
+static int get_ack(decoder_t *d, proto_msg_t *m)
+{
+    mp_item_t it;
+    m->ack = PROTO_ACK_DEFAULT;
+    if (!field_get(d, F_ACK, &it))
+        return PROTO_OK;
+    if (it.kind == MP_STR && bytes_eq(d->buf + it.body, it.len, "local"))
+        m->ack = PROTO_ACK_LOCAL;
+    else if (it.kind == MP_STR && bytes_eq(d->buf + it.body, it.len, "replicated"))
+        m->ack = PROTO_ACK_REPLICATED;
+    else
+        return field_fail(d, F_ACK, PROTO_ETYPE);
     return PROTO_OK;
 }
 
@@ -641,7 +658,8 @@ static int decode_fields(decoder_t *d, proto_msg_t *m)
         if ((rc = get_uint(d, F_ID, true, &m->id)) != PROTO_OK ||
             (rc = get_str(d, F_STREAM, true, &m->stream)) != PROTO_OK ||
             (rc = get_payload(d, m)) != PROTO_OK ||
-            (rc = get_str(d, F_MSGID, false, &m->msgid)) != PROTO_OK)
+            (rc = get_str(d, F_MSGID, false, &m->msgid)) != PROTO_OK ||
+            (rc = get_ack(d, m)) != PROTO_OK)
             return rc;
         return get_headers(d, m); /* last: the only step that allocates */
     case PROTO_ACK:
@@ -673,6 +691,8 @@ static const char *field_wants(enum field f)
         return "bin or str";
     case F_HEADERS:
         return "a map of UTF-8 str to UTF-8 str with unique keys";
+    case F_ACK:
+        return "\"local\" or \"replicated\"";
     default:
         return "a str";
     }

@@ -46,6 +46,9 @@ enum proto_type {
 
 /* Where a subscription starts. */
 enum proto_from { PROTO_FROM_EARLIEST = 1, PROTO_FROM_LATEST, PROTO_FROM_OFFSET };
+/* pub's acknowledgement level: absent (the server's default), "local",
+ * "replicated" (docs/protocol.md, docs/ha.md). */
+enum proto_ack { PROTO_ACK_DEFAULT = 0, PROTO_ACK_LOCAL, PROTO_ACK_REPLICATED };
 
 typedef struct proto_bytes {
     const uint8_t *ptr; /* borrowed from the decoded input buffer */
@@ -73,6 +76,7 @@ typedef struct proto_msg {
     uint64_t epoch;  /* sub: 0 when absent */
     /* pub */
     proto_bytes_t payload, msgid;
+    enum proto_ack ack;
     proto_header_t *headers;
     size_t n_headers;
     proto_bytes_t headers_raw; /* the header map's msgpack bytes, as sent */

@@ -204,6 +204,7 @@ struct sync {
     pthread_mutex_t mu;
     pthread_cond_t cond;
     bool stop;
+    bool kicked;     /* sync_kick since the last wait (under mu) */
     sync_stats_t st; /* under mu */
     /* thread-private */
     MYSQL *m;
@@ -254,9 +255,16 @@ const char *sync_state_name(enum sync_state st)
     }
 }
 
+static void progress(sync_t *s)
+{
+    if (s->o.on_progress)
+        s->o.on_progress(s->o.progress_arg);
+}
+
 static void set_state(sync_t *s, enum sync_state st, const char *why)
 {
     pthread_mutex_lock(&s->mu);
+    bool changed = s->st.state != st;
     s->st.state = st;
     if (st == SYNC_STATE_OK && !why)
         s->st.last_error[0] = '\0'; /* recovered: the error is history */
@@ -266,6 +274,8 @@ static void set_state(sync_t *s, enum sync_state st, const char *why)
             s->st.errors++;
     }
     pthread_mutex_unlock(&s->mu);
+    if (changed)
+        progress(s);
 }
 
 static uint64_t name_hash(const char *p, size_t n)
@@ -668,6 +678,7 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
     s->st.batches++;
     hist_add(s->st.batch_buckets, s->batch_rows);
     pthread_mutex_unlock(&s->mu);
+    progress(s);
     return (int64_t)s->batch_rows;
 }
 
@@ -944,8 +955,9 @@ static uint64_t rand_below(uint64_t n)
     return n ? r % n : 0;
 }
 
-/* Sleep ms unless stopped; returns true if stopped. */
-static bool wait_ms(sync_t *s, uint64_t ms)
+/* Sleep ms unless stopped (or, if kickable, kicked: the idle poll, never
+ * a backoff); returns true if stopped. */
+static bool wait_ms(sync_t *s, uint64_t ms, bool kickable)
 {
     struct timespec dl;
     clock_gettime(CLOCK_REALTIME, &dl);
@@ -956,8 +968,11 @@ static bool wait_ms(sync_t *s, uint64_t ms)
         dl.tv_nsec -= 1000000000;
     }
     pthread_mutex_lock(&s->mu);
-    while (!s->stop && pthread_cond_timedwait(&s->cond, &s->mu, &dl) != ETIMEDOUT)
+    while (!s->stop && !(kickable && s->kicked) &&
+           pthread_cond_timedwait(&s->cond, &s->mu, &dl) != ETIMEDOUT)
         ;
+    if (kickable)
+        s->kicked = false;
     bool stop = s->stop;
     pthread_mutex_unlock(&s->mu);
     return stop;
@@ -1020,7 +1035,7 @@ static void *sync_main(void *arg)
                 if (cap > s->o.backoff_cap_ms)
                     cap = s->o.backoff_cap_ms;
                 attempt++;
-                if (wait_ms(s, 1 + rand_below(cap)))
+                if (wait_ms(s, 1 + rand_below(cap), false))
                     break;
                 continue;
             }
@@ -1065,7 +1080,7 @@ static void *sync_main(void *arg)
             s->m = NULL;
             update_lag(s);
             attempt = 1;
-            if (wait_ms(s, 1 + rand_below(s->o.backoff_base_ms)))
+            if (wait_ms(s, 1 + rand_below(s->o.backoff_base_ms), false))
                 break;
             continue;
         }
@@ -1074,7 +1089,7 @@ static void *sync_main(void *arg)
         pthread_mutex_unlock(&s->mu);
         if (was_degraded)
             set_state(s, SYNC_STATE_OK, NULL);
-        if (n == 0 && wait_ms(s, s->o.batch_wait_ms))
+        if (n == 0 && wait_ms(s, s->o.batch_wait_ms, true))
             break;
     }
     stmt_drop(s);
@@ -1145,6 +1160,14 @@ void sync_stop(sync_t *s)
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cond);
     free(s);
+}
+
+void sync_kick(sync_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->kicked = true;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->mu);
 }
 
 void sync_stats_get(sync_t *s, sync_stats_t *ret)

@@ -76,6 +76,13 @@ typedef struct sync_options {
     uint64_t retain_age_s;
     uint64_t retain_bytes;
     uint32_t retain_every_ms;
+    /* Optional: called on the drain thread after every committed batch and
+     * every state change (sync_stats_get then shows the new watermark and
+     * state). Must be quick and thread-safe (e.g. event_active on a loop
+     * made with evthread_use_pthreads). It is how `ack = replicated`
+     * publishes learn that MySQL holds them (docs/ha.md). */
+    void (*on_progress)(void *arg);
+    void *progress_arg;
 } sync_options_t;
 
 typedef struct sync sync_t;
@@ -84,6 +91,9 @@ typedef struct sync sync_t;
 int sync_start(wal_t *wal, const sync_options_t *opts, sync_t **ret);
 /* Stop it: the batch in flight finishes or rolls back; joins the thread. */
 void sync_stop(sync_t *s);
+/* Wake the drain thread if it is waiting for the WAL to grow (batch_wait_ms):
+ * someone waits for the records just made readable. Thread-safe. */
+void sync_kick(sync_t *s);
 
 enum sync_state {
     SYNC_STATE_CONNECTING = 0, /* not yet connected (or migrating) */

@@ -151,7 +151,8 @@ static void publish_n(fixture_t *f, const char *stream, int n)
     int want = f->api_done + n;
     for (int i = 0; i < n; i++)
         assert_int_equal(brk_publish_api(f->brk, "arq:api:test", stream, strlen(stream),
-                                         (const uint8_t *)"data", 4, NULL, 0, NULL, 0, api_cb, f),
+                                         (const uint8_t *)"data", 4, NULL, 0, NULL, 0,
+                                         BRK_ACK_DEFAULT, api_cb, f),
                          0);
     for (int i = 0; i < 1000 && f->api_done < want; i++)
         event_base_loop(f->base, EVLOOP_ONCE);
@@ -587,6 +588,140 @@ static void test_session_durable_callback(void **state)
     rec_clear(&r2);
 }
 
+/* ---- ack = replicated ---------------------------------------------------- */
+
+typedef struct repl_rec {
+    int calls, status, dup, kicks;
+    uint64_t offset;
+} repl_rec_t;
+
+static void repl_cb(int status, uint64_t offset, int dup, void *arg)
+{
+    repl_rec_t *r = arg;
+    r->calls++;
+    r->status = status;
+    r->offset = offset;
+    r->dup = dup;
+}
+
+static void repl_kick_cb(void *arg)
+{
+    ((repl_rec_t *)arg)->kicks++;
+}
+
+/* Run the loop for about ms milliseconds. */
+static void run_ms(fixture_t *f, int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    event_base_loopexit(f->base, &tv);
+    event_base_dispatch(f->base);
+}
+
+static void run_until(fixture_t *f, const repl_rec_t *r, int calls)
+{
+    for (int i = 0; i < 500 && r->calls < calls; i++)
+        run_ms(f, 10);
+    assert_int_equal(r->calls, calls);
+}
+
+static int pub_repl(fixture_t *f, const char *msgid, int ack, repl_rec_t *r)
+{
+    return brk_publish_api(f->brk, "arq:api:test", "r", 1, (const uint8_t *)"data", 4,
+                           (const uint8_t *)msgid, msgid ? strlen(msgid) : 0, NULL, 0, ack, repl_cb,
+                           r);
+}
+
+/* The puback of a replicated publish waits for the watermark to cover its
+ * record (a duplicate's: everything acknowledged before it), never goes
+ * out while replication is down, and times out into a 503; ack = local
+ * answers at once in the same deployment. */
+static void test_ack_replicated(void **state)
+{
+    fixture_t *f = *state;
+    brk_free(f->brk);
+    repl_rec_t r = {0}, k = {0};
+    brk_options_t bo = {.ack = BRK_ACK_REPLICATED,
+                        .ack_timeout_ms = 300,
+                        .repl_kick = repl_kick_cb,
+                        .repl_kick_arg = &k};
+    assert_int_equal(brk_new(f->base, f->wal, &bo, &f->brk), 0);
+    int code;
+    const char *reason;
+
+    /* no MySQL known: refused before appending, 400 */
+    assert_int_equal(pub_repl(f, "m0", BRK_ACK_DEFAULT, &r), BRK_EREPL_NONE);
+    brk_refusal(BRK_EREPL_NONE, &code, &reason);
+    assert_int_equal(code, 400);
+    assert_true(brk_replication_down(f->brk));
+
+    /* MySQL known but the drain down: refused (503), nothing stored */
+    brk_replicated(f->brk, 0, 0);
+    assert_int_equal(pub_repl(f, "m1", BRK_ACK_DEFAULT, &r), BRK_EREPL_DOWN);
+    brk_refusal(BRK_EREPL_DOWN, &code, &reason);
+    assert_int_equal(code, 503);
+    assert_string_equal(reason, "replication unavailable");
+    assert_true(wal_acked_next_seq(f->wal) == 1);
+    /* ... but ack = local is taken and answered at the local durable point */
+    assert_int_equal(pub_repl(f, "m2", BRK_ACK_LOCAL, &r), 0);
+    run_until(f, &r, 1);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(r.offset, 1);
+
+    /* the drain works: appended, durable, and held until the watermark */
+    brk_replicated(f->brk, 0, 1);
+    assert_false(brk_replication_down(f->brk));
+    assert_int_equal(pub_repl(f, "m3", BRK_ACK_DEFAULT, &r), 0);
+    run_ms(f, 100);
+    assert_int_equal(r.calls, 1); /* durable here, not yet in MySQL */
+    assert_true(k.kicks >= 1);    /* the drain was woken */
+    brk_stats_t st;
+    brk_stats_get(f->brk, &st);
+    assert_int_equal(st.repl_waiting, 1);
+    uint64_t seq = wal_acked_next_seq(f->wal) - 1; /* m3's record */
+    brk_replicated(f->brk, seq - 1, 1);
+    run_ms(f, 20);
+    assert_int_equal(r.calls, 1); /* the watermark below it: still waiting */
+    brk_replicated(f->brk, seq, 1);
+    assert_int_equal(r.calls, 2);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(r.offset, 2);
+
+    /* a retry of m3 is a duplicate: MySQL holds the original already */
+    assert_int_equal(pub_repl(f, "m3", BRK_ACK_DEFAULT, &r), 0);
+    run_until(f, &r, 3);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(r.dup, 1);
+    assert_int_equal(r.offset, 2);
+
+    /* the watermark stays: the publish times out into a retryable 503 */
+    assert_int_equal(pub_repl(f, "m4", BRK_ACK_DEFAULT, &r), 0);
+    run_until(f, &r, 4);
+    assert_int_equal(r.status, BRK_EREPL_TIMEOUT);
+    brk_refusal(BRK_EREPL_TIMEOUT, &code, &reason);
+    assert_int_equal(code, 503);
+    /* m4 was stored all the same: its retry is a duplicate, answered only
+     * once the watermark covers everything acknowledged before it */
+    uint64_t all = wal_acked_next_seq(f->wal) - 1;
+    assert_int_equal(pub_repl(f, "m4", BRK_ACK_DEFAULT, &r), 0);
+    run_ms(f, 100);
+    assert_int_equal(r.calls, 4);
+    brk_replicated(f->brk, all, 1);
+    assert_int_equal(r.calls, 5);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(r.dup, 1);
+    assert_int_equal(r.offset, 3);
+    brk_stats_get(f->brk, &st);
+    assert_int_equal(st.repl_acked, 3);
+    assert_int_equal(st.repl_timeouts, 1);
+    assert_int_equal(st.repl_refused, 2);
+    assert_int_equal(st.repl_waiting, 0);
+
+    /* waiting publishes are dropped without a call when the broker goes */
+    assert_int_equal(pub_repl(f, "m5", BRK_ACK_DEFAULT, &r), 0);
+    run_ms(f, 50);
+    assert_int_equal(r.calls, 5);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -597,6 +732,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_session_resume_handoff, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_record_and_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_durable_callback, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ack_replicated, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -940,6 +940,35 @@ static void test_dec_pub(void **state)
     }
 }
 
+/* pub's ack: absent (the server's default), "local", "replicated"; nil is absent. */
+static void test_dec_pub_ack(void **state)
+{
+    (void)state;
+    static const char *const values[] = {NULL, "local", "replicated", "nil"};
+    static const enum proto_ack want[] = {PROTO_ACK_DEFAULT, PROTO_ACK_LOCAL, PROTO_ACK_REPLICATED,
+                                          PROTO_ACK_DEFAULT};
+    for (size_t i = 0; i < 4; i++) {
+        pk_t k;
+        dec_t d;
+        pk_init(&k);
+        pk_map(&k, values[i] ? 5 : 4);
+        pk_kv_str(&k, "t", "pub");
+        pk_kv_uint(&k, "id", 7);
+        pk_kv_str(&k, "stream", "s");
+        pk_kv_str(&k, "payload", "x");
+        if (values[i] && strcmp(values[i], "nil") == 0) {
+            pk_str(&k, "ack");
+            pk_nil(&k);
+        } else if (values[i]) {
+            pk_kv_str(&k, "ack", values[i]);
+        }
+        assert_int_equal(dec_run(&d, k.sb.data, k.sb.size, NULL), 0);
+        assert_int_equal(d.m.ack, want[i]);
+        dec_done(&d);
+        pk_free(&k);
+    }
+}
+
 /* Every msgpack integer format is accepted for ids and offsets if its value
  * is >= 0; negative values and floats are not. */
 static void test_dec_int_formats(void **state)
@@ -1361,7 +1390,8 @@ static void pack_hdr_bad_utf8_val(pk_t *k)
 /* Build {t:type, <fields except skip>, skip: value()}. */
 static void pack_with(pk_t *k, const char *type, const char *field, pack_fn value)
 {
-    static const char *const pub_fields[] = {"id", "stream", "payload", "msgid", "headers", NULL};
+    static const char *const pub_fields[] = {"id",      "stream", "payload", "msgid",
+                                             "headers", "ack",    NULL};
     static const char *const sub_fields[] = {"id", "stream", "from", "epoch", NULL};
     static const char *const unsub_fields[] = {"id", "stream", NULL};
     static const char *const ack_fields[] = {"stream", "offset", NULL};
@@ -1391,6 +1421,8 @@ static void pack_with(pk_t *k, const char *type, const char *field, pack_fn valu
             pk_kv_str(k, "h", "v");
         } else if (strcmp(fields[i], "from") == 0) {
             pk_str(k, "earliest");
+        } else if (strcmp(fields[i], "ack") == 0) {
+            pk_str(k, "replicated");
         } else {
             pk_str(k, "s");
         }
@@ -1431,6 +1463,8 @@ static void test_dec_wrong_types(void **state)
         {"ack", "stream", pack_binv, PROTO_ETYPE},
         {"pub", "msgid", pack_one, PROTO_ETYPE},
         {"pub", "msgid", pack_binv, PROTO_ETYPE},
+        {"pub", "ack", pack_strv, PROTO_ETYPE}, /* only "local" or "replicated" */
+        {"pub", "ack", pack_one, PROTO_ETYPE},
         {"hello", "token", pack_binv, PROTO_ETYPE},
         {"hello", "session", pack_one, PROTO_ETYPE},
         {"hello", "resume_token", pack_arr, PROTO_ETYPE},
@@ -1465,6 +1499,7 @@ static void test_dec_wrong_types(void **state)
         {"sub", "epoch", pack_nil, PROTO_OK},
         {"pub", "msgid", pack_nil, PROTO_OK},
         {"pub", "headers", pack_nil, PROTO_OK},
+        {"pub", "ack", pack_nil, PROTO_OK},
         {"hello", "client", pack_nil, PROTO_OK},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -1901,6 +1936,7 @@ int main(void)
         cmocka_unit_test(test_dec_sub),
         cmocka_unit_test(test_dec_unsub_ack),
         cmocka_unit_test(test_dec_pub),
+        cmocka_unit_test(test_dec_pub_ack),
         cmocka_unit_test(test_dec_int_formats),
         cmocka_unit_test(test_dec_huge_declared),
         cmocka_unit_test(test_dec_deep_nesting),
