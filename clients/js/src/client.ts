@@ -86,6 +86,14 @@ export interface PublishOptions {
   /** Idempotency key, unique per producer across all streams (default: generated). */
   msgid?: string;
   headers?: Record<string, string>;
+  /**
+   * Acknowledgement level (docs/ha.md): "local" resolves once this arqd's
+   * journal is fdatasynced, "replicated" once MySQL committed it too (it
+   * survives the loss of the arqd machine). Default: the server's wal.ack.
+   * A replicated publish the server cannot replicate now is answered 503
+   * and retried like any 503, with the same msgid.
+   */
+  ack?: "local" | "replicated";
 }
 
 export interface PubAck {
@@ -260,6 +268,12 @@ export class ArqClient extends Emitter<ClientEvents> {
     const id = this.nextId++;
     const m: ClientMessage = { t: "pub", id, stream, payload: bytes, msgid };
     if (opts.headers && Object.keys(opts.headers).length > 0) m.headers = opts.headers;
+    if (opts.ack !== undefined) {
+      if (opts.ack !== "local" && opts.ack !== "replicated") {
+        return Promise.reject(new ArqError("invalid", `ack must be "local" or "replicated"`));
+      }
+      m.ack = opts.ack;
+    }
     return new Promise<PubAck>((resolve, reject) => {
       const p: Pub = {
         id,

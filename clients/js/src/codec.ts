@@ -22,7 +22,15 @@ export type ClientMessage =
   | { t: "hello"; client: string; token?: string; session?: string; resume_token?: string }
   | { t: "sub"; id: number; stream: string; from: From; epoch?: bigint }
   | { t: "unsub"; id: number; stream: string }
-  | { t: "pub"; id: number; stream: string; payload: Uint8Array; msgid: string; headers?: Record<string, string> }
+  | {
+      t: "pub";
+      id: number;
+      stream: string;
+      payload: Uint8Array;
+      msgid: string;
+      headers?: Record<string, string>;
+      ack?: "local" | "replicated";
+    }
   | { t: "ack"; stream: string; offset: number };
 
 export function encode(m: ClientMessage): Uint8Array {

@@ -328,11 +328,15 @@ class Client:
         await asyncio.shield(self._connect_fut)
 
     def publish(self, stream: str, payload: bytes | str, *, msgid: str | None = None,
-                headers: dict[str, str] | None = None) -> asyncio.Future[PubAck]:
+                headers: dict[str, str] | None = None,
+                ack: str | None = None) -> asyncio.Future[PubAck]:
         """Publish; the future resolves once the message is durable, exactly
         once, even if it had to be re-sent after a reconnect (then maybe with
         dup=True: the server had stored it before the connection broke).
-        Pipelined; queued while reconnecting."""
+        Pipelined; queued while reconnecting. ack: "local" (this arqd's
+        journal is fdatasynced), "replicated" (MySQL committed it too: it
+        survives the loss of the arqd machine, docs/ha.md) or None (the
+        server's wal.ack)."""
         fut: asyncio.Future[PubAck] = self._loop.create_future()
         data = payload.encode() if isinstance(payload, str) else payload
         err = None
@@ -347,6 +351,8 @@ class Client:
             err = ArqError("too-big", f"payload of {len(data)} bytes over max_payload {self._max_payload}")
         elif len(self._pubs) >= self._max_pending:
             err = ArqError("full", f"{len(self._pubs)} publishes already wait for a puback")
+        elif ack not in (None, "local", "replicated"):
+            err = ArqError("invalid", 'ack must be "local" or "replicated"')
         if err is not None:
             fut.set_exception(err)
             return fut
@@ -355,8 +361,11 @@ class Client:
             msgid = f"{self._msgid_prefix}-{self._msgid_seq}"
         id = self._next_id
         self._next_id += 1
-        frame = codec.encode({"t": "pub", "id": id, "stream": stream, "payload": bytes(data), "msgid": msgid,
-                              "headers": headers or None})
+        msg = {"t": "pub", "id": id, "stream": stream, "payload": bytes(data), "msgid": msgid,
+               "headers": headers or None}
+        if ack is not None:
+            msg["ack"] = ack
+        frame = codec.encode(msg)
         p = _Pub(id, stream, msgid, frame, len(data), fut)
         self._pubs[id] = p
         if live:

@@ -96,6 +96,24 @@ class ClientTest(unittest.IsolatedAsyncioTestCase):
         await c.close()
         self.assertEqual(c.state, "closed")
 
+    async def test_publish_ack_level(self):
+        c = self.client()
+        connecting = asyncio.ensure_future(c.connect())
+        conn, _ = await self.srv.accept()
+        await connecting
+        with self.assertRaises(ArqError) as e:
+            await c.publish("s", "x", ack="quorum")
+        self.assertEqual(e.exception.code, "invalid")
+        p1 = c.publish("s", "r", ack="replicated")
+        p2 = c.publish("s", "d")
+        a, b = await conn.recv("pub"), await conn.recv("pub")
+        self.assertEqual(a["ack"], "replicated")
+        self.assertNotIn("ack", b)  # absent: the server's wal.ack
+        await conn.send(t="puback", id=a["id"], stream="s", offset=1, dup=False)
+        await conn.send(t="puback", id=b["id"], stream="s", offset=2, dup=False)
+        self.assertEqual(((await p1).offset, (await p2).offset), (1, 2))
+        await c.close()
+
     async def test_resume_resend_redelivery_acks(self):
         c = self.client()
         states = []

@@ -36,6 +36,25 @@ test("publishes queue while connecting, then one puback resolves each; maxPendin
   assert.equal(c.state, "closed");
 });
 
+test("publish ack level: sent as pub.ack when given, absent otherwise, anything else refused", async () => {
+  const srv = new FakeServer();
+  const c = client(srv);
+  const connected = c.connect();
+  const [conn] = await srv.accept(0);
+  await connected;
+  await assert.rejects(c.publish("s", "x", { ack: "quorum" }), { code: "invalid" });
+  const p1 = c.publish("s", "r", { ack: "replicated" });
+  const p2 = c.publish("s", "d");
+  const a = await conn.recvType("pub");
+  const b = await conn.recvType("pub");
+  assert.equal(a.ack, "replicated");
+  assert.equal("ack" in b, false, "absent: the server's wal.ack");
+  conn.push({ t: "puback", id: a.id, stream: "s", offset: 1, dup: false });
+  conn.push({ t: "puback", id: b.id, stream: "s", offset: 2, dup: false });
+  assert.deepEqual([(await p1).offset, (await p2).offset], [1, 2]);
+  await c.close();
+});
+
 test("after a lost connection: resume, the publish re-sent byte for byte, redeliveries dropped, acks caught up", async () => {
   const srv = new FakeServer();
   const c = client(srv);
