@@ -23,6 +23,17 @@
  * Debian's nats-server 2.9.10 fsyncs its file store on a timer (2 minutes by
  * default) and cannot be told to sync before acknowledging, so these acks
  * are not durable: see docs/benchmarks.md.
+ *
+ * Against a JetStream cluster (bench/ha_peers.sh): --replicas N creates the
+ * stream with num_replicas N, and --url may be given several times, the
+ * connections then going round-robin over the servers (connection i to URL
+ * i mod n), as an application's clients spread over a cluster; a publish
+ * reaching a server other than the stream's leader is forwarded to it. In
+ * clustered mode the leader proposes each message to the stream's raft
+ * group and sends the PubAck once the entry is committed, i.e. held by a
+ * quorum (2 of 3 for R3) - in memory: the same 2.9.10 file store, no fsync
+ * before the ack. The stream's replica count, leader and peers are read back
+ * with STREAM.INFO before the run and reported.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -44,11 +55,15 @@
 #define NB_SUBJECTS  8u
 #define NB_RING      65536u /* send times per connection, by id; a power of two */
 #define NB_IN_MAX    (1u << 20)
+#define NB_MAX_URLS  16u
 
 struct opts {
-    char host[256], port[16];
+    struct {
+        char host[256], port[16];
+    } url[NB_MAX_URLS];
+    unsigned n_urls;
     const char *stream;
-    unsigned conns, depth, size;
+    unsigned conns, depth, size, replicas;
     double seconds, warmup;
     long server_pid;
     int json;
@@ -76,6 +91,8 @@ static unsigned g_run;      /* this run's id in the reply subjects */
 static uint64_t g_acks, g_errors, g_inflight_total;
 static bench_hist_t g_lat;
 static uint8_t *g_payload;
+static char g_leader[64]; /* the stream's raft leader (STREAM.INFO), or "" */
+static char g_peers[256]; /* its other replicas, "name:current ..." */
 
 __attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...)
 {
@@ -299,14 +316,19 @@ static int connect_one(struct conn *c)
     c->sent_ns = calloc(NB_RING, sizeof *c->sent_ns);
     if (c->in == NULL || c->sent_ns == NULL)
         return -1;
-    c->fd = bench_tcp_connect(g_o.host, g_o.port);
+    const char *host = g_o.url[c->idx % g_o.n_urls].host, *port = g_o.url[c->idx % g_o.n_urls].port;
+    c->fd = bench_tcp_connect(host, port);
     if (c->fd < 0) {
-        fprintf(stderr, "arq-nats-bench: connect %s:%s: %s\n", g_o.host, g_o.port, strerror(errno));
+        fprintf(stderr, "arq-nats-bench: connect %s:%s: %s\n", host, port, strerror(errno));
         return -1;
     }
+    /* the set-up reads block; a server that never answers (a cluster
+     * without a JetStream leader yet) fails the run instead of hanging it */
+    struct timeval tv = {10, 0};
+    (void)setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     char line[4096], hello[512];
     if (read_until(c, "INFO", line, sizeof line) != 0) {
-        fprintf(stderr, "arq-nats-bench: no INFO from %s:%s\n", g_o.host, g_o.port);
+        fprintf(stderr, "arq-nats-bench: no INFO from %s:%s\n", host, port);
         return -1;
     }
     int n = snprintf(hello, sizeof hello,
@@ -322,27 +344,90 @@ static int connect_one(struct conn *c)
     return 0;
 }
 
+/* Copies the JSON string value after `"key":"` in text into buf; 0, or -1. */
+static int json_str_after(const char *text, const char *key, char *buf, size_t cap)
+{
+    const char *p = strstr(text, key);
+    if (p == NULL)
+        return -1;
+    p += strlen(key);
+    size_t n = strcspn(p, "\"");
+    if (n >= cap || p[n] != '"')
+        return -1;
+    memcpy(buf, p, n);
+    buf[n] = '\0';
+    return 0;
+}
+
+/* Sends a JetStream API request on c (blocking) and reads its answer into line. */
+static int js_request(struct conn *c, const char *api, const char *tag, const char *body,
+                      char *line, size_t cap)
+{
+    char req[1024];
+    int rn = snprintf(req, sizeof req, "PUB $JS.API.%s _INBOX.%u.%u.%s %zu\r\n%s\r\n", api, g_run,
+                      c->idx, tag, strlen(body), body);
+    if (rn < 0 || (size_t)rn >= sizeof req || bench_send_all(c->fd, req, (size_t)rn) != 0)
+        return -1;
+    return read_until(c, "MSG", line, cap);
+}
+
 /* The stream capturing arqbench.*, created through the JetStream API on
- * connection c (before it goes non-blocking); an existing one is used. */
+ * connection c (before it goes non-blocking); an existing one is used if it
+ * has the replica count asked for. Then STREAM.INFO: its leader and peers. */
 static int ensure_stream(struct conn *c)
 {
-    char body[512], req[768], line[4096];
-    int bn = snprintf(body, sizeof body,
-                      "{\"name\":\"%s\",\"subjects\":[\"arqbench.*\"],\"storage\":\"file\","
-                      "\"retention\":\"limits\",\"num_replicas\":1}",
-                      g_o.stream);
-    int rn =
-        snprintf(req, sizeof req, "PUB $JS.API.STREAM.CREATE.%s _INBOX.%u.%u.create %d\r\n%s\r\n",
-                 g_o.stream, g_run, c->idx, bn, body);
-    if (bench_send_all(c->fd, req, (size_t)rn) != 0 ||
-        read_until(c, "MSG", line, sizeof line) != 0) {
-        fprintf(stderr, "arq-nats-bench: no answer to the stream creation (JetStream on?)\n");
+    char body[512], api[128], line[8192];
+    snprintf(body, sizeof body,
+             "{\"name\":\"%s\",\"subjects\":[\"arqbench.*\"],\"storage\":\"file\","
+             "\"retention\":\"limits\",\"num_replicas\":%u}",
+             g_o.stream, g_o.replicas);
+    snprintf(api, sizeof api, "STREAM.CREATE.%s", g_o.stream);
+    if (js_request(c, api, "create", body, line, sizeof line) != 0) {
+        fprintf(stderr, "arq-nats-bench: no answer to the stream creation (JetStream on? "
+                        "a cluster with a meta leader?)\n");
         return -1;
     }
     /* {"type":"io.nats.jetstream.api.v1.stream_create_response","config":..} or an error;
      * 10058: "stream name already in use" */
     if (strstr(line, "\"error\"") != NULL && strstr(line, "10058") == NULL) {
         fprintf(stderr, "arq-nats-bench: creating stream %s: %s\n", g_o.stream, line);
+        return -1;
+    }
+    snprintf(api, sizeof api, "STREAM.INFO.%s", g_o.stream);
+    if (js_request(c, api, "info", "", line, sizeof line) != 0 ||
+        strstr(line, "\"error\"") != NULL) {
+        fprintf(stderr, "arq-nats-bench: STREAM.INFO %s: %s\n", g_o.stream, line);
+        return -1;
+    }
+    char want[32];
+    snprintf(want, sizeof want, "\"num_replicas\":%u", g_o.replicas);
+    if (strstr(line, want) == NULL) {
+        fprintf(stderr,
+                "arq-nats-bench: stream %s exists with another replica count (want %u): %s\n",
+                g_o.stream, g_o.replicas, line);
+        return -1;
+    }
+    /* "cluster":{"name":..,"leader":"n1","replicas":[{"name":"n2","current":true,..},..]} */
+    const char *cl = strstr(line, "\"cluster\":");
+    if (cl != NULL)
+        (void)json_str_after(cl, "\"leader\":\"", g_leader, sizeof g_leader);
+    const char *rp = cl != NULL ? strstr(cl, "\"replicas\":[") : NULL;
+    size_t used = 0;
+    while (rp != NULL && (rp = strstr(rp, "{\"name\":\"")) != NULL) {
+        char name[64];
+        if (json_str_after(rp, "{\"name\":\"", name, sizeof name) != 0)
+            break;
+        const char *cur = strstr(rp, "\"current\":");
+        bool current = cur != NULL && strncmp(cur + 10, "true", 4) == 0;
+        int k = snprintf(g_peers + used, sizeof g_peers - used, "%s%s:%s", used ? " " : "", name,
+                         current ? "current" : "behind");
+        if (k < 0 || (size_t)k >= sizeof g_peers - used)
+            break;
+        used += (size_t)k;
+        rp++;
+    }
+    if (g_o.replicas > 1 && g_leader[0] == '\0') {
+        fprintf(stderr, "arq-nats-bench: stream %s has no leader yet: %s\n", g_o.stream, line);
         return -1;
     }
     return 0;
@@ -359,13 +444,15 @@ static void on_drain_timeout(void)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: arq-nats-bench --url nats://HOST:PORT [-c CONNS] [-w DEPTH] [--seconds S]\n"
-               "                      [--warmup S] [--size BYTES] [--stream NAME]\n"
-               "                      [--server-pid PID] [--json]\n"
+    fprintf(f, "usage: arq-nats-bench --url nats://HOST:PORT [--url ...] [-c CONNS] [-w DEPTH]\n"
+               "                      [--seconds S] [--warmup S] [--size BYTES] [--stream NAME]\n"
+               "                      [--replicas N] [--server-pid PID] [--json]\n"
                "\n"
                "JetStream publishes acknowledged per second, like arq-bench's closed loop\n"
                "(docs/benchmarks.md, \"Peers\"). Needs a nats-server with JetStream (-js).\n"
                "\n"
+               "  --url URL          a server; given several times (a cluster's), connection i\n"
+               "                     goes to URL i mod n\n"
                "  -c, --conns C      connections (default 50)\n"
                "  -w, --depth W      publishes in flight per connection (default 1)\n"
                "  --seconds S        measurement window (default 5)\n"
@@ -373,6 +460,8 @@ static void usage(FILE *f)
                "  --size BYTES       payload size, >= 8 (default 128)\n"
                "  --stream NAME      the JetStream stream (default ARQBENCH; created if missing,\n"
                "                     file storage, subjects arqbench.*)\n"
+               "  --replicas N       the stream's num_replicas (default 1; 3 for an R3 stream\n"
+               "                     on a 3-node cluster); an existing stream must match\n"
                "  --server-pid PID   also report this process's CPU use (the server's)\n"
                "  --json             one JSON object on stdout; the text goes to stderr\n");
 }
@@ -387,26 +476,35 @@ static int parse_opts(int argc, char **argv)
         {"warmup", required_argument, NULL, 'W'},
         {"size", required_argument, NULL, 'z'},
         {"stream", required_argument, NULL, 'n'},
+        {"replicas", required_argument, NULL, 'R'},
         {"server-pid", required_argument, NULL, 'p'},
         {"json", no_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     g_o.stream = "ARQBENCH";
+    g_o.replicas = 1;
     g_o.conns = 50;
     g_o.depth = 1;
     g_o.size = 128;
     g_o.seconds = 5;
     g_o.warmup = 1;
-    int ch, have_url = 0;
+    int ch;
     while ((ch = getopt_long(argc, argv, "c:w:h", lo, NULL)) != -1) {
         double v = 0;
         int bad = 0;
         switch (ch) {
         case 'u':
-            bad = bench_parse_url(optarg, "nats", g_o.host, sizeof g_o.host, g_o.port,
-                                  sizeof g_o.port);
-            have_url = !bad;
+            bad = g_o.n_urls == NB_MAX_URLS ||
+                  bench_parse_url(optarg, "nats", g_o.url[g_o.n_urls].host,
+                                  sizeof g_o.url[g_o.n_urls].host, g_o.url[g_o.n_urls].port,
+                                  sizeof g_o.url[g_o.n_urls].port);
+            if (!bad)
+                g_o.n_urls++;
+            break;
+        case 'R':
+            bad = bench_parse_num(optarg, 1, 5, &v) || v != (unsigned)v;
+            g_o.replicas = (unsigned)v;
             break;
         case 'c':
             bad = bench_parse_num(optarg, 1, NB_MAX_CONNS, &v) || v != (unsigned)v;
@@ -452,7 +550,7 @@ static int parse_opts(int argc, char **argv)
             return -1;
         }
     }
-    if (optind != argc || !have_url) {
+    if (optind != argc || g_o.n_urls == 0) {
         usage(stderr);
         return -1;
     }
@@ -480,10 +578,15 @@ static void report(FILE *out, const bench_window_t *w)
     if (!g_o.json)
         return;
     printf("{\"tool\":\"arq-nats-bench\",\"config\":{\"conns\":%u,\"depth\":%u,"
-           "\"payload_bytes\":%u,\"seconds\":%g,\"warmup\":%g,\"stream\":",
-           g_o.conns, g_o.depth, g_o.size, g_o.seconds, g_o.warmup);
+           "\"payload_bytes\":%u,\"seconds\":%g,\"warmup\":%g,\"replicas\":%u,\"servers\":%u,"
+           "\"stream\":",
+           g_o.conns, g_o.depth, g_o.size, g_o.seconds, g_o.warmup, g_o.replicas, g_o.n_urls);
     bench_json_str(stdout, g_o.stream);
-    printf("},\"window_s\":%.3f,\"publishes_per_s\":%.1f,\"errors\":%llu,"
+    printf("},\"stream_leader\":");
+    bench_json_str(stdout, g_leader);
+    printf(",\"stream_peers\":");
+    bench_json_str(stdout, g_peers);
+    printf(",\"window_s\":%.3f,\"publishes_per_s\":%.1f,\"errors\":%llu,"
            "\"ack_latency\":{\"samples\":%llu,\"p50_us\":%.1f,\"p99_us\":%.1f,"
            "\"p999_us\":%.1f},\"stalls\":{\"count\":%llu,\"ms\":%.1f,\"max_ms\":%.1f},"
            "\"bench_cpu\":%.3f,\"server_cpu\":",
@@ -523,8 +626,13 @@ int main(int argc, char **argv)
     }
     if (ensure_stream(&g_cs[0]) != 0)
         goto out;
-    fprintf(out, "arq-nats-bench: %u connections x %u in flight, %u-byte payloads, stream %s\n",
-            g_o.conns, g_o.depth, g_o.size, g_o.stream);
+    fprintf(out,
+            "arq-nats-bench: %u connections x %u in flight over %u server(s), %u-byte payloads, "
+            "stream %s R%u",
+            g_o.conns, g_o.depth, g_o.n_urls, g_o.size, g_o.stream, g_o.replicas);
+    if (g_leader[0] != '\0')
+        fprintf(out, ", leader %s, peers %s", g_leader, g_peers);
+    fputc('\n', out);
     for (unsigned i = 0; i < n; i++) {
         struct conn *c = &g_cs[i];
         evutil_make_socket_nonblocking(c->fd);

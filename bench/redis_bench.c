@@ -23,6 +23,17 @@
  * hands to blocked XREADs alike), so a delivery here, as in ARQ, follows the
  * message's fsync.
  *
+ * With --wait N (the replicated peer of bench/ha_peers.sh) every XADD is
+ * followed, pipelined on the same connection, by WAIT N TIMEOUT, and the
+ * publish counts as acknowledged only when WAIT's reply says at least N
+ * replicas have it; a WAIT that returns fewer (its timeout passed) is counted
+ * as `wait_short`, not as an acknowledgement. Its latency is from the XADD's
+ * send to the WAIT's reply. WAIT blocks the connection, so the next XADD of
+ * the pipeline runs only after it: W in flight here is W queued, one
+ * replicated at a time per connection. Redis 7.0's WAIT counts replicas that
+ * have received and applied the entry (REPLCONF ACK), which is not a promise
+ * that they have fsynced it (WAITAOF, 7.2, is that).
+ *
  * Requests are RESP written by hand (one fixed command shape); replies are
  * parsed by hiredis's reader (libhiredis). One libevent loop, plain sockets,
  * as arq-nats-bench.
@@ -53,7 +64,9 @@
 struct opts {
     char host[256], port[16];
     unsigned conns, depth, subs, size, tick_us;
-    char count[16]; /* XREAD COUNT: entries per stream per reply, at most */
+    unsigned wait;     /* --wait N: replicas each XADD must reach (0: no WAIT) */
+    char wait_cmd[64]; /* the WAIT command in RESP, sent after each XADD */
+    char count[16];    /* XREAD COUNT: entries per stream per reply, at most */
     double rate, seconds, warmup;
     long server_pid;
     int json;
@@ -69,6 +82,8 @@ struct conn {
     /* publishers: send times in order (Redis answers in order) */
     uint64_t *sent_ns;
     uint64_t head, tail; /* sent_ns[tail..head) are in flight */
+    bool xadd_answered;  /* --wait: the tail's XADD has been answered, its WAIT is next */
+    bool xadd_ok;        /* ... and that XADD added the entry */
     unsigned k;          /* this publisher's next stream, round-robin */
     /* subscribers: the last ID received per stream */
     char last[RB_STREAMS][48];
@@ -81,6 +96,8 @@ static unsigned g_n; /* connections set up */
 static int g_failed;
 static bench_run_t g_sched; /* warm-up, window, drain */
 static uint64_t g_acks, g_sent, g_not_sent, g_errors, g_inflight_total, g_deliveries;
+static uint64_t g_wait_short; /* --wait: WAIT replies below N in the window */
+static unsigned g_wait_ms;    /* --wait-timeout */
 static uint64_t g_t_start, g_scheduled;
 static unsigned g_rr;
 static bench_hist_t g_pub_lat, g_deliv_lat;
@@ -153,6 +170,8 @@ static int send_pub(struct conn *c)
     out_bulk(c, name, strlen(name));
     out_add(c, "$1\r\n*\r\n$1\r\np\r\n", 14);
     out_bulk(c, g_payload, g_o.size);
+    if (g_o.wait > 0)
+        out_add(c, g_o.wait_cmd, strlen(g_o.wait_cmd));
     c->sent_ns[c->head++ & (RB_RING - 1)] = t;
     g_inflight_total++;
     if (g_sched.phase == BENCH_PH_MEASURE)
@@ -183,6 +202,8 @@ static void send_xread(struct conn *c)
 
 /* ---- input ------------------------------------------------------------------ */
 
+/* A publisher's reply: an XADD's, or with --wait the XADD's and then its
+ * WAIT's (Redis answers a connection's commands in order). */
 static void on_xadd_reply(struct conn *c, const redisReply *r)
 {
     uint64_t t = bench_now_ns();
@@ -190,14 +211,42 @@ static void on_xadd_reply(struct conn *c, const redisReply *r)
         fail("connection %u: a reply to nothing", c->idx);
         return;
     }
-    uint64_t s = c->sent_ns[c->tail++ & (RB_RING - 1)];
-    g_inflight_total--;
-    if (r->type != REDIS_REPLY_STRING) {
-        if (g_errors++ < 5)
+    bool ok;
+    if (g_o.wait > 0 && !c->xadd_answered) {
+        /* the XADD's reply; the publish is answered by its WAIT, next */
+        c->xadd_answered = true;
+        c->xadd_ok = r->type == REDIS_REPLY_STRING;
+        if (!c->xadd_ok && g_errors++ < 5)
             fprintf(stderr, "arq-redis-bench: XADD refused: %.*s\n",
                     r->type == REDIS_REPLY_ERROR ? (int)r->len : 0,
                     r->type == REDIS_REPLY_ERROR ? r->str : "");
-    } else if (g_sched.phase == BENCH_PH_MEASURE) {
+        return;
+    }
+    uint64_t s = c->sent_ns[c->tail++ & (RB_RING - 1)];
+    g_inflight_total--;
+    if (g_o.wait > 0) {
+        c->xadd_answered = false;
+        if (r->type != REDIS_REPLY_INTEGER) {
+            if (g_errors++ < 5)
+                fprintf(stderr, "arq-redis-bench: WAIT refused: %.*s\n",
+                        r->type == REDIS_REPLY_ERROR ? (int)r->len : 0,
+                        r->type == REDIS_REPLY_ERROR ? r->str : "");
+            ok = false;
+        } else if (r->integer < (long long)g_o.wait) {
+            /* the timeout passed with fewer replicas: not acknowledged */
+            if (g_sched.phase == BENCH_PH_MEASURE)
+                g_wait_short++;
+            ok = false;
+        } else
+            ok = c->xadd_ok;
+    } else {
+        ok = r->type == REDIS_REPLY_STRING;
+        if (!ok && g_errors++ < 5)
+            fprintf(stderr, "arq-redis-bench: XADD refused: %.*s\n",
+                    r->type == REDIS_REPLY_ERROR ? (int)r->len : 0,
+                    r->type == REDIS_REPLY_ERROR ? r->str : "");
+    }
+    if (ok && g_sched.phase == BENCH_PH_MEASURE) {
         g_acks++;
         bench_hist_add(&g_pub_lat, t > s ? t - s : 0);
     }
@@ -413,7 +462,8 @@ static void usage(FILE *f)
     fprintf(f, "usage: arq-redis-bench --url redis://HOST:PORT [-c CONNS] [-w DEPTH]\n"
                "                       [-s SUBSCRIBERS] [--rate R [--tick-us US]]\n"
                "                       [--seconds S] [--warmup S] [--size BYTES]\n"
-               "                       [--count N] [--server-pid PID] [--json]\n"
+               "                       [--count N] [--wait N [--wait-timeout MS]]\n"
+               "                       [--server-pid PID] [--json]\n"
                "\n"
                "Redis Streams measured like arq-bench: XADDs answered per second and, with\n"
                "subscribers (XREAD BLOCK), publish -> delivery latency (docs/benchmarks.md,\n"
@@ -430,6 +480,9 @@ static void usage(FILE *f)
                "  --warmup S           warm-up before the window (default 1)\n"
                "  --size BYTES         payload size, >= 8 (default 128)\n"
                "  --count N            XREAD COUNT: entries per stream per reply (default 1000)\n"
+               "  --wait N             send WAIT N MS after each XADD; a publish is acknowledged\n"
+               "                       when WAIT says >= N replicas have it (fewer: wait_short)\n"
+               "  --wait-timeout MS    WAIT's timeout (default 1000)\n"
                "  --server-pid PID     also report this process's CPU use (the server's)\n"
                "  --json               one JSON object on stdout; the text goes to stderr\n");
 }
@@ -443,6 +496,7 @@ static int parse_opts(int argc, char **argv)
         {"seconds", required_argument, NULL, 'S'}, {"warmup", required_argument, NULL, 'W'},
         {"size", required_argument, NULL, 'z'},    {"server-pid", required_argument, NULL, 'p'},
         {"count", required_argument, NULL, 'n'},   {"json", no_argument, NULL, 'j'},
+        {"wait", required_argument, NULL, 'a'},    {"wait-timeout", required_argument, NULL, 'T'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
     };
     snprintf(g_o.count, sizeof g_o.count, "1000");
@@ -452,6 +506,7 @@ static int parse_opts(int argc, char **argv)
     g_o.tick_us = 200;
     g_o.seconds = 5;
     g_o.warmup = 1;
+    unsigned wait_ms = 1000;
     int ch, have_url = 0;
     while ((ch = getopt_long(argc, argv, "c:w:s:h", lo, NULL)) != -1) {
         double v = 0;
@@ -499,6 +554,14 @@ static int parse_opts(int argc, char **argv)
             bad = bench_parse_num(optarg, 1, 1e6, &v) || v != (unsigned)v;
             snprintf(g_o.count, sizeof g_o.count, "%u", (unsigned)v);
             break;
+        case 'a':
+            bad = bench_parse_num(optarg, 1, 1000, &v) || v != (unsigned)v;
+            g_o.wait = (unsigned)v;
+            break;
+        case 'T':
+            bad = bench_parse_num(optarg, 0, 3600000, &v) || v != (unsigned)v;
+            wait_ms = (unsigned)v;
+            break;
         case 'j':
             g_o.json = 1;
             break;
@@ -518,6 +581,13 @@ static int parse_opts(int argc, char **argv)
         usage(stderr);
         return -1;
     }
+    if (g_o.wait > 0) {
+        char n[16], ms[16];
+        int nl = snprintf(n, sizeof n, "%u", g_o.wait), ml = snprintf(ms, sizeof ms, "%u", wait_ms);
+        snprintf(g_o.wait_cmd, sizeof g_o.wait_cmd,
+                 "*3\r\n$4\r\nWAIT\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n", nl, n, ml, ms);
+    }
+    g_wait_ms = wait_ms;
     return 0;
 }
 
@@ -548,8 +618,9 @@ static void report(FILE *out, const bench_window_t *w)
         fprintf(out, "load: %u publishers x %u in flight, ", g_o.conns, g_o.depth);
     fprintf(out, "%u subscribers, %u streams, %u-byte payloads, %.1f s window\n", g_o.subs,
             RB_STREAMS, g_o.size, win);
-    fprintf(out, "answered XADDs/s:      %s  (XADD replies in the window / window)\n",
-            bench_fmt_count(c1, sizeof c1, rate));
+    fprintf(out, "answered XADDs/s:      %s  (%s in the window / window)\n",
+            bench_fmt_count(c1, sizeof c1, rate),
+            g_o.wait > 0 ? "XADDs whose WAIT reached N replicas" : "XADD replies");
     fprintf(out, "XADDs sent/s:          %s  (not sent, ring full: %llu)\n",
             bench_fmt_count(c2, sizeof c2, sent), (unsigned long long)g_not_sent);
     print_lat(out, "XADD reply latency:", &g_pub_lat);
@@ -558,6 +629,11 @@ static void report(FILE *out, const bench_window_t *w)
                 bench_fmt_count(c1, sizeof c1, deliv));
         print_lat(out, "delivery latency:", &g_deliv_lat);
     }
+    if (g_o.wait > 0)
+        fprintf(out,
+                "WAIT %u %u: publishes acknowledged only with >= %u replicas; "
+                "short of them (timeout): %llu\n",
+                g_o.wait, g_wait_ms, g_o.wait, (unsigned long long)g_wait_short);
     fprintf(out, "errors: %llu\n", (unsigned long long)g_errors);
     fprintf(out, "CPU: arq-redis-bench %.0f%% of one core", bcpu * 100);
     if (scpu >= 0)
@@ -570,12 +646,14 @@ static void report(FILE *out, const bench_window_t *w)
         return;
     printf("{\"tool\":\"arq-redis-bench\",\"config\":{\"conns\":%u,\"depth\":%u,"
            "\"subscribers\":%u,\"streams\":%u,\"payload_bytes\":%u,\"seconds\":%g,"
-           "\"warmup\":%g,\"rate\":%g,\"tick_us\":%u,\"xread_count\":%s}",
+           "\"warmup\":%g,\"rate\":%g,\"tick_us\":%u,\"xread_count\":%s,\"wait\":%u,"
+           "\"wait_timeout_ms\":%u}",
            g_o.conns, g_o.depth, g_o.subs, RB_STREAMS, g_o.size, g_o.seconds, g_o.warmup, g_o.rate,
-           g_o.tick_us, g_o.count);
+           g_o.tick_us, g_o.count, g_o.wait, g_wait_ms);
     printf(",\"window_s\":%.3f,\"publishes_per_s\":%.1f,\"sent_per_s\":%.1f,\"not_sent\":%llu,"
-           "\"deliveries_per_s\":%.1f,\"errors\":%llu",
-           win, rate, sent, (unsigned long long)g_not_sent, deliv, (unsigned long long)g_errors);
+           "\"deliveries_per_s\":%.1f,\"errors\":%llu,\"wait_short\":%llu",
+           win, rate, sent, (unsigned long long)g_not_sent, deliv, (unsigned long long)g_errors,
+           (unsigned long long)g_wait_short);
     json_lat("puback_latency", &g_pub_lat);
     json_lat("delivery_latency", &g_deliv_lat);
     printf(",\"stalls\":{\"count\":%llu,\"ms\":%.1f,\"max_ms\":%.1f},\"bench_cpu\":%.3f,"
