@@ -588,6 +588,9 @@ static void sql_streams(sync_t *s)
     }
 }
 
+/* drain_once: MySQL's watermark belongs to another WAL (not retried). */
+#define DRAIN_FOREIGN (-100)
+
 /* One batch after the watermark in one transaction. Returns rows written
  * (0: nothing to do), or a negative SYNC_E*. */
 static int64_t drain_once(sync_t *s, char *err, size_t errlen)
@@ -596,6 +599,17 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
     int rc = read_watermark(s, &wm, err, errlen);
     if (rc)
         return rc;
+    uint64_t acked_next = wal_acked_next_seq(s->wal);
+    if (wm >= acked_next) {
+        /* Sequences are this WAL's: a watermark past its end was written
+         * from another WAL, and this one's records would never be copied. */
+        sync_errf(err, errlen,
+                  "MySQL's watermark (seq %" PRIu64 ") is past this WAL's end (next seq %" PRIu64
+                  "): the database was filled from another WAL; give this arqd a database of "
+                  "its own, or rebuild its WAL from this one (arq-replay restore)",
+                  wm, acked_next);
+        return DRAIN_FOREIGN;
+    }
     pthread_mutex_lock(&s->mu);
     s->st.watermark = wm;
     pthread_mutex_unlock(&s->mu);
@@ -1068,6 +1082,10 @@ static void *sync_main(void *arg)
             pthread_mutex_unlock(&s->mu);
             retain_pass(s, synced);
             s->next_retain_us = wall_us() + (int64_t)s->o.retain_every_ms * 1000;
+        }
+        if (n == DRAIN_FOREIGN) {
+            set_state(s, SYNC_STATE_FAILED, err); /* retrying cannot help */
+            break;
         }
         if (n < 0 || crc) {
             if (n == SYNC_ENOMEM || crc == SYNC_ENOMEM) {
