@@ -2030,6 +2030,9 @@ static void write_metrics(api_server_t *s, struct evbuffer *b)
            bs.repl_timeouts);
     metric(b, "arq_publish_replication_waiting", "gauge",
            "ack = replicated publishes waiting for MySQL now.", bs.repl_waiting);
+    metric(b, "arq_deliveries_held_for_replication", "gauge",
+           "wal.ack = replicated: records committed here whose delivery waits for MySQL.",
+           bs.repl_held);
     write_metrics_deploy(s, b);
     if (s->o.metrics_extra)
         s->o.metrics_extra(s->o.extra_arg, b);

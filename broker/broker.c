@@ -55,6 +55,10 @@ struct brk_stream {
      * the WAL (behind the tail cache): woken by brk_visible. */
     bool stalled;
     brk_stream_t *next_stalled;
+    /* records of this stream held back until MySQL has them (ack =
+     * replicated deployments, struct held): the stream is never freed
+     * while any wait */
+    uint32_t held;
 };
 
 struct brk_client {
@@ -112,6 +116,11 @@ struct brk {
      * waiting for MySQL to commit them, in completion order (their target
      * sequences and deadlines grow along the list). */
     struct pub_ctx *repl_head, *repl_tail;
+    /* ... and, in a replicated deployment, the deliveries of records MySQL
+     * does not hold yet, in commit order: a subscriber never sees what the
+     * loss of this machine could take back (docs/ha.md) */
+    struct held *held_head, *held_tail;
+    uint64_t held_bytes;   /* frames kept by them (bounded: held_budget) */
     struct event *repl_ev; /* the head's deadline */
     uint64_t repl_wm;      /* every record up to this sequence is in MySQL */
     bool repl_known;       /* brk_replicated was called: there is a MySQL */
@@ -360,7 +369,8 @@ static void evict_idle(brk_t *b)
         brk_stream_t **pp = &b->buckets[i];
         while (*pp) {
             brk_stream_t *s = *pp;
-            if (!s->subs && !s->stalled && now - s->used_s >= (int64_t)b->o.stream_idle_s) {
+            if (!s->subs && !s->stalled && !s->held &&
+                now - s->used_s >= (int64_t)b->o.stream_idle_s) {
                 wal_stream_info_t info;
                 int rc = wal_stream_get(b->wal, s->name, s->name_len, &info);
                 if ((rc == 0 && info.next_offset == s->next && info.epoch == s->epoch) ||
@@ -1754,12 +1764,15 @@ static void repl_ev_cb(evutil_socket_t fd, short what, void *arg)
     repl_release(arg);
 }
 
+static void held_release(brk_t *b);
+
 void brk_replicated(brk_t *b, uint64_t watermark, int ok)
 {
     b->repl_known = true;
     b->repl_ok = ok != 0;
     if (watermark > b->repl_wm)
         b->repl_wm = watermark;
+    held_release(b);
     repl_release(b);
 }
 
@@ -1785,6 +1798,72 @@ static void repl_wait(brk_t *b, struct pub_ctx *p, uint64_t target)
         repl_arm(b);
         if (b->o.repl_kick)
             b->o.repl_kick(b->o.repl_kick_arg);
+    }
+}
+
+/* A record committed here, delivered once MySQL holds it. Its frame is
+ * kept while the held frames fit a quarter of tail_cache_bytes; beyond,
+ * subscribers read it from the WAL when it is released. */
+struct held {
+    struct held *next;
+    brk_stream_t *s;
+    uint64_t offset, seq;
+    brk_frame_t *f; /* NULL: read from the WAL */
+};
+
+/* The stream's committed state moves to off (with its frame, if any). */
+static void stream_commit(brk_t *b, brk_stream_t *s, uint64_t off, brk_frame_t *f)
+{
+    if (f) {
+        cache_put(b, s, off, f);
+    } else if (off >= s->next) {
+        s->next = off + 1;
+        cache_clear(b, s);
+    }
+}
+
+static void held_push(brk_t *b, brk_stream_t *s, uint64_t off, uint64_t seq, brk_frame_t *f)
+{
+    struct held *h = malloc(sizeof(*h));
+    if (!h) { /* cannot hold it back: deliver now rather than never */
+        stream_commit(b, s, off, f);
+        wake_stream(s);
+        return;
+    }
+    *h = (struct held){.s = s, .offset = off, .seq = seq};
+    if (f && b->held_bytes + f->len <= b->o.tail_cache_bytes / 4) {
+        brk_frame_ref(f);
+        h->f = f;
+        b->held_bytes += f->len;
+    }
+    s->held++;
+    b->st.repl_held++;
+    if (b->held_tail)
+        b->held_tail->next = h;
+    else
+        b->held_head = h;
+    b->held_tail = h;
+}
+
+/* Deliver what MySQL now holds. */
+static void held_release(brk_t *b)
+{
+    while (b->held_head && b->held_head->seq <= b->repl_wm) {
+        struct held *h = b->held_head;
+        b->held_head = h->next;
+        if (!b->held_head)
+            b->held_tail = NULL;
+        stream_commit(b, h->s, h->offset, h->f);
+        h->s->held--;
+        b->st.repl_held--;
+        if (h->f) {
+            b->held_bytes -= h->f->len;
+            brk_frame_unref(h->f);
+        }
+        /* wake once per run of one stream's records */
+        if (!b->held_head || b->held_head->s != h->s || b->held_head->seq > b->repl_wm)
+            wake_stream(h->s);
+        free(h);
     }
 }
 
@@ -1818,13 +1897,14 @@ static void pub_done(wal_append_t *req, void *arg)
                 wal_append_msg_data(req, 0, &hdr, &hdr_len, &pay, &pay_len);
                 brk_frame_t *f = frame_msg(p->stream, p->stream_len, r->offset, p->ts, hdr, hdr_len,
                                            pay, pay_len);
-                if (f) {
-                    cache_put(b, s, r->offset, f);
-                    brk_frame_unref(f);
-                } else if (r->offset >= s->next) {
-                    s->next = r->offset + 1;
-                    cache_clear(b, s);
+                if (b->o.ack == BRK_ACK_REPLICATED && (r->seq > b->repl_wm || b->held_head)) {
+                    held_push(b, s, r->offset, r->seq, f);
+                    woke = false; /* delivered by held_release */
+                } else {
+                    stream_commit(b, s, r->offset, f);
                 }
+                if (f)
+                    brk_frame_unref(f);
             }
         }
     } else {
@@ -2172,6 +2252,13 @@ void brk_free(brk_t *b)
     event_free(b->flush_ev);
     event_free(b->expire_ev);
     event_free(b->evict_ev);
+    while (b->held_head) {
+        struct held *h = b->held_head;
+        b->held_head = h->next;
+        if (h->f)
+            brk_frame_unref(h->f);
+        free(h);
+    }
     /* replicated publishes still waiting: their clients are gone */
     while (b->repl_head) {
         struct pub_ctx *p = b->repl_head;

@@ -131,6 +131,7 @@ typedef struct brk_stats {
      * (replication down), timed out after appending; waiting now; and the
      * decoded -> puback time of those answered. */
     uint64_t repl_acked, repl_refused, repl_timeouts, repl_waiting;
+    uint64_t repl_held; /* deliveries held back until MySQL has their record, now */
     uint64_t pub_repl_us[WAL_HIST_BUCKETS], pub_repl_us_sum;
 } brk_stats_t;
 

@@ -4,7 +4,7 @@ machine running arqd is lost (kill -9 and its data directory deleted) and
 every publish whose acknowledgement a client printed is in MySQL exactly
 once, at the offset it was acknowledged with, in order.
 
-Usage: ha_replicated_test.py ARQD ARQ GALERA_SCRIPT
+Usage: ha_replicated_test.py ARQD ARQ ARQ_REPLAY GALERA_SCRIPT
 
 - a 3-node Galera cluster (scripts/galera, SST by rsync) on loopback; arqd
   syncs into node 1 through a TCP proxy; the checks read node 2 (what node 1
@@ -16,6 +16,14 @@ Usage: ha_replicated_test.py ARQD ARQ GALERA_SCRIPT
   unavailable / timeout, also on POST /api/publish), /health says degraded,
   nothing is acknowledged meanwhile that MySQL lacks; heals it; then kills
   arqd with SIGKILL and deletes its data directory;
+- a subscriber (`arq sub --state FILE`) ran all along: everything it printed
+  is in MySQL at the same offset (deliveries wait for MySQL in a replicated
+  deployment); on a new machine, `arq-replay restore` from MySQL (keeping
+  the epochs) and a new arqd, the subscriber resumes from its state file
+  with the same epoch and gets exactly the rest: no reset, no gap, no
+  duplicate;
+- a fresh WAL pointed at that database is refused (sync "failed", the reason
+  named) instead of never copying a record;
 - negative control: the same with wal.ack = local (into another database)
   loses acknowledged publishes, which the same check reports: the test can
   see the loss it is designed to catch.
@@ -153,12 +161,38 @@ def verify(g, db, stream, pub, printed):
     return missing, wrong, dups, rows
 
 
+class Subscriber:
+    """`arq sub STREAM --state FILE`: the JSON lines it printed."""
+
+    def __init__(self, arq, url, stream, state, extra=()):
+        self.lines = []
+        self.proc = subprocess.Popen([arq, "-u", url, "--retries", "0", "sub", stream, "--state",
+                                      state, *extra], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                pass
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.t.join(10)
+        return list(self.lines)
+
+
 def partition(proxy, dead_port):
     proxy.set_target("127.0.0.1", dead_port)
     proxy.cut_all("blackhole")
 
 
-def run(arqd_bin, arq_bin, galera_script):
+def run(arqd_bin, arq_bin, replay_bin, galera_script):
     tmp = tempfile.mkdtemp(prefix="arq-ha-", dir="/var/tmp")
     g = None
     proxies = []
@@ -194,6 +228,10 @@ def run(arqd_bin, arq_bin, galera_script):
         pub = Publisher(arq_bin, a.url, "r", "ha")
         pubs.append(pub)
         pub.wait_more(300, "replicated, healthy cluster")
+        # subscribed once the stream exists: its state file records the epoch
+        state = os.path.join(tmp, "sub.state")
+        sub = Subscriber(arq_bin, a.url, "ha", state)
+        pubs.append(sub)
         g.kill(3)
         print("galera node 3 killed", flush=True)
         pub.wait_more(300, "replicated, node 3 down")
@@ -225,6 +263,7 @@ def run(arqd_bin, arq_bin, galera_script):
         shutil.rmtree(data)
         print("arqd killed, its data directory deleted", flush=True)
         printed = pub.kill()
+        seen = sub.kill()
         missing, wrong, dups, rows = verify(g, "arq", "ha", pub, printed)
         print(f"replicated: {len(printed)} acks printed, {len(rows)} rows on node 2; "
               f"missing {missing}, wrong {wrong}, duplicates {dups}", flush=True)
@@ -237,6 +276,51 @@ def run(arqd_bin, arq_bin, galera_script):
               "replicated: MySQL's offsets are 1..n, in order, without a hole")
         order = [int(p.split("-")[1]) for _, p in rows]
         check(order == sorted(order), "replicated: lines are stored in the order published")
+        by_off = {int(o): p for o, p in rows}
+        unseen = [m["offset"] for m in seen if by_off.get(m["offset"]) != m.get("payload")]
+        print(f"subscriber saw {len(seen)} messages before the loss", flush=True)
+        check(len(seen) > 0 and not unseen,
+              f"replicated: every message the subscriber saw is in MySQL at its offset "
+              f"({len(unseen)} are not: {unseen[:5]})")
+
+        # a new machine: the WAL rebuilt from MySQL, epochs kept
+        data_n = os.path.join(tmp, "data-n")
+        out = subprocess.run([replay_bin, "restore", "--database-url", url1, "--data-dir",
+                              data_n], capture_output=True, text=True, timeout=300)
+        check(out.returncode == 0, f"arq-replay restore: exit 0 ({out.stderr[-300:]})")
+        n = Arqd(arqd_bin, data_n, os.path.join(tmp, "arqd-n.log"), env={"DATABASE_URL": url1},
+                 extra=["--set", "wal.ack=replicated"])
+        daemons.append(n)
+        with open(state) as f:
+            st = json.load(f)
+        check(st.get("epoch") not in (None, "0"), f"the state file names an epoch: {st}")
+        rest = len(rows) - st["offset"]
+        check(rest > 0, f"the subscriber has something left to read ({rest})")
+        if rest > 0:
+            sub2 = Subscriber(arq_bin, n.url, "ha", state, extra=["--count", str(rest)])
+            rc = sub2.proc.wait(timeout=60)
+            got = sub2.kill()
+            print(f"restored from MySQL; the subscriber resumed after offset {st['offset']} "
+                  f"(epoch {st.get('epoch')}) and got {len(got)} of {rest}", flush=True)
+            check(rc == 0, f"the resumed subscriber (same epoch) ends with exit 0: "
+                           f"{''.join(sub2.proc.stderr.read() or '')[-300:]}")
+            check([m["offset"] for m in got] == list(range(st["offset"] + 1, len(rows) + 1)),
+                  "resumed after its offset: the rest, in order, no gap, no duplicate")
+            check(all(by_off.get(m["offset"]) == m.get("payload") for m in got),
+                  "resumed: each message as stored")
+        n.kill9()
+
+        # a fresh WAL on that database is refused, not silently left unsynced
+        f = Arqd(arqd_bin, os.path.join(tmp, "data-f"), os.path.join(tmp, "arqd-f.log"),
+                 env={"DATABASE_URL": url1})
+        daemons.append(f)
+        f.http("POST", "/api/publish", json.dumps({"stream": "f", "payload": "x"}).encode(),
+               {"Content-Type": "application/json"})
+        wait_for(lambda: (f.health() or {}).get("sync", {}).get("state") == "failed",
+                 "a fresh WAL on a filled database: sync failed")
+        err = (f.health() or {}).get("sync", {}).get("last_error", "")
+        check("past this WAL's end" in err, f"... saying why: {err!r}")
+        f.kill9()
 
         # ---- negative control: ack = local loses the unsynced tail ----
         proxy2 = ChaosProxy("127.0.0.1", node1, seed=21).start()
@@ -264,7 +348,7 @@ def run(arqd_bin, arq_bin, galera_script):
     finally:
         for p in pubs:
             if p.proc.poll() is None:
-                p.kill()
+                p.proc.kill()
         for d in daemons:
             d.kill9()
         for p in proxies:
@@ -278,14 +362,14 @@ def run(arqd_bin, arq_bin, galera_script):
 
 
 def main():
-    if len(sys.argv) != 4:
+    if len(sys.argv) != 5:
         print(__doc__)
         return 2
-    arqd_bin, arq_bin, galera = sys.argv[1:]
+    arqd_bin, arq_bin, replay_bin, galera = sys.argv[1:]
     if not os.path.exists("/usr/lib/galera/libgalera_smm.so") or not shutil.which("rsync"):
         print("SKIP: galera-4 (/usr/lib/galera/libgalera_smm.so) or rsync is not installed")
         return 77
-    run(arqd_bin, arq_bin, galera)
+    run(arqd_bin, arq_bin, replay_bin, galera)
     if failures:
         print(f"{len(failures)} check(s) failed")
         return 1

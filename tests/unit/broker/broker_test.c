@@ -722,6 +722,63 @@ static void test_ack_replicated(void **state)
     assert_int_equal(r.calls, 5);
 }
 
+/* In a replicated deployment a subscriber is sent a record only once MySQL
+ * holds it, whatever the publish's own ack level: the loss of this machine
+ * can never take back what a subscriber saw. */
+static void test_deliveries_held_for_replication(void **state)
+{
+    fixture_t *f = *state;
+    brk_free(f->brk);
+    repl_rec_t r = {0};
+    brk_options_t bo = {.ack = BRK_ACK_REPLICATED, .ack_timeout_ms = 5000};
+    assert_int_equal(brk_new(f->base, f->wal, &bo, &f->brk), 0);
+    brk_replicated(f->brk, 0, 1);
+    rec_conn_t a = {0};
+    brk_client_t *ca;
+    assert_int_equal(
+        brk_client_new(f->brk, &rec_ops, &a, "sa", "pa", NULL, (size_t)-1, NULL, (size_t)-1, &ca),
+        0);
+    brk_subscribe(ca, 1, (const uint8_t *)"r", 1, 1 /* earliest */, 0, 0);
+    run_ms(f, 20);
+    assert_int_equal(count_type(&a, "msg"), 0);
+
+    /* ack local: the puback at once, the delivery not before MySQL */
+    assert_int_equal(pub_repl(f, "h1", BRK_ACK_LOCAL, &r), 0);
+    assert_int_equal(pub_repl(f, "h2", BRK_ACK_LOCAL, &r), 0);
+    run_until(f, &r, 2);
+    run_ms(f, 50);
+    assert_int_equal(count_type(&a, "msg"), 0);
+    brk_stats_t st;
+    brk_stats_get(f->brk, &st);
+    assert_int_equal(st.repl_held, 2);
+    /* a subscriber joining now does not see them either */
+    rec_conn_t b = {0};
+    brk_client_t *cb;
+    assert_int_equal(
+        brk_client_new(f->brk, &rec_ops, &b, "sb", "pb", NULL, (size_t)-1, NULL, (size_t)-1, &cb),
+        0);
+    brk_subscribe(cb, 1, (const uint8_t *)"r", 1, 1, 0, 0);
+    run_ms(f, 50);
+    assert_int_equal(count_type(&b, "msg"), 0);
+
+    /* MySQL holds the first: exactly that one goes out, to both */
+    uint64_t last = wal_acked_next_seq(f->wal) - 1;
+    brk_replicated(f->brk, last - 1, 1);
+    run_ms(f, 20);
+    assert_int_equal(count_type(&a, "msg"), 1);
+    assert_int_equal(count_type(&b, "msg"), 1);
+    brk_replicated(f->brk, last, 1);
+    run_ms(f, 20);
+    assert_int_equal(count_type(&a, "msg"), 2);
+    assert_int_equal(count_type(&b, "msg"), 2);
+    brk_stats_get(f->brk, &st);
+    assert_int_equal(st.repl_held, 0);
+    brk_client_close(ca);
+    brk_client_close(cb);
+    rec_clear(&a);
+    rec_clear(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -733,6 +790,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_session_record_and_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_durable_callback, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ack_replicated, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_deliveries_held_for_replication, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
