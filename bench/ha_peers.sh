@@ -371,7 +371,11 @@ jq -r 'if .error then "   CHECK FAILED: \(.error)" else
 ARQ_SKIPPED=
 arq_start() { # NAME ACK: arqd with --set wal.ack=ACK; sets ARQD_PID, ARQ_URL
     mkdir -p "$TMP/$1"
-    DATABASE_URL=$GALERA_URL "$ARQD" --port 0 --data-dir "$TMP/$1" --anonymous \
+    # a database of its own: MySQL's watermark belongs to one WAL
+    local db=arq_$2
+    mariadb --no-defaults --socket="$GALERA_DIR/node1/mariadbd.sock" -uroot -e \
+        "CREATE DATABASE IF NOT EXISTS $db; GRANT ALL ON $db.* TO 'arq'@'127.0.0.1'"
+    DATABASE_URL=${GALERA_URL%/*}/$db "$ARQD" --port 0 --data-dir "$TMP/$1" --anonymous \
         --set "wal.ack=$2" >"$TMP/$1.out" 2>"$TMP/$1.err" &
     ARQD_PID=$!
     ARQ_URL=
@@ -386,6 +390,15 @@ arq_start() { # NAME ACK: arqd with --set wal.ack=ACK; sets ARQD_PID, ARQ_URL
         cat "$TMP/$1.err" >&2
         return 1
     fi
+    # the drain connected and migrated: replicated publishes are taken
+    local h=${ARQ_URL#ws://}
+    h=${h%/ws}
+    for _ in $(seq 300); do
+        "$PYTHON" -c 'import json, sys, urllib.request as u
+sys.exit(json.load(u.urlopen(sys.argv[1], timeout=2))["sync"]["state"] != "ok")' \
+            "http://$h/health" 2>/dev/null && break
+        sleep 0.1
+    done
     echo "ha_peers.sh: arqd pid $ARQD_PID at $ARQ_URL (wal.ack=$2, DATABASE_URL ${GALERA_URL##*@})" >&2
 }
 arq_stop() {
