@@ -205,6 +205,10 @@ struct sync {
     pthread_cond_t cond;
     bool stop;
     bool kicked;     /* sync_kick since the last wait (under mu) */
+    /* The watermark this connection committed last: the next batch needs no
+     * SELECT for it (its UPDATE checks it all the same). Reset per connection. */
+    bool wm_known;
+    uint64_t wm_last;
     sync_stats_t st; /* under mu */
     /* thread-private */
     MYSQL *m;
@@ -595,8 +599,8 @@ static void sql_streams(sync_t *s)
  * (0: nothing to do), or a negative SYNC_E*. */
 static int64_t drain_once(sync_t *s, char *err, size_t errlen)
 {
-    uint64_t wm;
-    int rc = read_watermark(s, &wm, err, errlen);
+    uint64_t wm = s->wm_last;
+    int rc = s->wm_known ? 0 : read_watermark(s, &wm, err, errlen);
     if (rc)
         return rc;
     uint64_t acked_next = wal_acked_next_seq(s->wal);
@@ -638,11 +642,12 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
                   wm + 1, s->batch_first_seq - 1);
         set_state(s, SYNC_STATE_DEGRADED, err);
     }
-    /* BEGIN; INSERT rows; INSERT IGNORE streams; UPDATE watermark; COMMIT */
-    if (mysql_autocommit(s->m, 0)) {
-        sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
-        return SYNC_ESQL;
-    }
+    /* BEGIN; INSERT rows; INSERT IGNORE streams; UPDATE watermark; COMMIT:
+     * four round trips (an explicit transaction: no autocommit toggles) */
+    s->wm_known = false; /* until this batch committed */
+    rc = db_execs(s->m, "START TRANSACTION", err, errlen);
+    if (rc)
+        return rc;
     if (s->ins) {
         rc = bulk_insert(s, err, errlen);
     } else {
@@ -680,7 +685,8 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
         streams_forget(s); /* their inserts may have been rolled back */
         return rc;
     }
-    (void)mysql_autocommit(s->m, 1);
+    s->wm_known = true;
+    s->wm_last = s->batch_last_seq;
     for (size_t i = 0; i < s->n_pending; i++) {
         known_insert(s, s->pending[i]);
         s->pending[i] = NULL;
@@ -1032,6 +1038,7 @@ static void *sync_main(void *arg)
             break;
         if (!s->m) {
             err[0] = 0;
+            s->wm_known = false;
             s->m = sync_mysql_connect(&s->url, err, sizeof(err));
             int rc = s->m ? migrate_conn(s->m, NULL, err, sizeof(err)) : SYNC_ECONNECT;
             if (rc == SYNC_ESCHEMA) {
