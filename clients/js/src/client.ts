@@ -54,8 +54,12 @@ export type State =
 export type TokenProvider = () => string | undefined | Promise<string | undefined>;
 
 export interface ClientOptions {
-  /** ws://host:port/ws or wss://... */
-  url: string;
+  /**
+   * ws://host:port/ws or wss://..., or several: the client stays on one
+   * while it works and, after a failed attempt or a lost connection, tries
+   * the next one (in order, round robin), resuming its session there.
+   */
+  url: string | string[];
   token?: string | TokenProvider;
   /** hello.client, for the server's logs (default "arq-js/VERSION"). */
   clientName?: string;
@@ -165,6 +169,8 @@ export class ArqClient extends Emitter<ClientEvents> {
   private everWelcomed = false;
   private userClosed = false;
   private attempts = 0; // failed attempts in a row (since the last welcome)
+  private readonly urls: string[];
+  private urlIndex = 0; // the URL of the next attempt (options.url)
   private backoffN = 0;
   private welcomedAt = 0;
   private recoverPending = 0;
@@ -190,7 +196,11 @@ export class ArqClient extends Emitter<ClientEvents> {
 
   constructor(options: ClientOptions) {
     super();
-    if (!/^wss?:\/\//.test(options.url)) throw new ArqError("invalid", `not a ws:// or wss:// URL: ${options.url}`);
+    this.urls = typeof options.url === "string" ? [options.url] : [...options.url];
+    if (this.urls.length === 0) throw new ArqError("invalid", "no URL");
+    for (const u of this.urls) {
+      if (typeof u !== "string" || !/^wss?:\/\//.test(u)) throw new ArqError("invalid", `not a ws:// or wss:// URL: ${u}`);
+    }
     this.opts = {
       clientName: `arq-js/${VERSION}`,
       reconnect: true,
@@ -382,9 +392,9 @@ export class ArqClient extends Emitter<ClientEvents> {
     }
     let ws: WebSocketLike;
     try {
-      ws = new WS(this.opts.url, "arq.v1");
+      ws = new WS(this.url, "arq.v1");
     } catch (e) {
-      this.finish("failed", new ArqError("invalid", `cannot open ${this.opts.url}: ${(e as Error).message}`));
+      this.finish("failed", new ArqError("invalid", `cannot open ${this.url}: ${(e as Error).message}`));
       return;
     }
     ws.binaryType = "arraybuffer";
@@ -478,12 +488,18 @@ export class ArqClient extends Emitter<ClientEvents> {
   }
 
   /** The connection is gone or the attempt failed: reconnect later, or give up. */
+  /** The URL the client is connected to, or will try next. */
+  get url(): string {
+    return this.urls[this.urlIndex];
+  }
+
   private lost(err: ArqError, permanent: boolean): void {
     if (permanent || !this.opts.reconnect) {
       this.finish("failed", err);
       return;
     }
     this.attempts++;
+    this.urlIndex = (this.urlIndex + 1) % this.urls.length; // fail over to the next URL
     if (this.opts.maxRetries > 0 && this.attempts > this.opts.maxRetries) {
       this.finish("failed", new ArqError(err.code, `${err.message}; gave up after ${this.opts.maxRetries} attempts`, err.status));
       return;

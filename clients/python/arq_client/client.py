@@ -32,7 +32,7 @@ import random as _random
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Literal, Union
+from typing import Any, Awaitable, Callable, Literal, Sequence, Union
 
 import websockets
 import websockets.exceptions
@@ -232,7 +232,7 @@ class Client:
     """An arq.v1 client. Create it inside a running event loop; use it from
     that loop only. ``async with Client(url) as c:`` connects and closes."""
 
-    def __init__(self, url: str, *, token: TokenSource = None, client_name: str | None = None,
+    def __init__(self, url: str | Sequence[str], *, token: TokenSource = None, client_name: str | None = None,
                  reconnect: bool = True, backoff_base: float = 0.1, backoff_cap: float = 10.0,
                  max_retries: int = 0, connect_timeout: float = 10.0, max_pending: int = 10000,
                  ack_delay: float = 0.02, heartbeat_interval: float | None = 20.0,
@@ -243,10 +243,18 @@ class Client:
         503 retries (0 = unlimited). max_pending: publishes waiting for a
         puback before publish() fails with "full". heartbeat_*: WebSocket
         pings, and how long a pong may take before the connection is
-        declared dead and replaced (None: off)."""
-        if not url.startswith(("ws://", "wss://")):
-            raise ArqError("invalid", f"not a ws:// or wss:// URL: {url}")
-        self.url = url
+        declared dead and replaced (None: off). url: one ws:// or wss://
+        URL, or several: the client stays on one while it works and, after a
+        failed attempt or a lost connection, tries the next (round robin),
+        resuming its session there; ``self.url`` is the current one."""
+        self._urls = [url] if isinstance(url, str) else list(url)
+        if not self._urls:
+            raise ArqError("invalid", "no URL")
+        for u in self._urls:
+            if not isinstance(u, str) or not u.startswith(("ws://", "wss://")):
+                raise ArqError("invalid", f"not a ws:// or wss:// URL: {u}")
+        self._url_index = 0
+        self.url = self._urls[0]
         self._token = token
         self._client_name = client_name or f"arq-py/{VERSION}"
         self._reconnect = reconnect
@@ -604,6 +612,8 @@ class Client:
             self._finish("failed", err)
             return
         self._attempts += 1
+        self._url_index = (self._url_index + 1) % len(self._urls)  # fail over to the next URL
+        self.url = self._urls[self._url_index]
         if self._max_retries > 0 and self._attempts > self._max_retries:
             self._finish("failed", ArqError(err.code, f"{err}; gave up after {self._max_retries} attempts",
                                             err.status))

@@ -96,6 +96,26 @@ class ClientTest(unittest.IsolatedAsyncioTestCase):
         await c.close()
         self.assertEqual(c.state, "closed")
 
+    async def test_several_urls_fail_over(self):
+        with self.assertRaises(ArqError):
+            Client([], heartbeat_interval=None)
+        with self.assertRaises(ArqError):
+            Client(["ws://a/ws", "http://b"], heartbeat_interval=None)
+        dead = Server()
+        await dead.start()
+        dead_url = dead.url
+        await dead.stop()  # nothing listens there any more: node a is down
+        c = Client([dead_url, self.srv.url], backoff_base=0.001, backoff_cap=0.002,
+                   heartbeat_interval=None)
+        connecting = asyncio.ensure_future(c.connect())
+        conn, _ = await self.srv.accept()
+        await connecting
+        self.assertEqual(c.url, self.srv.url)
+        conn.cut()  # lost after the welcome: a is tried, then b again, resuming
+        conn2, hello = await self.srv.accept()
+        self.assertEqual(hello.get("session"), "s1")
+        await c.close()
+
     async def test_publish_ack_level(self):
         c = self.client()
         connecting = asyncio.ensure_future(c.connect())

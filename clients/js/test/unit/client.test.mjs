@@ -36,6 +36,26 @@ test("publishes queue while connecting, then one puback resolves each; maxPendin
   assert.equal(c.state, "closed");
 });
 
+test("several URLs: a failed attempt or a lost connection moves to the next, and the session resumes there", async () => {
+  const srv = new FakeServer();
+  assert.throws(() => new ArqClient({ url: [], WebSocket: srv.WebSocket }), { code: "invalid" });
+  assert.throws(() => new ArqClient({ url: ["ws://a/ws", "http://b"], WebSocket: srv.WebSocket }), { code: "invalid" });
+  const c = client(srv, { url: ["ws://a/ws", "ws://b/ws"] });
+  const connected = c.connect();
+  const first = await srv.conn(0);
+  assert.equal(first.url, "ws://a/ws");
+  first.drop(1006); // node a down: the attempt fails
+  const [second] = await srv.accept(1);
+  await connected;
+  assert.equal(second.url, "ws://b/ws");
+  assert.equal(c.url, "ws://b/ws");
+  second.drop(1006); // b lost after the welcome: back to a, resuming
+  const [third, hello] = await srv.accept(2);
+  assert.equal(third.url, "ws://a/ws");
+  assert.equal(hello.session, "s1");
+  await c.close();
+});
+
 test("publish ack level: sent as pub.ack when given, absent otherwise, anything else refused", async () => {
   const srv = new FakeServer();
   const c = client(srv);
