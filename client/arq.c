@@ -245,6 +245,56 @@ static int parse_url(arq_client_t *c, const char *url)
     return c->host_header ? 0 : ARQ_ENOMEM;
 }
 
+/* Make urls[i] the URL of the next connection attempt. */
+static int use_url(arq_client_t *c, size_t i)
+{
+    free(c->host);
+    free(c->path);
+    free(c->host_header);
+    c->host = c->path = c->host_header = NULL;
+    c->tls = 0;
+    c->url_i = i;
+    return parse_url(c, c->urls[i]);
+}
+
+/* options.url: one URL or several separated by commas, each checked. *any_tls
+ * is set when one of them is wss://. */
+static int parse_urls(arq_client_t *c, const char *list, int *any_tls)
+{
+    if (!list || !*list)
+        return ARQ_EINVAL;
+    size_t n = 1;
+    for (const char *q = list; *q; q++)
+        n += *q == ',';
+    c->urls = calloc(n, sizeof(*c->urls));
+    if (!c->urls)
+        return ARQ_ENOMEM;
+    for (const char *q = list;; q++) {
+        const char *e = q + strcspn(q, ",");
+        if (!(c->urls[c->n_urls] = strndup(q, (size_t)(e - q))))
+            return ARQ_ENOMEM;
+        c->n_urls++;
+        if (!*e)
+            break;
+        q = e;
+    }
+    *any_tls = 0;
+    for (size_t i = c->n_urls; i-- > 0;) { /* urls[0] last: the first attempt's */
+        int rc = use_url(c, i);
+        if (rc)
+            return rc;
+        *any_tls |= c->tls;
+    }
+    return 0;
+}
+
+/* The next attempt goes to the next URL (several given: fail over). */
+static void next_url(arq_client_t *c)
+{
+    if (c->n_urls > 1)
+        (void)use_url(c, (c->url_i + 1) % c->n_urls); /* each was checked at creation */
+}
+
 /* wss://: one TLS context per client, verifying the server. Returns 0, or
  * ARQ_EINVAL when ca_file cannot be loaded. */
 static int tls_setup(arq_client_t *c, const char *ca_file)
@@ -349,6 +399,9 @@ static void client_destroy(arq_client_t *c)
     free(c->host_header);
     free(c->host);
     free(c->path);
+    for (size_t i = 0; i < c->n_urls; i++)
+        free(c->urls[i]);
+    free(c->urls);
     free(c->token);
     free(c->client_name);
     free(c->session);
@@ -528,8 +581,9 @@ int arq_client_new(struct event_base *base, const arq_client_options_t *options,
     c->max_pending = options->max_pending ? options->max_pending : ARQ_DEFAULT_PENDING;
     c->ack = options->ack;
     c->max_inflight = ARQ_DEFAULT_INFLIGHT;
-    int rc = parse_url(c, options->url);
-    if (rc == 0 && c->tls)
+    int any_tls = 0;
+    int rc = parse_urls(c, options->url, &any_tls);
+    if (rc == 0 && any_tls)
         rc = tls_setup(c, options->ca_file);
     uint8_t rnd[16];
     if (rc == 0 && arq_fill_random(rnd, sizeof(rnd)) != 0)
@@ -732,6 +786,7 @@ static void conn_teardown(arq_client_t *c)
         if (c->backoff_n < 32)
             c->backoff_n++;
         c->retries++;
+        next_url(c);
         (void)evtimer_add(c->ev_reconnect, &tv);
         arq_set_state(c, ARQ_STATE_DISCONNECTED, status, c->last_error);
         return;

@@ -75,7 +75,10 @@ typedef struct arq_client arq_client_t;
 typedef struct arq_client_options {
     /* ws://HOST[:PORT][/PATH] or wss://... (TLS). HOST is a name (resolved at
      * each connection attempt, blocking: getaddrinfo), an IPv4 address or an
-     * IPv6 one in brackets. Ports default to 80 / 443. */
+     * IPv6 one in brackets. Ports default to 80 / 443. Several URLs,
+     * separated by commas (e.g. an active node and a standby): the client
+     * stays on one while it works and, after a failed attempt or a lost
+     * connection, tries the next (in order, round robin), resuming there. */
     const char *url;
     const char *token; /* JWT for hello.token; NULL for anonymous (see also arq_client_on_token) */
     const char *client_name;     /* hello.client; NULL for "libarq/VERSION" */

@@ -100,9 +100,11 @@ struct arq_client {
     struct event_base *base;
     char *host, *path, *token, *client_name;
     uint16_t port;
-    int tls;               /* wss:// */
-    SSL_CTX *ssl_ctx;      /* wss://: shared by the client's connections */
-    char *host_header;     /* HOST[:PORT] as the Host header, IPv6 in brackets */
+    int tls;           /* wss:// */
+    SSL_CTX *ssl_ctx;  /* wss://: shared by the client's connections */
+    char *host_header; /* HOST[:PORT] as the Host header, IPv6 in brackets */
+    char **urls;       /* options.url split at commas; host..host_header are urls[url_i]'s */
+    size_t n_urls, url_i;
     arq_token_cb token_cb; /* token provider (NULL: options.token) */
     void *token_arg;
     struct event *ev_refresh; /* ahead of the token's expiry */

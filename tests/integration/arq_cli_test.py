@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -216,6 +217,26 @@ def scenario_connection_loss(tmp):
           f"sub exits 1 on connection loss: {p.returncode} {err!r}")
 
 
+def scenario_url_list(tmp):
+    """-u A,B: a node that refuses connections is failed over to the next."""
+    d = Arqd(os.path.join(tmp, "data-urls"))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"ws://127.0.0.1:{s.getsockname()[1]}/ws"  # bound, not listening: refused
+    try:
+        rc, out, err = arq("--url", f"{dead},{d.url}", "pub", "cli.urls", "-", input=b"a\nb\n")
+        check(rc == 0 and out.split() == ["1", "2"],
+              f"pub - over a dead URL and a live one: both published ({rc} {out!r} {err!r})")
+        rc, out, err = arq("--url", f"{d.url},http://x/", "pub", "cli.urls", "c")
+        check(rc != 0 and out == "", f"a list with a bad URL is refused ({rc} {err!r})")
+        rc, out, err = arq("--url", d.url, "sub", "cli.urls", "--count", "2")
+        check(rc == 0 and [m["payload"] for m in json_lines(out)] == ["a", "b"],
+              f"what went through the list is stored once each: {out!r}")
+    finally:
+        s.close()
+        d.stop()
+
+
 def scenario_auth(tmp):
     d = Arqd(os.path.join(tmp, "data-auth"), env={"SECRET_KEY": SECRET})
     try:
@@ -263,6 +284,7 @@ def main():
         check(rc == 0, f"arqd stop: {rc}")
         scenario_auth(tmp)
         scenario_connection_loss(tmp)
+        scenario_url_list(tmp)
     finally:
         if d.proc.poll() is None:
             d.proc.kill()
