@@ -120,7 +120,7 @@ struct brk {
      * does not hold yet, in commit order: a subscriber never sees what the
      * loss of this machine could take back (docs/ha.md) */
     struct held *held_head, *held_tail;
-    uint64_t held_bytes;   /* frames kept by them (bounded: held_budget) */
+    uint64_t held_bytes;   /* frames kept by them (at most tail_cache_bytes / 4) */
     struct event *repl_ev; /* the head's deadline */
     uint64_t repl_wm;      /* every record up to this sequence is in MySQL */
     bool repl_known;       /* brk_replicated was called: there is a MySQL */
@@ -665,13 +665,15 @@ static void streams_reload(brk_t *b)
     }
 }
 
+static void repl_kick(brk_t *b);
+
 /* The WAL made more records readable: retry the subscribers that waited. */
 static void brk_visible(void *arg)
 {
     brk_t *b = arg;
-    /* the drain reads what is readable: replicated publishes wait for it */
-    if (b->repl_head && b->o.repl_kick)
-        b->o.repl_kick(b->o.repl_kick_arg);
+    /* the drain reads what is readable: replicated publishes and held
+     * deliveries wait for it */
+    repl_kick(b);
     uint64_t reloads = wal_reloads(b->wal);
     if (reloads != b->reloads) {
         b->reloads = reloads;
@@ -1718,6 +1720,13 @@ static void pub_answer(brk_t *b, struct pub_ctx *p, int status)
     free(p);
 }
 
+/* A replicated publish answered: counted, and its decoded -> puback time. */
+static void repl_count_acked(brk_t *b, const struct pub_ctx *p, int64_t now)
+{
+    b->st.repl_acked++;
+    pub_hist(b->st.pub_repl_us, &b->st.pub_repl_us_sum, now - p->t0_mono);
+}
+
 static void repl_arm(brk_t *b)
 {
     if (!b->repl_head) {
@@ -1740,8 +1749,7 @@ static void repl_release(brk_t *b)
         int status;
         if (p->target <= b->repl_wm) {
             status = 0;
-            b->st.repl_acked++;
-            pub_hist(b->st.pub_repl_us, &b->st.pub_repl_us_sum, now - p->t0_mono);
+            repl_count_acked(b, p, now);
         } else if (p->deadline <= now) {
             status = BRK_EREPL_TIMEOUT;
             b->st.repl_timeouts++;
@@ -1776,9 +1784,23 @@ void brk_replicated(brk_t *b, uint64_t watermark, int ok)
     repl_release(b);
 }
 
+/* There is a MySQL and the drain works now. */
+static bool repl_up(const brk_t *b)
+{
+    return b->repl_known && b->repl_ok;
+}
+
 int brk_replication_down(const brk_t *b)
 {
-    return b->o.ack == BRK_ACK_REPLICATED && !(b->repl_known && b->repl_ok);
+    return b->o.ack == BRK_ACK_REPLICATED && !repl_up(b);
+}
+
+/* Something waits for the drain (a puback or a delivery): wake it rather
+ * than let it sleep out its idle poll. */
+static void repl_kick(brk_t *b)
+{
+    if ((b->repl_head || b->held_head) && b->o.repl_kick)
+        b->o.repl_kick(b->o.repl_kick_arg);
 }
 
 /* Wait for MySQL: the puback goes when the watermark reaches target. */
@@ -1796,8 +1818,7 @@ static void repl_wait(brk_t *b, struct pub_ctx *p, uint64_t target)
     b->st.repl_waiting++;
     if (first) {
         repl_arm(b);
-        if (b->o.repl_kick)
-            b->o.repl_kick(b->o.repl_kick_arg);
+        repl_kick(b);
     }
 }
 
@@ -1838,11 +1859,14 @@ static void held_push(brk_t *b, brk_stream_t *s, uint64_t off, uint64_t seq, brk
     }
     s->held++;
     b->st.repl_held++;
+    bool first = !b->held_head;
     if (b->held_tail)
         b->held_tail->next = h;
     else
         b->held_head = h;
     b->held_tail = h;
+    if (first)
+        repl_kick(b);
 }
 
 /* Deliver what MySQL now holds. */
@@ -1918,10 +1942,8 @@ static void pub_done(wal_append_t *req, void *arg)
     if (r && p->ack == BRK_ACK_REPLICATED && target > b->repl_wm) {
         repl_wait(b, p, target);
     } else {
-        if (r && p->ack == BRK_ACK_REPLICATED) {
-            b->st.repl_acked++;
-            pub_hist(b->st.pub_repl_us, &b->st.pub_repl_us_sum, mono_us() - p->t0_mono);
-        }
+        if (r && p->ack == BRK_ACK_REPLICATED)
+            repl_count_acked(b, p, mono_us());
         pub_answer(b, p, status);
     }
     wal_append_free(req);
@@ -1939,7 +1961,7 @@ static int publish_common(brk_t *b, brk_client_t *c, uint64_t id, const char *st
         ack = b->o.ack;
     if (ack == BRK_ACK_REPLICATED) {
         /* never a silent downgrade: refused before anything is stored */
-        if (!b->repl_known || !b->repl_ok) {
+        if (!repl_up(b)) {
             b->st.repl_refused++;
             return b->repl_known ? BRK_EREPL_DOWN : BRK_EREPL_NONE;
         }

@@ -1126,7 +1126,8 @@ int main(int argc, char **argv)
         printf("arqd: %d migration(s) applied, the schema is current\n", applied);
         return 0;
     }
-    if (!have_db && strcmp(cfg.ack, "replicated") == 0) {
+    bool replicated = strcmp(cfg.ack, "replicated") == 0;
+    if (!have_db && replicated) {
         arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason",
                 "wal.ack = replicated needs DATABASE_URL: acknowledgements wait for MySQL", NULL);
         arq_config_free(&cfg);
@@ -1238,7 +1239,6 @@ int main(int argc, char **argv)
                       .boot = &cfg,
                       .start_time = (double)t0.tv_sec + (double)t0.tv_nsec / 1e9,
                       .sync_logged = sync_at_start};
-    bool replicated = strcmp(cfg.ack, "replicated") == 0;
     brk_options_t bo = {
         .ack = replicated ? BRK_ACK_REPLICATED : BRK_ACK_LOCAL,
         .ack_timeout_ms = cfg.ack_timeout_ms,

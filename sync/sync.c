@@ -204,7 +204,7 @@ struct sync {
     pthread_mutex_t mu;
     pthread_cond_t cond;
     bool stop;
-    bool kicked;     /* sync_kick since the last wait (under mu) */
+    bool kicked; /* sync_kick since the last wait (under mu) */
     /* The watermark this connection committed last: the next batch needs no
      * SELECT for it (its UPDATE checks it all the same). Reset per connection. */
     bool wm_known;
