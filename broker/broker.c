@@ -1282,6 +1282,9 @@ struct handoff {
     struct restore_set subs; /* acked offsets; epoch-0 streams included */
     bool pending;            /* the write's completion is still to come */
     bool listed;             /* on b->handoff_head..tail */
+    /* it holds a subscription to a stream that does not exist yet, which
+     * no cursor can record: kept after the write, until a resume takes it */
+    bool unborn;
     struct handoff *prev, *next;
 };
 #define HANDOFF_MAX 4096u
@@ -1330,7 +1333,8 @@ static void handoff_done(wal_append_t *req, void *arg)
     h->pending = false;
     if (status == 0) {
         b->st.cursor_commits++;
-        handoff_release(b, h); /* the WAL holds it all now */
+        if (!h->unborn || !h->listed)
+            handoff_release(b, h); /* the WAL holds it all now (or a resume took it) */
     } else {
         b->st.cursor_errors++;
         if (!h->listed)
@@ -1358,6 +1362,7 @@ static struct handoff *handoff_new(brk_client_t *c)
             return NULL;
         }
         r->acked = sub->acked;
+        h->unborn |= sub->stream->epoch == 0;
     }
     struct handoff *old = handoff_find(b, c->session);
     if (old)

@@ -445,10 +445,19 @@ static void loop_until_gone(fixture_t *f, const char *session, const char *strea
     fail_msg("cursor (%s, %s) still there", session, stream);
 }
 
+/* Run the loop for about ms milliseconds. */
+static void run_ms(fixture_t *f, int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    event_base_loopexit(f->base, &tv);
+    event_base_dispatch(f->base);
+}
+
 /* A resume right after a close, before the WAL has written what the
  * closing connection did (no loop turn in between), sees all of it: a
  * subscription just made, its ack, an unsubscription, a subscription to a
- * stream that does not exist yet. Once written, the WAL says the same. */
+ * stream that does not exist yet. Once written, the WAL says the same,
+ * and a subscription to a stream not yet born survives even that. */
 static void test_session_resume_handoff(void **state)
 {
     fixture_t *f = *state;
@@ -497,15 +506,26 @@ static void test_session_resume_handoff(void **state)
     assert_int_equal(l.acked[0], 0);
     brk_client_start(c4);
     assert_int_equal(count_type(&r4, "msg"), 1); /* not acked: again */
+    /* a subscription to a stream that does not exist yet has no cursor:
+     * it survives a resume that comes after the close's write is done */
+    brk_subscribe(c4, 5, (const uint8_t *)"ho.c", 4, 1, 0, 0);
     brk_client_close(c4);
+    run_ms(f, 100); /* the close's write completes */
+    rec_conn_t r5 = {0};
+    brk_client_t *c5 = resume_now(f, &r5, "sess-h", &l);
+    assert_int_equal(l.n, 2);
+    assert_string_equal(l.names[0], "ho.b");
+    assert_string_equal(l.names[1], "ho.c");
+    brk_client_close(c5);
     brk_stats_t st;
     brk_stats_get(f->brk, &st);
     assert_int_equal(st.cursor_errors, 0);
-    assert_int_equal(st.sessions_resumed, 3);
+    assert_int_equal(st.sessions_resumed, 4);
     rec_clear(&r1);
     rec_clear(&r2);
     rec_clear(&r3);
     rec_clear(&r4);
+    rec_clear(&r5);
 }
 
 /* A subscription to a stream that does not exist yet is recorded once the
@@ -607,14 +627,6 @@ static void repl_cb(int status, uint64_t offset, int dup, void *arg)
 static void repl_kick_cb(void *arg)
 {
     ((repl_rec_t *)arg)->kicks++;
-}
-
-/* Run the loop for about ms milliseconds. */
-static void run_ms(fixture_t *f, int ms)
-{
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-    event_base_loopexit(f->base, &tv);
-    event_base_dispatch(f->base);
 }
 
 static void run_until(fixture_t *f, const repl_rec_t *r, int calls)
