@@ -102,7 +102,7 @@ static uint64_t q_u64(MYSQL *m, const char *sql)
 static void reset_db(MYSQL *m)
 {
     q(m, "DROP TABLE IF EXISTS arq_messages, arq_streams, arq_cursors, arq_sync_state, "
-         "arq_schema_migrations");
+         "arq_lease, arq_sessions, arq_schema_migrations");
 }
 
 /* ---- URL ---------------------------------------------------------------- */
@@ -200,8 +200,10 @@ static void test_migrations(void **state)
     reset_db(m);
     int applied = -1;
     assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), 0);
-    assert_int_equal(applied, 1);
-    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_schema_migrations"), 1);
+    assert_int_equal(applied, 3);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_schema_migrations"), 3);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_lease WHERE id = 1 AND generation = 0"),
+                     1);
     assert_int_equal(q_u64(m, "SELECT watermark_seq FROM arq_sync_state WHERE id = 1"), 0);
     /* idempotent */
     assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), 0);
