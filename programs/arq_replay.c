@@ -46,7 +46,7 @@ static void usage(FILE *f)
                "  backup     consistent hot copy of the WAL\n"
                "\n"
                "Common options: --data-dir DIR (default $ARQ_DATA_DIR), --database-url URL\n"
-               "(default $DATABASE_URL), --json, --no-progress. `arq-replay COMMAND --help`\n"
+               "(default $DATABASE_URL), --json, --[no-]progress. `arq-replay COMMAND --help`\n"
                "describes a command. Reading commands open the WAL read-only and work next\n"
                "to a running arqd.\n"
                "\n"
@@ -536,7 +536,14 @@ int rp_source_next(rp_source_t *s, rp_batch_t *b)
 
 /* ---- options -------------------------------------------------------------------- */
 
-enum { OPT_DATA_DIR = 'd', OPT_DB = 'D', OPT_JSON = 0x80, OPT_NO_PROGRESS, OPT_HELP = 'h' };
+enum {
+    OPT_DATA_DIR = 'd',
+    OPT_DB = 'D',
+    OPT_JSON = 0x80,
+    OPT_NO_PROGRESS,
+    OPT_PROGRESS,
+    OPT_HELP = 'h'
+};
 
 int rp_parse(rp_opts_t *o, int argc, char **argv, const char *cmd_usage, const struct option *extra,
              rp_opt_cb cb, void *ctx, int *ret_optind)
@@ -546,6 +553,7 @@ int rp_parse(rp_opts_t *o, int argc, char **argv, const char *cmd_usage, const s
         {"database-url", required_argument, NULL, OPT_DB},
         {"json", no_argument, NULL, OPT_JSON},
         {"no-progress", no_argument, NULL, OPT_NO_PROGRESS},
+        {"progress", no_argument, NULL, OPT_PROGRESS},
         {"help", no_argument, NULL, OPT_HELP},
     };
     size_t n_common = sizeof(common) / sizeof(common[0]), n_extra = 0;
@@ -573,6 +581,9 @@ int rp_parse(rp_opts_t *o, int argc, char **argv, const char *cmd_usage, const s
             break;
         case OPT_NO_PROGRESS:
             o->progress = false;
+            break;
+        case OPT_PROGRESS: /* also when stderr is no terminal (arqd reads it) */
+            o->progress = true;
             break;
         case OPT_HELP:
             fputs(cmd_usage, stdout);

@@ -28,6 +28,7 @@
 #include "sync.h"
 #include "log.h"
 #include "server.h"
+#include "standby.h"
 #include "wal.h"
 
 #ifndef ARQ_VERSION
@@ -120,6 +121,13 @@ static void json_utf8(struct evbuffer *out, const char *text)
     }
 }
 
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 /* /health "sync": state, watermark and lag (api does not know sync). */
 static void health_sync(void *arg, struct evbuffer *out)
 {
@@ -128,9 +136,18 @@ static void health_sync(void *arg, struct evbuffer *out)
     uint64_t lag = st.wal_next > st.watermark + 1 ? st.wal_next - 1 - st.watermark : 0;
     evbuffer_add_printf(out,
                         "{\"state\":\"%s\",\"watermark\":%llu,\"lag_records\":%llu,"
-                        "\"lag_seconds\":%.3f,\"last_error\":\"",
+                        "\"lag_seconds\":%.3f,",
                         sync_state_name(st.state), (unsigned long long)st.watermark,
                         (unsigned long long)lag, st.lag_seconds);
+    if (st.lease_generation)
+        evbuffer_add_printf(out,
+                            "\"lease\":{\"generation\":%llu,\"renewed_ms_ago\":%lld,"
+                            "\"handoff\":%s},",
+                            (unsigned long long)st.lease_generation,
+                            st.lease_renewed_us ? (long long)((now_us() - st.lease_renewed_us) / 1000)
+                                                : -1LL,
+                            st.handoff ? "true" : "false");
+    evbuffer_add_printf(out, "\"last_error\":\"");
     json_utf8(out, st.last_error);
     evbuffer_add_printf(out, "\"}");
 }
@@ -141,10 +158,11 @@ static void metrics_sync(void *arg, struct evbuffer *out)
     sync_stats_get(arg, &st);
     uint64_t lag = st.wal_next > st.watermark + 1 ? st.wal_next - 1 - st.watermark : 0;
     static const enum sync_state states[] = {SYNC_STATE_CONNECTING, SYNC_STATE_OK,
-                                             SYNC_STATE_DEGRADED, SYNC_STATE_FAILED};
+                                             SYNC_STATE_DEGRADED, SYNC_STATE_FAILED,
+                                             SYNC_STATE_FENCED};
     evbuffer_add_printf(out, "# HELP arq_sync_state MySQL sync state (1 for the current one).\n"
                              "# TYPE arq_sync_state gauge\n");
-    for (size_t i = 0; i < 4; i++)
+    for (size_t i = 0; i < sizeof(states) / sizeof(states[0]); i++)
         evbuffer_add_printf(out, "arq_sync_state{state=\"%s\"} %d\n", sync_state_name(states[i]),
                             st.state == states[i]);
 #define M(name, type, help, v)                                                                     \
@@ -160,6 +178,18 @@ static void metrics_sync(void *arg, struct evbuffer *out)
     M("arq_sync_cursors_total", "counter", "Cursor rows upserted into MySQL.", st.cursors);
     M("arq_sync_cursors_deleted_total", "counter",
       "Cursor rows deleted from MySQL because the WAL deleted them.", st.cursors_deleted);
+    if (st.lease_generation) {
+        M("arq_ha_lease_generation", "gauge", "Generation of the lease this node holds.",
+          st.lease_generation);
+        M("arq_ha_lease_renewals_total", "counter",
+          "Lease renewals (each drain transaction and the idle renewal).", st.lease_renewals);
+        evbuffer_add_printf(out,
+                            "# HELP arq_ha_lease_age_seconds Time since the lease was last "
+                            "renewed.\n# TYPE arq_ha_lease_age_seconds gauge\n"
+                            "arq_ha_lease_age_seconds %.3f\n",
+                            st.lease_renewed_us ? (double)(now_us() - st.lease_renewed_us) / 1e6
+                                                : 0.0);
+    }
 #undef M
     evbuffer_add_printf(out,
                         "# HELP arq_sync_lag_seconds Age of the oldest record not yet in MySQL.\n"
@@ -566,6 +596,7 @@ struct app {
     enum sync_state sync_logged;
     struct event *repl_ev; /* the drain moved (ack = replicated): tell the broker */
     int storage_high;
+    int stepping_down; /* STEP_FENCED / STEP_HANDOFF: this node gives up serving */
     unsigned ticks;
     size_t heap_peak; /* bytes in use at their peak since the last trim */
 };
@@ -673,6 +704,8 @@ static void metrics_arqd(void *arg, struct evbuffer *out)
         metrics_sync(app->sync, out);
 }
 
+static void watch_lease(struct app *app);
+
 /* Runs on the drain thread: wake the loop (repl_ev_cb). */
 static void sync_progress(void *arg)
 {
@@ -692,6 +725,35 @@ static void repl_ev_cb(evutil_socket_t fd, short what, void *arg)
     sync_stats_t st;
     sync_stats_get(app->sync, &st);
     brk_replicated(app->brk, st.watermark, st.state == SYNC_STATE_OK);
+    watch_lease(app);
+}
+
+enum { STEP_FENCED = 1, STEP_HANDOFF = 2 };
+static void begin_shutdown(struct app *app);
+
+/* The lease: lost (another node took it) or asked for (switchover). */
+static void watch_lease(struct app *app)
+{
+    if (!app->sync || !app->srv || app->stepping_down || app->grace)
+        return;
+    sync_stats_t st;
+    sync_stats_get(app->sync, &st);
+    if (st.state == SYNC_STATE_FENCED) {
+        arq_log(ARQ_LOG_ERROR, "lease_lost", "reason", st.last_error, "effect",
+                "closing every connection (1001) and standing by: clients move to the active "
+                "node",
+                NULL);
+        app->stepping_down = STEP_FENCED;
+    } else if (st.handoff) {
+        arq_log(ARQ_LOG_INFO, "switchover", "effect",
+                "closing every connection (1001), draining into MySQL, handing the lease over, "
+                "then standing by",
+                NULL);
+        app->stepping_down = STEP_HANDOFF;
+    } else {
+        return;
+    }
+    begin_shutdown(app);
 }
 
 static void repl_kick(void *arg)
@@ -781,6 +843,7 @@ static void housekeeping_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct app *app = arg;
     watch_sync(app);
+    watch_lease(app);
     watch_storage(app);
     if (app->ticks % TRIM_EVERY_S == 0)
         trim_heap(app);
@@ -1038,8 +1101,13 @@ static void signal_cb(evutil_socket_t sig, short what, void *arg)
         arq_log(ARQ_LOG_WARN, "shutdown_forced", "signal", sig == SIGINT ? "INT" : "TERM", NULL);
         _exit(1); /* second signal: at once (the WAL is safe anyway) */
     }
-    (void)sd_notify(0, "STOPPING=1\nSTATUS=draining: closing connections with 1001");
     arq_log(ARQ_LOG_INFO, "shutdown", "signal", sig == SIGINT ? "INT" : "TERM", NULL);
+    begin_shutdown(app);
+}
+
+static void begin_shutdown(struct app *app)
+{
+    (void)sd_notify(0, "STOPPING=1\nSTATUS=draining: closing connections with 1001");
     api_server_shutdown(app->srv);
     /* Wait (up to 2 s) for the close handshakes to flush. */
     app->grace = event_new(app->base, -1, EV_PERSIST, grace_cb, app);
@@ -1133,6 +1201,13 @@ int main(int argc, char **argv)
         arq_config_free(&cfg);
         return 2;
     }
+    bool ha = strcmp(cfg.ha_role, "single") != 0;
+    if (ha && !have_db) {
+        arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason",
+                "ha.role = active | standby needs DATABASE_URL: the lease lives in MySQL", NULL);
+        arq_config_free(&cfg);
+        return 2;
+    }
     if (auth_policy_check(&cfg, err, sizeof(err)) != 0) {
         arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason", err, NULL);
         sync_url_free(&db_url);
@@ -1178,6 +1253,37 @@ int main(int argc, char **argv)
         }
     }
 
+    /* High availability: serve only while holding the lease. */
+    uint64_t lease_gen = 0;
+    int own_listen_fd = -1;
+    signal(SIGPIPE, SIG_IGN);
+    evthread_use_pthreads(); /* before any event_base: threads wake loops */
+    if (ha) {
+        const char *cool = getenv("ARQ_HA_COOLDOWN_MS"); /* set by a handover's re-exec */
+        uint32_t cooldown = cool ? (uint32_t)strtoul(cool, NULL, 10) : 0;
+        unsetenv("ARQ_HA_COOLDOWN_MS");
+        char self[4096];
+        ssize_t sl = readlink("/proc/self/exe", self, sizeof(self) - 1);
+        self[sl > 0 ? sl : 0] = '\0';
+        arq_standby_opts_t sbo = {.cfg = &cfg,
+                                  .url = &db_url,
+                                  .database_url = cfg.database_url,
+                                  .self_path = sl > 0 ? self : argv[0],
+                                  .listen_fd = listen_fd,
+                                  .cooldown_ms = cooldown};
+        (void)sd_notify(0, "STATUS=standby: waiting for the lease");
+        int fd = -1;
+        int src = arq_standby_run(&sbo, &lease_gen, &fd);
+        if (src != 0) {
+            sync_url_free(&db_url);
+            arq_config_free(&cfg);
+            close(lock_fd);
+            return src == 1 ? 0 : 1;
+        }
+        if (listen_fd < 0)
+            own_listen_fd = fd;
+    }
+
     if (cfg.anonymous)
         arq_log(ARQ_LOG_WARN, "anonymous_access", "host", cfg.host, "reason",
                 "auth.anonymous = true: any client that reaches this listener may publish and "
@@ -1201,7 +1307,6 @@ int main(int argc, char **argv)
      * and over (measured: ~7% of arqd's time in page faults at 50x16). */
     mallopt(M_TRIM_THRESHOLD, 64 << 20);
     mallopt(M_MMAP_THRESHOLD, 4 << 20);
-    evthread_use_pthreads();
     struct event_base *base = event_base_new();
     if (!base) {
         arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "event_base_new", NULL);
@@ -1282,8 +1387,8 @@ int main(int argc, char **argv)
         .session_ttl_s = cfg.session_ttl_s,
         .max_output_bytes = cfg.max_output_bytes,
         .version = "arq/" ARQ_VERSION,
-        .use_listen_fd = listen_fd >= 0,
-        .listen_fd = listen_fd,
+        .use_listen_fd = listen_fd >= 0 || own_listen_fd >= 0,
+        .listen_fd = listen_fd >= 0 ? listen_fd : own_listen_fd,
     };
     ao_reloadable(&ao, &cfg);
     ao.metrics_extra = metrics_arqd;
@@ -1307,7 +1412,10 @@ int main(int argc, char **argv)
                              .retain_every_ms = cfg.retain_every_ms,
                              .cursor_ttl_s = cfg.session_ttl_s,
                              .on_progress = sync_progress,
-                             .progress_arg = &app};
+                             .progress_arg = &app,
+                             .lease_ms = ha ? cfg.lease_ms : 0,
+                             .lease_owner = cfg.ha_node,
+                             .lease_generation = lease_gen};
         /* before the thread runs: its first report must find it */
         app.repl_ev = event_new(base, -1, 0, repl_ev_cb, &app);
         app.brk = brk;
@@ -1348,7 +1456,6 @@ int main(int argc, char **argv)
     } else {
         snprintf(host, sizeof(host), "%s", cfg.host);
     }
-    signal(SIGPIPE, SIG_IGN);
     struct event *sigterm = evsignal_new(base, SIGTERM, signal_cb, &app);
     struct event *sigint = evsignal_new(base, SIGINT, signal_cb, &app);
     struct event *sighup = evsignal_new(base, SIGHUP, signal_cb, &app);
@@ -1385,6 +1492,19 @@ int main(int argc, char **argv)
     /* Acked offsets not yet persisted go out now; wal_close then finishes
      * every commit in flight (their callbacks run) before closing. */
     brk_flush(brk);
+    if (app.stepping_down == STEP_HANDOFF) {
+        /* Switchover: no client is connected any more; everything they
+         * were acknowledged goes into MySQL, then the lease is given up. */
+        int rr = sync_release(sync, 30000);
+        if (rr == SYNC_OK)
+            arq_log(ARQ_LOG_INFO, "lease_released", "effect",
+                    "MySQL holds every acknowledged message; a standby takes over", NULL);
+        else
+            arq_log(ARQ_LOG_ERROR, "lease_release_failed", "reason",
+                    rr == SYNC_EBUSY ? "the drain did not catch up within 30 s"
+                                     : "the drain failed or the lease was lost",
+                    "effect", "the lease expires by itself; a standby then takes over", NULL);
+    }
     sync_stop(sync); /* its batch in flight commits or rolls back */
     app.sync = NULL; /* repl_ev may still run (wal_close's completions) */
     sync_url_free(&db_url);
@@ -1420,7 +1540,24 @@ int main(int argc, char **argv)
         close(lock_fd);
         return 1;
     }
-    arq_log(ARQ_LOG_INFO, "stopped", NULL);
     close(lock_fd); /* last: the directory is ours until everything is closed */
+    if (app.stepping_down) {
+        /* Stand by: this node serves again only once it holds the lease
+         * again (after a handover, the others get the first chance). */
+        if (listen_fd >= 0) {
+            /* socket-activated: systemd restarts us (Restart=on-failure) */
+            arq_log(ARQ_LOG_INFO, "stopped", "exit", "3", "effect", "restarts as standby", NULL);
+            return 3;
+        }
+        char cool[24];
+        snprintf(cool, sizeof(cool), "%u",
+                 app.stepping_down == STEP_HANDOFF ? 2 * app.boot->lease_ms : 0);
+        setenv("ARQ_HA_COOLDOWN_MS", cool, 1);
+        arq_log(ARQ_LOG_INFO, "standing_by", "effect", "arqd starts again as standby", NULL);
+        execv("/proc/self/exe", argv);
+        arq_log(ARQ_LOG_ERROR, "reexec_failed", "reason", strerror(errno), NULL);
+        return 3;
+    }
+    arq_log(ARQ_LOG_INFO, "stopped", NULL);
     return 0;
 }

@@ -44,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include <ini.h>
 
@@ -99,6 +100,7 @@ static const char *const log_formats[] = {"logfmt", "json", NULL};
 static const char *const sync_modes[] = {"full", "none", NULL};
 static const char *const on_off[] = {"on", "off", NULL};
 static const char *const ack_levels[] = {"local", "replicated", NULL};
+static const char *const ha_roles[] = {"single", "active", "standby", NULL};
 
 #define FIELD(f) .offset = offsetof(arq_config_t, f), .width = sizeof(((arq_config_t *)NULL)->f)
 
@@ -173,11 +175,16 @@ static const struct key_def keys[] = {
     {"database", "url", "DATABASE_URL", KT_URL, FIELD(database_url)},
     {"database", "batch_rows", NULL, KT_UINT, FIELD(sync_batch_rows), .min = 1, .max = 100000},
     {"database", "batch_wait_ms", NULL, KT_UINT, FIELD(sync_batch_wait_ms), .min = 1, .max = 60000},
+    {"ha", "role", "ARQ_HA_ROLE", KT_ENUM, FIELD(ha_role), .choices = ha_roles,
+     .choices_text = "single, active, standby"},
+    {"ha", "node", "ARQ_HA_NODE", KT_STRING, FIELD(ha_node), .flags = KF_NOSPACE, .max = 200},
+    {"ha", "lease_ms", "ARQ_HA_LEASE_MS", KT_UINT, FIELD(lease_ms), .min = 500, .max = 600000},
+    {"ha", "rebuild_tail", NULL, KT_UINT, FIELD(rebuild_tail), .min = 0, .max = 4000000000u},
 };
 
 #define N_KEYS (sizeof(keys) / sizeof(keys[0]))
 
-static const char *const sections[] = {"server", "auth", "limits", "wal", "database"};
+static const char *const sections[] = {"server", "auth", "limits", "wal", "database", "ha"};
 
 /* ---- error messages ---- */
 
@@ -900,7 +907,14 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->journal_max = 64 * MIB;
     cfg->ack = strdup("local");
     cfg->ack_timeout_ms = 5000;
-    if (cfg->ack == NULL || cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
+    cfg->ha_role = strdup("single");
+    char hn[256] = "";
+    if (gethostname(hn, sizeof(hn) - 1) != 0 || !hn[0])
+        snprintf(hn, sizeof(hn), "arqd");
+    cfg->ha_node = strdup(hn);
+    cfg->lease_ms = 5000;
+    cfg->rebuild_tail = 100000;
+    if (cfg->ha_role == NULL || cfg->ha_node == NULL || cfg->ack == NULL || cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
         cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL ||
         cfg->monitor_allow == NULL || cfg->monitor_allow[0] == NULL ||
         cfg->monitor_allow[1] == NULL) {
@@ -1215,5 +1229,7 @@ void arq_config_free(arq_config_t *cfg)
     free(cfg->journal);
     free(cfg->ack);
     free(cfg->database_url);
+    free(cfg->ha_role);
+    free(cfg->ha_node);
     memset(cfg, 0, sizeof(*cfg));
 }

@@ -210,7 +210,14 @@ struct sync {
     bool wm_known;
     uint64_t wm_last;
     sync_stats_t st; /* under mu */
+    /* switchover (sync_release), under mu */
+    bool release_req, released;
+    int release_rc;
     /* thread-private */
+    char *owner;            /* lease owner (o.lease_ms > 0) */
+    int64_t wal_id;         /* this WAL's created_us, written into the lease */
+    int64_t next_renew_us;  /* the idle renewal */
+    sync_sqlbuf_t fb;       /* the fence statement */
     MYSQL *m;
     sync_sqlbuf_t sb; /* SQL text being built */
     int sql_err;      /* out of memory outside sb (the batch arrays, names) */
@@ -254,6 +261,8 @@ const char *sync_state_name(enum sync_state st)
         return "degraded";
     case SYNC_STATE_FAILED:
         return "failed";
+    case SYNC_STATE_FENCED:
+        return "fenced";
     default:
         return "connecting";
     }
@@ -594,6 +603,62 @@ static void sql_streams(sync_t *s)
 
 /* drain_once: MySQL's watermark belongs to another WAL (not retried). */
 #define DRAIN_FOREIGN (-100)
+/* the lease is another node's now: this drain must never write again */
+#define DRAIN_FENCED (-101)
+
+/* The lease's UPDATE at our generation, in the transaction open on s->m (or
+ * alone): 0 while the lease is ours, DRAIN_FENCED once it is not. */
+static int fence(sync_t *s, char *err, size_t errlen)
+{
+    sync_sb_reset(&s->fb);
+    sync_lease_sql(&s->fb, s->owner, s->o.lease_generation, s->o.lease_ms, s->wal_id);
+    if (s->fb.oom)
+        return SYNC_ENOMEM;
+    int rc = db_exec(s->m, s->fb.p, s->fb.len, err, errlen);
+    if (rc)
+        return rc;
+    if (mysql_affected_rows(s->m) != 1) {
+        sync_errf(err, errlen,
+                  "lost the lease: generation %" PRIu64 " of '%s' was taken over by another node; "
+                  "this node stops writing",
+                  s->o.lease_generation, s->owner);
+        return DRAIN_FENCED;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->st.lease_renewals++;
+    s->st.lease_renewed_us = wall_us();
+    pthread_mutex_unlock(&s->mu);
+    s->next_renew_us = wall_us() + (int64_t)s->o.lease_ms * 1000 / 3;
+    return 0;
+}
+
+/* One write outside a batch (cursors): with a lease, in a transaction that
+ * carries the fence, so that a replaced owner cannot change MySQL either.
+ * *affected (nullable): the statement's affected rows. */
+static int write_fenced(sync_t *s, const char *sql, size_t len, uint64_t *affected, char *err,
+                        size_t errlen)
+{
+    if (!s->o.lease_ms) {
+        int rc = db_exec(s->m, sql, len, err, errlen);
+        if (!rc && affected)
+            *affected = (uint64_t)mysql_affected_rows(s->m);
+        return rc;
+    }
+    int rc = db_execs(s->m, "START TRANSACTION", err, errlen);
+    if (!rc)
+        rc = db_exec(s->m, sql, len, err, errlen);
+    if (!rc && affected)
+        *affected = (uint64_t)mysql_affected_rows(s->m);
+    if (!rc)
+        rc = fence(s, err, errlen);
+    if (!rc && mysql_commit(s->m)) {
+        sync_errf(err, errlen, "MySQL commit: error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+        rc = SYNC_ESQL;
+    }
+    if (rc)
+        (void)mysql_rollback(s->m);
+    return rc;
+}
 
 /* One batch after the watermark in one transaction. Returns rows written
  * (0: nothing to do), or a negative SYNC_E*. */
@@ -676,6 +741,8 @@ static int64_t drain_once(sync_t *s, char *err, size_t errlen)
             rc = SYNC_ESQL;
         }
     }
+    if (!rc && s->o.lease_ms)
+        rc = fence(s, err, errlen); /* last: the row lock is held the shortest */
     if (!rc && mysql_commit(s->m)) {
         sync_errf(err, errlen, "MySQL commit: error %u: %s", mysql_errno(s->m), mysql_error(s->m));
         rc = SYNC_ESQL;
@@ -780,7 +847,7 @@ static int sync_cursors(sync_t *s, char *err, size_t errlen)
         rc = cursor_end_statement(&x);
     size_t from = 0;
     for (size_t i = 0; i < x.n_ends && !rc; i++) {
-        rc = db_exec(s->m, s->sb.p + from, x.ends[i] - from, err, errlen);
+        rc = write_fenced(s, s->sb.p + from, x.ends[i] - from, NULL, err, errlen);
         from = x.ends[i];
     }
     free(x.ends);
@@ -876,9 +943,10 @@ static int sync_cursor_gc(sync_t *s, char *err, size_t errlen)
         first = false;
         int rc = build_err(s);
         if (!rc && gone) {
-            rc = db_exec(s->m, s->sb.p, s->sb.len, err, errlen);
+            uint64_t affected = 0;
+            rc = write_fenced(s, s->sb.p, s->sb.len, &affected, err, errlen);
             if (!rc) /* rows written again since the SELECT are not among them */
-                deleted += (uint64_t)mysql_affected_rows(s->m);
+                deleted += affected;
         }
         if (rc)
             return rc;
@@ -966,6 +1034,63 @@ static void retain_pass(sync_t *s, uint64_t synced)
 }
 
 /* ---- thread ------------------------------------------------------------ */
+
+/* The idle renewal, and whether a switchover asks us to hand over. */
+static int renew(sync_t *s, char *err, size_t errlen)
+{
+    int rc = fence(s, err, errlen);
+    if (rc)
+        return rc;
+    if (mysql_query(s->m, "SELECT handoff FROM arq_lease WHERE id = 1")) {
+        sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+        return SYNC_ESQL;
+    }
+    MYSQL_RES *r = mysql_store_result(s->m);
+    MYSQL_ROW row = r ? mysql_fetch_row(r) : NULL;
+    int handoff = row && row[0] && atoi(row[0]) != 0;
+    if (r)
+        mysql_free_result(r);
+    pthread_mutex_lock(&s->mu);
+    bool changed = s->st.handoff != handoff;
+    s->st.handoff = handoff;
+    pthread_mutex_unlock(&s->mu);
+    if (changed)
+        progress(s);
+    return 0;
+}
+
+/* Switchover: once everything acknowledged is in MySQL, the cursors too,
+ * give the lease up. 1: released (the drain stops), 0: not yet, or < 0. */
+static int release_step(sync_t *s, int64_t drained, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&s->mu);
+    bool req = s->release_req;
+    uint64_t wm = s->st.watermark;
+    pthread_mutex_unlock(&s->mu);
+    if (!req || drained != 0 || wm + 1 < wal_acked_next_seq(s->wal))
+        return 0;
+    int rc = sync_cursors(s, err, errlen);
+    if (rc)
+        return rc;
+    char q[512];
+    snprintf(q, sizeof(q),
+             "UPDATE arq_lease SET owner = '', expires_us = 0, handoff = 0, updated_us = %" PRId64
+             " WHERE id = 1 AND generation = %" PRIu64,
+             wall_us(), s->o.lease_generation);
+    rc = db_execs(s->m, q, err, errlen);
+    if (rc)
+        return rc;
+    if (mysql_affected_rows(s->m) != 1) {
+        sync_errf(err, errlen, "lost the lease before releasing it");
+        return DRAIN_FENCED;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->released = true;
+    s->release_rc = SYNC_OK;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->mu);
+    return 1;
+}
 
 static uint64_t rand_below(uint64_t n)
 {
@@ -1068,10 +1193,16 @@ static void *sync_main(void *arg)
             attempt = 0;
             streams_forget(s);
             stmt_prepare(s);
-            set_state(s, SYNC_STATE_OK, NULL);
+            s->next_renew_us = 0; /* a reconnect proves the lease first */
+            if (!s->o.lease_ms)
+                set_state(s, SYNC_STATE_OK, NULL);
         }
         err[0] = 0;
-        int64_t n = drain_once(s, err, sizeof(err));
+        int64_t n = 0;
+        if (s->o.lease_ms && wall_us() >= s->next_renew_us)
+            n = renew(s, err, sizeof(err));
+        if (n == 0)
+            n = drain_once(s, err, sizeof(err));
         int crc = 0;
         if (n >= 0 && wall_us() >= s->next_cursor_us) {
             crc = sync_cursors(s, err, sizeof(err));
@@ -1093,6 +1224,20 @@ static void *sync_main(void *arg)
         if (n == DRAIN_FOREIGN) {
             set_state(s, SYNC_STATE_FAILED, err); /* retrying cannot help */
             break;
+        }
+        if (n == DRAIN_FENCED || crc == DRAIN_FENCED) {
+            set_state(s, SYNC_STATE_FENCED, err); /* never write again */
+            break;
+        }
+        if (n >= 0 && !crc) {
+            int r = release_step(s, n, err, sizeof(err));
+            if (r == 1)
+                break;
+            if (r == DRAIN_FENCED) {
+                set_state(s, SYNC_STATE_FENCED, err);
+                break;
+            }
+            crc = r;
         }
         if (n < 0 || crc) {
             if (n == SYNC_ENOMEM || crc == SYNC_ENOMEM) {
@@ -1122,6 +1267,13 @@ static void *sync_main(void *arg)
         mysql_close(s->m);
         s->m = NULL;
     }
+    pthread_mutex_lock(&s->mu);
+    if (s->release_req && !s->released) {
+        s->released = true;
+        s->release_rc = s->st.state == SYNC_STATE_FENCED ? SYNC_EFENCED : SYNC_ESQL;
+    }
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->mu);
     mysql_thread_end();
     return NULL;
 }
@@ -1153,6 +1305,18 @@ int sync_start(wal_t *wal, const sync_options_t *opts, sync_t **ret)
         free(s);
         return SYNC_ENOMEM;
     }
+    if (s->o.lease_ms) {
+        s->owner = strdup(opts->lease_owner ? opts->lease_owner : "");
+        wal_stats_t ws;
+        s->wal_id = wal_stats_get(wal, &ws) == 0 ? ws.created_us : 0;
+        s->st.lease_generation = s->o.lease_generation;
+        if (!s->owner) {
+            sync_url_free(&s->url);
+            free(s);
+            return SYNC_ENOMEM;
+        }
+    }
+    s->o.lease_owner = s->owner;
     s->o.url = &s->url;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cond, NULL);
@@ -1181,6 +1345,8 @@ void sync_stop(sync_t *s)
     free(s->rows);
     free(s->arena);
     sync_sb_free(&s->sb);
+    sync_sb_free(&s->fb);
+    free(s->owner);
     sync_url_free(&s->url);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cond);
@@ -1193,6 +1359,31 @@ void sync_kick(sync_t *s)
     s->kicked = true;
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->mu);
+}
+
+int sync_release(sync_t *s, uint32_t timeout_ms)
+{
+    if (!s->o.lease_ms)
+        return SYNC_ESQL;
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += (time_t)(timeout_ms / 1000);
+    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+    if (dl.tv_nsec >= 1000000000) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->release_req = true;
+    s->kicked = true;
+    pthread_cond_broadcast(&s->cond);
+    int rc = SYNC_EBUSY;
+    while (!s->released && pthread_cond_timedwait(&s->cond, &s->mu, &dl) != ETIMEDOUT)
+        ;
+    if (s->released)
+        rc = s->release_rc;
+    pthread_mutex_unlock(&s->mu);
+    return rc;
 }
 
 void sync_stats_get(sync_t *s, sync_stats_t *ret)

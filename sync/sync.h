@@ -17,6 +17,7 @@
 #ifndef ARQ_SYNC_H
 #define ARQ_SYNC_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -51,7 +52,15 @@ void sync_url_free(sync_url_t *u);
  * applied migration was changed). SYNC_ECONNECT when MySQL cannot be
  * reached. *applied (nullable) gets the number applied now.
  */
-enum { SYNC_OK = 0, SYNC_ECONNECT = -1, SYNC_ESCHEMA = -2, SYNC_ESQL = -3, SYNC_ENOMEM = -4 };
+enum {
+    SYNC_OK = 0,
+    SYNC_ECONNECT = -1,
+    SYNC_ESCHEMA = -2,
+    SYNC_ESQL = -3,
+    SYNC_ENOMEM = -4,
+    SYNC_EBUSY = -5,   /* the lease is another node's and not expired */
+    SYNC_EFENCED = -6, /* the lease was taken by a higher generation */
+};
 int sync_migrate(const sync_url_t *u, int *applied, char *err, size_t errlen);
 
 typedef struct sync_options {
@@ -83,6 +92,18 @@ typedef struct sync_options {
      * publishes learn that MySQL holds them (docs/ha.md). */
     void (*on_progress)(void *arg);
     void *progress_arg;
+    /* High availability (docs/ha.md), with lease_ms > 0: this node holds
+     * the lease (arq_lease) at lease_generation, taken by sync_lease_try.
+     * Every write of the drain (a batch, the cursor upserts and deletes)
+     * commits in a transaction that ends with an UPDATE renewing the lease
+     * WHERE generation = lease_generation AND owner = lease_owner, and the
+     * drain renews it every lease_ms / 3 when idle. When that UPDATE finds
+     * no row (a higher generation took the lease), the transaction rolls
+     * back and the drain stops for good: state SYNC_STATE_FENCED. A paused
+     * or partitioned old owner so never writes again once replaced. */
+    uint32_t lease_ms;
+    const char *lease_owner; /* copied */
+    uint64_t lease_generation;
 } sync_options_t;
 
 typedef struct sync sync_t;
@@ -94,12 +115,19 @@ void sync_stop(sync_t *s);
 /* Wake the drain thread if it is waiting for the WAL to grow (batch_wait_ms):
  * someone waits for the records just made readable. Thread-safe. */
 void sync_kick(sync_t *s);
+/* Switchover, the old owner's part: make the drain copy every acknowledged
+ * record and every cursor, then release the lease (owner '', expired) and
+ * stop. The caller has stopped appends. Waits at most timeout_ms: SYNC_OK
+ * released, SYNC_EBUSY not yet (timeout), SYNC_EFENCED lease lost, or the
+ * drain's error. Only with lease_ms. */
+int sync_release(sync_t *s, uint32_t timeout_ms);
 
 enum sync_state {
     SYNC_STATE_CONNECTING = 0, /* not yet connected (or migrating) */
     SYNC_STATE_OK = 1,         /* connected, draining */
     SYNC_STATE_DEGRADED = 2,   /* MySQL unreachable or failing: retrying with backoff */
     SYNC_STATE_FAILED = 3,     /* refused the schema: not retrying (see last_error) */
+    SYNC_STATE_FENCED = 4,     /* lost the lease to another node: stopped for good */
 };
 
 #define SYNC_HIST_BUCKETS 8
@@ -113,6 +141,12 @@ typedef struct sync_stats {
     uint64_t cursors_deleted; /* rows of arq_cursors deleted because the WAL deleted them */
     uint64_t retained;        /* WAL records dropped by retention (all already in MySQL) */
     uint64_t batch_buckets[SYNC_HIST_BUCKETS]; /* rows per batch, bounds sync_batch_bounds */
+    /* with a lease: its generation, when it was last renewed (this host's
+     * wall clock, unix us; 0: not yet), renewals, and whether a switchover
+     * asked this node to hand the lease over (arq_lease.handoff) */
+    uint64_t lease_generation, lease_renewals;
+    int64_t lease_renewed_us;
+    int handoff;
     char last_error[256];
 } sync_stats_t;
 extern const uint64_t sync_batch_bounds[SYNC_HIST_BUCKETS - 1];
@@ -147,5 +181,42 @@ sync_cold_req_t *sync_cold_read(sync_cold_t *c, const char *stream, size_t strea
 void sync_cold_cancel(sync_cold_req_t *req);
 void sync_cold_stats(sync_cold_t *c, uint64_t *reads, uint64_t *rows, uint64_t *errors);
 void sync_cold_close(sync_cold_t *c);
+
+/*
+ * The lease (arq_lease, one row): which node may drain into this database.
+ * A node takes it when it is free - expired by the MySQL server's clock,
+ * released, or its own (the same ha.node: a restart) - by raising the
+ * generation; the drain then renews it (sync_options_t.lease_*). Taking an
+ * expired lease first kills the old owner's drain connection when it is on
+ * the same MySQL server (a paused owner may hold row locks there; on
+ * another Galera node, certification aborts its transaction instead).
+ * One connection, used on the caller's thread; an error closes it and the
+ * next call reconnects.
+ */
+typedef struct sync_lease_row {
+    char owner[256];
+    uint64_t generation;
+    int64_t expires_us; /* the server's clock, unix us */
+    int64_t now_us;     /* the server's clock when read */
+    int64_t wal_id;     /* created_us of the WAL the watermark counts in */
+    int handoff;
+} sync_lease_row_t;
+typedef struct sync_lease sync_lease_t;
+int sync_lease_open(const sync_url_t *u, const char *owner, uint32_t lease_ms, sync_lease_t **ret);
+void sync_lease_close(sync_lease_t *l);
+/* Read the row: SYNC_OK, or an error. */
+int sync_lease_read(sync_lease_t *l, sync_lease_row_t *row, char *err, size_t errlen);
+/* One attempt to take it. SYNC_OK: taken at *ret_generation, *before the
+ * row as it was; SYNC_EBUSY: another node holds it (*before says who and
+ * until when); else an error. */
+int sync_lease_try(sync_lease_t *l, sync_lease_row_t *before, uint64_t *ret_generation,
+                   char *err, size_t errlen);
+/* Renew the lease taken at generation: SYNC_OK, SYNC_EFENCED, or an error. */
+int sync_lease_renew(sync_lease_t *l, uint64_t generation, char *err, size_t errlen);
+/* Switchover, asked from anywhere (arq-replay switchover): set handoff on
+ * the row; the owner drains, releases and stands by. *row: the row as it
+ * was. */
+int sync_lease_request_handoff(const sync_url_t *u, sync_lease_row_t *row, char *err,
+                               size_t errlen);
 
 #endif

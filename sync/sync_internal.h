@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct sync_migration {
     int version;
@@ -41,5 +42,18 @@ void sync_sb_add(sync_sqlbuf_t *b, const char *s, size_t n);
 void sync_sb_adds(sync_sqlbuf_t *b, const char *s);
 void sync_sb_addf(sync_sqlbuf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void sync_sb_hex(sync_sqlbuf_t *b, const void *p, size_t n);
+
+/* ---- the lease (lease.c; sync.c's fence) ------------------------------ */
+
+/* The MySQL server's clock in unix microseconds (UTC: no time zone, no DST). */
+#define SYNC_NOW_US "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))"
+/* Which server a connection id belongs to. */
+#define SYNC_CONN_SERVER "CONCAT(@@hostname, ':', @@port)"
+
+/* The statement that renews the lease at generation for owner (hex-quoted
+ * into b) and names this connection and wal_id (< 0: leave it); affects one
+ * row exactly when the lease is still ours. */
+void sync_lease_sql(sync_sqlbuf_t *b, const char *owner, uint64_t generation, uint32_t lease_ms,
+                    int64_t wal_id);
 
 #endif
