@@ -44,6 +44,7 @@ static void usage(FILE *f)
                "  republish  re-deliver a range through a running broker (idempotent)\n"
                "  restore    rebuild a WAL from MySQL (and a damaged or older WAL)\n"
                "  backup     consistent hot copy of the WAL\n"
+               "  switchover hand the HA lease from the active arqd to a standby\n"
                "\n"
                "Common options: --data-dir DIR (default $ARQ_DATA_DIR), --database-url URL\n"
                "(default $DATABASE_URL), --json, --[no-]progress. `arq-replay COMMAND --help`\n"
@@ -668,7 +669,7 @@ int main(int argc, char **argv)
     } cmds[] = {
         {"streams", rp_cmd_streams}, {"dump", rp_cmd_dump},           {"verify", rp_cmd_verify},
         {"resync", rp_cmd_resync},   {"republish", rp_cmd_republish}, {"restore", rp_cmd_restore},
-        {"backup", rp_cmd_backup},
+        {"backup", rp_cmd_backup},   {"switchover", rp_cmd_switchover},
     };
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
         if (!strcmp(cmd, cmds[i].name)) {

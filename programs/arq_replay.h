@@ -145,6 +145,7 @@ int rp_cmd_verify(rp_opts_t *o, int argc, char **argv);
 int rp_cmd_resync(rp_opts_t *o, int argc, char **argv);
 int rp_cmd_republish(rp_opts_t *o, int argc, char **argv);
 int rp_cmd_restore(rp_opts_t *o, int argc, char **argv);
+int rp_cmd_switchover(rp_opts_t *o, int argc, char **argv);
 int rp_cmd_backup(rp_opts_t *o, int argc, char **argv);
 
 /* Parse the common options out of argv (getopt_long with the command's own

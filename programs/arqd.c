@@ -1533,6 +1533,7 @@ int main(int argc, char **argv)
     if (app.repl_ev)
         event_free(app.repl_ev);
     event_base_free(base);
+    uint32_t lease_ms = cfg.lease_ms; /* for the handover below */
     arq_config_free(&cfg);
     if (wst.state == WAL_STATE_FAILED) {
         /* A supervisor must see that this run ended in a fail-stop. */
@@ -1551,7 +1552,7 @@ int main(int argc, char **argv)
         }
         char cool[24];
         snprintf(cool, sizeof(cool), "%u",
-                 app.stepping_down == STEP_HANDOFF ? 2 * app.boot->lease_ms : 0);
+                 app.stepping_down == STEP_HANDOFF ? 2 * lease_ms : 0);
         setenv("ARQ_HA_COOLDOWN_MS", cool, 1);
         arq_log(ARQ_LOG_INFO, "standing_by", "effect", "arqd starts again as standby", NULL);
         execv("/proc/self/exe", argv);

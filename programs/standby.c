@@ -15,6 +15,7 @@
 #include "standby.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -99,7 +100,12 @@ static bool stopped(struct sb *b)
 
 /* ---- the WAL files ------------------------------------------------------ */
 
-static const char *const wal_files[] = {"data.mdb", "lock.mdb", "journal"};
+/* A WAL's own files: data.mdb, lock.mdb, journal, journal.N. */
+static bool wal_file(const char *name)
+{
+    return !strcmp(name, "data.mdb") || !strcmp(name, "lock.mdb") ||
+           !strncmp(name, "journal", 7);
+}
 
 static void path_of(char *out, size_t cap, const char *dir, const char *name)
 {
@@ -107,13 +113,34 @@ static void path_of(char *out, size_t cap, const char *dir, const char *name)
         out[0] = '\0'; /* config.c bounds data_dir well below */
 }
 
+/* Move (to != NULL) or remove dir's WAL files. */
+static int wal_files_each(const char *dir, const char *to)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return errno == ENOENT ? 0 : -1;
+    struct dirent *e;
+    char from[4096], dst[4096];
+    int rc = 0;
+    while ((e = readdir(d))) {
+        if (!wal_file(e->d_name))
+            continue;
+        path_of(from, sizeof(from), dir, e->d_name);
+        if (to) {
+            path_of(dst, sizeof(dst), to, e->d_name);
+            if (rename(from, dst) != 0)
+                rc = -1;
+        } else {
+            (void)unlink(from);
+        }
+    }
+    closedir(d);
+    return rc;
+}
+
 static void remove_wal_dir(const char *dir)
 {
-    char p[4096];
-    for (size_t i = 0; i < sizeof(wal_files) / sizeof(wal_files[0]); i++) {
-        path_of(p, sizeof(p), dir, wal_files[i]);
-        (void)unlink(p);
-    }
+    (void)wal_files_each(dir, NULL);
     (void)rmdir(dir);
 }
 
@@ -130,24 +157,18 @@ static int fsync_dir(const char *dir)
 /* data_dir's WAL files into data_dir/replaced, rebuild's into data_dir. */
 static int swap_in(const char *dir, const char *rebuilt, char *err, size_t errlen)
 {
-    char old[4096], from[4096], to[4096];
+    char old[4096];
     path_of(old, sizeof(old), dir, "replaced");
     remove_wal_dir(old);
     if (mkdir(old, 0700) != 0 && errno != EEXIST) {
         snprintf(err, errlen, "mkdir '%s': %s", old, strerror(errno));
         return -1;
     }
-    for (size_t i = 0; i < sizeof(wal_files) / sizeof(wal_files[0]); i++) {
-        path_of(from, sizeof(from), dir, wal_files[i]);
-        path_of(to, sizeof(to), old, wal_files[i]);
-        if (rename(from, to) != 0 && errno != ENOENT) {
-            snprintf(err, errlen, "moving '%s' aside: %s", from, strerror(errno));
-            return -1;
-        }
+    if (wal_files_each(dir, old) != 0) {
+        snprintf(err, errlen, "moving the WAL in '%s' aside: %s", dir, strerror(errno));
+        return -1;
     }
-    path_of(from, sizeof(from), rebuilt, "data.mdb");
-    path_of(to, sizeof(to), dir, "data.mdb");
-    if (rename(from, to) != 0) {
+    if (wal_files_each(rebuilt, dir) != 0) {
         snprintf(err, errlen, "moving the rebuilt WAL in: %s", strerror(errno));
         return -1;
     }

@@ -1060,7 +1060,9 @@ static int renew(sync_t *s, char *err, size_t errlen)
 }
 
 /* Switchover: once everything acknowledged is in MySQL, the cursors too,
- * give the lease up. 1: released (the drain stops), 0: not yet, or < 0. */
+ * give the lease up (expired now; the owner stays named: if this node takes
+ * it back before anyone else, its WAL is still the history's). 1: released
+ * (the drain stops), 0: not yet, or < 0. */
 static int release_step(sync_t *s, int64_t drained, char *err, size_t errlen)
 {
     pthread_mutex_lock(&s->mu);
@@ -1074,7 +1076,7 @@ static int release_step(sync_t *s, int64_t drained, char *err, size_t errlen)
         return rc;
     char q[512];
     snprintf(q, sizeof(q),
-             "UPDATE arq_lease SET owner = '', expires_us = 0, handoff = 0, updated_us = %" PRId64
+             "UPDATE arq_lease SET expires_us = 0, handoff = 0, updated_us = %" PRId64
              " WHERE id = 1 AND generation = %" PRIu64,
              wall_us(), s->o.lease_generation);
     rc = db_execs(s->m, q, err, errlen);

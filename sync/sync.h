@@ -116,7 +116,7 @@ void sync_stop(sync_t *s);
  * someone waits for the records just made readable. Thread-safe. */
 void sync_kick(sync_t *s);
 /* Switchover, the old owner's part: make the drain copy every acknowledged
- * record and every cursor, then release the lease (owner '', expired) and
+ * record and every cursor, then release the lease (expired now) and
  * stop. The caller has stopped appends. Waits at most timeout_ms: SYNC_OK
  * released, SYNC_EBUSY not yet (timeout), SYNC_EFENCED lease lost, or the
  * drain's error. Only with lease_ms. */
