@@ -667,9 +667,10 @@ int main(int argc, char **argv)
         const char *name;
         int (*fn)(rp_opts_t *, int, char **);
     } cmds[] = {
-        {"streams", rp_cmd_streams}, {"dump", rp_cmd_dump},           {"verify", rp_cmd_verify},
-        {"resync", rp_cmd_resync},   {"republish", rp_cmd_republish}, {"restore", rp_cmd_restore},
-        {"backup", rp_cmd_backup},   {"switchover", rp_cmd_switchover},
+        {"streams", rp_cmd_streams},     {"dump", rp_cmd_dump},
+        {"verify", rp_cmd_verify},       {"resync", rp_cmd_resync},
+        {"republish", rp_cmd_republish}, {"restore", rp_cmd_restore},
+        {"backup", rp_cmd_backup},       {"switchover", rp_cmd_switchover},
     };
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
         if (!strcmp(cmd, cmds[i].name)) {

@@ -140,13 +140,13 @@ static void health_sync(void *arg, struct evbuffer *out)
                         sync_state_name(st.state), (unsigned long long)st.watermark,
                         (unsigned long long)lag, st.lag_seconds);
     if (st.lease_generation)
-        evbuffer_add_printf(out,
-                            "\"lease\":{\"generation\":%llu,\"renewed_ms_ago\":%lld,"
-                            "\"handoff\":%s},",
-                            (unsigned long long)st.lease_generation,
-                            st.lease_renewed_us ? (long long)((now_us() - st.lease_renewed_us) / 1000)
-                                                : -1LL,
-                            st.handoff ? "true" : "false");
+        evbuffer_add_printf(
+            out,
+            "\"lease\":{\"generation\":%llu,\"renewed_ms_ago\":%lld,"
+            "\"handoff\":%s},",
+            (unsigned long long)st.lease_generation,
+            st.lease_renewed_us ? (long long)((now_us() - st.lease_renewed_us) / 1000) : -1LL,
+            st.handoff ? "true" : "false");
     evbuffer_add_printf(out, "\"last_error\":\"");
     json_utf8(out, st.last_error);
     evbuffer_add_printf(out, "\"}");
@@ -1551,8 +1551,7 @@ int main(int argc, char **argv)
             return 3;
         }
         char cool[24];
-        snprintf(cool, sizeof(cool), "%u",
-                 app.stepping_down == STEP_HANDOFF ? 2 * lease_ms : 0);
+        snprintf(cool, sizeof(cool), "%u", app.stepping_down == STEP_HANDOFF ? 2 * lease_ms : 0);
         setenv("ARQ_HA_COOLDOWN_MS", cool, 1);
         arq_log(ARQ_LOG_INFO, "standing_by", "effect", "arqd starts again as standby", NULL);
         execv("/proc/self/exe", argv);

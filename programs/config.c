@@ -914,10 +914,10 @@ int arq_config_defaults(arq_config_t *cfg)
     cfg->ha_node = strdup(hn);
     cfg->lease_ms = 5000;
     cfg->rebuild_tail = 100000;
-    if (cfg->ha_role == NULL || cfg->ha_node == NULL || cfg->ack == NULL || cfg->host == NULL || cfg->data_dir == NULL || cfg->log_level == NULL ||
-        cfg->log_format == NULL || cfg->sync == NULL || cfg->journal == NULL ||
-        cfg->monitor_allow == NULL || cfg->monitor_allow[0] == NULL ||
-        cfg->monitor_allow[1] == NULL) {
+    if (cfg->ha_role == NULL || cfg->ha_node == NULL || cfg->ack == NULL || cfg->host == NULL ||
+        cfg->data_dir == NULL || cfg->log_level == NULL || cfg->log_format == NULL ||
+        cfg->sync == NULL || cfg->journal == NULL || cfg->monitor_allow == NULL ||
+        cfg->monitor_allow[0] == NULL || cfg->monitor_allow[1] == NULL) {
         arq_config_free(cfg);
         return -1;
     }

@@ -103,8 +103,7 @@ static bool stopped(struct sb *b)
 /* A WAL's own files: data.mdb, lock.mdb, journal, journal.N. */
 static bool wal_file(const char *name)
 {
-    return !strcmp(name, "data.mdb") || !strcmp(name, "lock.mdb") ||
-           !strncmp(name, "journal", 7);
+    return !strcmp(name, "data.mdb") || !strcmp(name, "lock.mdb") || !strncmp(name, "journal", 7);
 }
 
 static void path_of(char *out, size_t cap, const char *dir, const char *name)
@@ -219,8 +218,7 @@ static void find_replay(const char *self, char *out, size_t cap)
         if ((size_t)snprintf(out, cap, "%s/arq-replay", dir) < cap && access(out, X_OK) == 0)
             return;
         /* installed: /usr/sbin/arqd, /usr/bin/arq-replay */
-        if ((size_t)snprintf(out, cap, "%s/../bin/arq-replay", dir) < cap &&
-            access(out, X_OK) == 0)
+        if ((size_t)snprintf(out, cap, "%s/../bin/arq-replay", dir) < cap && access(out, X_OK) == 0)
             return;
     }
     snprintf(out, cap, "arq-replay"); /* $PATH */
@@ -364,8 +362,8 @@ static int rebuild(struct sb *b, uint64_t generation, sync_lease_t *lease)
     snprintf(recs, sizeof(recs), "%" PRIu64, records);
     snprintf(sec_s, sizeof(sec_s), "%.3f", secs);
     snprintf(rate, sizeof(rate), "%.0f", secs > 0 ? (double)records / secs : 0);
-    arq_log(WEXITSTATUS(status) == 0 ? ARQ_LOG_INFO : ARQ_LOG_WARN, "rebuild_done", "records",
-            recs, "seconds", sec_s, "records_per_s", rate, "report", last, "replaced",
+    arq_log(WEXITSTATUS(status) == 0 ? ARQ_LOG_INFO : ARQ_LOG_WARN, "rebuild_done", "records", recs,
+            "seconds", sec_s, "records_per_s", rate, "report", last, "replaced",
             "the previous WAL is in <data_dir>/replaced", NULL);
     return 0;
 }
@@ -390,8 +388,7 @@ static int take_over(struct sb *b, sync_lease_t *lease)
             char holder[300];
             snprintf(holder, sizeof(holder), "%s#%" PRIu64, before.owner, before.generation);
             if (strcmp(holder, last_holder)) {
-                arq_log(ARQ_LOG_INFO, "standby", "lease_owner", before.owner, "reason", err,
-                        NULL);
+                arq_log(ARQ_LOG_INFO, "standby", "lease_owner", before.owner, "reason", err, NULL);
                 snprintf(last_holder, sizeof(last_holder), "%s", holder);
             }
             failures = 0;

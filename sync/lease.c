@@ -103,7 +103,7 @@ static int read_row(sync_lease_t *l, sync_lease_row_t *row, uint64_t *conn_id, i
         return rc;
     if (mysql_query(l->m, "SELECT owner, generation, expires_us, " SYNC_NOW_US
                           ", wal_id, handoff, conn_id, conn_server = " SYNC_CONN_SERVER
-                          " FROM arq_lease WHERE id = 1"))
+                          " AND conn_id <> CONNECTION_ID() FROM arq_lease WHERE id = 1"))
         return fail(l, err, errlen);
     MYSQL_RES *r = mysql_store_result(l->m);
     if (!r)
@@ -125,7 +125,7 @@ static int read_row(sync_lease_t *l, sync_lease_row_t *row, uint64_t *conn_id, i
     row->handoff = atoi(f[5]);
     if (conn_id)
         *conn_id = strtoull(f[6], NULL, 10);
-    if (same_server)
+    if (same_server) /* and not this connection (the same node again) */
         *same_server = atoi(f[7]) == 1;
     mysql_free_result(r);
     return SYNC_OK;
@@ -146,9 +146,9 @@ int sync_lease_try(sync_lease_t *l, sync_lease_row_t *before, uint64_t *ret_gene
         return rc;
     bool mine = strcmp(before->owner, l->owner) == 0;
     if (!mine && before->expires_us > before->now_us) {
-        sync_errf(err, errlen, "the lease is held by '%s' (generation %" PRIu64 ") for %" PRId64
-                  " ms more", before->owner, before->generation,
-                  (before->expires_us - before->now_us) / 1000);
+        sync_errf(err, errlen,
+                  "the lease is held by '%s' (generation %" PRIu64 ") for %" PRId64 " ms more",
+                  before->owner, before->generation, (before->expires_us - before->now_us) / 1000);
         return SYNC_EBUSY;
     }
     if (old_conn && same_server && before->owner[0]) {
@@ -160,8 +160,7 @@ int sync_lease_try(sync_lease_t *l, sync_lease_row_t *before, uint64_t *ret_gene
         (void)mysql_query(l->m, q);
     }
     sync_sb_reset(&l->sb);
-    sync_sb_addf(&l->sb,
-                 "UPDATE arq_lease SET generation = generation + 1, handoff = 0, owner = ");
+    sync_sb_addf(&l->sb, "UPDATE arq_lease SET generation = generation + 1, handoff = 0, owner = ");
     sync_sb_hex(&l->sb, l->owner, strlen(l->owner));
     sync_sb_addf(&l->sb,
                  ", expires_us = " SYNC_NOW_US " + %" PRIu64
@@ -199,8 +198,7 @@ int sync_lease_renew(sync_lease_t *l, uint64_t generation, char *err, size_t err
     return SYNC_OK;
 }
 
-int sync_lease_request_handoff(const sync_url_t *u, sync_lease_row_t *row, char *err,
-                               size_t errlen)
+int sync_lease_request_handoff(const sync_url_t *u, sync_lease_row_t *row, char *err, size_t errlen)
 {
     sync_lease_t *l;
     if (sync_lease_open(u, "", 1000, &l) != SYNC_OK)

@@ -214,10 +214,10 @@ struct sync {
     bool release_req, released;
     int release_rc;
     /* thread-private */
-    char *owner;            /* lease owner (o.lease_ms > 0) */
-    int64_t wal_id;         /* this WAL's created_us, written into the lease */
-    int64_t next_renew_us;  /* the idle renewal */
-    sync_sqlbuf_t fb;       /* the fence statement */
+    char *owner;           /* lease owner (o.lease_ms > 0) */
+    int64_t wal_id;        /* this WAL's created_us, written into the lease */
+    int64_t next_renew_us; /* the idle renewal */
+    sync_sqlbuf_t fb;      /* the fence statement */
     MYSQL *m;
     sync_sqlbuf_t sb; /* SQL text being built */
     int sql_err;      /* out of memory outside sb (the batch arrays, names) */

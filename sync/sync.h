@@ -209,8 +209,8 @@ int sync_lease_read(sync_lease_t *l, sync_lease_row_t *row, char *err, size_t er
 /* One attempt to take it. SYNC_OK: taken at *ret_generation, *before the
  * row as it was; SYNC_EBUSY: another node holds it (*before says who and
  * until when); else an error. */
-int sync_lease_try(sync_lease_t *l, sync_lease_row_t *before, uint64_t *ret_generation,
-                   char *err, size_t errlen);
+int sync_lease_try(sync_lease_t *l, sync_lease_row_t *before, uint64_t *ret_generation, char *err,
+                   size_t errlen);
 /* Renew the lease taken at generation: SYNC_OK, SYNC_EFENCED, or an error. */
 int sync_lease_renew(sync_lease_t *l, uint64_t generation, char *err, size_t errlen);
 /* Switchover, asked from anywhere (arq-replay switchover): set handoff on

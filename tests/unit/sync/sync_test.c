@@ -202,8 +202,7 @@ static void test_migrations(void **state)
     assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), 0);
     assert_int_equal(applied, 3);
     assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_schema_migrations"), 3);
-    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_lease WHERE id = 1 AND generation = 0"),
-                     1);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_lease WHERE id = 1 AND generation = 0"), 1);
     assert_int_equal(q_u64(m, "SELECT watermark_seq FROM arq_sync_state WHERE id = 1"), 0);
     /* idempotent */
     assert_int_equal(sync_migrate(&u, &applied, err, sizeof(err)), 0);
@@ -568,14 +567,140 @@ static void test_retention(void **state)
     sync_url_free(&u);
 }
 
+/* ---- lease and fencing ---------------------------------------------------- */
+
+static void wait_state(sync_t *s, enum sync_state want)
+{
+    sync_stats_t st;
+    for (int i = 0; i < 1000; i++) {
+        sync_stats_get(s, &st);
+        if (st.state == want)
+            return;
+        usleep(10000);
+    }
+    fail_msg("state %s (%s), want %s", sync_state_name(st.state), st.last_error,
+             sync_state_name(want));
+}
+
+static void test_lease(void **state)
+{
+    (void)state;
+    sync_url_t u;
+    char err[512];
+    assert_int_equal(sync_url_parse(g_url, &u, err, sizeof(err)), 0);
+    MYSQL *m = conn(&u);
+    reset_db(m);
+    assert_int_equal(sync_migrate(&u, NULL, err, sizeof(err)), 0);
+    /* a takes the free lease; b cannot while it is a's and unexpired */
+    sync_lease_t *la, *lb;
+    assert_int_equal(sync_lease_open(&u, "node-a", 1000, &la), 0);
+    assert_int_equal(sync_lease_open(&u, "node-b", 1000, &lb), 0);
+    sync_lease_row_t before;
+    uint64_t ga = 0, gb = 0;
+    assert_int_equal(sync_lease_try(la, &before, &ga, err, sizeof(err)), SYNC_OK);
+    assert_int_equal(ga, 1);
+    assert_int_equal(before.generation, 0);
+    assert_int_equal(sync_lease_try(lb, &before, &gb, err, sizeof(err)), SYNC_EBUSY);
+    assert_string_equal(before.owner, "node-a");
+    assert_non_null(strstr(err, "node-a"));
+    /* the same node takes it back at once (a restart) */
+    assert_int_equal(sync_lease_try(la, &before, &ga, err, sizeof(err)), SYNC_OK);
+    assert_int_equal(ga, 2);
+
+    /* a drains at generation 2: its rows and the lease's wal_id arrive */
+    char dir[] = "/var/tmp/arq-sync-wal-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    wal_options_t wo = {.dir = dir};
+    wal_t *wal;
+    assert_int_equal(wal_open(&wo, NULL, &wal, NULL, 0), 0);
+    append_n(wal, 100, 0);
+    sync_options_t so = {.url = &u,
+                         .cursor_every_ms = 50,
+                         .lease_ms = 1000,
+                         .lease_owner = "node-a",
+                         .lease_generation = ga};
+    sync_t *s;
+    assert_int_equal(sync_start(wal, &so, &s), 0);
+    wait_watermark(s, 100);
+    wal_stats_t ws;
+    assert_int_equal(wal_stats_get(wal, &ws), 0);
+    char sql[256];
+    snprintf(sql, sizeof(sql),
+             "SELECT COUNT(*) FROM arq_lease WHERE wal_id = %" PRId64
+             " AND generation = 2 AND owner = 'node-a'",
+             ws.created_us);
+    assert_int_equal(q_u64(m, sql), 1);
+    sync_stats_t st;
+    sync_stats_get(s, &st);
+    assert_int_equal(st.lease_generation, 2);
+    assert_true(st.lease_renewals >= 1);
+    /* renewed by the idle drain: b stays out past one lease */
+    usleep(1500 * 1000);
+    assert_int_equal(sync_lease_try(lb, &before, &gb, err, sizeof(err)), SYNC_EBUSY);
+
+    /* a is replaced (as if it had been paused past its lease): b raises the
+     * generation; a's next write rolls back and it stops for good */
+    int trc = SYNC_EBUSY;
+    for (int i = 0; i < 20 && trc == SYNC_EBUSY; i++) { /* a may renew in between */
+        q(m, "UPDATE arq_lease SET expires_us = 0");
+        trc = sync_lease_try(lb, &before, &gb, err, sizeof(err));
+    }
+    assert_int_equal(trc, SYNC_OK);
+    assert_int_equal(gb, 3);
+    append_n(wal, 50, 100);
+    put_cursor(wal, "sess-z", "s.1", 7);
+    wait_state(s, SYNC_STATE_FENCED);
+    sync_stats_get(s, &st);
+    assert_non_null(strstr(st.last_error, "lost the lease"));
+    usleep(200 * 1000);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_messages"), 100);
+    assert_int_equal(q_u64(m, "SELECT watermark_seq FROM arq_sync_state"), 100);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_cursors WHERE session = 'sess-z'"), 0);
+    assert_int_equal(q_u64(m, "SELECT generation FROM arq_lease"), 3);
+    assert_int_equal(sync_lease_renew(la, 2, err, sizeof(err)), SYNC_EFENCED);
+    sync_stop(s);
+
+    /* switchover: b (now draining) is asked, drains all, releases */
+    sync_options_t sb = so;
+    sb.lease_owner = "node-b";
+    sb.lease_generation = gb;
+    assert_int_equal(sync_start(wal, &sb, &s), 0);
+    wait_watermark(s, 150);
+    sync_lease_row_t row;
+    assert_int_equal(sync_lease_request_handoff(&u, &row, err, sizeof(err)), SYNC_OK);
+    assert_string_equal(row.owner, "node-b");
+    for (int i = 0; i < 500; i++) {
+        sync_stats_get(s, &st);
+        if (st.handoff)
+            break;
+        usleep(10000);
+    }
+    assert_int_equal(st.handoff, 1);
+    append_n(wal, 20, 150);
+    assert_int_equal(sync_release(s, 10000), SYNC_OK);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_messages"), 170);
+    assert_int_equal(q_u64(m, "SELECT expires_us FROM arq_lease"), 0);
+    sync_stop(s);
+    /* released: a may take it at once */
+    assert_int_equal(sync_lease_try(la, &before, &ga, err, sizeof(err)), SYNC_OK);
+    assert_int_equal(ga, 4);
+    sync_lease_close(la);
+    sync_lease_close(lb);
+    wal_close(wal);
+    char cmd[256];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    mysql_close(m);
+    sync_url_free(&u);
+}
+
 int main(int argc, char **argv)
 {
     g_script = argc > 1 ? argv[1] : "scripts/mariadb";
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_url),
-        cmocka_unit_test(test_migrations),
-        cmocka_unit_test(test_drain),
-        cmocka_unit_test(test_retention),
+        cmocka_unit_test(test_url),   cmocka_unit_test(test_migrations),
+        cmocka_unit_test(test_drain), cmocka_unit_test(test_retention),
+        cmocka_unit_test(test_lease),
     };
     return cmocka_run_group_tests(tests, start_server, stop_server);
 }
