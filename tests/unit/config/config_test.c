@@ -136,7 +136,13 @@ static const char full_ini[] = "; every key\n"
                                "apply_idle_us = 300\n"
                                "\n"
                                "[database]\n"
-                               "url = mysql://arq:pw@db.example:3307/arqdb\n";
+                               "url = mysql://arq:pw@db.example:3307/arqdb\n"
+                               "\n"
+                               "[ha]\n"
+                               "role = standby\n"
+                               "node = arq-2\n"
+                               "lease_ms = 3000\n"
+                               "rebuild_tail = 0\n";
 
 static void test_ini_every_key(void **state)
 {
@@ -171,6 +177,10 @@ static void test_ini_every_key(void **state)
     assert_int_equal(cfg.apply_us, 5000);
     assert_int_equal(cfg.apply_idle_us, 300);
     assert_string_equal(cfg.database_url, "mysql://arq:pw@db.example:3307/arqdb");
+    assert_string_equal(cfg.ha_role, "standby");
+    assert_string_equal(cfg.ha_node, "arq-2");
+    assert_int_equal(cfg.lease_ms, 3000);
+    assert_int_equal(cfg.rebuild_tail, 0);
 }
 
 static void test_ini_syntax_forms(void **state)
@@ -353,6 +363,9 @@ static const struct bad_case bad_ini[] = {
     {"[auth]\norigins = a,,b\n", {"line 2: auth.origins: invalid value 'a,,b'", "empty"}},
     {"[auth]\norigins = a b\n", {"line 2: auth.origins: invalid value 'a b'"}},
     {"[database]\nurl = postgres://db/x\n", {"line 2: database.url", "'postgres://db/x'"}},
+    {"[ha]\nrole = primary\n", {"line 2: ha.role", "'primary'", "single, active, standby"}},
+    {"[ha]\nlease_ms = 100\n", {"line 2: ha.lease_ms", "'100'"}},
+    {"[ha]\nnode = a b\n", {"line 2: ha.node"}},
     {"[database]\nurl = mysql://h:0/db\n", {"line 2: database.url", "'mysql://h:0/db'", "port"}},
     {"[database]\nurl = mysql:///db\n", {"line 2: database.url", "missing host"}},
 };
