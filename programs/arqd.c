@@ -1208,6 +1208,12 @@ int main(int argc, char **argv)
         arq_config_free(&cfg);
         return 2;
     }
+    if (ha && !replicated)
+        arq_log(ARQ_LOG_WARN, "ha_ack_local", "reason",
+                "ha.role with wal.ack = local: a failover loses the acknowledged publishes the "
+                "drain had not copied yet, and subscribers may have seen them; use wal.ack = "
+                "replicated (docs/ha.md)",
+                NULL);
     if (auth_policy_check(&cfg, err, sizeof(err)) != 0) {
         arq_log(ARQ_LOG_ERROR, "refusing_to_start", "reason", err, NULL);
         sync_url_free(&db_url);
