@@ -160,6 +160,9 @@ static void metrics_sync(void *arg, struct evbuffer *out)
     M("arq_sync_cursors_total", "counter", "Cursor rows upserted into MySQL.", st.cursors);
     M("arq_sync_cursors_deleted_total", "counter",
       "Cursor rows deleted from MySQL because the WAL deleted them.", st.cursors_deleted);
+    M("arq_sync_sessions_total", "counter", "Session rows upserted into MySQL.", st.sessions);
+    M("arq_sync_sessions_deleted_total", "counter",
+      "Session rows deleted from MySQL because the WAL deleted them.", st.sessions_deleted);
 #undef M
     evbuffer_add_printf(out,
                         "# HELP arq_sync_lag_seconds Age of the oldest record not yet in MySQL.\n"
