@@ -4,7 +4,7 @@
  * changed or unknown migration, naming it), and the drain: every WAL record
  * lands in arq_messages exactly once with its checksum, with the watermark,
  * streams and cursors, across a lost connection; sessions copied into
- * arq_sessions and deleted with the WAL's.
+ * arq_sessions and deleted with the WAL's, and read back for a restore.
  *
  * The server: ARQ_TEST_DATABASE_URL if set, else a private one started with
  * scripts/mariadb in a temporary directory (and stopped at the end).
@@ -24,6 +24,7 @@
 #include <cmocka.h>
 
 #include "sync.h"
+#include "sync_tools.h"
 
 static char g_url[512];
 static char g_mdb_dir[128];
@@ -547,8 +548,59 @@ static void wait_rows(MYSQL *m, const char *sql, uint64_t want)
     assert_int_equal(q_u64(m, sql), want);
 }
 
-/* Sessions reach arq_sessions (latest write wins) and leave it when the
- * WAL deletes them (by the cursors' era rule). */
+struct sess_seen {
+    int n;
+    char ids[4][32];
+    sync_db_session_t first[4]; /* their pointers are not kept */
+    uint8_t secret2[64];        /* sess-2's */
+    int stop_after;             /* 0: never */
+    int64_t total;
+    char last[32];
+    int out_of_order;
+};
+
+static int sess_list_cb(const sync_db_session_t *x, void *arg)
+{
+    struct sess_seen *v = arg;
+    char id[32];
+    snprintf(id, sizeof id, "%.*s", (int)x->session_len, x->session);
+    if (strcmp(id, "sess-2") == 0)
+        memcpy(v->secret2, x->secret, x->secret_len < 64 ? x->secret_len : 64);
+    if (v->total && strcmp(id, v->last) <= 0)
+        v->out_of_order++;
+    snprintf(v->last, sizeof v->last, "%s", id);
+    if (v->n < 4) {
+        snprintf(v->ids[v->n], sizeof v->ids[v->n], "%s", id);
+        v->first[v->n] = *x;
+        v->n++;
+    }
+    v->total++;
+    return v->stop_after && v->total == v->stop_after;
+}
+
+struct cur_seen {
+    int n;
+    char streams[4][8];
+    uint64_t offsets[4];
+};
+
+static int sess_cur_cb(const char *stream, size_t len, uint64_t offset, int64_t updated_us,
+                       void *arg)
+{
+    (void)updated_us;
+    struct cur_seen *c = arg;
+    if (c->n < 4) {
+        snprintf(c->streams[c->n], sizeof c->streams[c->n], "%.*s", (int)len, stream);
+        c->offsets[c->n] = offset;
+    }
+    c->n++;
+    return 0;
+}
+
+/* Sessions reach arq_sessions (latest write wins), leave it when the WAL
+ * deletes them (by the cursors' era rule), and sync_db_sessions reads them
+ * back in order, page after page, with sync_db_session_cursors their
+ * cursors: what arq-replay restore rebuilds a WAL's sessions from. */
 static void test_sessions(void **state)
 {
     (void)state;
@@ -646,6 +698,55 @@ static void test_sessions(void **state)
     wait_rows(m, "SELECT COUNT(*) FROM arq_cursors WHERE session = 'sess-2'", 2);
     sync_stop(s);
 
+    /* read back: in session order, every column */
+    sync_db_t *d;
+    assert_int_equal(sync_db_open(&u, &d, err, sizeof err), 0);
+    struct sess_seen v = {0};
+    assert_int_equal(sync_db_sessions(d, sess_list_cb, &v, err, sizeof err), 0);
+    assert_int_equal(v.total, 3);
+    assert_string_equal(v.ids[0], "old-era");
+    assert_string_equal(v.ids[1], "sess-2");
+    assert_string_equal(v.ids[2], "sess-3");
+    assert_int_equal(v.first[1].owner_len, 0);
+    assert_int_equal(v.first[1].secret_len, 32);
+    uint8_t want[32];
+    memset(want, 0x22, sizeof want);
+    assert_memory_equal(v.secret2, want, 32);
+    assert_int_equal(v.first[1].created_us, t0 - 4000000);
+    assert_int_equal(v.first[1].seen_us, t0 + 1000);
+    assert_int_equal(v.first[1].updated_us, t0 + 1000);
+    struct cur_seen c = {0};
+    assert_int_equal(sync_db_session_cursors(d, "sess-2", 6, sess_cur_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.n, 2);
+    assert_string_equal(c.streams[0], "s.1");
+    assert_int_equal(c.offsets[0], 1);
+    assert_string_equal(c.streams[1], "s.2");
+    assert_int_equal(c.offsets[1], 2);
+    c.n = 0;
+    assert_int_equal(sync_db_session_cursors(d, "nobody", 6, sess_cur_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.n, 0);
+    /* more rows than one page: each once, in order; a callback may stop */
+    static char bulk[2500 * 48 + 64];
+    size_t bl = (size_t)snprintf(bulk, sizeof bulk, "INSERT INTO arq_sessions VALUES ");
+    for (int i = 1; i <= 2500; i++)
+        bl += (size_t)snprintf(bulk + bl, sizeof bulk - bl, "%s('bulk-%05d','o',X'aa',1,2,2)",
+                               i > 1 ? "," : "", i);
+    q(m, bulk);
+    memset(&v, 0, sizeof v);
+    assert_int_equal(sync_db_sessions(d, sess_list_cb, &v, err, sizeof err), 0);
+    assert_int_equal(v.total, 2503);
+    assert_int_equal(v.out_of_order, 0);
+    assert_string_equal(v.ids[0], "bulk-00001");
+    assert_string_equal(v.last, "sess-3");
+    memset(&v, 0, sizeof v);
+    v.stop_after = 1500;
+    assert_int_equal(sync_db_sessions(d, sess_list_cb, &v, err, sizeof err), 0);
+    assert_int_equal(v.total, 1500);
+    /* a database an older arqd migrated: said so, not a plain SQL error */
+    q(m, "DROP TABLE arq_sessions");
+    assert_int_equal(sync_db_sessions(d, sess_list_cb, &v, err, sizeof err), SYNC_ESCHEMA);
+    assert_non_null(strstr(err, "0003"));
+    sync_db_close(d);
 
     wal_close(wal);
     char cmd[128];
