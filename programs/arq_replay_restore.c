@@ -13,6 +13,8 @@
  * incomplete - offsets lost, its tail evidently lost (a session acked beyond
  * the last offset MySQL holds), or its epoch unknown - gets a new epoch, so
  * that clients learn that their offsets may name other messages now.
+ * Sessions and their cursors come from OLD, or without it from MySQL
+ * (arq_sessions, arq_cursors), so that clients resume them.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -45,9 +47,10 @@ static const char restore_usage[] =
     "beyond its last known offset (the WAL's tail was lost), when its epoch is\n"
     "unknown, or with --new-epoch. MySQL alone cannot show records the drain had\n"
     "not written before the loss: if arq_sync_lag_records was not 0 then, use\n"
-    "--new-epoch. Sessions and cursors come from OLD (not from MySQL: clients\n"
-    "without a session resubscribe from their own offsets). Streams given a new\n"
-    "epoch get it in MySQL's arq_streams too.\n"
+    "--new-epoch. Sessions and their cursors come from OLD with --from-wal, else\n"
+    "from MySQL (arq_sessions, arq_cursors), so that clients resume them; a\n"
+    "cursor of a stream given a new epoch is left out (that client resubscribes).\n"
+    "Streams given a new epoch get it in MySQL's arq_streams too.\n"
     "\n"
     "Exit status: 0 rebuilt with complete histories; 1 rebuilt with losses (see\n"
     "the report), or failed (NEW is removed); 2 usage.\n";
@@ -525,7 +528,15 @@ static int restore_stream(rst_t *r, struct plan *p)
     return rc;
 }
 
-/* Sessions and their cursors from OLD, for streams whose epoch is kept. */
+/* ---- sessions ------------------------------------------------------------------ */
+
+/* Sessions and their cursors, from OLD with --from-wal, else from MySQL
+ * (arq_sessions, arq_cursors), for streams whose epoch is kept. Written in
+ * requests of up to SESS_PER_REQUEST sessions: one commit each, not one per
+ * session (a standby rebuilding many sessions waits for every commit). */
+#define SESS_PER_REQUEST         256
+#define SESS_CURSORS_PER_REQUEST 4096
+
 struct waiter {
     pthread_mutex_t mu;
     pthread_cond_t cond;
@@ -544,9 +555,11 @@ static void waiter_cb(wal_append_t *req, void *arg)
 
 struct sess_ctx {
     rst_t *r;
-    wal_append_t *req;
-    uint64_t sessions, cursors;
-    int rc;
+    struct waiter w;
+    wal_append_t *req; /* being filled (NULL in a dry run) */
+    uint64_t req_sessions, req_cursors;
+    uint64_t sessions, cursors; /* committed (in a dry run: would be) */
+    int rc;                     /* -1: failed, the reason in r->err */
 };
 
 struct sess_cur {
@@ -563,43 +576,134 @@ static int sess_cur_cb(const char *stream, size_t len, uint64_t offset, int64_t 
     struct plan *p = plan_find(c->s->r, stream, len);
     if (!p || p->new_epoch || offset > p->end)
         return 0; /* the client resubscribes with its own offset and epoch */
-    if (wal_append_add_cursor(c->s->req, c->session, c->session_len, stream, len, offset) == 0)
-        c->s->cursors++;
+    if (!c->s->req ||
+        wal_append_add_cursor(c->s->req, c->session, c->session_len, stream, len, offset) == 0)
+        c->s->req_cursors++;
     return 0;
 }
 
-static int sess_cb(const char *session, size_t session_len, const wal_session_t *ws, void *arg)
+/* Commit the request being filled, and count its sessions and cursors. */
+static int sess_flush(struct sess_ctx *s)
+{
+    int rc = 0;
+    if (s->req) {
+        rc = wal_append_submit(s->r->neu, s->req);
+        if (!rc) {
+            pthread_mutex_lock(&s->w.mu);
+            while (!s->w.done)
+                pthread_cond_wait(&s->w.cond, &s->w.mu);
+            pthread_mutex_unlock(&s->w.mu);
+            rc = wal_append_status(s->req);
+        }
+        wal_append_free(s->req);
+        s->req = NULL;
+        if (rc) {
+            snprintf(s->r->err, sizeof(s->r->err), "writing sessions: %s", wal_strerror(rc));
+            return -1;
+        }
+    }
+    s->sessions += s->req_sessions;
+    s->cursors += s->req_cursors;
+    s->req_sessions = s->req_cursors = 0;
+    return 0;
+}
+
+/* One session with its cursors into the request; 0 or -1 (r->err). */
+static int sess_copy(struct sess_ctx *s, const char *session, size_t session_len,
+                     const wal_session_t *ws)
+{
+    rst_t *r = s->r;
+    if (!r->dry_run && !s->req) {
+        s->w.done = false;
+        int rc = wal_append_new(waiter_cb, &s->w, &s->req);
+        if (rc) {
+            snprintf(r->err, sizeof(r->err), "copying sessions: %s", wal_strerror(rc));
+            return -1;
+        }
+    }
+    if (s->req) {
+        int rc = wal_append_put_session(s->req, session, session_len, ws);
+        if (rc) {
+            snprintf(r->err, sizeof(r->err), "copying sessions: %s", wal_strerror(rc));
+            return -1;
+        }
+    }
+    struct sess_cur c = {s, session, session_len};
+    if (r->old) {
+        int rc = wal_session_cursors(r->old, session, session_len, sess_cur_cb, &c);
+        if (rc) {
+            snprintf(r->err, sizeof(r->err), "reading the cursors of a session of %s: %s",
+                     r->old_dir, wal_strerror(rc));
+            return -1;
+        }
+    } else if (sync_db_session_cursors(r->db, session, session_len, sess_cur_cb, &c, r->err,
+                                       sizeof(r->err)) != 0) {
+        return -1;
+    }
+    s->req_sessions++;
+    if (s->req_sessions >= SESS_PER_REQUEST || s->req_cursors >= SESS_CURSORS_PER_REQUEST)
+        return sess_flush(s);
+    return 0;
+}
+
+static int old_sess_cb(const char *session, size_t session_len, const wal_session_t *ws, void *arg)
 {
     struct sess_ctx *s = arg;
-    struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false};
-    int rc = wal_append_new(waiter_cb, &w, &s->req);
-    if (rc) {
-        s->rc = rc;
+    s->rc = sess_copy(s, session, session_len, ws);
+    return s->rc != 0;
+}
+
+static int db_sess_cb(const sync_db_session_t *x, void *arg)
+{
+    struct sess_ctx *s = arg;
+    if (x->session_len == 0 || x->session_len > WAL_SESSION_MAX ||
+        x->owner_len > WAL_PRODUCER_MAX || x->secret_len > WAL_SECRET_MAX) {
+        snprintf(s->r->err, sizeof(s->r->err),
+                 "arq_sessions holds a row no WAL session can hold (id %zu bytes, owner %zu, "
+                 "secret %zu)",
+                 x->session_len, x->owner_len, x->secret_len);
+        s->rc = -1;
         return 1;
     }
-    rc = wal_append_put_session(s->req, session, session_len, ws);
-    struct sess_cur c = {s, session, session_len};
-    if (!rc)
-        rc = wal_session_cursors(s->r->old, session, session_len, sess_cur_cb, &c);
-    if (!rc)
-        rc = wal_append_submit(s->r->neu, s->req);
-    if (!rc) {
-        pthread_mutex_lock(&w.mu);
-        while (!w.done)
-            pthread_cond_wait(&w.cond, &w.mu);
-        pthread_mutex_unlock(&w.mu);
-        rc = wal_append_status(s->req);
+    wal_session_t ws = {.created_us = x->created_us,
+                        .seen_us = x->seen_us,
+                        .owner_len = (uint8_t)x->owner_len,
+                        .secret_len = (uint8_t)x->secret_len};
+    memcpy(ws.owner, x->owner, x->owner_len);
+    memcpy(ws.secret, x->secret, x->secret_len);
+    s->rc = sess_copy(s, x->session, x->session_len, &ws);
+    return s->rc != 0;
+}
+
+/* Copy (or, in a dry run, count) every session; 0 or -1 (r->err). */
+static int copy_sessions(rst_t *r, struct sess_ctx *s)
+{
+    int rc = 0;
+    if (r->old) {
+        int wrc = wal_session_list(r->old, old_sess_cb, s);
+        if (wrc) {
+            snprintf(r->err, sizeof(r->err), "listing the sessions of %s: %s", r->old_dir,
+                     wal_strerror(wrc));
+            rc = -1;
+        }
+    } else if (r->db) {
+        int drc = sync_db_sessions(r->db, db_sess_cb, s, r->err, sizeof(r->err));
+        if (drc == SYNC_ESCHEMA) {
+            rp_err("note: %s: no sessions to restore", r->err);
+            r->err[0] = 0;
+        } else if (drc) {
+            rc = -1;
+        }
     }
-    wal_append_free(s->req);
-    s->req = NULL;
-    pthread_mutex_destroy(&w.mu);
-    pthread_cond_destroy(&w.cond);
-    if (rc) {
-        s->rc = rc;
-        return 1;
+    if (!rc && s->rc)
+        rc = -1;
+    if (!rc)
+        rc = sess_flush(s);
+    if (rc && s->req) {
+        wal_append_free(s->req);
+        s->req = NULL;
     }
-    s->sessions++;
-    return 0;
+    return rc;
 }
 
 /* ---- the command -------------------------------------------------------------- */
@@ -661,6 +765,7 @@ int rp_cmd_restore(rp_opts_t *o, int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     rst_t r = {.o = o};
+    struct sess_ctx sess = {.r = &r, .w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER}};
     int oi;
     int rc = rp_parse(o, argc, argv, restore_usage, extra, restore_opt, &r, &oi);
     if (rc)
@@ -822,15 +927,8 @@ int rp_cmd_restore(rp_opts_t *o, int argc, char **argv)
             snprintf(r.err, sizeof(r.err), "setting the next sequence: %s", wal_strerror(wrc));
             goto fail;
         }
-        if (r.old) {
-            struct sess_ctx s = {.r = &r};
-            wrc = wal_session_list(r.old, sess_cb, &s);
-            if (wrc || s.rc) {
-                snprintf(r.err, sizeof(r.err), "copying sessions: %s",
-                         wal_strerror(wrc ? wrc : s.rc));
-                goto fail;
-            }
-        }
+        if (copy_sessions(&r, &sess) != 0)
+            goto fail;
         wal_close(r.neu);
         r.neu = NULL;
         built = true;
@@ -848,6 +946,8 @@ int rp_cmd_restore(rp_opts_t *o, int argc, char **argv)
             }
         }
     }
+    if (r.dry_run && copy_sessions(&r, &sess) != 0)
+        goto fail;
     /* The report. */
     json_t *arr = o->json ? json_array() : NULL;
     uint64_t restored = 0, n_new = 0;
@@ -911,6 +1011,8 @@ int rp_cmd_restore(rp_opts_t *o, int argc, char **argv)
         json_object_set_new(j, "next_seq", json_integer((json_int_t)next_seq));
         json_object_set_new(j, "records", json_integer((json_int_t)restored));
         json_object_set_new(j, "new_epochs", json_integer((json_int_t)n_new));
+        json_object_set_new(j, "sessions", json_integer((json_int_t)sess.sessions));
+        json_object_set_new(j, "cursors", json_integer((json_int_t)sess.cursors));
         json_object_set_new(j, "streams", arr);
         if (rp_json_print(j) != 0)
             rc = RP_PROBLEMS;
@@ -919,6 +1021,10 @@ int rp_cmd_restore(rp_opts_t *o, int argc, char **argv)
                " new epoch%s\n",
                r.dry_run ? "would restore" : "restored", r.n, restored, o->data_dir, next_seq,
                n_new, n_new == 1 ? "" : "s");
+        printf("%s %" PRIu64 " session%s with %" PRIu64 " cursor%s from %s\n",
+               r.dry_run ? "would restore" : "restored", sess.sessions,
+               sess.sessions == 1 ? "" : "s", sess.cursors, sess.cursors == 1 ? "" : "s",
+               r.old ? "the old WAL" : "MySQL");
         if (!r.old && !r.new_epoch)
             printf("note: MySQL cannot show messages that were acknowledged but not yet synced "
                    "when the WAL was lost; if arq_sync_lag_records was not 0 then (or you do not "
@@ -947,5 +1053,7 @@ out:
         ivs_free(&r.v[i].dropped);
     }
     free(r.v);
+    pthread_mutex_destroy(&sess.w.mu);
+    pthread_cond_destroy(&sess.w.cond);
     return rc;
 }

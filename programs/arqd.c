@@ -178,6 +178,9 @@ static void metrics_sync(void *arg, struct evbuffer *out)
     M("arq_sync_cursors_total", "counter", "Cursor rows upserted into MySQL.", st.cursors);
     M("arq_sync_cursors_deleted_total", "counter",
       "Cursor rows deleted from MySQL because the WAL deleted them.", st.cursors_deleted);
+    M("arq_sync_sessions_total", "counter", "Session rows upserted into MySQL.", st.sessions);
+    M("arq_sync_sessions_deleted_total", "counter",
+      "Session rows deleted from MySQL because the WAL deleted them.", st.sessions_deleted);
     if (st.lease_generation) {
         M("arq_ha_lease_generation", "gauge", "Generation of the lease this node holds.",
           st.lease_generation);

@@ -227,7 +227,8 @@ struct sync {
     size_t known_cap, n_known;
     char **pending; /* names of this batch not yet known */
     size_t n_pending, cap_pending;
-    int64_t cursor_hwm_us; /* newest cursor update already synced */
+    int64_t cursor_hwm_us;  /* newest cursor update already synced */
+    int64_t session_hwm_us; /* newest session write already synced */
     int64_t next_cursor_us;
     int64_t next_cursor_gc_us;
     int64_t next_retain_us;
@@ -777,8 +778,14 @@ static const char cursor_upsert_tail[] =
     " ON DUPLICATE KEY UPDATE `offset` = IF(VALUES(updated_us) >= updated_us, "
     "VALUES(`offset`), `offset`), updated_us = GREATEST(updated_us, VALUES(updated_us))";
 
-struct cursor_ctx {
+/* One upsert pass (cursors, sessions): rows changed after `since` go into
+ * multi-row INSERTs of at most max_rows rows, all built in s->sb before any
+ * runs (the WAL's read transaction stays short: no MySQL inside it). */
+struct upsert_ctx {
     sync_t *s;
+    const char *tail; /* the ON DUPLICATE KEY UPDATE clause */
+    int max_rows;
+    int64_t since; /* rows at or before it were synced by an earlier pass */
     int n;         /* rows in the statement being built */
     uint64_t rows; /* rows in all of them */
     int64_t hwm;
@@ -787,10 +794,10 @@ struct cursor_ctx {
     int err; /* set when the scan was stopped by an error */
 };
 
-static int cursor_end_statement(struct cursor_ctx *x)
+static int upsert_end_statement(struct upsert_ctx *x)
 {
     sync_t *s = x->s;
-    sync_sb_adds(&s->sb, cursor_upsert_tail);
+    sync_sb_adds(&s->sb, x->tail);
     if (build_err(s))
         return build_err(s);
     if (x->n_ends == x->cap_ends) {
@@ -806,12 +813,41 @@ static int cursor_end_statement(struct cursor_ctx *x)
     return 0;
 }
 
+/* After a row was added: end the statement when full; non-zero stops the
+ * scan (an error, kept in x->err). */
+static int upsert_row_done(struct upsert_ctx *x)
+{
+    x->n++;
+    x->rows++;
+    if (x->n == x->max_rows)
+        x->err = upsert_end_statement(x);
+    if (!x->err)
+        x->err = build_err(x->s);
+    return x->err != 0;
+}
+
+/* Run the statements the scan built (rc: the scan's result). */
+static int upsert_run(struct upsert_ctx *x, int rc, char *err, size_t errlen)
+{
+    sync_t *s = x->s;
+    if (!rc && x->n > 0)
+        rc = upsert_end_statement(x);
+    size_t from = 0;
+    for (size_t i = 0; i < x->n_ends && !rc; i++) {
+        rc = write_fenced(s, s->sb.p + from, x->ends[i] - from, NULL, err, errlen);
+        from = x->ends[i];
+    }
+    free(x->ends);
+    x->ends = NULL;
+    return rc;
+}
+
 static int cursor_row_cb(const char *session, size_t session_len, const char *stream,
                          size_t stream_len, uint64_t offset, int64_t updated_us, void *arg)
 {
-    struct cursor_ctx *x = arg;
+    struct upsert_ctx *x = arg;
     sync_t *s = x->s;
-    if (updated_us <= s->cursor_hwm_us)
+    if (updated_us <= x->since)
         return 0;
     if (updated_us > x->hwm)
         x->hwm = updated_us;
@@ -823,13 +859,7 @@ static int cursor_row_cb(const char *session, size_t session_len, const char *st
     sync_sb_adds(&s->sb, ",");
     sync_sb_hex(&s->sb, stream, stream_len);
     sync_sb_addf(&s->sb, ",%" PRIu64 ",%" PRId64 ")", offset, updated_us);
-    x->n++;
-    x->rows++;
-    if (x->n == CURSOR_ROWS_PER_INSERT)
-        x->err = cursor_end_statement(x);
-    if (!x->err)
-        x->err = build_err(s);
-    return x->err != 0; /* stop the scan */
+    return upsert_row_done(x);
 }
 
 /* Latest value wins: upsert every cursor changed since the last pass, in
@@ -841,21 +871,178 @@ static int sync_cursors(sync_t *s, char *err, size_t errlen)
 {
     sync_sb_reset(&s->sb);
     s->sql_err = 0;
-    struct cursor_ctx x = {.s = s, .hwm = s->cursor_hwm_us};
+    struct upsert_ctx x = {.s = s,
+                           .tail = cursor_upsert_tail,
+                           .max_rows = CURSOR_ROWS_PER_INSERT,
+                           .since = s->cursor_hwm_us,
+                           .hwm = s->cursor_hwm_us};
     int rc = wal_cursor_list(s->wal, cursor_row_cb, &x) != 0 ? SYNC_ESQL : x.err;
-    if (!rc && x.n > 0)
-        rc = cursor_end_statement(&x);
-    size_t from = 0;
-    for (size_t i = 0; i < x.n_ends && !rc; i++) {
-        rc = write_fenced(s, s->sb.p + from, x.ends[i] - from, NULL, err, errlen);
-        from = x.ends[i];
-    }
-    free(x.ends);
+    rc = upsert_run(&x, rc, err, errlen);
     if (rc)
         return rc;
     s->cursor_hwm_us = x.hwm;
     pthread_mutex_lock(&s->mu);
     s->st.cursors += x.rows;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+/* ---- sessions ---------------------------------------------------------- */
+
+/* A session row is up to ~1.2 KB of SQL (id and owner 255 bytes, secret 64,
+ * as hex): 1,000 keep a statement near 1 MB, far below max_allowed_packet. */
+#define SESSION_ROWS_PER_INSERT 1000
+
+/* updated_us = max(created_us, seen_us): every write of a session in the
+ * WAL stamps seen_us, so it orders the writes. Latest write wins, as in
+ * arq_cursors: a row is replaced whole by a write at least as new, never by
+ * an older one. */
+static const char session_upsert_tail[] =
+    " ON DUPLICATE KEY UPDATE"
+    " owner = IF(VALUES(updated_us) >= updated_us, VALUES(owner), owner),"
+    " secret = IF(VALUES(updated_us) >= updated_us, VALUES(secret), secret),"
+    " created_us = IF(VALUES(updated_us) >= updated_us, VALUES(created_us), created_us),"
+    " seen_us = IF(VALUES(updated_us) >= updated_us, VALUES(seen_us), seen_us),"
+    " updated_us = GREATEST(updated_us, VALUES(updated_us))";
+
+static int64_t session_updated_us(const wal_session_t *ws)
+{
+    return ws->seen_us > ws->created_us ? ws->seen_us : ws->created_us;
+}
+
+static int session_row_cb(const char *session, size_t session_len, const wal_session_t *ws,
+                          void *arg)
+{
+    struct upsert_ctx *x = arg;
+    sync_t *s = x->s;
+    int64_t updated_us = session_updated_us(ws);
+    if (updated_us <= x->since)
+        return 0;
+    if (updated_us > x->hwm)
+        x->hwm = updated_us;
+    sync_sb_adds(&s->sb, x->n ? ","
+                              : "INSERT INTO arq_sessions (session, owner, secret, created_us, "
+                                "seen_us, updated_us) VALUES ");
+    sync_sb_adds(&s->sb, "(");
+    sync_sb_hex(&s->sb, session, session_len);
+    sync_sb_adds(&s->sb, ",");
+    sync_sb_hex(&s->sb, ws->owner, ws->owner_len);
+    sync_sb_adds(&s->sb, ",");
+    sync_sb_hex(&s->sb, ws->secret, ws->secret_len);
+    sync_sb_addf(&s->sb, ",%" PRId64 ",%" PRId64 ",%" PRId64 ")", ws->created_us, ws->seen_us,
+                 updated_us);
+    return upsert_row_done(x);
+}
+
+/* The sessions a client resumes with, for a node rebuilt from MySQL
+ * (arq-replay restore): every session written since the last pass, by the
+ * rules of sync_cursors (the high-water mark, here on max(created_us,
+ * seen_us), moves only once every statement went in). */
+static int sync_sessions(sync_t *s, char *err, size_t errlen)
+{
+    sync_sb_reset(&s->sb);
+    s->sql_err = 0;
+    struct upsert_ctx x = {.s = s,
+                           .tail = session_upsert_tail,
+                           .max_rows = SESSION_ROWS_PER_INSERT,
+                           .since = s->session_hwm_us,
+                           .hwm = s->session_hwm_us};
+    int wrc = wal_session_list(s->wal, session_row_cb, &x);
+    int rc = x.err;
+    if (wrc) {
+        sync_errf(err, errlen, "reading the WAL's sessions: %s", wal_strerror(wrc));
+        rc = SYNC_ESQL;
+    }
+    rc = upsert_run(&x, rc, err, errlen);
+    if (rc)
+        return rc;
+    s->session_hwm_us = x.hwm;
+    pthread_mutex_lock(&s->mu);
+    s->st.sessions += x.rows;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+/*
+ * Sessions the WAL deleted (expired, evicted) leave arq_sessions by the
+ * rule of sync_cursor_gc (which runs this): a row goes only if the WAL no
+ * longer holds the session and it was written at or after the WAL's
+ * creation, or is older than cursor_ttl_s (an earlier WAL's session, idle
+ * that long, has expired). Paged by key; each DELETE names the updated_us
+ * it saw, so a session written again meanwhile stays (and is upserted by
+ * the next pass: both run on this thread).
+ */
+static int sync_session_gc(sync_t *s, int64_t wal_created_us, char *err, size_t errlen)
+{
+    uint8_t last[256];
+    unsigned long last_len = 0;
+    bool first = true;
+    uint64_t deleted = 0;
+    for (;;) {
+        sync_sb_reset(&s->sb);
+        sync_sb_addf(&s->sb,
+                     "SELECT session, updated_us FROM arq_sessions WHERE (updated_us >= %" PRId64,
+                     wal_created_us);
+        if (s->o.cursor_ttl_s)
+            sync_sb_addf(&s->sb, " OR updated_us < %" PRId64,
+                         wall_us() - (int64_t)s->o.cursor_ttl_s * 1000000);
+        sync_sb_adds(&s->sb, ")");
+        if (!first) {
+            sync_sb_adds(&s->sb, " AND session > ");
+            sync_sb_hex(&s->sb, (const char *)last, last_len);
+        }
+        sync_sb_addf(&s->sb, " ORDER BY session LIMIT %d", CURSOR_ROWS_PER_INSERT);
+        if (build_err(s))
+            return build_err(s);
+        if (mysql_real_query(s->m, s->sb.p, (unsigned long)s->sb.len) != 0) {
+            sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+            return SYNC_ESQL;
+        }
+        MYSQL_RES *res = mysql_store_result(s->m);
+        if (!res) {
+            sync_errf(err, errlen, "MySQL error %u: %s", mysql_errno(s->m), mysql_error(s->m));
+            return SYNC_ESQL;
+        }
+        sync_sb_reset(&s->sb);
+        int n = 0, gone = 0;
+        MYSQL_ROW row;
+        while ((row = mysql_fetch_row(res))) {
+            unsigned long *len = mysql_fetch_lengths(res);
+            n++;
+            if (!len || len[0] > sizeof last || !row[1]) {
+                mysql_free_result(res);
+                sync_errf(err, errlen, "arq_sessions holds a row this build cannot page past");
+                return SYNC_ESQL;
+            }
+            memcpy(last, row[0], len[0]);
+            last_len = len[0];
+            wal_session_t ws;
+            if (wal_session_get(s->wal, row[0], len[0], &ws) != WAL_ENOTFOUND)
+                continue;
+            sync_sb_adds(&s->sb, gone ? " OR (session = "
+                                      : "DELETE FROM arq_sessions WHERE "
+                                        "(session = ");
+            sync_sb_hex(&s->sb, row[0], len[0]);
+            sync_sb_addf(&s->sb, " AND updated_us = %" PRId64 ")",
+                         (int64_t)strtoll(row[1], NULL, 10));
+            gone++;
+        }
+        mysql_free_result(res);
+        first = false;
+        int rc = build_err(s);
+        if (!rc && gone) {
+            uint64_t affected = 0;
+            rc = write_fenced(s, s->sb.p, s->sb.len, &affected, err, errlen);
+            if (!rc) /* rows written again since the SELECT are not among them */
+                deleted += affected;
+        }
+        if (rc)
+            return rc;
+        if (n < CURSOR_ROWS_PER_INSERT)
+            break;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->st.sessions_deleted += deleted;
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
@@ -868,7 +1055,8 @@ static int sync_cursors(sync_t *s, char *err, size_t errlen)
  * restore reads back) are so kept for a session's lifetime, then dropped:
  * a session idle that long has expired. The DELETE names the updated_us it
  * saw, and the upserts run on this same thread, so a cursor written again
- * meanwhile is upserted by the next pass.
+ * meanwhile is upserted by the next pass. The sessions follow
+ * (sync_session_gc), by the same rule.
  */
 static int sync_cursor_gc(sync_t *s, char *err, size_t errlen)
 {
@@ -956,7 +1144,7 @@ static int sync_cursor_gc(sync_t *s, char *err, size_t errlen)
     pthread_mutex_lock(&s->mu);
     s->st.cursors_deleted += deleted;
     pthread_mutex_unlock(&s->mu);
-    return 0;
+    return sync_session_gc(s, ws.created_us, err, errlen);
 }
 
 /* ---- retention --------------------------------------------------------- */
@@ -1208,6 +1396,7 @@ static void *sync_main(void *arg)
         int crc = 0;
         if (n >= 0 && wall_us() >= s->next_cursor_us) {
             crc = sync_cursors(s, err, sizeof(err));
+            crc = crc ? crc : sync_sessions(s, err, sizeof(err));
             s->next_cursor_us = wall_us() + (int64_t)s->o.cursor_every_ms * 1000;
         }
         if (n >= 0 && !crc && wall_us() >= s->next_cursor_gc_us) {

@@ -70,13 +70,14 @@ typedef struct sync_options {
     uint32_t batch_wait_ms;   /* idle poll of the WAL (default 20) */
     uint32_t backoff_base_ms; /* reconnect backoff (default 100) */
     uint32_t backoff_cap_ms;  /* (default 10000) */
-    uint32_t cursor_every_ms; /* cursor sync period (default 1000) */
-    /* how often cursors the WAL deleted are deleted from MySQL (default 60000) */
+    uint32_t cursor_every_ms; /* cursor and session sync period (default 1000) */
+    /* how often cursors and sessions the WAL deleted are deleted from MySQL
+     * (default 60000) */
     uint32_t cursor_gc_every_ms;
-    /* rows of arq_cursors from before this WAL's creation (an earlier WAL's)
-     * that this WAL does not hold are deleted once they were not updated for
-     * this long: their sessions are gone (arqd passes server.session_ttl_s;
-     * 0 keeps them for good) */
+    /* rows of arq_cursors and arq_sessions from before this WAL's creation
+     * (an earlier WAL's) that this WAL does not hold are deleted once they
+     * were not updated for this long: their sessions are gone (arqd passes
+     * server.session_ttl_s; 0 keeps them for good) */
     uint64_t cursor_ttl_s;
     /* WAL retention, run by the drain thread every retain_every_ms (default
      * 5000): drop records older than retain_age_s and, while the WAL's data
@@ -138,8 +139,10 @@ typedef struct sync_stats {
                            (lag = wal_next - 1 - watermark) */
     double lag_seconds; /* age of the oldest record not yet in MySQL (0 if none) */
     uint64_t rows, batches, errors, reconnects, cursors;
-    uint64_t cursors_deleted; /* rows of arq_cursors deleted because the WAL deleted them */
-    uint64_t retained;        /* WAL records dropped by retention (all already in MySQL) */
+    uint64_t cursors_deleted;  /* rows of arq_cursors deleted because the WAL deleted them */
+    uint64_t sessions;         /* rows upserted into arq_sessions */
+    uint64_t sessions_deleted; /* rows of arq_sessions deleted because the WAL deleted them */
+    uint64_t retained;         /* WAL records dropped by retention (all already in MySQL) */
     uint64_t batch_buckets[SYNC_HIST_BUCKETS]; /* rows per batch, bounds sync_batch_bounds */
     /* with a lease: its generation, when it was last renewed (this host's
      * wall clock, unix us; 0: not yet), renewals, and whether a switchover

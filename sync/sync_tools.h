@@ -82,6 +82,30 @@ typedef int (*sync_db_cursor_cb)(const char *stream, size_t stream_len, uint64_t
                                  void *arg);
 int sync_db_cursor_max(sync_db_t *d, sync_db_cursor_cb cb, void *arg, char *err, size_t errlen);
 
+/* A row of arq_sessions: a session as the drain last copied it from the
+ * WAL (secret: the digest of its resume token, never the token). */
+typedef struct sync_db_session {
+    const char *session; /* not NUL-terminated */
+    size_t session_len;
+    const uint8_t *owner, *secret;
+    size_t owner_len, secret_len;
+    int64_t created_us, seen_us, updated_us;
+} sync_db_session_t;
+typedef int (*sync_db_session_cb)(const sync_db_session_t *s, void *arg);
+
+/* Every row of arq_sessions in session order, read in pages of at most
+ * 1,000 rows by key (memory does not grow with the table). A page is read
+ * whole before its callbacks run, so a callback may use d (e.g.
+ * sync_db_session_cursors). SYNC_ESCHEMA when the table is missing (the
+ * database was last migrated by an arqd older than migration 0003). */
+int sync_db_sessions(sync_db_t *d, sync_db_session_cb cb, void *arg, char *err, size_t errlen);
+
+/* The cursors of one session in arq_cursors, in stream order, through
+ * wal.h's wal_cursor_cb (the stream name borrowed for the call; non-zero
+ * stops). Streamed: the callback must not use d. */
+int sync_db_session_cursors(sync_db_t *d, const void *session, size_t session_len, wal_cursor_cb cb,
+                            void *arg, char *err, size_t errlen);
+
 /* Insert or update a stream's arq_streams row (after a restore gave it a
  * new epoch). */
 int sync_db_stream_put(sync_db_t *d, const char *name, size_t name_len, uint32_t id, uint64_t epoch,

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <mysql.h>
+#include <mysqld_error.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -331,6 +332,96 @@ int sync_db_cursor_max(sync_db_t *d, sync_db_cursor_cb cb, void *arg, char *err,
     }
     mysql_free_result(r);
     return 0;
+}
+
+#define SESSIONS_PER_PAGE 1000
+
+int sync_db_sessions(sync_db_t *d, sync_db_session_cb cb, void *arg, char *err, size_t errlen)
+{
+    char last[256];
+    size_t last_len = 0;
+    for (bool first = true;; first = false) {
+        sync_sqlbuf_t b = {0};
+        sync_sb_adds(&b, "SELECT session, owner, secret, created_us, seen_us, updated_us FROM "
+                         "arq_sessions");
+        if (!first) {
+            sync_sb_adds(&b, " WHERE session > ");
+            sync_sb_hex(&b, last, last_len);
+        }
+        sync_sb_addf(&b, " ORDER BY session LIMIT %d", SESSIONS_PER_PAGE);
+        int rc = run(d, &b, err, errlen);
+        sync_sb_free(&b);
+        if (rc == SYNC_ESQL && mysql_errno(d->m) == ER_NO_SUCH_TABLE) {
+            sync_errf(err, errlen,
+                      "arq_sessions is missing: the database was last migrated by an arqd "
+                      "older than migration 0003");
+            return SYNC_ESCHEMA;
+        }
+        if (rc)
+            return rc;
+        /* stored, not streamed: the callbacks may use the connection */
+        MYSQL_RES *r = mysql_store_result(d->m);
+        if (!r)
+            return db_err(d, err, errlen);
+        int n = 0;
+        bool stop = false;
+        MYSQL_ROW row;
+        while (!stop && (row = mysql_fetch_row(r))) {
+            unsigned long *len = mysql_fetch_lengths(r);
+            n++;
+            if (!len || len[0] > sizeof last || !row[3] || !row[4] || !row[5]) {
+                mysql_free_result(r);
+                sync_errf(err, errlen, "arq_sessions holds a row this build cannot read");
+                return SYNC_ESQL;
+            }
+            memcpy(last, row[0], len[0]);
+            last_len = len[0];
+            sync_db_session_t x = {
+                .session = row[0],
+                .session_len = len[0],
+                .owner = (const uint8_t *)row[1],
+                .owner_len = len[1],
+                .secret = (const uint8_t *)row[2],
+                .secret_len = len[2],
+                .created_us = strtoll(row[3], NULL, 10),
+                .seen_us = strtoll(row[4], NULL, 10),
+                .updated_us = strtoll(row[5], NULL, 10),
+            };
+            stop = cb(&x, arg) != 0;
+        }
+        mysql_free_result(r);
+        if (stop || n < SESSIONS_PER_PAGE)
+            return 0;
+    }
+}
+
+int sync_db_session_cursors(sync_db_t *d, const void *session, size_t session_len, wal_cursor_cb cb,
+                            void *arg, char *err, size_t errlen)
+{
+    sync_sqlbuf_t b = {0};
+    sync_sb_adds(&b, "SELECT stream, `offset`, updated_us FROM arq_cursors WHERE session = ");
+    sync_sb_hex(&b, session, session_len);
+    sync_sb_adds(&b, " ORDER BY stream");
+    int rc = run(d, &b, err, errlen);
+    sync_sb_free(&b);
+    if (rc)
+        return rc;
+    MYSQL_RES *r = mysql_use_result(d->m);
+    if (!r)
+        return db_err(d, err, errlen);
+    MYSQL_ROW row;
+    bool stop = false;
+    while ((row = mysql_fetch_row(r))) {
+        if (stop)
+            continue; /* use_result: read to the end */
+        unsigned long *len = mysql_fetch_lengths(r);
+        if (cb(row[0], len[0], u64_of(row[1]), row[2] ? strtoll(row[2], NULL, 10) : 0, arg))
+            stop = true;
+    }
+    if (mysql_errno(d->m))
+        rc = db_err(d, err, errlen);
+    mysql_free_result(r);
+    return rc;
 }
 
 int sync_db_stream_put(sync_db_t *d, const char *name, size_t name_len, uint32_t id, uint64_t epoch,

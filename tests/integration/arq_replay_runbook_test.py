@@ -20,8 +20,10 @@ Usage: arq_replay_runbook_test.py ARQD ARQ_REPLAY MARIADB_SCRIPT [INCIDENT...]
                         meanwhile): the drain rewrites, verify 0; rows deleted:
                         verify names them, resync, 0
   5 WAL disk loss       data directory removed: restore; arqd on it delivers
-                        the same messages, same epochs, continues; --new-epoch
-                        makes a subscription with the old epoch get 409
+                        the same messages, same epochs, continues; a client's
+                        session resumes from MySQL at its acked offset;
+                        --new-epoch makes a subscription with the old epoch
+                        get 409 (the session resumes without that cursor)
   6 corrupted record    a flipped byte in the live WAL: the subscriber stops
                         with error 500; verify names stream and offset;
                         backup, restore --from-wal, swap: all delivered, 0
@@ -311,6 +313,54 @@ def mysql_loss(c):
 
 # ---- 5. WAL disk loss ------------------------------------------------------------------
 
+async def _session_acks(url, stream, upto):
+    """A new session subscribes to stream from 1, acks offset upto and leaves:
+    (welcome, epoch of the subscription)."""
+    async with websockets.connect(url, subprotocols=["arq.v1"], close_timeout=2) as ws:
+        await ws.send(msgpack.packb({"t": "hello", "token": TOKEN}))
+        w = msgpack.unpackb(await ws.recv(), raw=False)
+        await ws.send(msgpack.packb({"t": "sub", "id": 1, "stream": stream, "from": 1}))
+        epoch, last = None, 0
+        while last < upto:
+            m = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10), raw=False)
+            if m["t"] == "subok":
+                epoch = m["epoch"]
+            elif m["t"] == "msg":
+                last = m["offset"]
+        await ws.send(msgpack.packb({"t": "ack", "stream": stream, "offset": upto}))
+        await asyncio.sleep(0.3)  # acks are written within about 100 ms
+    return w, epoch
+
+
+async def _resume(url, session, resume_token, count):
+    """hello with session and resume_token: (welcome, [(offset, payload)] of
+    the first count messages delivered without a sub)."""
+    msgs = []
+    async with websockets.connect(url, subprotocols=["arq.v1"], close_timeout=2) as ws:
+        await ws.send(msgpack.packb({"t": "hello", "token": TOKEN, "session": session,
+                                     "resume_token": resume_token}))
+        w = msgpack.unpackb(await ws.recv(), raw=False)
+        while len(msgs) < count:
+            try:
+                m = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 3), raw=False)
+            except asyncio.TimeoutError:
+                break
+            if m["t"] == "msg":
+                msgs.append((m["offset"], bytes(m["payload"])))
+    return w, msgs
+
+
+def wait_for_rows(c, sql, want, what, timeout=20):
+    deadline = time.time() + timeout
+    rows = None
+    while time.time() < deadline:
+        rows = c.db.sql(sql, db=c.dbname)
+        if rows == want:
+            return True
+        time.sleep(0.1)
+    return check(False, f"{what}: {rows}, want {want}")
+
+
 def wal_loss(c):
     a = c.setup("wloss")
     try:
@@ -318,6 +368,15 @@ def wal_loss(c):
         publish(a.url, "wl.b", payloads("b", 30), TOKEN)
         a.wait_synced()
         before = {s: subscribe(a.url, s, 1, 10**6, TOKEN, timeout=2) for s in ("wl.a", "wl.b")}
+        # a client with a durable session that acked up to 100; the drain
+        # copies its session and cursor to MySQL (about once a second)
+        w0, epoch0 = asyncio.run(_session_acks(a.url, "wl.a", 100))
+        sid, rtok = w0["session"], w0["resume_token"]
+        wait_for_rows(c, f"SELECT owner, HEX(secret) = SHA2('{rtok}', 256) FROM arq_sessions "
+                         f"WHERE session = '{sid}'", [["runbook", "1"]],
+                      "wloss: the session is in arq_sessions, with its token's digest")
+        wait_for_rows(c, f"SELECT `offset` FROM arq_cursors WHERE session = '{sid}'", [["100"]],
+                      "wloss: its acked offset is in arq_cursors")
     finally:
         a.kill9()
     shutil.rmtree(c.data)                                 # the disk is gone
@@ -325,8 +384,20 @@ def wal_loss(c):
     rc, r, err = c.rp.json("restore", *c.D(), "--data-dir", new)
     check(rc == 0 and r["built"] and r["records"] == 180 and r["new_epochs"] == 0,
           f"wloss: restore: {rc} {r} {err}")
+    check(r and r.get("sessions", 0) >= 1 and r.get("cursors", 0) >= 1,
+          f"wloss: restore reports the sessions and cursors it took from MySQL: {r}")
     a = c.start(data=new)
     try:
+        # the session resumes on the rebuilt WAL: same session, its
+        # subscription back at its acked offset, delivery from 101 on
+        w, msgs = asyncio.run(_resume(a.url, sid, rtok, 50))
+        check(w.get("resumed") is True and w.get("session") == sid,
+              f"wloss: the session resumed on the WAL rebuilt from MySQL: {w}")
+        check([(x["stream"], x["acked"], x["epoch"]) for x in w.get("subs", [])] ==
+              [("wl.a", 100, epoch0)], f"wloss: its subscription came back: {w.get('subs')}")
+        check(msgs == [(i, f"a {i}".encode()) for i in range(101, 151)],
+              f"wloss: delivery resumes after the acked offset: "
+              f"{[o for o, _ in msgs[:3]]}.. ({len(msgs)})")
         for s, (msgs0, _, ex0) in before.items():
             msgs, gaps, ex = subscribe(a.url, s, 1, len(msgs0), TOKEN)
             check(msgs == msgs0 and not gaps and ex["subok"]["epoch"] == ex0["subok"]["epoch"],
@@ -347,6 +418,11 @@ def wal_loss(c):
         _, _, ex = subscribe(a.url, "wl.a", 10, 1, TOKEN, epoch=old_epoch)
         check(ex.get("nack", {}).get("code") == 409,
               f"wloss: a subscription with the old epoch gets 409: {ex}")
+        # the session comes back, but not its offset on a stream whose
+        # offsets may now name other messages: the client resubscribes
+        w, _ = asyncio.run(_resume(a.url, sid, rtok, 0))
+        check(w.get("resumed") is True and w.get("subs") == [],
+              f"wloss: --new-epoch: resumed without the cursor of a new epoch: {w}")
     finally:
         a.stop()
 
@@ -384,6 +460,7 @@ def corrupt(c):
     new = c.data + ".new"
     rc, r, err = c.rp.json("restore", "--from-wal", c.data, *c.D(), "--data-dir", new)
     check(rc == 0 and r["new_epochs"] == 0, f"corrupt: restore --from-wal: {rc} {err}")
+    check(r and r.get("sessions", 0) >= 1, f"corrupt: sessions come from the old WAL: {r}")
     os.rename(c.data, c.data + ".corrupt")
     os.rename(new, c.data)
     a = c.start()

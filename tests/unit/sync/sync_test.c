@@ -3,7 +3,8 @@
  * parsing, migrations (empty database, idempotent re-run, refusal of a
  * changed or unknown migration, naming it), and the drain: every WAL record
  * lands in arq_messages exactly once with its checksum, with the watermark,
- * streams and cursors, across a lost connection.
+ * streams and cursors, across a lost connection; sessions copied into
+ * arq_sessions and deleted with the WAL's, and read back for a restore.
  *
  * The server: ARQ_TEST_DATABASE_URL if set, else a private one started with
  * scripts/mariadb in a temporary directory (and stopped at the end).
@@ -23,6 +24,7 @@
 #include <cmocka.h>
 
 #include "sync.h"
+#include "sync_tools.h"
 
 static char g_url[512];
 static char g_mdb_dir[128];
@@ -500,6 +502,259 @@ static void test_drain(void **state)
     sync_url_free(&u);
 }
 
+/* ---- sessions ---------------------------------------------------------- */
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Session id with owner and a 32-byte secret of `fill`. */
+static void put_session(wal_t *wal, const char *id, const char *owner, uint8_t fill,
+                        int64_t created_us, int64_t seen_us)
+{
+    wal_session_t ws = {.created_us = created_us, .seen_us = seen_us};
+    ws.owner_len = (uint8_t)strlen(owner);
+    memcpy(ws.owner, owner, ws.owner_len);
+    ws.secret_len = 32;
+    memset(ws.secret, fill, 32);
+    struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+    wal_append_t *req;
+    assert_int_equal(wal_append_new(waiter_cb, &w, &req), 0);
+    assert_int_equal(wal_append_put_session(req, id, strlen(id), &ws), 0);
+    submit_wait(wal, req, &w);
+}
+
+/* The arq_sessions row of id is exactly this. */
+static uint64_t session_row_is(MYSQL *m, const char *id, const char *owner, uint8_t fill,
+                               int64_t created_us, int64_t seen_us)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT COUNT(*) FROM arq_sessions WHERE session = '%s' AND owner = '%s' AND "
+             "secret = REPEAT(X'%02x', 32) AND created_us = %" PRId64 " AND seen_us = %" PRId64
+             " AND updated_us = GREATEST(created_us, seen_us)",
+             id, owner, fill, created_us, seen_us);
+    return q_u64(m, sql);
+}
+
+static void wait_rows(MYSQL *m, const char *sql, uint64_t want)
+{
+    for (int i = 0; i < 500 && q_u64(m, sql) != want; i++)
+        usleep(10000);
+    assert_int_equal(q_u64(m, sql), want);
+}
+
+struct sess_seen {
+    int n;
+    char ids[4][32];
+    sync_db_session_t first[4]; /* their pointers are not kept */
+    uint8_t secret2[64];        /* sess-2's */
+    int stop_after;             /* 0: never */
+    int64_t total;
+    char last[32];
+    int out_of_order;
+};
+
+static int sess_list_cb(const sync_db_session_t *x, void *arg)
+{
+    struct sess_seen *v = arg;
+    char id[32];
+    snprintf(id, sizeof id, "%.*s", (int)x->session_len, x->session);
+    if (strcmp(id, "sess-2") == 0)
+        memcpy(v->secret2, x->secret, x->secret_len < 64 ? x->secret_len : 64);
+    if (v->total && strcmp(id, v->last) <= 0)
+        v->out_of_order++;
+    snprintf(v->last, sizeof v->last, "%s", id);
+    if (v->n < 4) {
+        snprintf(v->ids[v->n], sizeof v->ids[v->n], "%s", id);
+        v->first[v->n] = *x;
+        v->n++;
+    }
+    v->total++;
+    return v->stop_after && v->total == v->stop_after;
+}
+
+struct cur_seen {
+    int n;
+    char streams[4][8];
+    uint64_t offsets[4];
+};
+
+static int sess_cur_cb(const char *stream, size_t len, uint64_t offset, int64_t updated_us,
+                       void *arg)
+{
+    (void)updated_us;
+    struct cur_seen *c = arg;
+    if (c->n < 4) {
+        snprintf(c->streams[c->n], sizeof c->streams[c->n], "%.*s", (int)len, stream);
+        c->offsets[c->n] = offset;
+    }
+    c->n++;
+    return 0;
+}
+
+/* Sessions reach arq_sessions (latest write wins), leave it when the WAL
+ * deletes them (by the cursors' era rule), and sync_db_sessions reads them
+ * back in order, page after page, with sync_db_session_cursors their
+ * cursors: what arq-replay restore rebuilds a WAL's sessions from. */
+static void test_sessions(void **state)
+{
+    (void)state;
+    sync_url_t u;
+    char err[512];
+    assert_int_equal(sync_url_parse(g_url, &u, err, sizeof(err)), 0);
+    MYSQL *m = conn(&u);
+    reset_db(m);
+    assert_int_equal(sync_migrate(&u, NULL, err, sizeof err), 0); /* the table to poll */
+    char dir[] = "/var/tmp/arq-sync-sess-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    wal_options_t wo = {.dir = dir};
+    wal_t *wal;
+    assert_int_equal(wal_open(&wo, NULL, &wal, NULL, 0), 0);
+    append_n(wal, 14, 0); /* streams s.0 .. s.6 */
+    int64_t t0 = now_us();
+    put_session(wal, "sess-1", "alice", 0x11, t0 - 5000000, t0);
+    put_session(wal, "sess-2", "", 0x22, t0 - 4000000, t0 - 3000000);
+    put_session(wal, "sess-3", "bob", 0x33, t0 - 2000000, t0 - 1000000);
+    put_cursor(wal, "sess-2", "s.2", 2);
+    put_cursor(wal, "sess-2", "s.1", 1);
+
+    sync_options_t so = {
+        .url = &u, .cursor_every_ms = 50, .cursor_gc_every_ms = 50, .cursor_ttl_s = 3600};
+    sync_t *s;
+    assert_int_equal(sync_start(wal, &so, &s), 0);
+    wait_rows(m, "SELECT COUNT(*) FROM arq_sessions", 3);
+    assert_int_equal(session_row_is(m, "sess-1", "alice", 0x11, t0 - 5000000, t0), 1);
+    assert_int_equal(session_row_is(m, "sess-2", "", 0x22, t0 - 4000000, t0 - 3000000), 1);
+    assert_int_equal(session_row_is(m, "sess-3", "bob", 0x33, t0 - 2000000, t0 - 1000000), 1);
+    sync_stats_t st;
+    sync_stats_get(s, &st);
+    assert_int_equal(st.sessions, 3);
+
+    /* seen again: the row follows (only changed sessions are sent again) */
+    put_session(wal, "sess-2", "", 0x22, t0 - 4000000, t0 + 1000);
+    wait_rows(m, "SELECT seen_us FROM arq_sessions WHERE session = 'sess-2'",
+              (uint64_t)(t0 + 1000));
+    assert_int_equal(session_row_is(m, "sess-2", "", 0x22, t0 - 4000000, t0 + 1000), 1);
+    for (int i = 0; i < 300; i++) {
+        sync_stats_get(s, &st);
+        if (st.sessions >= 4)
+            break;
+        usleep(10000);
+    }
+    assert_int_equal(st.sessions, 4);
+
+    /* an older write never replaces a newer row (a row written by a newer
+     * WAL meanwhile, here faked): the pass runs, the row stays */
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "UPDATE arq_sessions SET owner = 'other', seen_us = %" PRId64 ", updated_us = %" PRId64
+             " WHERE session = 'sess-3'",
+             t0 + 3600000000, t0 + 3600000000);
+    q(m, sql);
+    put_session(wal, "sess-3", "bob", 0x33, t0 - 2000000, t0 + 2000);
+    for (int i = 0; i < 300; i++) {
+        sync_stats_get(s, &st);
+        if (st.sessions >= 5)
+            break;
+        usleep(10000);
+    }
+    assert_int_equal(st.sessions, 5);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_sessions WHERE session = 'sess-3' AND "
+                              "owner = 'other'"),
+                     1);
+
+    /* Deleted from the WAL (expired, evicted): deleted from MySQL, with rows
+     * of this WAL's era it does not hold and those of an earlier era older
+     * than cursor_ttl_s; a younger earlier-era row stays (a restore's). */
+    wal_stats_t ws;
+    assert_int_equal(wal_stats_get(wal, &ws), 0);
+    snprintf(sql, sizeof sql,
+             "INSERT INTO arq_sessions VALUES ('old-era', '', '', 0, %" PRId64 ", %" PRId64 "), "
+             "('expired-era', '', '', 0, 1, 1), ('ghost', '', '', 0, %" PRId64 ", %" PRId64 ")",
+             ws.created_us - 1000000, ws.created_us - 1000000, t0, t0);
+    q(m, sql);
+    struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+    wal_append_t *req;
+    assert_int_equal(wal_append_new(waiter_cb, &w, &req), 0);
+    assert_int_equal(wal_append_del_session(req, "sess-1", 6), 0);
+    submit_wait(wal, req, &w);
+    wait_rows(m, "SELECT COUNT(*) FROM arq_sessions", 3);
+    assert_int_equal(q_u64(m, "SELECT COUNT(*) FROM arq_sessions WHERE session IN "
+                              "('old-era', 'sess-2', 'sess-3')"),
+                     3);
+    for (int i = 0; i < 300; i++) {
+        sync_stats_get(s, &st);
+        if (st.sessions_deleted >= 3)
+            break;
+        usleep(10000);
+    }
+    assert_int_equal(st.sessions_deleted, 3);
+    /* sess-2's cursors are in arq_cursors too */
+    wait_rows(m, "SELECT COUNT(*) FROM arq_cursors WHERE session = 'sess-2'", 2);
+    sync_stop(s);
+
+    /* read back: in session order, every column */
+    sync_db_t *d;
+    assert_int_equal(sync_db_open(&u, &d, err, sizeof err), 0);
+    struct sess_seen v = {0};
+    assert_int_equal(sync_db_sessions(d, sess_list_cb, &v, err, sizeof err), 0);
+    assert_int_equal(v.total, 3);
+    assert_string_equal(v.ids[0], "old-era");
+    assert_string_equal(v.ids[1], "sess-2");
+    assert_string_equal(v.ids[2], "sess-3");
+    assert_int_equal(v.first[1].owner_len, 0);
+    assert_int_equal(v.first[1].secret_len, 32);
+    uint8_t want[32];
+    memset(want, 0x22, sizeof want);
+    assert_memory_equal(v.secret2, want, 32);
+    assert_int_equal(v.first[1].created_us, t0 - 4000000);
+    assert_int_equal(v.first[1].seen_us, t0 + 1000);
+    assert_int_equal(v.first[1].updated_us, t0 + 1000);
+    struct cur_seen c = {0};
+    assert_int_equal(sync_db_session_cursors(d, "sess-2", 6, sess_cur_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.n, 2);
+    assert_string_equal(c.streams[0], "s.1");
+    assert_int_equal(c.offsets[0], 1);
+    assert_string_equal(c.streams[1], "s.2");
+    assert_int_equal(c.offsets[1], 2);
+    c.n = 0;
+    assert_int_equal(sync_db_session_cursors(d, "nobody", 6, sess_cur_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.n, 0);
+    /* more rows than one page: each once, in order; a callback may stop */
+    static char bulk[2500 * 48 + 64];
+    size_t bl = (size_t)snprintf(bulk, sizeof bulk, "INSERT INTO arq_sessions VALUES ");
+    for (int i = 1; i <= 2500; i++)
+        bl += (size_t)snprintf(bulk + bl, sizeof bulk - bl, "%s('bulk-%05d','o',X'aa',1,2,2)",
+                               i > 1 ? "," : "", i);
+    q(m, bulk);
+    memset(&v, 0, sizeof v);
+    assert_int_equal(sync_db_sessions(d, sess_list_cb, &v, err, sizeof err), 0);
+    assert_int_equal(v.total, 2503);
+    assert_int_equal(v.out_of_order, 0);
+    assert_string_equal(v.ids[0], "bulk-00001");
+    assert_string_equal(v.last, "sess-3");
+    memset(&v, 0, sizeof v);
+    v.stop_after = 1500;
+    assert_int_equal(sync_db_sessions(d, sess_list_cb, &v, err, sizeof err), 0);
+    assert_int_equal(v.total, 1500);
+    /* a database an older arqd migrated: said so, not a plain SQL error */
+    q(m, "DROP TABLE arq_sessions");
+    assert_int_equal(sync_db_sessions(d, sess_list_cb, &v, err, sizeof err), SYNC_ESCHEMA);
+    assert_non_null(strstr(err, "0003"));
+    sync_db_close(d);
+
+    wal_close(wal);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    mysql_close(m);
+    sync_url_free(&u);
+}
+
 /* Retention drops old records only once they are in MySQL. */
 static void test_retention(void **state)
 {
@@ -698,8 +953,11 @@ int main(int argc, char **argv)
 {
     g_script = argc > 1 ? argv[1] : "scripts/mariadb";
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_url),   cmocka_unit_test(test_migrations),
-        cmocka_unit_test(test_drain), cmocka_unit_test(test_retention),
+        cmocka_unit_test(test_url),
+        cmocka_unit_test(test_migrations),
+        cmocka_unit_test(test_drain),
+        cmocka_unit_test(test_sessions),
+        cmocka_unit_test(test_retention),
         cmocka_unit_test(test_lease),
     };
     return cmocka_run_group_tests(tests, start_server, stop_server);
