@@ -1247,7 +1247,7 @@ static int renew(sync_t *s, char *err, size_t errlen)
     return 0;
 }
 
-/* Switchover: once everything acknowledged is in MySQL, the cursors too,
+/* Switchover: once everything acknowledged is in MySQL, cursors and sessions too,
  * give the lease up (expired now; the owner stays named: if this node takes
  * it back before anyone else, its WAL is still the history's). 1: released
  * (the drain stops), 0: not yet, or < 0. */
@@ -1260,6 +1260,8 @@ static int release_step(sync_t *s, int64_t drained, char *err, size_t errlen)
     if (!req || drained != 0 || wm + 1 < wal_acked_next_seq(s->wal))
         return 0;
     int rc = sync_cursors(s, err, errlen);
+    if (!rc)
+        rc = sync_sessions(s, err, errlen);
     if (rc)
         return rc;
     char q[512];
