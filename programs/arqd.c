@@ -1280,7 +1280,6 @@ int main(int argc, char **argv)
                                   .self_path = sl > 0 ? self : argv[0],
                                   .listen_fd = listen_fd,
                                   .cooldown_ms = cooldown};
-        (void)sd_notify(0, "STATUS=standby: waiting for the lease");
         int fd = -1;
         int src = arq_standby_run(&sbo, &lease_gen, &fd);
         if (src != 0) {

@@ -34,6 +34,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -507,6 +508,15 @@ static void stop_cb(evutil_socket_t sig, short what, void *arg)
     arq_log(ARQ_LOG_INFO, "shutdown", "phase", "standby", NULL);
 }
 
+/* systemd's watchdog (WatchdogSec=) is fed while standing by too. */
+static void watchdog_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    (void)sd_notify(0, "WATCHDOG=1");
+}
+
 static int bind_listener(const arq_config_t *cfg)
 {
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons(cfg->port)};
@@ -541,6 +551,7 @@ int arq_standby_run(const arq_standby_opts_t *o, uint64_t *generation, int *list
     b.done_ev = b.base ? event_new(b.base, -1, 0, done_cb, &b) : NULL;
     struct event *sigterm = b.base ? evsignal_new(b.base, SIGTERM, stop_cb, &b) : NULL;
     struct event *sigint = b.base ? evsignal_new(b.base, SIGINT, stop_cb, &b) : NULL;
+    struct event *watchdog = NULL;
     int rc = -1;
     if (!lis || !b.done_ev || !sigterm || !sigint || !evhttp_bind_listener(http, lis)) {
         arq_log(ARQ_LOG_ERROR, "startup_failed", "reason", "standby listener", NULL);
@@ -550,6 +561,17 @@ int arq_standby_run(const arq_standby_opts_t *o, uint64_t *generation, int *list
     evhttp_set_timeout(http, 5);
     event_add(sigterm, NULL);
     event_add(sigint, NULL);
+    uint64_t wd_usec = 0;
+    if (sd_watchdog_enabled(0, &wd_usec) > 0 && wd_usec > 0) {
+        watchdog = event_new(b.base, -1, EV_PERSIST, watchdog_cb, NULL);
+        struct timeval wtv = {(time_t)(wd_usec / 2 / 1000000),
+                              (suseconds_t)(wd_usec / 2 % 1000000)};
+        if (watchdog)
+            event_add(watchdog, &wtv);
+    }
+    /* A standby is up (Type=notify must not time out waiting for a lease
+     * that another node holds); READY comes again once it serves. */
+    (void)sd_notify(0, "READY=1\nSTATUS=standby: waiting for the lease");
     pthread_mutex_init(&b.mu, NULL);
     pthread_cond_init(&b.cond, NULL);
     if (pthread_create(&b.thread, NULL, lease_main, &b) != 0)
@@ -576,6 +598,8 @@ out:
         event_free(sigterm);
     if (sigint)
         event_free(sigint);
+    if (watchdog)
+        event_free(watchdog);
     if (b.done_ev)
         event_free(b.done_ev);
     if (b.base)
