@@ -75,10 +75,10 @@ typedef struct arq_config {
     uint32_t sync_batch_rows;    /* rows per MySQL sync transaction, default 1000 */
     uint32_t sync_batch_wait_ms; /* idle poll of the WAL by the sync thread, default 20 */
     /* [ha] (docs/ha.md) */
-    char *ha_role;             /* ARQ_HA_ROLE: "single" (default) | "active" | "standby" */
-    char *ha_node;             /* ARQ_HA_NODE: this node's name in the lease (default: hostname) */
-    uint32_t lease_ms;         /* ARQ_HA_LEASE_MS: the lease's length, default 5000 */
-    uint32_t rebuild_tail;     /* offsets per stream a takeover rebuilds (0: all), 100000 */
+    char *ha_role;         /* ARQ_HA_ROLE: "single" (default) | "active" | "standby" */
+    char *ha_node;         /* ARQ_HA_NODE: this node's name in the lease (default: hostname) */
+    uint32_t lease_ms;     /* ARQ_HA_LEASE_MS: the lease's length, default 5000 */
+    uint32_t rebuild_tail; /* offsets per stream a takeover rebuilds (0: all), 100000 */
 } arq_config_t;
 
 /* Fill *cfg with defaults (allocates the strings). */

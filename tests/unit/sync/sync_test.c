@@ -953,12 +953,9 @@ int main(int argc, char **argv)
 {
     g_script = argc > 1 ? argv[1] : "scripts/mariadb";
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_url),
-        cmocka_unit_test(test_migrations),
-        cmocka_unit_test(test_drain),
-        cmocka_unit_test(test_sessions),
-        cmocka_unit_test(test_retention),
-        cmocka_unit_test(test_lease),
+        cmocka_unit_test(test_url),       cmocka_unit_test(test_migrations),
+        cmocka_unit_test(test_drain),     cmocka_unit_test(test_sessions),
+        cmocka_unit_test(test_retention), cmocka_unit_test(test_lease),
     };
     return cmocka_run_group_tests(tests, start_server, stop_server);
 }
