@@ -963,6 +963,21 @@ static int sync_sessions(sync_t *s, char *err, size_t errlen)
     return 0;
 }
 
+/* A GC page's DELETE (built in s->sb when gone > 0), fenced; the rows it
+ * removed are added to *deleted (rows written again since the SELECT are not
+ * among them). */
+static int gc_delete(sync_t *s, int gone, uint64_t *deleted, char *err, size_t errlen)
+{
+    int rc = build_err(s);
+    if (rc || !gone)
+        return rc;
+    uint64_t affected = 0;
+    rc = write_fenced(s, s->sb.p, s->sb.len, &affected, err, errlen);
+    if (!rc)
+        *deleted += affected;
+    return rc;
+}
+
 /*
  * Sessions the WAL deleted (expired, evicted) leave arq_sessions by the
  * rule of sync_cursor_gc (which runs this): a row goes only if the WAL no
@@ -1029,13 +1044,7 @@ static int sync_session_gc(sync_t *s, int64_t wal_created_us, char *err, size_t 
         }
         mysql_free_result(res);
         first = false;
-        int rc = build_err(s);
-        if (!rc && gone) {
-            uint64_t affected = 0;
-            rc = write_fenced(s, s->sb.p, s->sb.len, &affected, err, errlen);
-            if (!rc) /* rows written again since the SELECT are not among them */
-                deleted += affected;
-        }
+        int rc = gc_delete(s, gone, &deleted, err, errlen);
         if (rc)
             return rc;
         if (n < CURSOR_ROWS_PER_INSERT)
@@ -1129,13 +1138,7 @@ static int sync_cursor_gc(sync_t *s, char *err, size_t errlen)
         }
         mysql_free_result(res);
         first = false;
-        int rc = build_err(s);
-        if (!rc && gone) {
-            uint64_t affected = 0;
-            rc = write_fenced(s, s->sb.p, s->sb.len, &affected, err, errlen);
-            if (!rc) /* rows written again since the SELECT are not among them */
-                deleted += affected;
-        }
+        int rc = gc_delete(s, gone, &deleted, err, errlen);
         if (rc)
             return rc;
         if (n < CURSOR_ROWS_PER_INSERT)
